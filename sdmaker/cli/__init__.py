@@ -1,0 +1,45 @@
+"""The ``sdmaker`` command line (typer + rich).
+
+Each command group lives in its own module and registers itself on :data:`app`. Commands are thin:
+parse, call one library function, render. Known errors (:class:`~sdmaker.errors.SdmakerError`) print
+one line and exit 1; usage errors exit 2; ``SDMAKER_DEBUG=1`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from sdmaker import __version__
+from sdmaker.cli._common import console, err_console, run_app
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="sdmaker",
+    help="Self-hosted Stable Diffusion: generate, package, store, deploy and invoke models offline.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command("version")
+def version() -> None:
+    """Print the sdmaker version."""
+    console.print(__version__)
+
+
+# Command groups register themselves here (one module per group).
+from sdmaker.cli import _generate  # noqa: E402
+
+_generate.register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    sys.exit(run_app(app, argv))
+
+
+__all__ += ["console", "err_console"]

@@ -1,0 +1,44 @@
+"""The generation engine: load diffusers Stable Diffusion folders and run requests on them.
+
+Nothing here imports HTTP or CLI libraries; progress reaches callers through ``on_step`` callbacks.
+"""
+
+from sdmaker.engine._device import Placement, cpu_has_native_bf16, resolve_placement
+from sdmaker.engine._generate import GeneratedImage, GenerationResult, StepCallback, generate
+from sdmaker.engine._images import MIME_TYPES, encode_image, encode_image_base64, read_recipe
+from sdmaker.engine._loader import (
+    MODEL_CARD_FILE,
+    PICKLE_SUFFIXES,
+    LoadedModel,
+    find_pickle_weights,
+    load_model,
+    read_model_defaults,
+)
+from sdmaker.engine._random_models import KINDS, build_random_pipeline, clip_bpe_path, minilm_dir
+from sdmaker.engine._schedulers import make_scheduler, scheduler_name_of
+
+__all__ = [
+    "KINDS",
+    "MIME_TYPES",
+    "MODEL_CARD_FILE",
+    "PICKLE_SUFFIXES",
+    "GeneratedImage",
+    "GenerationResult",
+    "LoadedModel",
+    "Placement",
+    "StepCallback",
+    "build_random_pipeline",
+    "clip_bpe_path",
+    "cpu_has_native_bf16",
+    "encode_image",
+    "encode_image_base64",
+    "find_pickle_weights",
+    "generate",
+    "load_model",
+    "make_scheduler",
+    "minilm_dir",
+    "read_model_defaults",
+    "read_recipe",
+    "resolve_placement",
+    "scheduler_name_of",
+]

@@ -1,0 +1,176 @@
+"""Load a diffusers Stable Diffusion folder into a ready-to-run :class:`LoadedModel`.
+
+Only local folders are loaded here; turning a store name, a ``model.tar.gz``, an ``s3://`` URI or a
+hub id into a folder is the store's job (``sdmaker.store.resolve_model``). Weights are read with
+safetensors (memory-mapped, no unpickling); pickle weights are refused unless ``allow_pickle``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdmaker.digest import tree_digest
+from sdmaker.engine._device import Placement, resolve_placement
+from sdmaker.engine._schedulers import scheduler_name_of
+from sdmaker.errors import ModelFormatError, ModelNotFoundError, PickleRefusedError
+
+__all__ = ["MODEL_CARD_FILE", "PICKLE_SUFFIXES", "LoadedModel", "find_pickle_weights", "load_model",
+           "read_model_defaults"]
+
+logger = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+#: Optional sdmaker metadata beside model_index.json: {"name": ..., "defaults": {height, width, ...}}.
+MODEL_CARD_FILE = "sdmaker.json"
+_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_DEFAULT_KEYS = ("height", "width", "num_inference_steps", "guidance_scale", "num_images_per_prompt", "scheduler")
+
+
+@dataclass
+class LoadedModel:
+    """A pipeline in memory plus what requests need to know about it.
+
+    The diffusers pipeline keeps per-call state (its scheduler), so calls are serialised by ``lock``;
+    concurrency comes from worker processes and from the step-level batcher, not from threads sharing
+    one pipeline.
+    """
+
+    pipeline: Any
+    path: Path
+    name: str
+    digest: str
+    placement: Placement
+    defaults: dict[str, Any] = field(default_factory=dict)
+    prediction_type: str = "epsilon"
+    default_scheduler: str | None = None
+    load_seconds: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def native_size(self) -> int:
+        """The resolution the UNet was trained at (sample_size x VAE scale factor)."""
+        unet = self.pipeline.unet
+        return int(unet.config.sample_size) * int(self.pipeline.vae_scale_factor)
+
+    def describe(self) -> dict[str, Any]:
+        unet_cfg = self.pipeline.unet.config
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "digest": self.digest,
+            "device": self.placement.device,
+            "dtype": self.placement.dtype_name,
+            "prediction_type": self.prediction_type,
+            "default_scheduler": self.default_scheduler,
+            "native_size": self.native_size,
+            "cross_attention_dim": unet_cfg.cross_attention_dim,
+            "text_encoder": type(self.pipeline.text_encoder).__name__,
+            "defaults": self.defaults,
+        }
+
+
+def find_pickle_weights(root: Path) -> list[Path]:
+    """Weight files in pickle formats under ``root`` (relative paths)."""
+    return sorted(p.relative_to(root) for p in root.rglob("*") if p.suffix in PICKLE_SUFFIXES and p.is_file())
+
+
+def read_model_defaults(root: Path) -> dict[str, Any]:
+    """The model's recommended request defaults from ``sdmaker.json`` (empty when absent)."""
+    card = root / MODEL_CARD_FILE
+    if not card.is_file():
+        return {}
+    try:
+        data = json.loads(card.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelFormatError(f"{card}: not valid JSON ({exc})", model=str(root)) from exc
+    defaults = data.get("defaults", {}) if isinstance(data, dict) else {}
+    return {k: v for k, v in defaults.items() if k in _DEFAULT_KEYS}
+
+
+def _check_folder(root: Path, allow_pickle: bool) -> None:
+    if not root.exists():
+        raise ModelNotFoundError(f"model folder {root} does not exist", model=str(root))
+    if not (root / "model_index.json").is_file():
+        raise ModelFormatError(
+            f"{root} is not a diffusers model folder: model_index.json is missing "
+            "(expected model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)",
+            model=str(root),
+        )
+    missing = [c for c in _COMPONENTS if not (root / c).is_dir()]
+    if missing:
+        raise ModelFormatError(f"{root}: missing component folder(s): {', '.join(missing)}", model=str(root))
+    pickles = find_pickle_weights(root)
+    has_safetensors = any(root.rglob("*.safetensors"))
+    if pickles and not allow_pickle and not has_safetensors:
+        raise PickleRefusedError(
+            f"{root} holds pickle weights ({', '.join(map(str, pickles[:3]))}); loading them can run "
+            "arbitrary code. Convert them to safetensors, or pass --allow-pickle if you trust the source.",
+            model=str(root), files=[str(p) for p in pickles],
+        )
+
+
+def load_model(
+    path: Path,
+    *,
+    name: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    allow_pickle: bool = False,
+    digest: str | None = None,
+) -> LoadedModel:
+    """Load the Stable Diffusion 1.x/2.x folder at ``path``.
+
+    Args:
+        path: a diffusers folder (``model_index.json`` + components); may contain ``code/`` (ignored here).
+        name: display name (store name); defaults to the folder name.
+        device / dtype: see :func:`~sdmaker.engine.resolve_placement`.
+        allow_pickle: also accept ``.bin``/``.ckpt`` weights (runs unpickling; trusted sources only).
+        digest: known content digest (store models have it); computed from the files otherwise.
+    """
+    from diffusers import StableDiffusionPipeline  # heavy import, deferred to the first load
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # progress belongs to the caller (on_step callbacks)
+
+    path = Path(path)
+    _check_folder(path, allow_pickle)
+    placement = resolve_placement(device, dtype)
+    started = time.perf_counter()
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            path,
+            dtype=placement.dtype,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            use_safetensors=not allow_pickle,
+            local_files_only=True,
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelFormatError(f"could not load {path} as a Stable Diffusion pipeline: {exc}",
+                               model=str(path)) from exc
+    pipe = pipe.to(placement.device)
+    pipe.set_progress_bar_config(disable=True)
+    load_seconds = time.perf_counter() - started
+    prediction_type = str(pipe.scheduler.config.get("prediction_type", "epsilon"))
+    model = LoadedModel(
+        pipeline=pipe,
+        path=path,
+        name=name or path.name,
+        digest=digest or tree_digest(path),
+        placement=placement,
+        defaults=read_model_defaults(path),
+        prediction_type=prediction_type,
+        default_scheduler=scheduler_name_of(pipe.scheduler),
+        load_seconds=load_seconds,
+    )
+    logger.info("loaded %s (%s, %s, %s) in %.2fs", model.name, prediction_type, placement.device,
+                placement.dtype_name, load_seconds)
+    return model
+

@@ -1,0 +1,228 @@
+"""All of sdmaker's own exceptions, in one place.
+
+Every error a user can provoke is a leaf of this tree. Leaves also inherit the builtin they
+resemble, so callers may catch either (``except FileNotFoundError`` still works)::
+
+    SdmakerError
+    ├── InvalidRequestError (ValueError)        bad field in a generation request / CLI option
+    ├── ConfigError (ValueError)                bad setting or environment value
+    ├── ModelError
+    │   ├── ModelNotFoundError (FileNotFoundError)   no such store name, folder or hub id
+    │   ├── ModelFormatError (ValueError)            folder is not a loadable diffusers model
+    │   ├── PickleRefusedError (PermissionError)     pickle weights without --allow-pickle
+    │   └── OfflineError (ConnectionError)           a hub id asked for while offline
+    ├── StoreError
+    │   ├── StoreIntegrityError                      a blob does not match its digest
+    │   └── ModelExistsError (FileExistsError)       import under a taken name
+    ├── ArchiveError (ValueError)                    unsafe or broken archive
+    ├── S3Error (OSError)                            an S3 call failed (mapped from botocore)
+    ├── EngineError                                  generation failed inside the engine
+    │   └── OutOfMemoryError (MemoryError)
+    └── ServingError                                 endpoint / server level failures
+        ├── EndpointNotFoundError (LookupError)
+        ├── EndpointExistsError (FileExistsError)
+        ├── QueueFullError                           backpressure: retry later (HTTP 503)
+        └── InvocationTimeoutError (TimeoutError)
+
+Errors carry structured fields as well as a message, so the server can put them in a JSON
+body and the client can rebuild the same class from its ``code``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ArchiveError",
+    "ConfigError",
+    "EndpointExistsError",
+    "EndpointNotFoundError",
+    "EngineError",
+    "InvalidRequestError",
+    "InvocationTimeoutError",
+    "ModelError",
+    "ModelExistsError",
+    "ModelFormatError",
+    "ModelNotFoundError",
+    "OfflineError",
+    "OutOfMemoryError",
+    "PickleRefusedError",
+    "QueueFullError",
+    "S3Error",
+    "SdmakerError",
+    "ServingError",
+    "StoreError",
+    "StoreIntegrityError",
+    "error_class_for_code",
+]
+
+
+class SdmakerError(Exception):
+    """Base class for all sdmaker errors.
+
+    ``code`` is a stable machine-readable name (the class name by default) used on the wire.
+    ``http_status`` is what the server answers when this error reaches a client.
+    """
+
+    http_status: int = 500
+
+    def __init__(self, message: str, **fields: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fields: dict[str, Any] = fields
+
+    @property
+    def code(self) -> str:
+        return type(self).__name__
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form for HTTP bodies."""
+        out: dict[str, Any] = {"error": self.code, "message": self.message}
+        for key, value in self.fields.items():
+            out[key] = value if isinstance(value, (str, int, float, bool, type(None), list, dict)) else repr(value)
+        return out
+
+
+# --- request / config errors -------------------------------------------------------------------
+
+
+class InvalidRequestError(SdmakerError, ValueError):
+    """A request field is out of range or of the wrong type.
+
+    Example: ``InvalidRequestError("height=1000 ...", field="height", value=1000, allowed="64..2048, multiple of 8")``
+    """
+
+    http_status = 400
+
+    def __init__(self, message: str, *, field: str | None = None, value: Any = None, allowed: str | None = None,
+                 errors: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message, field=field, value=value, allowed=allowed, errors=errors or [])
+        self.field = field
+        self.value = value
+        self.allowed = allowed
+
+
+class ConfigError(SdmakerError, ValueError):
+    """A setting (environment variable, config file, CLI option) is invalid."""
+
+    http_status = 400
+
+
+# --- model errors -------------------------------------------------------------------------------
+
+
+class ModelError(SdmakerError):
+    """A model could not be found or loaded."""
+
+    http_status = 400
+
+
+class ModelNotFoundError(ModelError, FileNotFoundError):
+    """No model under that store name, path or hub id."""
+
+    http_status = 404
+
+
+class ModelFormatError(ModelError, ValueError):
+    """The folder exists but is not a loadable diffusers Stable Diffusion model."""
+
+
+class PickleRefusedError(ModelError, PermissionError):
+    """Weights in a pickle format (.bin/.ckpt/.pt/.pth) were found and pickle is not allowed.
+
+    Unpickling runs arbitrary code; users opt in with ``--allow-pickle``.
+    """
+
+    http_status = 403
+
+
+class OfflineError(ModelError, ConnectionError):
+    """A hub id was requested but there is no network and no local cache for it."""
+
+
+# --- store errors -------------------------------------------------------------------------------
+
+
+class StoreError(SdmakerError):
+    """The local model store failed."""
+
+
+class StoreIntegrityError(StoreError):
+    """A stored blob does not match its sha256: the store was modified outside sdmaker."""
+
+
+class ModelExistsError(StoreError, FileExistsError):
+    """A model with this name already exists in the store."""
+
+    http_status = 409
+
+
+class ArchiveError(SdmakerError, ValueError):
+    """An archive is unsafe (path traversal, links out, devices, too large) or unreadable."""
+
+    http_status = 400
+
+
+class S3Error(SdmakerError, OSError):
+    """An S3 operation failed; ``fields`` carry the bucket, key and the AWS error code."""
+
+    http_status = 502
+
+
+# --- engine errors ------------------------------------------------------------------------------
+
+
+class EngineError(SdmakerError):
+    """Generation failed inside the engine."""
+
+
+class OutOfMemoryError(EngineError, MemoryError):
+    """The device ran out of memory for this request (try fewer images or a smaller size)."""
+
+    http_status = 507
+
+
+# --- serving errors -----------------------------------------------------------------------------
+
+
+class ServingError(SdmakerError):
+    """Endpoint or server level failure."""
+
+
+class EndpointNotFoundError(ServingError, LookupError):
+    """No endpoint of that name."""
+
+    http_status = 404
+
+
+class EndpointExistsError(ServingError, FileExistsError):
+    """An endpoint of that name exists already."""
+
+    http_status = 409
+
+
+class QueueFullError(ServingError):
+    """The endpoint's queue is full; retry after ``retry_after`` seconds."""
+
+    http_status = 503
+
+
+class InvocationTimeoutError(ServingError, TimeoutError):
+    """The invocation did not finish within the endpoint's timeout."""
+
+    http_status = 504
+
+
+def _all_subclasses(cls: type[SdmakerError]) -> list[type[SdmakerError]]:
+    out: list[type[SdmakerError]] = [cls]
+    for sub in cls.__subclasses__():
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+def error_class_for_code(code: str) -> type[SdmakerError]:
+    """Map a wire ``code`` back to its exception class (``SdmakerError`` when unknown)."""
+    for cls in _all_subclasses(SdmakerError):
+        if cls.__name__ == code:
+            return cls
+    return SdmakerError
