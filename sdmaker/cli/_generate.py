@@ -59,7 +59,7 @@ def generate_cmd(
     with Progress(TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
         task = progress.add_task("steps", total=resolved.num_inference_steps)
-        result = generate(loaded, resolved, on_step=lambda step, total: progress.update(task, completed=step))
+        result = generate(loaded, resolved, on_step=lambda step, total: progress.update(task, completed=step, total=total))
     out.mkdir(parents=True, exist_ok=True)
     ext = {"jpeg": "jpg", "png": "png", "webp": "webp"}[resolved.format]
     for i, img in enumerate(result.images):

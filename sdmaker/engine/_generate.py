@@ -117,9 +117,10 @@ def generate(model: LoadedModel, request: GenerateRequest, *, on_step: StepCallb
     negatives = _negatives(resolved)
     total = resolved.num_inference_steps
 
-    def _callback(_pipe: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _callback(pipe_: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         if on_step is not None:
-            on_step(step + 1, total)
+            # Some samplers run more UNet calls than requested steps (PNDM's warm-up): report the real count.
+            on_step(step + 1, int(getattr(pipe_, "num_timesteps", total)))
         return kwargs
 
     started = time.perf_counter()
