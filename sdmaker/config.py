@@ -31,6 +31,19 @@ class Settings:
         dtype: ``auto`` | ``fp32`` | ``bf16`` | ``fp16`` (``SDMAKER_DTYPE``).
         aws_endpoint_url_s3: S3-compatible endpoint (``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``).
         env: the raw environment snapshot, for the few places (subprocess spawning) that must pass it on.
+        daemon_host / daemon_port: where ``sdmaker up`` listens (``SDMAKER_HOST``, default 127.0.0.1;
+            ``SDMAKER_PORT``, default 8765); clients use ``SDMAKER_URL`` (default from these two).
+        auth_access_key_id / auth_secret_access_key: the SigV4 credentials the daemon accepts
+            (``SDMAKER_ACCESS_KEY_ID`` / ``SDMAKER_SECRET_ACCESS_KEY``); ``auth_token``: a bearer token
+            (``SDMAKER_API_TOKEN``). ``require_auth`` (``SDMAKER_REQUIRE_AUTH``) forces authentication even
+            on loopback; any other bind address always requires it.
+        invocation_timeout_s: default per-endpoint invocation budget (``SDMAKER_INVOCATION_TIMEOUT``, 60 s
+            like SageMaker real-time; CPU generation may need more: it is also settable per endpoint).
+        max_body_bytes: request body cap (``SDMAKER_MAX_BODY_BYTES``, SageMaker's 6 MiB).
+        max_queue: waiting requests per endpoint before 503 (``SDMAKER_MAX_QUEUE``, 100 like MMS).
+        startup_timeout_s: how long a worker may take to pass ``/ping`` (``SDMAKER_STARTUP_TIMEOUT``).
+        region / account_id: what ARNs and error texts say (``AWS_REGION``/``AWS_DEFAULT_REGION``,
+            ``SDMAKER_ACCOUNT_ID``).
     """
 
     home: Path
@@ -40,6 +53,19 @@ class Settings:
     dtype: str = "auto"
     aws_endpoint_url_s3: str | None = None
     env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+    daemon_host: str = "127.0.0.1"
+    daemon_port: int = 8765
+    daemon_url: str | None = None
+    auth_access_key_id: str | None = None
+    auth_secret_access_key: str | None = field(default=None, repr=False)
+    auth_token: str | None = field(default=None, repr=False)
+    require_auth: bool = False
+    invocation_timeout_s: float = 60.0
+    max_body_bytes: int = 6 * 1024 * 1024
+    max_queue: int = 100
+    startup_timeout_s: float = 600.0
+    region: str = "us-east-1"
+    account_id: str = "000000000000"
 
     @property
     def store_dir(self) -> Path:
@@ -57,6 +83,14 @@ class Settings:
     def mlflow_dir(self) -> Path:
         return self.home / "mlruns"
 
+    @property
+    def client_url(self) -> str:
+        """Base URL clients use to reach the daemon (``SDMAKER_URL`` or host/port)."""
+        if self.daemon_url:
+            return self.daemon_url.rstrip("/")
+        host = "127.0.0.1" if self.daemon_host in ("0.0.0.0", "::", "") else self.daemon_host
+        return f"http://{host}:{self.daemon_port}"
+
     def with_home(self, home: Path) -> Settings:
         return replace(self, home=home)
 
@@ -72,6 +106,19 @@ def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...], default
     return value
 
 
+def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number", field=name, value=raw) from None
+    if value < minimum:
+        raise ConfigError(f"{name}={raw!r} must be >= {minimum}", field=name, value=raw)
+    return value
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Build :class:`Settings` from ``env`` (default: the process environment)."""
     env = dict(os.environ if env is None else env)
@@ -84,4 +131,17 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         dtype=_choice(env, "SDMAKER_DTYPE", ("auto", "fp32", "bf16", "fp16"), "auto"),
         aws_endpoint_url_s3=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
         env=env,
+        daemon_host=env.get("SDMAKER_HOST", "").strip() or "127.0.0.1",
+        daemon_port=int(_number(env, "SDMAKER_PORT", 8765, minimum=1)),
+        daemon_url=env.get("SDMAKER_URL") or None,
+        auth_access_key_id=env.get("SDMAKER_ACCESS_KEY_ID") or None,
+        auth_secret_access_key=env.get("SDMAKER_SECRET_ACCESS_KEY") or None,
+        auth_token=env.get("SDMAKER_API_TOKEN") or None,
+        require_auth=_flag(env, "SDMAKER_REQUIRE_AUTH"),
+        invocation_timeout_s=_number(env, "SDMAKER_INVOCATION_TIMEOUT", 60.0, minimum=1),
+        max_body_bytes=int(_number(env, "SDMAKER_MAX_BODY_BYTES", 6 * 1024 * 1024, minimum=1)),
+        max_queue=int(_number(env, "SDMAKER_MAX_QUEUE", 100, minimum=0)),
+        startup_timeout_s=_number(env, "SDMAKER_STARTUP_TIMEOUT", 600.0, minimum=1),
+        region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+        account_id=env.get("SDMAKER_ACCOUNT_ID") or "000000000000",
     )
