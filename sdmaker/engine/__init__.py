@@ -16,6 +16,7 @@ from sdmaker.engine._loader import (
 )
 from sdmaker.engine._random_models import KINDS, build_random_pipeline, clip_bpe_path, minilm_dir
 from sdmaker.engine._schedulers import make_scheduler, scheduler_name_of
+from sdmaker.engine._sheet import contact_sheet
 
 __all__ = [
     "KINDS",
@@ -29,6 +30,7 @@ __all__ = [
     "StepCallback",
     "build_random_pipeline",
     "clip_bpe_path",
+    "contact_sheet",
     "cpu_has_native_bf16",
     "encode_image",
     "encode_image_base64",
