@@ -22,7 +22,12 @@ resemble, so callers may catch either (``except FileNotFoundError`` still works)
         ├── EndpointNotFoundError (LookupError)
         ├── EndpointExistsError (FileExistsError)
         ├── QueueFullError                           backpressure: retry later (HTTP 503)
-        └── InvocationTimeoutError (TimeoutError)
+        ├── InvocationTimeoutError (TimeoutError)
+        ├── EndpointNotReadyError                    endpoint exists but is not InService
+        ├── PayloadTooLargeError (ValueError)        request body over the endpoint's limit (413)
+        ├── WorkerStartError                         a worker process failed to load its model
+        ├── InvocationFailedError                    the model code answered an error (SageMaker ModelError)
+        └── AuthenticationError (PermissionError)    missing or bad SigV4 signature / bearer token
 
 Errors carry structured fields as well as a message, so the server can put them in a JSON
 body and the client can rebuild the same class from its ``code``.
@@ -37,7 +42,12 @@ __all__ = [
     "ConfigError",
     "EndpointExistsError",
     "EndpointNotFoundError",
+    "AuthenticationError",
+    "EndpointNotReadyError",
     "EngineError",
+    "InvocationFailedError",
+    "PayloadTooLargeError",
+    "WorkerStartError",
     "InvalidRequestError",
     "InvocationTimeoutError",
     "ModelError",
@@ -211,6 +221,34 @@ class InvocationTimeoutError(ServingError, TimeoutError):
     """The invocation did not finish within the endpoint's timeout."""
 
     http_status = 504
+
+
+class EndpointNotReadyError(ServingError):
+    """The endpoint exists but is not ``InService`` (still creating, updating, or failed)."""
+
+    http_status = 400
+
+
+class PayloadTooLargeError(ServingError, ValueError):
+    """The request body exceeds the endpoint's limit (SageMaker: 6 MiB); rejected before the model runs."""
+
+    http_status = 413
+
+
+class WorkerStartError(ServingError):
+    """A worker process could not load its model; ``message`` carries the worker's own error."""
+
+
+class InvocationFailedError(ServingError):
+    """The model code answered an error (SageMaker ``ModelError``); ``original_status`` is its HTTP status."""
+
+    http_status = 424
+
+
+class AuthenticationError(ServingError, PermissionError):
+    """The request carries no valid SigV4 signature or bearer token."""
+
+    http_status = 403
 
 
 def _all_subclasses(cls: type[SdmakerError]) -> list[type[SdmakerError]]:
