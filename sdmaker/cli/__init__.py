@@ -12,9 +12,10 @@ import sys
 import typer
 
 from sdmaker import __version__
-from sdmaker.cli._common import console, err_console, run_app
+from sdmaker.cli._common import console, err_console
+from sdmaker.cli._common import run_app as _run_app
 
-__all__ = ["app", "main"]
+__all__ = ["app", "console", "err_console", "main", "version"]
 
 app = typer.Typer(
     name="sdmaker",
@@ -39,7 +40,5 @@ _generate.register(app)
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
-    sys.exit(run_app(app, argv))
+    sys.exit(_run_app(app, argv))
 
-
-__all__ += ["console", "err_console"]
