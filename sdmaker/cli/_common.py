@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import logging
-import sys
 import traceback
 
-import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
+# [compat] typer 0.29 vendors click as typer._click; its exception classes differ from the click package's.
+from typer._click import exceptions as click_exc
+from typer.core import TyperGroup
+
 from sdmaker.config import Settings, load_settings
 from sdmaker.errors import SdmakerError
 
-__all__ = ["console", "err_console", "get_settings", "run_app", "setup_logging"]
+__all__ = ["SdmakerGroup", "console", "err_console", "get_settings", "run_app", "setup_logging"]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -32,37 +34,40 @@ def get_settings() -> Settings:
     return load_settings()
 
 
-def run_app(app: typer.Typer, argv: list[str] | None = None) -> int:
-    """Run ``app``; turn known errors into one line + exit 1, usage errors into exit 2."""
-    debug = False
-    try:
-        debug = load_settings().debug
-    except SdmakerError:
-        pass
-    try:
-        app(args=argv, standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        return int(exc.exit_code or 0)
-    except click.exceptions.Abort:
-        err_console.print("[red]Aborted.[/red]")
-        return 130
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except SdmakerError as exc:
-        if debug:
-            traceback.print_exc()
-        err_console.print(f"[red]Error:[/red] {exc.message}", highlight=False, soft_wrap=True)
-        return 1
-    except KeyboardInterrupt:
-        err_console.print("[red]Interrupted.[/red]")
-        return 130
-    except Exception as exc:  # noqa: BLE001 - last resort: one line unless debugging
-        if debug:
+class SdmakerGroup(TyperGroup):
+    """The root command group: the error table for every command lives here.
+
+    A known :class:`SdmakerError` becomes typer's one-line ``Error`` box with exit code 1 (usage errors
+    keep exit 2); anything unexpected is one line too unless ``SDMAKER_DEBUG=1``, which shows the traceback.
+    """
+
+    def invoke(self, ctx: typer.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except SdmakerError as exc:
+            if _debug():
+                traceback.print_exc()
+            raise click_exc.ClickException(exc.message) from exc
+        except (click_exc.ClickException, typer.Exit, typer.Abort, KeyboardInterrupt, EOFError):
             raise
-        err_console.print(f"[red]Unexpected error:[/red] {type(exc).__name__}: {exc} "
-                          "(set SDMAKER_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
-        return 1
+        except Exception as exc:
+            if _debug():
+                raise
+            raise click_exc.ClickException(
+                f"unexpected {type(exc).__name__}: {exc} (set SDMAKER_DEBUG=1 for the traceback)") from exc
+
+
+def _debug() -> bool:
+    try:
+        return load_settings().debug
+    except SdmakerError:
+        return False
+
+
+def run_app(app: typer.Typer, argv: list[str] | None = None) -> int:
+    """Run ``app`` in standalone mode (typer prints errors and picks exit codes); return the exit code."""
+    try:
+        app(args=argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return 0
-
-

@@ -8,15 +8,49 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from sdmaker.cli._common import console, get_settings, setup_logging
-from sdmaker.schema import parse_request
+from sdmaker.cli._common import console, err_console, get_settings, setup_logging
+from sdmaker.config import Settings
+from sdmaker.schema import GenerateRequest, parse_request
 
-__all__ = ["register"]
+__all__ = ["DEFAULT_MODEL", "register"]
+
+#: The embedded model used when --model is not given.
+DEFAULT_MODEL = "mini"
+_EXT = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+
+
+def load_model_ref(ref: str, settings: Settings, *, allow_pickle: bool = False, device: str | None = None,
+                   dtype: str | None = None) -> Any:
+    """Resolve a store name / folder / archive / s3:// / hub id and load it (shared by generate and eval)."""
+    from sdmaker.engine import load_model
+    from sdmaker.store import resolve_model
+
+    resolved = resolve_model(ref, settings, allow_pickle=allow_pickle)
+    return load_model(resolved.path, name=resolved.name, digest=resolved.digest, allow_pickle=allow_pickle,
+                      device=device or settings.device, dtype=dtype or settings.dtype)
+
+
+def _request_from_options(options: dict[str, Any], recipe_request: dict[str, Any] | None) -> GenerateRequest:
+    data: dict[str, Any] = dict(recipe_request or {})
+    for key, value in options.items():
+        if value is None:
+            continue
+        if key in ("prompt", "negative_prompt") and isinstance(value, list):
+            if not value:
+                continue
+            value = value[0] if len(value) == 1 else value
+        data[key] = value
+    if "prompt" not in data:
+        raise typer.BadParameter("give --prompt (or --from IMAGE.png)", param_hint="--prompt")
+    return parse_request(data)  # validate before loading any weights
 
 
 def generate_cmd(
     prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="Prompt; repeat for a batch.")] = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Store name or model folder.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help=(
+        "Store name, model folder, model.tar.gz, s3:// URI or hub id. Default: the built-in 'mini'."))] = None,
+    from_image: Annotated[Path | None, typer.Option("--from", help=(
+        "Regenerate from the recipe embedded in an sdmaker PNG; other options override it."))] = None,
     negative_prompt: Annotated[list[str] | None, typer.Option("--negative-prompt", "-n")] = None,
     height: Annotated[int | None, typer.Option(help="Pixels, multiple of 8 (default: model's, else 512).")] = None,
     width: Annotated[int | None, typer.Option(help="Pixels, multiple of 8 (default: model's, else 512).")] = None,
@@ -25,47 +59,50 @@ def generate_cmd(
     num_images: Annotated[int | None, typer.Option("--num-images", "--num-images-per-prompt")] = None,
     seed: Annotated[int | None, typer.Option(help="Base seed; image i uses seed+i.")] = None,
     scheduler: Annotated[str | None, typer.Option(help="ddim, pndm, euler, euler_a, dpmpp_2m, unipc, ...")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="jpeg, png (with recipe) or webp.")] = "png",
-    quality: Annotated[int, typer.Option(help="JPEG/WebP quality 1..100.")] = 90,
+    fmt: Annotated[str | None, typer.Option("--format", help="png (default here, carries the recipe), jpeg, webp.")]
+    = None,
+    quality: Annotated[int | None, typer.Option(help="JPEG/WebP quality 1..100.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("sdmaker-out"),
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.ckpt weights.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Generate images from a prompt and print the written paths."""
-    from sdmaker.engine import generate, load_model
+    """Generate images from a prompt and print the written paths.
+
+    Example: sdmaker generate -p "a large red circle on a white background" --seed 1 -o out/
+    """
+    from sdmaker.engine import generate, read_recipe
 
     setup_logging(verbose)
     settings = get_settings()
-    data: dict[str, Any] = {"format": fmt, "quality": quality}
-    if prompt:
-        data["prompt"] = prompt[0] if len(prompt) == 1 else prompt
-    else:
-        raise typer.BadParameter("give --prompt", param_hint="--prompt")
-    if negative_prompt:
-        data["negative_prompt"] = negative_prompt[0] if len(negative_prompt) == 1 else negative_prompt
-    for key, value in (("height", height), ("width", width), ("num_inference_steps", steps),
-                       ("guidance_scale", guidance_scale), ("num_images_per_prompt", num_images),
-                       ("seed", seed), ("scheduler", scheduler)):
-        if value is not None:
-            data[key] = value
-    request = parse_request(data)  # validate before loading any weights
-    if model is None:
-        raise typer.BadParameter("give --model", param_hint="--model")
-    loaded = load_model(Path(model), device=device or settings.device, dtype=dtype or settings.dtype,
-                        allow_pickle=allow_pickle)
+    recipe = read_recipe(from_image) if from_image is not None else None
+    options: dict[str, Any] = {
+        "prompt": prompt, "negative_prompt": negative_prompt, "height": height, "width": width,
+        "num_inference_steps": steps, "guidance_scale": guidance_scale, "num_images_per_prompt": num_images,
+        "seed": seed, "scheduler": scheduler, "format": fmt, "quality": quality,
+    }
+    if fmt is None and recipe is None:
+        options["format"] = "png"
+    request = _request_from_options(options, recipe["request"] if recipe else None)
+    ref = model or (recipe["model"] if recipe else DEFAULT_MODEL)
+    loaded = load_model_ref(ref, settings, allow_pickle=allow_pickle, device=device, dtype=dtype)
+    if recipe and recipe.get("model_digest") and recipe["model_digest"] != loaded.digest:
+        err_console.print(f"[yellow]warning:[/yellow] {ref} has digest {loaded.digest[:12]}, the image was made "
+                          f"with {recipe['model_digest'][:12]}: the result will differ", highlight=False)
     resolved = request.resolve(loaded.defaults)
     with Progress(TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
+                  console=err_console, transient=True) as progress:
         task = progress.add_task("steps", total=resolved.num_inference_steps)
-        result = generate(loaded, resolved, on_step=lambda step, total: progress.update(task, completed=step, total=total))
+        result = generate(loaded, resolved,
+                          on_step=lambda step, total: progress.update(task, completed=step, total=total))
     out.mkdir(parents=True, exist_ok=True)
-    ext = {"jpeg": "jpg", "png": "png", "webp": "webp"}[resolved.format]
     for i, img in enumerate(result.images):
-        path = out / f"{i:02d}-seed{img.seed}.{ext}"
-        path.write_bytes(result.encode(i))
-        console.print(str(path), highlight=False)
+        path = out / f"{i:02d}-seed{img.seed}.{_EXT[resolved.format]}"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(result.encode(i))
+        tmp.replace(path)
+        console.print(str(path), highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

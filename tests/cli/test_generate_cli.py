@@ -1,0 +1,82 @@
+"""``sdmaker generate``: written paths, recipe round trip via --from, one-line errors with exit codes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from sdmaker.cli import app
+from sdmaker.engine import read_recipe
+
+runner = CliRunner()
+SMALL = ["--height", "64", "--width", "64", "--steps", "2"]
+
+
+@pytest.fixture(autouse=True)
+def _home(sdmaker_home: Path) -> Path:
+    return sdmaker_home
+
+
+def _paths(output: str) -> list[Path]:
+    return [Path(line.strip()) for line in output.splitlines() if line.strip().endswith((".png", ".jpg", ".webp"))]
+
+
+def test_generate_writes_pngs_with_recipes_and_from_regenerates(sd1_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["generate", "-m", str(sd1_dir), "-p", "a cat", "-p", "a dog", "--seed", "5",
+                              "--scheduler", "euler", "-o", str(out), *SMALL])
+    assert res.exit_code == 0, res.output
+    paths = _paths(res.stdout)
+    assert [p.name for p in paths] == ["00-seed5.png", "01-seed6.png"]
+    recipe = read_recipe(paths[1])
+    assert recipe["request"]["prompt"] == "a dog" and recipe["request"]["seed"] == 6
+    again = tmp_path / "again"
+    res2 = runner.invoke(app, ["generate", "--from", str(paths[1]), "-m", str(sd1_dir), "-o", str(again)])
+    assert res2.exit_code == 0, res2.output
+    (regen,) = _paths(res2.stdout)
+    a = np.asarray(Image.open(paths[1])).astype(int)
+    b = np.asarray(Image.open(regen)).astype(int)
+    assert np.abs(a - b).max() <= 1
+
+
+def test_jpeg_output(sd1_dir: Path, tmp_path: Path) -> None:
+    res = runner.invoke(app, ["generate", "-m", str(sd1_dir), "-p", "x", "--format", "jpeg", "-o",
+                              str(tmp_path), *SMALL])
+    assert res.exit_code == 0, res.output
+    (path,) = _paths(res.stdout)
+    assert path.read_bytes()[:2] == b"\xff\xd8"
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--height", "65"], "height=65"),
+    (["--steps", "0"], "num_inference_steps=0"),
+    (["--scheduler", "nope"], "scheduler='nope'"),
+    (["--guidance-scale", "100"], "guidance_scale=100.0"),
+])
+def test_bad_values_fail_in_one_line_before_loading(args: list[str], needle: str, tmp_path: Path) -> None:
+    res = runner.invoke(app, ["generate", "-m", str(tmp_path / "missing"), "-p", "x", *args])
+    assert res.exit_code == 1
+    assert needle in res.output
+    assert "Traceback" not in res.output
+    assert "does not exist" not in res.output  # validated before the model is touched
+
+
+def test_missing_model_is_one_line(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["generate", "-m", str(tmp_path / "nope"), "-p", "x"])
+    assert res.exit_code == 1
+    assert "Traceback" not in res.output
+
+
+def test_missing_prompt_is_a_usage_error(sd1_dir: Path) -> None:
+    res = runner.invoke(app, ["generate", "-m", str(sd1_dir)])
+    assert res.exit_code == 2
+
+
+def test_help() -> None:
+    res = runner.invoke(app, ["generate", "--help"])
+    assert res.exit_code == 0
+    assert "--from" in res.output
