@@ -44,6 +44,9 @@ class Settings:
         startup_timeout_s: how long a worker may take to pass ``/ping`` (``SDMAKER_STARTUP_TIMEOUT``).
         region / account_id: what ARNs and error texts say (``AWS_REGION``/``AWS_DEFAULT_REGION``,
             ``SDMAKER_ACCOUNT_ID``).
+        sagemaker_program: the handler module in ``<model>/code`` (``SAGEMAKER_PROGRAM``; unset or empty
+            means ``inference.py``, contract 1.7).
+        bind_port: the model server's port (``SAGEMAKER_BIND_TO_PORT``, default 8080, contract 1.2).
     """
 
     home: Path
@@ -66,6 +69,8 @@ class Settings:
     startup_timeout_s: float = 600.0
     region: str = "us-east-1"
     account_id: str = "000000000000"
+    sagemaker_program: str = "inference.py"
+    bind_port: int = 8080
 
     @property
     def store_dir(self) -> Path:
@@ -119,6 +124,13 @@ def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float
     return value
 
 
+def _port(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _number(env, name, default, minimum=1)
+    if value != int(value) or value > 65535:
+        raise ConfigError(f"{name}={env.get(name)!r} is not a TCP port (1..65535)", field=name, value=env.get(name))
+    return int(value)
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Build :class:`Settings` from ``env`` (default: the process environment)."""
     env = dict(os.environ if env is None else env)
@@ -144,4 +156,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         startup_timeout_s=_number(env, "SDMAKER_STARTUP_TIMEOUT", 600.0, minimum=1),
         region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
         account_id=env.get("SDMAKER_ACCOUNT_ID") or "000000000000",
+        sagemaker_program=env.get("SAGEMAKER_PROGRAM", "").strip() or "inference.py",
+        bind_port=_port(env, "SAGEMAKER_BIND_TO_PORT", 8080),
     )
