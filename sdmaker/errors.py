@@ -5,12 +5,14 @@ resemble, so callers may catch either (``except FileNotFoundError`` still works)
 
     SdmakerError
     ├── InvalidRequestError (ValueError)        bad field in a generation request / CLI option
+    │   └── UnsupportedFormatError                   Content-Type / Accept the handler cannot (de)serialize
     ├── ConfigError (ValueError)                bad setting or environment value
     ├── ModelError
     │   ├── ModelNotFoundError (FileNotFoundError)   no such store name, folder or hub id
     │   ├── ModelFormatError (ValueError)            folder is not a loadable diffusers model
     │   ├── PickleRefusedError (PermissionError)     pickle weights without --allow-pickle
-    │   └── OfflineError (ConnectionError)           a hub id asked for while offline
+    │   ├── OfflineError (ConnectionError)           a hub id asked for while offline
+    │   └── RequirementsError                        code/requirements.txt not satisfied and not installable
     ├── StoreError
     │   ├── StoreIntegrityError                      a blob does not match its digest
     │   └── ModelExistsError (FileExistsError)       import under a taken name
@@ -57,12 +59,14 @@ __all__ = [
     "OfflineError",
     "OutOfMemoryError",
     "PickleRefusedError",
+    "RequirementsError",
     "QueueFullError",
     "S3Error",
     "SdmakerError",
     "ServingError",
     "StoreError",
     "StoreIntegrityError",
+    "UnsupportedFormatError",
     "error_class_for_code",
 ]
 
@@ -112,6 +116,10 @@ class InvalidRequestError(SdmakerError, ValueError):
         self.allowed = allowed
 
 
+class UnsupportedFormatError(InvalidRequestError):
+    """No decoder for the request's Content-Type or no encoder for its Accept (HF toolkit wording)."""
+
+
 class ConfigError(SdmakerError, ValueError):
     """A setting (environment variable, config file, CLI option) is invalid."""
 
@@ -148,6 +156,13 @@ class PickleRefusedError(ModelError, PermissionError):
 
 class OfflineError(ModelError, ConnectionError):
     """A hub id was requested but there is no network and no local cache for it."""
+
+
+class RequirementsError(ModelError):
+    """A model's ``code/requirements.txt`` is not satisfied and cannot be installed (offline, refused, or pip failed).
+
+    ``fields["missing"]`` lists the unsatisfied requirement lines.
+    """
 
 
 # --- store errors -------------------------------------------------------------------------------
