@@ -44,3 +44,23 @@ __all__ = [
     "resolve_placement",
     "scheduler_name_of",
 ]
+
+# Speed work (issue 5): own loop with DeepCache, step-level batching, speed options.
+from sdmaker.engine._batching import BatcherStats, StepBatcher  # noqa: E402
+from sdmaker.engine._fast import (  # noqa: E402
+    SpeedOptions,
+    apply_speed_options,
+    recommended_dtype,
+    recommended_options,
+)
+from sdmaker.engine._loop import generate_fast  # noqa: E402
+
+__all__ += [
+    "BatcherStats",
+    "SpeedOptions",
+    "StepBatcher",
+    "apply_speed_options",
+    "generate_fast",
+    "recommended_dtype",
+    "recommended_options",
+]
