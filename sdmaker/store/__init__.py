@@ -1,0 +1,33 @@
+"""The local model store, model artifacts (packaging and safe extraction) and S3 transfers.
+
+Nothing here imports torch: storing, packaging and resolving models are file operations.
+"""
+
+from sdmaker.store._archive import DEFAULT_MAX_MEMBERS, DEFAULT_MAX_TOTAL_BYTES, archive_format, safe_extract
+from sdmaker.store._manifest import Architecture, ManifestFile, ModelManifest, read_architecture, validate_name
+from sdmaker.store._package import PackageResult, format_for, package_model
+from sdmaker.store._resolve import ResolvedModel, folder_digest, resolve_model
+from sdmaker.store._s3 import S3Uri, is_s3_uri, parse_s3_uri
+from sdmaker.store._store import Store
+
+__all__ = [
+    "DEFAULT_MAX_MEMBERS",
+    "DEFAULT_MAX_TOTAL_BYTES",
+    "Architecture",
+    "ManifestFile",
+    "ModelManifest",
+    "PackageResult",
+    "ResolvedModel",
+    "S3Uri",
+    "Store",
+    "archive_format",
+    "folder_digest",
+    "format_for",
+    "is_s3_uri",
+    "package_model",
+    "parse_s3_uri",
+    "read_architecture",
+    "resolve_model",
+    "safe_extract",
+    "validate_name",
+]

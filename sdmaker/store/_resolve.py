@@ -1,0 +1,140 @@
+"""``resolve_model``: any model reference users type, turned into a local diffusers folder.
+
+Order of interpretation (first match wins):
+
+1. ``s3://bucket/key.tar.gz`` (an artifact) or ``s3://bucket/prefix/`` (an uncompressed folder);
+2. a store name (``sdmaker model list``);
+3. a local diffusers folder, or a local ``.tar`` / ``.tar.gz`` / ``.tar.zst`` artifact;
+4. a built-in model name (``sdmaker.models.BUILTIN_NAMES``), assembled and imported on first use;
+5. a hub id ``org/name`` (the Hugging Face cache, or the network when online).
+
+Archives and S3 sources are imported into the store under a name derived from the file name plus a
+short key of where they came from (path + size + mtime, or the S3 ETags), so resolving them again is
+a manifest lookup, not a second download or extraction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdmaker.config import Settings
+from sdmaker.errors import ModelNotFoundError
+from sdmaker.store._files import Progress, hash_file, list_model_files
+from sdmaker.store._manifest import NAME_PATTERN
+from sdmaker.store._s3 import is_s3_uri, parse_s3_uri
+from sdmaker.store._sources import HUB_ID, archive_stem, fetch_hub, is_archive_name
+from sdmaker.store._store import Store
+
+__all__ = ["ResolvedModel", "folder_digest", "resolve_model"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A loadable folder plus the name and content digest to report for it."""
+
+    path: Path
+    name: str
+    digest: str
+
+
+def folder_digest(root: Path) -> str:
+    """:func:`sdmaker.digest.tree_digest` of ``root``, following file symlinks (HF cache snapshots)."""
+    from sdmaker.digest import tree_digest_of_hashes
+
+    return tree_digest_of_hashes((rel.as_posix(), hash_file(root / rel)[0]) for rel in list_model_files(root))
+
+
+def _derived_name(stem: str, key: str) -> str:
+    clean = re.sub(r"[^A-Za-z0-9._+-]", "-", stem).strip(".-_") or "model"
+    return f"{clean[:100]}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _from_store(store: Store, name: str) -> ResolvedModel:
+    manifest = store.get(name)
+    return ResolvedModel(path=store.model_path(name), name=name, digest=manifest.digest)
+
+
+def _import_cached(store: Store, src: str, name: str, *, allow_pickle: bool,
+                   progress: Progress | None) -> ResolvedModel:
+    if not store.exists(name):
+        logger.info("importing %s into the store as %s", src, name)
+        try:
+            store.import_model(src, name=name, allow_pickle=allow_pickle, progress=progress)
+        except FileExistsError:  # a concurrent resolve imported it first
+            pass
+    return _from_store(store, name)
+
+
+def _s3_name(uri: str, settings: Settings) -> str:
+    from sdmaker.store._s3 import head, list_keys, make_client
+
+    client = make_client(settings.aws_endpoint_url_s3)
+    _, key = parse_s3_uri(uri)
+    if is_archive_name(key):
+        info = head(uri, client=client)
+        return _derived_name(archive_stem(key), f"{uri}|{info.get('ETag')}|{info.get('ContentLength')}")
+    prefix_uri = uri if uri.endswith("/") else uri + "/"
+    listing = list_keys(prefix_uri, client=client)
+    if not listing:
+        raise ModelNotFoundError(f"{prefix_uri} holds no objects", model=uri)
+    return _derived_name(archive_stem(key) or parse_s3_uri(uri).bucket, f"{prefix_uri}|{sorted(listing)}")
+
+
+def _builtin(ref: str, store: Store, settings: Settings, *, progress: Progress | None) -> ResolvedModel | None:
+    try:
+        from sdmaker import models
+    except ImportError:
+        return None
+    if ref not in getattr(models, "BUILTIN_NAMES", ()):
+        return None
+    staging = store.staging_dir("builtin-")
+    try:
+        folder = models.assemble_builtin(ref, staging / ref)
+        store.import_folder(folder, name=ref, move=True, progress=progress, source=f"builtin:{ref}")
+    except FileExistsError:
+        pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return _from_store(store, ref)
+
+
+def resolve_model(ref: str, settings: Settings, *, allow_pickle: bool = False,
+                  progress: Progress | None = None) -> ResolvedModel:
+    """Resolve ``ref`` (see the module docstring) to a local diffusers folder.
+
+    Raises:
+        ModelNotFoundError: nothing matches ``ref`` (the message lists what was tried).
+        OfflineError: a hub id that is not cached while offline.
+        PickleRefusedError / ArchiveError / S3Error: from importing the source.
+    """
+    ref = str(ref)
+    store = Store(settings.store_dir, settings=settings)
+    if is_s3_uri(ref):
+        return _import_cached(store, ref, _s3_name(ref, settings), allow_pickle=allow_pickle, progress=progress)
+    if NAME_PATTERN.match(ref) and store.exists(ref):
+        return _from_store(store, ref)
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return ResolvedModel(path=path, name=path.resolve().name, digest=folder_digest(path))
+    if path.is_file():
+        st = path.stat()
+        key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        return _import_cached(store, str(path), _derived_name(archive_stem(path.name), key),
+                              allow_pickle=allow_pickle, progress=progress)
+    builtin = _builtin(ref, store, settings, progress=progress)
+    if builtin is not None:
+        return builtin
+    if HUB_ID.match(ref):
+        folder = fetch_hub(ref, settings)
+        return ResolvedModel(path=folder, name=ref, digest=folder_digest(folder))
+    stored = [m.name for m in store.list()]
+    raise ModelNotFoundError(
+        f"model {ref!r} not found: it is not a store name (stored: {', '.join(stored) if stored else 'none'}), "
+        "a local folder or archive, an s3:// URI, a built-in model, nor a hub id (org/name)", model=ref)

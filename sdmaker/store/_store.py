@@ -1,0 +1,343 @@
+"""The content-addressed local model store.
+
+Layout under ``root`` (``settings.store_dir``)::
+
+    blobs/<sha256>                 every distinct file once, read-only (shared across models)
+    snapshots/<digest>/<path>      a normal diffusers folder of hard links into blobs/ (what loaders read)
+    manifests/<name>.json          one per model; writing it is the commit point of an import
+    tmp/                           blob and snapshot staging; only touched under the lock
+    staging/                       archive extraction / downloads before an import (private temp dirs)
+    .lock                          file lock around every mutation
+
+Readers (``list``, ``get``, ``model_path``) take no lock: manifests are replaced atomically and a
+snapshot directory is renamed into place only once complete. A crash at any point before the manifest
+rename leaves at most unreferenced blobs and tmp files, which the next mutation cleans up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from sdmaker import __version__
+from sdmaker.config import Settings
+from sdmaker.digest import tree_digest_of_hashes
+from sdmaker.errors import (
+    ModelExistsError,
+    ModelFormatError,
+    ModelNotFoundError,
+    PickleRefusedError,
+    StoreError,
+    StoreIntegrityError,
+)
+from sdmaker.store._files import (
+    Progress,
+    atomic_write_text,
+    copy_hashing,
+    find_pickle_weights,
+    fsync_dir,
+    hash_file,
+    link_or_copy,
+    list_model_files,
+    unique_tmp,
+)
+from sdmaker.store._manifest import ManifestFile, ModelManifest, read_architecture, validate_name
+
+__all__ = ["Store"]
+
+logger = logging.getLogger(__name__)
+
+_LOCK_LOG_EVERY_S = 10.0
+_STALE_STAGING_S = 24 * 3600
+
+
+class Store:
+    """Models stored by content under ``root``; see the module docstring for the layout."""
+
+    def __init__(self, root: Path, *, settings: Settings | None = None) -> None:
+        self.root = Path(root)
+        self.settings = settings  # for S3 endpoints and offline mode when importing remote sources
+        self.blobs = self.root / "blobs"
+        self.snapshots = self.root / "snapshots"
+        self.manifests = self.root / "manifests"
+        self.tmp = self.root / "tmp"
+        self.staging = self.root / "staging"
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.root)!r})"
+
+    # --- locking --------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the store's mutation lock; logs every 10 s while another process holds it."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.root / ".lock"))
+        started = time.monotonic()
+        while True:
+            try:
+                lock.acquire(timeout=_LOCK_LOG_EVERY_S)
+                break
+            except Timeout:
+                logger.warning("still waiting for the store lock %s (%.0f s)", self.root / ".lock",
+                               time.monotonic() - started)
+        try:
+            for d in (self.blobs, self.snapshots, self.manifests, self.tmp, self.staging):
+                d.mkdir(parents=True, exist_ok=True)
+            self._clean_tmp()  # anything in tmp/ now was left by a crashed process
+            yield
+        finally:
+            lock.release()
+
+    def _clean_tmp(self) -> None:
+        for entry in self.tmp.iterdir():
+            _remove(entry)
+
+    # --- reading --------------------------------------------------------------------------------
+
+    def _manifest_path(self, name: str) -> Path:
+        return self.manifests / f"{validate_name(name)}.json"
+
+    def exists(self, name: str) -> bool:
+        """Whether a model called ``name`` is stored."""
+        return self._manifest_path(name).is_file()
+
+    def get(self, name: str) -> ModelManifest:
+        """The manifest of ``name``; ``ModelNotFoundError`` listing the stored names when absent."""
+        path = self._manifest_path(name)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            names = [m.name for m in self.list()]
+            raise ModelNotFoundError(
+                f"no model named {name!r} in the store {self.root} "
+                f"(stored: {', '.join(names) if names else 'none'}; import one with `sdmaker model import`)",
+                model=name,
+            ) from None
+        try:
+            return ModelManifest.from_json(text)
+        except ValueError as exc:
+            raise StoreIntegrityError(f"manifest {path} is corrupt: {exc}", model=name) from exc
+
+    def list(self) -> list[ModelManifest]:
+        """All stored models, sorted by name (corrupt manifests are logged and skipped)."""
+        out: list[ModelManifest] = []
+        if not self.manifests.is_dir():
+            return out
+        for path in sorted(self.manifests.glob("*.json")):
+            try:
+                out.append(ModelManifest.from_json(path.read_text(encoding="utf-8")))
+            except (OSError, ValueError) as exc:
+                logger.warning("skipping unreadable manifest %s: %s", path, exc)
+        return out
+
+    def model_path(self, name: str) -> Path:
+        """A diffusers folder with the files of ``name`` (hard links to blobs; rebuilt if missing)."""
+        manifest = self.get(name)
+        snap = self.snapshots / manifest.digest
+        if not snap.is_dir():
+            with self.lock():
+                self._build_snapshot(manifest)
+        return snap
+
+    def blob_path(self, sha256: str) -> Path:
+        return self.blobs / sha256
+
+    def verify(self, name: str) -> ModelManifest:
+        """Re-hash every blob of ``name``; ``StoreIntegrityError`` naming the first bad file."""
+        manifest = self.get(name)
+        for f in manifest.files:
+            blob = self.blob_path(f.sha256)
+            if not blob.is_file():
+                raise StoreIntegrityError(f"{name}: blob of {f.path} is missing ({blob})", model=name, path=f.path)
+            sha, _ = hash_file(blob)
+            if sha != f.sha256:
+                raise StoreIntegrityError(f"{name}: {f.path} was modified on disk (sha256 {sha} != {f.sha256})",
+                                          model=name, path=f.path)
+        return manifest
+
+    # --- writing --------------------------------------------------------------------------------
+
+    def staging_dir(self, prefix: str = "import-") -> Path:
+        """A private temp dir on the store's file system (for downloads and extraction before import)."""
+        self.staging.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=self.staging))
+
+    def import_model(self, src: str | Path, *, name: str, allow_pickle: bool = False,
+                     progress: Progress | None = None, overwrite: bool = False) -> ModelManifest:
+        """Import a model folder, a local archive, an ``s3://`` URI or a hub id under ``name``.
+
+        Folders are copied (the source is left untouched); archives and downloads are extracted into
+        ``staging/`` first and moved into the blobs without a second copy.
+        """
+        from sdmaker.store._sources import open_source  # sources import S3/hub code lazily
+
+        validate_name(name)
+        if self.exists(name) and not overwrite:
+            raise ModelExistsError(f"a model named {name!r} is already stored; pass --overwrite to replace it "
+                                   "or choose another --name", model=name)
+        with open_source(src, self, allow_pickle=allow_pickle, progress=progress, settings=self.settings) as (folder, movable, label):
+            return self.import_folder(folder, name=name, allow_pickle=allow_pickle, progress=progress,
+                                      overwrite=overwrite, move=movable, source=label)
+
+    def import_folder(self, folder: Path, *, name: str, allow_pickle: bool = False, progress: Progress | None = None,
+                      overwrite: bool = False, move: bool = False, source: str | None = None) -> ModelManifest:
+        """Import the diffusers folder ``folder``. With ``move`` its files are moved (it must be on the
+        store's file system and disposable: extracted archives, downloads)."""
+        validate_name(name)
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ModelNotFoundError(f"{folder} is not a folder", model=str(folder))
+        if not (folder / "model_index.json").is_file():
+            raise ModelFormatError(f"{folder} is not a diffusers model folder: model_index.json is missing "
+                                   "(expected model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)",
+                                   model=str(folder))
+        files = list_model_files(folder)
+        pickles = find_pickle_weights(folder, files)
+        if pickles and not allow_pickle:
+            raise PickleRefusedError(
+                f"{folder} holds pickle weights ({', '.join(p.as_posix() for p in pickles[:3])}"
+                f"{', ...' if len(pickles) > 3 else ''}); unpickling can run arbitrary code. Convert them to "
+                "safetensors (or delete them if safetensors copies exist), or pass --allow-pickle if you trust "
+                "the source.", model=str(folder), files=[p.as_posix() for p in pickles])
+        arch, prediction_type, defaults = read_architecture(folder)
+        total = sum((folder / rel).stat().st_size for rel in files)
+        done = 0
+
+        def on_bytes(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, total)
+
+        with self.lock():
+            if self.exists(name) and not overwrite:
+                raise ModelExistsError(f"a model named {name!r} is already stored; pass --overwrite to replace it",
+                                       model=name)
+            created: list[Path] = []
+            try:
+                entries = [self._add_blob(folder / rel, on_bytes, move=move, created=created) for rel in files]
+                manifest_files = [ManifestFile(path=rel.as_posix(), sha256=sha, size=size)
+                                  for rel, (sha, size) in zip(files, entries, strict=True)]
+                manifest = ModelManifest(
+                    name=name,
+                    digest=tree_digest_of_hashes((f.path, f.sha256) for f in manifest_files),
+                    files=manifest_files,
+                    total_size=sum(f.size for f in manifest_files),
+                    architecture=arch,
+                    prediction_type=prediction_type,
+                    defaults=defaults,
+                    source=source if source is not None else str(folder),
+                    sdmaker_version=__version__,
+                )
+                self._build_snapshot(manifest)
+                atomic_write_text(self._manifest_path(name), manifest.to_json())  # the commit point
+            except BaseException:
+                for blob in created:
+                    blob.unlink(missing_ok=True)
+                raise
+            self._gc()  # an overwrite may have orphaned blobs and a snapshot
+        logger.info("imported %s (%d files, %d bytes, digest %s)", name, len(manifest.files), manifest.total_size,
+                    manifest.digest[:12])
+        return manifest
+
+    def remove(self, name: str) -> ModelManifest:
+        """Delete ``name`` and garbage-collect the blobs no other model uses."""
+        with self.lock():
+            manifest = self.get(name)
+            self._manifest_path(name).unlink()
+            fsync_dir(self.manifests)
+            self._gc()
+        return manifest
+
+    def gc(self) -> int:
+        """Remove unreferenced blobs, snapshots and stale staging dirs; returns the bytes freed."""
+        with self.lock():
+            return self._gc()
+
+    # --- internals (call with the lock held) ----------------------------------------------------
+
+    def _add_blob(self, src: Path, callback: Callable[[int], None] | None, *, move: bool,
+                  created: list[Path]) -> tuple[str, int]:
+        if move and not src.is_symlink():
+            sha, size = hash_file(src, callback)
+            blob = self.blob_path(sha)
+            if blob.exists():
+                return sha, size
+            with open(src, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(src, 0o444)
+            os.replace(src, blob)
+        else:
+            tmp = unique_tmp(self.tmp, "blob-")
+            sha, size = copy_hashing(src, tmp, callback)
+            blob = self.blob_path(sha)
+            if blob.exists():  # dedup: identical content is stored once
+                tmp.unlink()
+                return sha, size
+            os.chmod(tmp, 0o444)  # blobs are shared through hard links: never edit one in place
+            os.replace(tmp, blob)
+        created.append(blob)
+        fsync_dir(self.blobs)
+        return sha, size
+
+    def _build_snapshot(self, manifest: ModelManifest) -> Path:
+        snap = self.snapshots / manifest.digest
+        if snap.is_dir():
+            return snap
+        work = unique_tmp(self.tmp, "snap-")
+        work.mkdir()
+        try:
+            for f in manifest.files:
+                blob = self.blob_path(f.sha256)
+                if not blob.is_file():
+                    raise StoreIntegrityError(f"{manifest.name}: blob of {f.path} is missing ({blob})",
+                                              model=manifest.name, path=f.path)
+                dest = work / f.path
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                link_or_copy(blob, dest)
+            os.replace(work, snap)
+            fsync_dir(self.snapshots)
+        finally:
+            if work.exists():
+                _remove(work)
+        return snap
+
+    def _gc(self) -> int:
+        manifests = self.list()
+        live_blobs = {f.sha256 for m in manifests for f in m.files}
+        live_snaps = {m.digest for m in manifests}
+        freed = 0
+        for snap in list(self.snapshots.iterdir()) if self.snapshots.is_dir() else []:
+            if snap.name not in live_snaps:
+                _remove(snap)
+        for blob in list(self.blobs.iterdir()) if self.blobs.is_dir() else []:
+            if blob.name not in live_blobs:
+                freed += blob.stat().st_size
+                blob.unlink()
+        now = time.time()
+        for entry in list(self.staging.iterdir()) if self.staging.is_dir() else []:
+            with contextlib.suppress(OSError):
+                if now - entry.stat().st_mtime > _STALE_STAGING_S:
+                    _remove(entry)
+        if freed:
+            logger.info("store gc freed %d bytes", freed)
+        return freed
+
+
+def _remove(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError as exc:  # pragma: no cover - best effort cleanup
+        raise StoreError(f"could not remove {path}: {exc}", path=str(path)) from exc
