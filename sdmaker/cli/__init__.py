@@ -38,6 +38,10 @@ from sdmaker.cli import _generate  # noqa: E402
 
 _generate.register(app)
 
+from sdmaker.cli import _endpoint  # noqa: E402
+
+_endpoint.register(app)
+
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""

@@ -1,0 +1,302 @@
+"""``sdmaker up | down | env | endpoint ... | invoke``: the daemon and its endpoints from the shell."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from sdmaker.cli._common import console, get_settings, setup_logging
+from sdmaker.config import Settings
+from sdmaker.errors import ConfigError, ServingError
+
+__all__ = ["register"]
+
+endpoint_app = typer.Typer(help="Create, inspect, update and delete endpoints on the running daemon.",
+                           no_args_is_help=True)
+
+_SDK_CONFIG = """SchemaVersion: '1.0'
+SageMaker:
+  PythonSDK:
+    Modules:
+      Session:
+        DefaultS3Bucket: {bucket}
+      TelemetryOptOut: true
+"""
+
+
+def _pid_file(settings: Settings) -> Path:
+    return settings.home / "daemon.pid"
+
+
+def _running_pid(settings: Settings) -> int | None:
+    """The daemon's pid if its pid file names a live process."""
+    try:
+        pid = int(json.loads(_pid_file(settings).read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _client(settings: Settings, url: str | None = None) -> Any:
+    from sdmaker.client import Client
+
+    return Client(url, settings=settings)
+
+
+# -- daemon ------------------------------------------------------------------------------------------
+
+
+def up_cmd(
+    port: Annotated[int | None, typer.Option(help="Port (default SDMAKER_PORT or 8765).")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address; anything but loopback requires credentials.")] = None,
+    detach: Annotated[bool, typer.Option("--detach", "-d", help="Run in the background (pid file in SDMAKER_HOME).")]
+    = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Start the platform daemon: SageMaker control plane + runtime API on one port."""
+    from sdmaker.serving._auth import check_bind
+
+    settings = get_settings()
+    host = host or settings.daemon_host
+    port = port or settings.daemon_port
+    check_bind(settings, host)  # refuse before binding anything
+    if (pid := _running_pid(settings)) is not None:
+        raise ConfigError(f"a daemon is already running (pid {pid}); stop it with `sdmaker down`", field="pid")
+    settings.home.mkdir(parents=True, exist_ok=True)
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    if detach:
+        log = settings.home / "daemon.log"
+        with open(log, "ab") as fh:
+            proc = subprocess.Popen([sys.executable, "-m", "sdmaker", "up", "--host", host, "--port", str(port)],
+                                    stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        _wait_up(url, proc, log)
+        console.print(f"sdmaker daemon running at {url} (pid {proc.pid}, log {log})", highlight=False)
+        return
+    from sdmaker.serving._daemon import run_daemon
+
+    setup_logging(verbose)
+    if not verbose:
+        import logging
+
+        logging.getLogger("sdmaker").setLevel(logging.INFO)
+    _write_atomic(_pid_file(settings), json.dumps({"pid": os.getpid(), "url": url}))
+    try:
+        run_daemon(settings, host=host, port=port)
+    finally:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            if json.loads(_pid_file(settings).read_text())["pid"] == os.getpid():
+                _pid_file(settings).unlink()
+
+
+def _wait_up(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 60.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace").strip().splitlines()[-5:]
+            raise ServingError("the daemon exited during startup: " + " | ".join(tail), log=str(log))
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{url}/ping", timeout=1.0).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise ServingError(f"the daemon did not answer {url}/ping within {timeout_s:g} s; see {log}", log=str(log))
+
+
+def down_cmd(timeout: Annotated[float, typer.Option(help="Seconds to wait before SIGKILL.")] = 30.0) -> None:
+    """Stop the daemon started by `sdmaker up` (its workers stop with it)."""
+    settings = get_settings()
+    pid = _running_pid(settings)
+    if pid is None:
+        _pid_file(settings).unlink(missing_ok=True)
+        console.print("no sdmaker daemon is running")
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _running_pid(settings) == pid:
+        time.sleep(0.1)
+    if _running_pid(settings) == pid:
+        os.kill(pid, signal.SIGKILL)
+    _pid_file(settings).unlink(missing_ok=True)
+    console.print(f"stopped sdmaker daemon (pid {pid})")
+
+
+def env_cmd(
+    bucket: Annotated[str, typer.Option(help="S3 bucket the SageMaker SDK uses as its default bucket.")] = "sdmaker",
+    url: Annotated[str | None, typer.Option(help="Daemon URL (default: SDMAKER_URL or 127.0.0.1:SDMAKER_PORT).")]
+    = None,
+) -> None:
+    """Print the exports that point boto3 and the SageMaker SDK at sdmaker: eval "$(sdmaker env)"."""
+    settings = get_settings()
+    url = (url or settings.client_url).rstrip("/")
+    config = settings.home / "sagemaker-config.yaml"
+    _write_atomic(config, _SDK_CONFIG.format(bucket=bucket))
+    key = settings.auth_access_key_id
+    secret = settings.auth_secret_access_key
+    lines = [
+        f"export AWS_ENDPOINT_URL_SAGEMAKER={shlex.quote(url)}",
+        f"export AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME={shlex.quote(url)}",
+        # a daemon with credentials needs them; otherwise keep the user's (S3 may need real ones) or dummies
+        f"export AWS_ACCESS_KEY_ID={shlex.quote(key)}" if key else 'export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-sdmaker}"',
+        f"export AWS_SECRET_ACCESS_KEY={shlex.quote(secret)}" if key and secret else
+        'export AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-sdmaker}"',
+        f'export AWS_DEFAULT_REGION="${{AWS_DEFAULT_REGION:-{settings.region}}}"',
+        f'export AWS_REGION="${{AWS_REGION:-{settings.region}}}"',
+        f"export SAGEMAKER_USER_CONFIG_OVERRIDE={shlex.quote(str(config))}",
+    ]
+    for line in lines:
+        typer.echo(line)
+
+
+# -- endpoints ---------------------------------------------------------------------------------------
+
+
+@endpoint_app.command("create")
+def create_cmd(
+    name: Annotated[str, typer.Argument(help="Endpoint name (letters, digits, hyphens).")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Store name, folder, model.tar.gz or s3:// URI.")],
+    workers: Annotated[int, typer.Option(help="Worker processes (SageMaker InitialInstanceCount).")] = 1,
+    timeout: Annotated[float | None, typer.Option(help="Invocation timeout in seconds (default 60).")] = None,
+    instance_type: Annotated[str, typer.Option(help="ml.* type; GPU types use CUDA when present.")] = "ml.m5.xlarge",
+    wait: Annotated[bool, typer.Option(help="Wait until InService.")] = True,
+) -> None:
+    """Deploy MODEL as endpoint NAME (CreateModel + CreateEndpointConfig + CreateEndpoint)."""
+    with _client(get_settings()) as client:
+        info = client.create_endpoint(name, model=model, workers=workers, instance_type=instance_type,
+                                      timeout_s=timeout, wait=wait)
+    console.print(f"{name}: {info['status']}", highlight=False)
+
+
+@endpoint_app.command("list")
+def list_cmd() -> None:
+    """List endpoints with their status and worker count."""
+    with _client(get_settings()) as client:
+        rows = client.list_endpoints()
+    table = Table("name", "status", "workers", "model", "requests", "errors")
+    for r in rows:
+        workers = r.get("workers") or []
+        ready = sum(1 for w in workers if w["state"] in ("Ready", "Busy"))
+        table.add_row(r["name"], r["status"], f"{ready}/{len(workers)}", str(r.get("model_name") or "-"),
+                      str(r.get("invocations", 0)), str(r.get("errors", 0)))
+    console.print(table)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.0f} ms"
+
+
+@endpoint_app.command("describe")
+def describe_cmd(name: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Status, workers, model digest, request counts and p50/p95 latency."""
+    with _client(get_settings()) as client:
+        info = client.describe_endpoint(name)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    rows = [("status", info["status"]), ("failure reason", info.get("failure_reason") or "-"),
+            ("model", f"{info.get('model_name') or '-'} ({info.get('model_path') or '-'})"),
+            ("model digest", info.get("model_digest") or "-"), ("instance type", info.get("instance_type") or "-"),
+            ("requests", str(info.get("invocations", 0))), ("errors", str(info.get("errors", 0))),
+            ("latency p50 / p95", f"{_ms(info.get('latency_p50_s'))} / {_ms(info.get('latency_p95_s'))}"),
+            ("timeout", f"{info.get('timeout_s', '-')} s"), ("queue", f"{info.get('queue_depth', 0)} / "
+                                                              f"{info.get('max_queue', '-')}")]
+    for key, value in rows:
+        console.print(f"[bold]{key:>18}[/bold]  {value}", highlight=False)
+    for w in info.get("workers", []):
+        console.print(f"{'worker ' + str(w['index']):>18}  {w['state']} pid {w['pid']} port {w['port']} "
+                      f"restarts {w['restarts']}", highlight=False)
+
+
+@endpoint_app.command("update")
+def update_cmd(
+    name: str,
+    model: Annotated[str, typer.Option("--model", "-m", help="Store name, folder, model.tar.gz or s3:// URI.")],
+    workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+    timeout: Annotated[float | None, typer.Option(help="Invocation timeout in seconds.")] = None,
+) -> None:
+    """Blue/green update: new workers load next to the old ones, which drain once the new ones are ready."""
+    with _client(get_settings()) as client:
+        info = client.update_endpoint(name, model=model, workers=workers, timeout_s=timeout)
+    console.print(f"{name}: {info['status']}", highlight=False)
+
+
+@endpoint_app.command("delete")
+def delete_cmd(name: str) -> None:
+    """Delete the endpoint (its workers stop), its endpoint config and its model."""
+    with _client(get_settings()) as client:
+        client.delete_endpoint(name)
+    console.print(f"deleted {name}", highlight=False)
+
+
+@endpoint_app.command("logs")
+def logs_cmd(name: str, follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines.")]
+             = False) -> None:
+    """Print the endpoint's worker and lifecycle log."""
+    with _client(get_settings()) as client:
+        offset = 0
+        while True:
+            text, offset = client.logs(name, offset=offset)
+            if text:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            if not follow:
+                return
+            if not text:
+                time.sleep(0.5)
+
+
+def invoke_cmd(
+    name: Annotated[str, typer.Argument(help="Endpoint name.")],
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt; repeat for a batch.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("sdmaker-out"),
+    negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", "-n")] = None,
+    height: Annotated[int | None, typer.Option()] = None,
+    width: Annotated[int | None, typer.Option()] = None,
+    steps: Annotated[int | None, typer.Option("--steps", "--num-inference-steps")] = None,
+    guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", "-g")] = None,
+    num_images: Annotated[int | None, typer.Option("--num-images", "--num-images-per-prompt")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+) -> None:
+    """Generate images on an endpoint and write them to --out."""
+    with _client(get_settings()) as client:
+        gen = client.generate(name, prompt=prompt[0] if len(prompt) == 1 else prompt, negative_prompt=negative_prompt,
+                              height=height, width=width, num_inference_steps=steps, guidance_scale=guidance_scale,
+                              num_images_per_prompt=num_images, seed=seed)
+    for path in gen.save(out):
+        console.print(str(path), highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("up")(up_cmd)
+    app.command("down")(down_cmd)
+    app.command("env")(env_cmd)
+    app.command("invoke")(invoke_cmd)
+    app.add_typer(endpoint_app, name="endpoint")

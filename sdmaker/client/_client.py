@@ -1,0 +1,287 @@
+"""``sdmaker.client.Client``: a small httpx client for the sdmaker daemon.
+
+It speaks the daemon's SageMaker-compatible wire APIs (the same ones boto3 uses) plus sdmaker's own
+``/sdmaker/v1`` view, and raises :mod:`sdmaker.errors` classes, never raw httpx errors: the daemon tags
+every error with ``X-Sdmaker-Error-Code`` and :func:`_raise_for_status` maps it back (one boundary).
+
+Timeouts are finite: a short connect timeout and a long, per-client read timeout for generation
+(CPU generation is slow; the daemon's own invocation budget answers first).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from sdmaker.config import Settings, load_settings
+from sdmaker.errors import (
+    EndpointExistsError,
+    EndpointNotFoundError,
+    InvocationTimeoutError,
+    ServingError,
+    SdmakerError,
+    WorkerStartError,
+    error_class_for_code,
+)
+from sdmaker.schema import GenerateRequest, parse_request
+
+__all__ = ["Client", "Generation", "InvokeResult"]
+
+_JSON11 = "application/x-amz-json-1.1"
+_EXT = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
+
+
+@dataclass
+class InvokeResult:
+    """Raw answer of an invocation."""
+
+    body: bytes
+    content_type: str
+    request_id: str | None = None
+    custom_attributes: str | None = None
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Generation:
+    """Images returned by a text-to-image endpoint (decoded from base64 when the answer was JSON)."""
+
+    images: list[bytes]
+    mime_type: str
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def pil(self, index: int = 0) -> Any:
+        """Image ``index`` as a PIL image (imports Pillow only when called)."""
+        import io
+
+        from PIL import Image
+
+        return Image.open(io.BytesIO(self.images[index]))
+
+    def save(self, out_dir: Path, *, prefix: str = "image") -> list[Path]:
+        """Write every image to ``out_dir`` (created) and return the paths."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, data in enumerate(self.images):
+            ext = _EXT.get(_sniff(data) or self.mime_type, "bin")
+            path = out_dir / f"{prefix}-{i:02d}.{ext}"
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+            paths.append(path)
+        return paths
+
+
+def _sniff(data: bytes) -> str | None:
+    if data[:3] == b"\xff\xd8\xff":
+        return "image/jpeg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "image/png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+def _raise_for_status(response: httpx.Response) -> None:
+    """Map a daemon error answer to the matching :mod:`sdmaker.errors` class (the one HTTP boundary)."""
+    if response.status_code < 300:
+        return
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    body = body if isinstance(body, dict) else {}
+    message = str(body.get("message") or body.get("Message") or response.text or response.reason_phrase)
+    code = response.headers.get("x-sdmaker-error-code")
+    if code:
+        cls = error_class_for_code(code)
+    elif "already existing" in message:
+        cls = EndpointExistsError
+    elif "Could not find" in message or "not found" in message:
+        cls = EndpointNotFoundError
+    else:
+        cls = ServingError
+    fields = {k: v for k, v in body.items() if k not in ("message", "Message", "error")}
+    error = cls.__new__(cls)
+    SdmakerError.__init__(error, message, **fields, http_status=response.status_code,
+                          aws_code=response.headers.get("x-amzn-errortype") or body.get("__type"))
+    for attr in ("field", "value", "allowed"):  # InvalidRequestError's structured attributes
+        if attr in fields:
+            setattr(error, attr, fields[attr])
+    raise error
+
+
+class Client:
+    """Talk to a running ``sdmaker up`` daemon.
+
+    Example::
+
+        with Client() as client:
+            client.create_endpoint("demo", model="mini")
+            gen = client.generate("demo", prompt="a red circle", height=64, width=64, num_inference_steps=2)
+            gen.save(Path("out"))
+
+    Args:
+        url: daemon URL (default: ``SDMAKER_URL`` or ``http://127.0.0.1:<SDMAKER_PORT>``).
+        token: bearer token for a daemon that requires authentication (default ``SDMAKER_API_TOKEN``).
+        timeout: read timeout in seconds for invocations (connect timeout is 5 s).
+        transport: an httpx transport (tests pass ``httpx.ASGITransport(app)``).
+    """
+
+    def __init__(self, url: str | None = None, *, token: str | None = None, timeout: float = 300.0,
+                 settings: Settings | None = None, transport: httpx.BaseTransport | None = None) -> None:
+        settings = settings or load_settings()
+        self.url = (url or settings.client_url).rstrip("/")
+        headers = {"User-Agent": "sdmaker-client"}
+        token = token or settings.auth_token
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._http = httpx.Client(base_url=self.url, headers=headers, transport=transport,
+                                  timeout=httpx.Timeout(timeout, connect=5.0))
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- transport ---------------------------------------------------------------------------------
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise InvocationTimeoutError(f"no answer from {self.url}{path} within the client timeout; raise "
+                                         "Client(timeout=...)", url=self.url) from exc
+        except httpx.TransportError as exc:
+            raise ServingError(f"cannot reach the sdmaker daemon at {self.url} ({type(exc).__name__}); start it "
+                               "with `sdmaker up`", url=self.url) from exc
+        _raise_for_status(response)
+        return response
+
+    def sagemaker(self, operation: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One SageMaker control-plane call (``CreateModel``, ``DescribeEndpoint``, ...)."""
+        response = self._send("POST", "/", content=json.dumps(body),
+                              headers={"X-Amz-Target": f"SageMaker.{operation}", "Content-Type": _JSON11})
+        return dict(response.json())
+
+    # -- invocation --------------------------------------------------------------------------------
+
+    def invoke(self, endpoint: str, body: bytes | dict[str, Any], *, content_type: str = "application/json",
+               accept: str = "application/json", custom_attributes: str | None = None) -> InvokeResult:
+        """``InvokeEndpoint``: send ``body`` (a dict is JSON-encoded) and return the raw answer."""
+        payload = json.dumps(body).encode() if isinstance(body, dict) else body
+        headers = {"Content-Type": content_type, "Accept": accept}
+        if custom_attributes:
+            headers["X-Amzn-SageMaker-Custom-Attributes"] = custom_attributes
+        response = self._send("POST", f"/endpoints/{endpoint}/invocations", content=payload, headers=headers)
+        return InvokeResult(body=response.content, content_type=response.headers.get("content-type", ""),
+                            request_id=response.headers.get("x-amzn-requestid"),
+                            custom_attributes=response.headers.get("x-amzn-sagemaker-custom-attributes"))
+
+    def generate(self, endpoint: str, *, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+                 height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, num_images_per_prompt: int | None = None,
+                 seed: int | None = None, scheduler: str | None = None, format: str = "jpeg",
+                 quality: int = 90) -> Generation:
+        """Text-to-image with the shared request schema (validated here before anything is sent)."""
+        fields = {"prompt": prompt, "negative_prompt": negative_prompt, "height": height, "width": width,
+                  "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+                  "num_images_per_prompt": num_images_per_prompt, "seed": seed, "scheduler": scheduler,
+                  "format": format, "quality": quality}
+        request: GenerateRequest = parse_request({k: v for k, v in fields.items() if v is not None})
+        result = self.invoke(endpoint, request.model_dump(mode="json", exclude_none=True))
+        data = result.json()
+        images = data.get("generated_images") if isinstance(data, dict) else None
+        if not isinstance(images, list):
+            raise ServingError(f"endpoint {endpoint} answered without 'generated_images'", endpoint=endpoint)
+        return Generation(images=[base64.b64decode(b) for b in images], mime_type=f"image/{request.format}",
+                          raw={k: v for k, v in data.items() if k != "generated_images"})
+
+    # -- endpoints ---------------------------------------------------------------------------------
+
+    def create_endpoint(self, name: str, *, model: str, workers: int = 1, instance_type: str = "ml.m5.xlarge",
+                        timeout_s: float | None = None, environment: dict[str, str] | None = None,
+                        wait: bool = True, wait_timeout_s: float = 900.0) -> dict[str, Any]:
+        """CreateModel + CreateEndpointConfig + CreateEndpoint named ``name``; waits for InService by default."""
+        self._create_model_and_config(name, name, model, workers, instance_type, timeout_s, environment)
+        self.sagemaker("CreateEndpoint", {"EndpointName": name, "EndpointConfigName": name})
+        return self.wait_for_endpoint(name, timeout_s=wait_timeout_s) if wait else self.describe_endpoint(name)
+
+    def _create_model_and_config(self, name: str, config: str, model: str, workers: int, instance_type: str,
+                                 timeout_s: float | None, environment: dict[str, str] | None) -> None:
+        env = dict(environment or {})
+        if timeout_s is not None:
+            env["SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS"] = str(int(timeout_s))
+        model_ref = str(Path(model).resolve()) if Path(model).exists() else model
+        self.sagemaker("CreateModel", {"ModelName": config, "PrimaryContainer": {
+            "Image": "sdmaker/local-worker:latest", "ModelDataUrl": model_ref, "Environment": env},
+            "ExecutionRoleArn": "arn:aws:iam::000000000000:role/sdmaker"})
+        self.sagemaker("CreateEndpointConfig", {"EndpointConfigName": config, "ProductionVariants": [{
+            "VariantName": "AllTraffic", "ModelName": config, "InitialInstanceCount": workers,
+            "InstanceType": instance_type, "InitialVariantWeight": 1.0}]})
+
+    def update_endpoint(self, name: str, *, model: str, workers: int = 1, instance_type: str = "ml.m5.xlarge",
+                        timeout_s: float | None = None, wait: bool = True,
+                        wait_timeout_s: float = 900.0) -> dict[str, Any]:
+        """Blue/green update to a new model / worker count (a new model + config named ``<name>-<time>``)."""
+        config = f"{name}-{int(time.time() * 1000) % 10**10}"
+        self._create_model_and_config(name, config, model, workers, instance_type, timeout_s, None)
+        self.sagemaker("UpdateEndpoint", {"EndpointName": name, "EndpointConfigName": config})
+        return self.wait_for_endpoint(name, timeout_s=wait_timeout_s) if wait else self.describe_endpoint(name)
+
+    def wait_for_endpoint(self, name: str, *, timeout_s: float = 900.0, poll_s: float = 0.25) -> dict[str, Any]:
+        """Poll until the endpoint leaves Creating/Updating; raise WorkerStartError when it Failed."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            info = self.describe_endpoint(name)
+            if info["status"] not in ("Creating", "Updating"):
+                break
+            if time.monotonic() > deadline:
+                raise InvocationTimeoutError(f"endpoint {name} still {info['status']} after {timeout_s:g} s",
+                                             endpoint=name)
+            time.sleep(poll_s)
+        if info["status"] == "Failed":
+            raise WorkerStartError(f"endpoint {name} failed: {info.get('failure_reason')}", endpoint=name)
+        return info
+
+    def describe_endpoint(self, name: str) -> dict[str, Any]:
+        """Status, workers, model digest, request counts and p50/p95 latency of one endpoint."""
+        return dict(self._send("GET", f"/sdmaker/v1/endpoints/{name}").json())
+
+    def list_endpoints(self) -> list[dict[str, Any]]:
+        return list(self._send("GET", "/sdmaker/v1/endpoints").json()["endpoints"])
+
+    def delete_endpoint(self, name: str, *, delete_config: bool = True) -> None:
+        """DeleteEndpoint, then its endpoint config and model (as ``predictor.delete_endpoint()`` + ``delete_model``)."""
+        info = self.describe_endpoint(name)
+        self.sagemaker("DeleteEndpoint", {"EndpointName": name})
+        if not delete_config:
+            return
+        config = info.get("config_name") or name
+        try:
+            desc = self.sagemaker("DescribeEndpointConfig", {"EndpointConfigName": config})
+            self.sagemaker("DeleteEndpointConfig", {"EndpointConfigName": config})
+            for variant in desc.get("ProductionVariants", []):
+                self.sagemaker("DeleteModel", {"ModelName": variant["ModelName"]})
+        except EndpointNotFoundError:
+            pass
+
+    def logs(self, name: str, *, offset: int = 0) -> tuple[str, int]:
+        """Endpoint log text from byte ``offset`` (``-1``: the tail) and the next offset."""
+        data = self._send("GET", f"/sdmaker/v1/endpoints/{name}/logs", params={"offset": offset}).json()
+        return str(data["text"]), int(data["offset"])
+
+    def metrics(self) -> str:
+        return self._send("GET", "/metrics").text

@@ -1,0 +1,271 @@
+"""The SageMaker control-plane subset (JSON 1.1, ``POST /`` with ``X-Amz-Target: SageMaker.<Operation>``).
+
+Enough for ``boto3.client("sagemaker")`` (and its ``endpoint_in_service`` waiter) and for the SageMaker
+Python SDK's ``Model.deploy`` / ``Predictor.delete_endpoint``: CreateModel, DescribeModel, DeleteModel,
+CreateEndpointConfig, DescribeEndpointConfig, DeleteEndpointConfig, CreateEndpoint, DescribeEndpoint,
+ListEndpoints, UpdateEndpoint, DeleteEndpoint (contract section 5). Errors are
+``{"__type": "ValidationException", "message": ...}`` with AWS's own texts, because the SDK matches on
+them (e.g. "Could not find endpoint" means "absent").
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from sdmaker.config import Settings
+from sdmaker.errors import EndpointNotReadyError, SdmakerError
+from sdmaker.serving._endpoints import EndpointManager
+
+__all__ = ["OPERATIONS", "ControlPlaneError", "control_plane", "control_plane_error"]
+
+logger = logging.getLogger(__name__)
+
+_JSON11 = "application/x-amz-json-1.1"
+_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
+_IMAGE = "sdmaker/local-worker:latest"
+
+
+class ControlPlaneError(Exception):
+    """An AWS-style control-plane error (``__type`` + message)."""
+
+    def __init__(self, message: str, code: str = "ValidationException", status: int = 400) -> None:
+        super().__init__(message)
+        self.message, self.code, self.status = message, code, status
+
+
+def control_plane_error(code: str, message: str, status: int = 400) -> JSONResponse:
+    return JSONResponse({"__type": code, "message": message}, status_code=status, media_type=_JSON11)
+
+
+class _Ctx:
+    """What an operation handler needs: the request body, the settings and the endpoint manager."""
+
+    def __init__(self, body: dict[str, Any], settings: Settings, manager: EndpointManager) -> None:
+        self.body, self.settings, self.manager = body, settings, manager
+
+    def arn(self, kind: str, name: str) -> str:
+        # AWS shows names lower-cased in ARNs (contract section 5).
+        return f"arn:aws:sagemaker:{self.settings.region}:{self.settings.account_id}:{kind}/{name.lower()}"
+
+    def name(self, field: str, member: str) -> str:
+        value = self.body.get(field)
+        if not isinstance(value, str) or not value:
+            raise ControlPlaneError(f"1 validation error detected: Value null at '{member}' failed to satisfy "
+                                    "constraint: Member must not be null")
+        if not _NAME.match(value):
+            raise ControlPlaneError(f"1 validation error detected: Value '{value}' at '{member}' failed to satisfy "
+                                    "constraint: Member must satisfy regular expression pattern: "
+                                    "^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")
+        return value
+
+
+# -- models ------------------------------------------------------------------------------------------
+
+
+async def _create_model(c: _Ctx) -> dict[str, Any]:
+    name = c.name("ModelName", "modelName")
+    container = c.body.get("PrimaryContainer") or (c.body.get("Containers") or [None])[0]
+    if not isinstance(container, dict):
+        raise ControlPlaneError("Either PrimaryContainer or Containers must be provided.")
+    env = container.get("Environment") or {}
+    if len(env) > 100:
+        raise ControlPlaneError("Environment may hold at most 100 entries.")
+    if not c.manager.db.put("models", name, c.body):
+        raise ControlPlaneError(f'Cannot create already existing model "{c.arn("model", name)}".')
+    return {"ModelArn": c.arn("model", name)}
+
+
+def _model(c: _Ctx) -> tuple[str, dict[str, Any], float]:
+    name = c.name("ModelName", "modelName")
+    rec = c.manager.db.get("models", name)
+    if rec is None:
+        raise ControlPlaneError(f'Could not find model "{c.arn("model", name)}".')
+    return name, rec.body, rec.created
+
+
+async def _describe_model(c: _Ctx) -> dict[str, Any]:
+    name, body, created = _model(c)
+    out = {"ModelName": name, "ModelArn": c.arn("model", name), "CreationTime": created,
+           "ExecutionRoleArn": body.get("ExecutionRoleArn"),
+           "EnableNetworkIsolation": bool(body.get("EnableNetworkIsolation", False))}
+    for key in ("PrimaryContainer", "Containers"):
+        if key in body:
+            out[key] = body[key]
+    return {k: v for k, v in out.items() if v is not None}
+
+
+async def _delete_model(c: _Ctx) -> dict[str, Any]:
+    name, _, _ = _model(c)
+    c.manager.db.delete("models", name)
+    return {}
+
+
+# -- endpoint configs ----------------------------------------------------------------------------------
+
+
+async def _create_endpoint_config(c: _Ctx) -> dict[str, Any]:
+    name = c.name("EndpointConfigName", "endpointConfigName")
+    variants = c.body.get("ProductionVariants")
+    if not isinstance(variants, list) or not variants:
+        raise ControlPlaneError("1 validation error detected: Value null at 'productionVariants' failed to satisfy "
+                                "constraint: Member must not be null")
+    for variant in variants:
+        model = variant.get("ModelName")
+        if not model or c.manager.db.get("models", model) is None:
+            raise ControlPlaneError(f'Could not find model "{c.arn("model", str(model))}".')
+        count = variant.get("InitialInstanceCount", 1)
+        if not isinstance(count, int) or count < 1:
+            raise ControlPlaneError(f"InitialInstanceCount must be at least 1, got {count!r}.")
+    if len(variants) > 1:
+        logger.warning("endpoint config %s has %d variants: sdmaker serves the first (%s) only", name,
+                       len(variants), variants[0].get("VariantName"))
+    if not c.manager.db.put("endpoint_configs", name, c.body):
+        raise ControlPlaneError(
+            f'Cannot create already existing endpoint configuration "{c.arn("endpoint-config", name)}".')
+    return {"EndpointConfigArn": c.arn("endpoint-config", name)}
+
+
+def _config(c: _Ctx) -> tuple[str, dict[str, Any], float]:
+    name = c.name("EndpointConfigName", "endpointConfigName")
+    rec = c.manager.db.get("endpoint_configs", name)
+    if rec is None:
+        raise ControlPlaneError(f'Could not find endpoint configuration "{c.arn("endpoint-config", name)}".')
+    return name, rec.body, rec.created
+
+
+async def _describe_endpoint_config(c: _Ctx) -> dict[str, Any]:
+    name, body, created = _config(c)
+    out = {"EndpointConfigName": name, "EndpointConfigArn": c.arn("endpoint-config", name),
+           "ProductionVariants": body["ProductionVariants"], "CreationTime": created}
+    for key in ("AsyncInferenceConfig", "DataCaptureConfig", "KmsKeyId"):
+        if key in body:
+            out[key] = body[key]
+    return out
+
+
+async def _delete_endpoint_config(c: _Ctx) -> dict[str, Any]:
+    name, _, _ = _config(c)
+    c.manager.db.delete("endpoint_configs", name)
+    return {}
+
+
+# -- endpoints -----------------------------------------------------------------------------------------
+
+
+async def _create_endpoint(c: _Ctx) -> dict[str, Any]:
+    name = c.name("EndpointName", "endpointName")
+    config, _, _ = _config(c)
+    try:
+        c.manager.create(name, config)
+    except FileExistsError:
+        raise ControlPlaneError(f'Cannot create already existing endpoint "{c.arn("endpoint", name)}".') from None
+    return {"EndpointArn": c.arn("endpoint", name)}
+
+
+def _endpoint_name(c: _Ctx) -> str:
+    name = c.name("EndpointName", "endpointName")
+    if c.manager.db.endpoint(name) is None:
+        raise ControlPlaneError(f'Could not find endpoint "{c.arn("endpoint", name)}".')
+    return name
+
+
+async def _describe_endpoint(c: _Ctx) -> dict[str, Any]:
+    rec = c.manager.require(_endpoint_name(c))
+    config = c.manager.db.get("endpoint_configs", rec.config_name)
+    rt = c.manager.runtimes.get(rec.name)
+    out: dict[str, Any] = {"EndpointName": rec.name, "EndpointArn": c.arn("endpoint", rec.name),
+                           "EndpointConfigName": rec.config_name, "EndpointStatus": rec.status,
+                           "CreationTime": rec.created, "LastModifiedTime": rec.modified}
+    if rec.failure_reason:
+        out["FailureReason"] = rec.failure_reason
+    if config is not None:
+        variants = []
+        for v in config.body["ProductionVariants"][:1]:
+            wanted = int(v.get("InitialInstanceCount") or 1)
+            current = rt.pool.ready_count if rt is not None and rt.pool is not None else 0
+            variants.append({
+                "VariantName": v.get("VariantName", "AllTraffic"),
+                "DeployedImages": [{"SpecifiedImage": _IMAGE, "ResolvedImage": _IMAGE, "ResolutionTime": rec.created}],
+                "CurrentWeight": float(v.get("InitialVariantWeight", 1.0)),
+                "DesiredWeight": float(v.get("InitialVariantWeight", 1.0)),
+                "CurrentInstanceCount": current, "DesiredInstanceCount": wanted})
+        out["ProductionVariants"] = variants
+    return out
+
+
+async def _list_endpoints(c: _Ctx) -> dict[str, Any]:
+    records = c.manager.db.endpoints()
+    contains = c.body.get("NameContains")
+    status = c.body.get("StatusEquals")
+    records = [r for r in records if (not contains or contains in r.name) and (not status or r.status == status)]
+    key = {"Name": lambda r: r.name, "Status": lambda r: r.status}.get(c.body.get("SortBy", "CreationTime"),
+                                                                         lambda r: r.created)
+    records.sort(key=key, reverse=c.body.get("SortOrder", "Descending") == "Descending")
+    start = int(c.body.get("NextToken") or 0)
+    limit = int(c.body.get("MaxResults") or 10)
+    page = records[start:start + limit]
+    out: dict[str, Any] = {"Endpoints": [
+        {"EndpointName": r.name, "EndpointArn": c.arn("endpoint", r.name), "CreationTime": r.created,
+         "LastModifiedTime": r.modified, "EndpointStatus": r.status} for r in page]}
+    if start + limit < len(records):
+        out["NextToken"] = str(start + limit)
+    return out
+
+
+async def _update_endpoint(c: _Ctx) -> dict[str, Any]:
+    name = _endpoint_name(c)
+    config, _, _ = _config(c)
+    try:
+        c.manager.update(name, config)
+    except EndpointNotReadyError:
+        raise ControlPlaneError(f'Cannot update in-progress endpoint "{c.arn("endpoint", name)}".') from None
+    return {"EndpointArn": c.arn("endpoint", name)}
+
+
+async def _delete_endpoint(c: _Ctx) -> dict[str, Any]:
+    await c.manager.delete(_endpoint_name(c))
+    return {}
+
+
+OPERATIONS: dict[str, Callable[[_Ctx], Awaitable[dict[str, Any]]]] = {
+    "CreateModel": _create_model,
+    "DescribeModel": _describe_model,
+    "DeleteModel": _delete_model,
+    "CreateEndpointConfig": _create_endpoint_config,
+    "DescribeEndpointConfig": _describe_endpoint_config,
+    "DeleteEndpointConfig": _delete_endpoint_config,
+    "CreateEndpoint": _create_endpoint,
+    "DescribeEndpoint": _describe_endpoint,
+    "ListEndpoints": _list_endpoints,
+    "UpdateEndpoint": _update_endpoint,
+    "DeleteEndpoint": _delete_endpoint,
+}
+
+
+async def control_plane(request: Request, body: dict[str, Any]) -> JSONResponse:
+    """Dispatch one ``SageMaker.<Operation>`` call."""
+    target = request.headers.get("x-amz-target", "")
+    operation = target.removeprefix("SageMaker.")
+    handler = OPERATIONS.get(operation) if target.startswith("SageMaker.") else None
+    metrics = request.state.metrics
+    if handler is None:
+        metrics.control.labels(operation=operation or "-", status="400").inc()
+        return control_plane_error("UnknownOperationException", f"Unknown operation {target!r}; sdmaker supports: "
+                                   + ", ".join(OPERATIONS))
+    ctx = _Ctx(body, request.state.settings, request.state.manager)
+    try:
+        result = await handler(ctx)
+    except ControlPlaneError as exc:
+        metrics.control.labels(operation=operation, status=str(exc.status)).inc()
+        return control_plane_error(exc.code, exc.message, exc.status)
+    except SdmakerError as exc:
+        metrics.control.labels(operation=operation, status="400").inc()
+        return control_plane_error("ValidationException", exc.message)
+    metrics.control.labels(operation=operation, status="200").inc()
+    return JSONResponse(result, media_type=_JSON11)

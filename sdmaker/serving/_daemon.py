@@ -1,0 +1,176 @@
+"""The platform daemon (``sdmaker up``): one port speaking SageMaker's control plane and runtime API.
+
+Routes:
+
+* ``POST /`` with ``X-Amz-Target: SageMaker.*`` -- the control plane (:mod:`._control_plane`);
+* ``POST /endpoints/{name}/invocations`` -- InvokeEndpoint (:mod:`._runtime_api`);
+* ``GET /metrics`` -- Prometheus (:mod:`._metrics`); ``GET /ping`` -- daemon liveness (no auth);
+* ``GET /sdmaker/v1/endpoints[/{name}[/logs]]`` -- sdmaker's own view for the CLI (workers, digest,
+  request counts, latency percentiles, worker logs).
+
+Everything the app needs lives in its lifespan state (settings, endpoint manager, metrics): there is
+no module-level state, so tests can build several apps in one process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, TypedDict
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from sdmaker import __version__
+from sdmaker.config import Settings
+from sdmaker.errors import AuthenticationError, EndpointNotFoundError, SdmakerError
+from sdmaker.serving._auth import auth_required, check_bind, verify_request
+from sdmaker.serving._control_plane import control_plane, control_plane_error
+from sdmaker.serving._endpoints import EndpointManager
+from sdmaker.serving._metrics import CONTENT_TYPE_LATEST, DaemonMetrics
+from sdmaker.serving._runtime_api import invoke_endpoint, read_body, runtime_error_response
+
+__all__ = ["create_app", "run_daemon"]
+
+logger = logging.getLogger(__name__)
+
+_LOG_CHUNK = 256 * 1024
+
+
+class DaemonState(TypedDict):
+    settings: Settings
+    manager: EndpointManager
+    metrics: DaemonMetrics
+    auth: bool
+
+
+def _is_runtime(request: Request) -> bool:
+    return request.url.path.startswith("/endpoints/")
+
+
+def _is_control_plane(request: Request) -> bool:
+    return request.url.path == "/" and "x-amz-target" in request.headers
+
+
+async def _guard(request: Request) -> None:
+    """Body limit and authentication for every route but ``/ping`` (logged when refused)."""
+    if request.url.path == "/ping":
+        return
+    settings: Settings = request.state.settings
+    body = await read_body(request, settings.max_body_bytes)
+    if not request.state.auth:
+        return
+    headers: dict[str, list[str]] = {}
+    for key, value in request.headers.raw:
+        headers.setdefault(key.decode("latin-1").lower(), []).append(value.decode("latin-1"))
+    try:
+        who = verify_request(settings, method=request.method, path=request.scope.get("raw_path", b"/").decode(
+            "latin-1").split("?")[0], query=request.scope.get("query_string", b"").decode("latin-1"),
+            headers=headers, body=body)
+    except AuthenticationError as exc:
+        client = request.client.host if request.client else "?"
+        logger.warning("refused unauthenticated request %s %s from %s: %s", request.method, request.url.path,
+                       client, exc.message)
+        raise
+    logger.debug("authenticated %s %s as %s", request.method, request.url.path, who)
+
+
+def create_app(settings: Settings, *, host: str | None = None) -> FastAPI:
+    """Build the daemon app for ``settings``; ``host`` is the bind address (decides whether auth is required).
+
+    Raises:
+        ConfigError: a non-loopback ``host`` (or ``require_auth``) without configured credentials.
+    """
+    host = host or settings.daemon_host
+    check_bind(settings, host)
+    need_auth = auth_required(settings, host)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[DaemonState]:
+        manager = EndpointManager(settings)
+        metrics = DaemonMetrics()
+        metrics.set_queue_depth_source(lambda: {n: rt.queue_depth for n, rt in manager.runtimes.items()})
+        await manager.start()
+        logger.info("sdmaker daemon ready (home %s, auth %s)", settings.home, "on" if need_auth else "off")
+        try:
+            yield {"settings": settings, "manager": manager, "metrics": metrics, "auth": need_auth}
+        finally:
+            await manager.close()
+
+    app = FastAPI(title="sdmaker daemon", version=__version__, lifespan=lifespan, dependencies=[Depends(_guard)],
+                  docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(SdmakerError)
+    async def _on_error(request: Request, exc: SdmakerError) -> Response:
+        if _is_runtime(request):
+            name = request.url.path.split("/")[2] if request.url.path.count("/") >= 2 else None
+            return runtime_error_response(exc, settings, name)
+        if _is_control_plane(request):
+            code = {403: "InvalidSignatureException", 413: "ValidationException"}.get(exc.http_status,
+                                                                                      "ValidationException")
+            return control_plane_error(code, exc.message, 403 if exc.http_status == 403 else 400)
+        return JSONResponse(exc.to_dict(), status_code=exc.http_status, headers={"X-Sdmaker-Error-Code": exc.code})
+
+    @app.get("/ping")
+    async def ping() -> dict[str, str]:
+        return {"status": "Healthy", "version": __version__}
+
+    @app.post("/")
+    async def sagemaker_control_plane(request: Request) -> Response:
+        raw = await read_body(request, settings.max_body_bytes)
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError:
+            return control_plane_error("SerializationException", "request body is not valid JSON")
+        if not isinstance(body, dict):
+            return control_plane_error("SerializationException", "request body must be a JSON object")
+        return await control_plane(request, body)
+
+    @app.post("/endpoints/{name}/invocations")
+    async def sagemaker_invoke(request: Request, name: str) -> Response:
+        return await invoke_endpoint(request, name)
+
+    @app.get("/metrics")
+    async def prometheus(request: Request) -> Response:
+        return Response(request.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/sdmaker/v1/endpoints")
+    async def list_details(request: Request) -> dict[str, Any]:
+        manager: EndpointManager = request.state.manager
+        return {"endpoints": [manager.details(r.name) for r in manager.db.endpoints()]}
+
+    @app.get("/sdmaker/v1/endpoints/{name}")
+    async def details(request: Request, name: str) -> dict[str, Any]:
+        return request.state.manager.details(name)
+
+    @app.get("/sdmaker/v1/endpoints/{name}/logs")
+    async def logs(request: Request, name: str, offset: int = 0) -> dict[str, Any]:
+        """Worker and lifecycle log of an endpoint from byte ``offset`` (``-1``: the last 8 KiB)."""
+        manager: EndpointManager = request.state.manager
+        if manager.db.endpoint(name) is None and not manager.log_file(name).exists():
+            raise EndpointNotFoundError(f"endpoint {name} not found", endpoint=name)
+        path = manager.log_file(name)
+        if not path.exists():
+            return {"text": "", "offset": 0}
+        with open(path, "rb") as fh:
+            size = fh.seek(0, 2)
+            start = max(0, size - 8192) if offset < 0 else min(offset, size)
+            fh.seek(start)
+            data = fh.read(_LOG_CHUNK)
+        return {"text": data.decode("utf-8", errors="replace"), "offset": start + len(data)}
+
+    return app
+
+
+def run_daemon(settings: Settings, *, host: str | None = None, port: int | None = None,
+               log_level: str = "info") -> None:
+    """Serve the daemon in the foreground until interrupted (the ``sdmaker up`` entry point)."""
+    import uvicorn
+
+    host = host or settings.daemon_host
+    port = port or settings.daemon_port
+    app = create_app(settings, host=host)
+    # The worker processes read no stdin; uvicorn's own signal handling stops the lifespan (and the workers).
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=10)

@@ -1,0 +1,348 @@
+"""The endpoint manager: SageMaker's model -> endpoint config -> endpoint, run as local worker pools.
+
+Life of an endpoint (``EndpointStatus``): ``Creating`` (model resolved, workers loading) -> ``InService``
+or ``Failed`` (``FailureReason`` = the worker's own error); ``UpdateEndpoint`` -> ``Updating`` while the
+new workers load next to the old ones (blue/green: the old pool serves until the new one is ready, then
+drains) -> ``InService``; ``DeleteEndpoint`` -> gone. State lives in SQLite (:mod:`._state`), so a
+restarted daemon brings its endpoints back (status ``Creating`` until their workers are ready again).
+
+Instance types map to a local profile: ``ml.g*``/``ml.p*``/``ml.inf*``/``ml.trn*`` (accelerated) run with
+``--device auto`` (CUDA when present, else CPU with a warning); every other type (``ml.m5.*``, ``ml.c5.*``,
+``local``) runs on the CPU. ``InitialInstanceCount`` (times ``SAGEMAKER_MODEL_SERVER_WORKERS``, default 1)
+is the number of worker processes. Per-endpoint limits come from the model's ``Environment``:
+``SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS`` (invocation timeout) and ``SDMAKER_MAX_QUEUE``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdmaker.config import Settings
+from sdmaker.errors import (
+    ConfigError,
+    EndpointNotFoundError,
+    EndpointNotReadyError,
+    QueueFullError,
+    SdmakerError,
+)
+from sdmaker.serving._state import EndpointRecord, StateDB
+from sdmaker.serving._workers import WorkerPool, WorkerReply, WorkerSpec
+
+__all__ = ["EndpointManager", "EndpointRuntime", "instance_profile"]
+
+logger = logging.getLogger(__name__)
+
+_ACCELERATED = ("ml.g", "ml.p", "ml.inf", "ml.trn")
+
+
+def instance_profile(instance_type: str | None) -> str:
+    """``auto`` for accelerated SageMaker instance types, ``cpu`` for everything else."""
+    itype = (instance_type or "").lower()
+    if itype.startswith(_ACCELERATED) or itype == "local_gpu":
+        if not any(Path("/dev").glob("nvidia[0-9]*")):
+            logger.warning("instance type %s asks for a GPU but none is present: running on the CPU", itype)
+        return "auto"
+    return "cpu"
+
+
+@dataclass
+class EndpointRuntime:
+    """In-memory side of one endpoint: its worker pool and live statistics (reset by a daemon restart)."""
+
+    name: str
+    timeout_s: float
+    max_queue: int
+    pool: WorkerPool | None = None
+    task: asyncio.Task[None] | None = None
+    default_handler: bool = False
+    instance_type: str | None = None
+    model_name: str | None = None
+    pending: int = 0
+    invocations: int = 0
+    errors: int = 0
+    latencies: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=2048))
+
+    @property
+    def workers(self) -> int:
+        return len(self.pool.workers) if self.pool else 0
+
+    @property
+    def queue_depth(self) -> int:
+        return max(0, self.pending - self.workers)
+
+    def percentile(self, q: float) -> float | None:
+        if not self.latencies:
+            return None
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def _model_ref(container: dict[str, Any]) -> str:
+    """Where the model data is: ``ModelDataUrl`` or ``ModelDataSource.S3DataSource.S3Uri``."""
+    ref = container.get("ModelDataUrl") or (container.get("ModelDataSource") or {}).get("S3DataSource", {}).get(
+        "S3Uri")
+    if not ref:
+        if (container.get("Environment") or {}).get("HF_MODEL_ID"):
+            raise ConfigError("HF_MODEL_ID (download from the Hugging Face Hub at startup) is not supported: "
+                              "pass model_data (s3://, a local path or a store name)", field="HF_MODEL_ID")
+        raise ConfigError("the model has no ModelDataUrl: pass model_data (s3://, a local path or a store name)",
+                          field="ModelDataUrl")
+    return str(ref).removeprefix("file://")
+
+
+def _resolve_model_dir(ref: str, settings: Settings) -> tuple[Path, str | None]:
+    """Turn a model reference into a local folder (and its digest), via the store when available."""
+    try:
+        from sdmaker.store import resolve_model
+    except ImportError:  # the store is optional for plain folders
+        path = Path(ref).expanduser()
+        if not path.is_dir():
+            raise ConfigError(f"model {ref!r} is not a folder and the store is unavailable", field="ModelDataUrl",
+                              value=ref) from None
+        return path, None
+    resolved = resolve_model(ref, settings)
+    return Path(resolved.path), getattr(resolved, "digest", None)
+
+
+def _python_for(model_dir: Path, settings: Settings) -> str:
+    """The interpreter for this model (an isolated env when code/requirements.txt needs one)."""
+    try:
+        from sdmaker.serving._requirements import prepare_model_environment
+    except ImportError:
+        return sys.executable
+    return prepare_model_environment(model_dir, settings, allow_install=not settings.offline)
+
+
+def _program(env: dict[str, str]) -> str:
+    # [compat] the SDK sends SAGEMAKER_PROGRAM="" without an entry_point; treat it like unset (contract 1.7).
+    program = env.get("SAGEMAKER_PROGRAM") or "inference.py"
+    return program if program.endswith(".py") else program + ".py"
+
+
+class EndpointManager:
+    """Creates, updates, deletes and invokes endpoints. One per daemon (lives in the app's lifespan state)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.root = settings.endpoints_dir
+        self.db = StateDB(self.root / "state.sqlite3")
+        self.runtimes: dict[str, EndpointRuntime] = {}
+        self._generation = 0
+
+    # -- lifecycle of the manager ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bring back every endpoint that was serving (or starting) when the daemon last stopped."""
+        for rec in self.db.endpoints():
+            if rec.status in ("InService", "Creating", "Updating"):
+                logger.info("restoring endpoint %s", rec.name)
+                self.db.set_endpoint(rec.name, status="Creating", failure_reason=None)
+                self._launch(rec.name, rec.config_name)
+
+    async def close(self) -> None:
+        """Stop every worker; the database keeps the endpoints for the next start."""
+        for rt in list(self.runtimes.values()):
+            if rt.task is not None:
+                rt.task.cancel()
+        await asyncio.gather(*(rt.pool.close() for rt in self.runtimes.values() if rt.pool),
+                             return_exceptions=True)
+        self.runtimes.clear()
+        self.db.close()
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def log_file(self, name: str) -> Path:
+        return self.root / name / "endpoint.log"
+
+    def _log(self, name: str, text: str) -> None:
+        path = self.log_file(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
+
+    def _variant(self, config_name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(production variant, model body) of a config; raises ConfigError when either is gone."""
+        config = self.db.get("endpoint_configs", config_name)
+        if config is None:
+            raise ConfigError(f"endpoint configuration {config_name!r} does not exist", field="EndpointConfigName")
+        variant = config.body["ProductionVariants"][0]
+        model = self.db.get("models", variant["ModelName"])
+        if model is None:
+            raise ConfigError(f"model {variant['ModelName']!r} of endpoint configuration {config_name!r} does not "
+                              "exist", field="ModelName")
+        return variant, model.body
+
+    async def _build_pool(self, name: str, config_name: str, rt: EndpointRuntime) -> WorkerPool:
+        """Resolve the model, prepare its environment, start its workers; returns a ready pool."""
+        variant, model = self._variant(config_name)
+        container = model.get("PrimaryContainer") or (model.get("Containers") or [{}])[0]
+        env = {str(k): str(v) for k, v in (container.get("Environment") or {}).items()}
+        ref = _model_ref(container)
+        self._log(name, f"resolving model data {ref}")
+        model_dir, digest = await asyncio.to_thread(_resolve_model_dir, ref, self.settings)
+        python = await asyncio.to_thread(_python_for, model_dir, self.settings)
+        rt.default_handler = not (model_dir / "code" / _program(env)).is_file()
+        rt.instance_type = variant.get("InstanceType")
+        rt.model_name = variant["ModelName"]
+        if env.get("SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS"):
+            rt.timeout_s = float(env["SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS"])
+        if env.get("SDMAKER_MAX_QUEUE"):
+            rt.max_queue = int(env["SDMAKER_MAX_QUEUE"])
+        per_instance = int(env.get("SAGEMAKER_MODEL_SERVER_WORKERS") or 1)
+        count = max(1, int(variant.get("InitialInstanceCount") or 1)) * max(1, per_instance)
+        startup = float(variant.get("ContainerStartupHealthCheckTimeoutInSeconds") or self.settings.startup_timeout_s)
+        worker_env = {**self.settings.env, **env, "SDMAKER_HOME": str(self.settings.home)}
+        self._generation += 1
+        spec = WorkerSpec(model_dir=model_dir, python=python, run_dir=self.root / name / "run",
+                          log_file=self.log_file(name), env=worker_env, max_body_bytes=self.settings.max_body_bytes,
+                          device=instance_profile(rt.instance_type), startup_timeout_s=startup)
+        pool = WorkerPool(spec, count, tag=f"v{self._generation}")
+        self._log(name, f"starting {count} worker(s) for model {rt.model_name} ({model_dir})")
+        await pool.start()
+        self.db.set_endpoint(name, model_digest=digest, model_path=str(model_dir))
+        return pool
+
+    def _launch(self, name: str, config_name: str) -> EndpointRuntime:
+        rt = EndpointRuntime(name=name, timeout_s=self.settings.invocation_timeout_s,
+                             max_queue=self.settings.max_queue)
+        self.runtimes[name] = rt
+        rt.task = asyncio.create_task(self._bring_up(name, config_name, rt), name=f"create-{name}")
+        return rt
+
+    async def _bring_up(self, name: str, config_name: str, rt: EndpointRuntime) -> None:
+        started = time.monotonic()
+        try:
+            rt.pool = await self._build_pool(name, config_name, rt)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure becomes the endpoint's FailureReason
+            reason = exc.message if isinstance(exc, SdmakerError) else f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, SdmakerError):
+                logger.exception("endpoint %s failed to start", name)
+            self._log(name, f"endpoint failed: {reason}")
+            self.db.set_endpoint(name, status="Failed", failure_reason=reason[:2048])
+            return
+        finally:
+            rt.task = None
+        self._log(name, f"endpoint in service after {time.monotonic() - started:.1f} s")
+        self.db.set_endpoint(name, status="InService", failure_reason=None)
+
+    # -- public operations (called by the control plane) -----------------------------------------
+
+    def create(self, name: str, config_name: str) -> None:
+        """Register the endpoint (``Creating``) and start its workers in the background."""
+        self._variant(config_name)  # fail fast on a dangling config
+        if not self.db.add_endpoint(name, config_name, "Creating"):
+            raise FileExistsError(name)
+        self._launch(name, config_name)
+
+    def update(self, name: str, config_name: str) -> None:
+        """Blue/green: start the new pool; swap when ready; the old pool drains then stops."""
+        rec = self.require(name)
+        rt = self.runtimes.get(name)
+        if rec.status != "InService" or rt is None or rt.pool is None:
+            raise EndpointNotReadyError(f"endpoint {name} is {rec.status}; only an InService endpoint can be "
+                                        "updated", status=rec.status)
+        self._variant(config_name)
+        self.db.set_endpoint(name, status="Updating")
+        rt.task = asyncio.create_task(self._swap(name, config_name, rt), name=f"update-{name}")
+
+    async def _swap(self, name: str, config_name: str, rt: EndpointRuntime) -> None:
+        staging = EndpointRuntime(name=name, timeout_s=self.settings.invocation_timeout_s,
+                                  max_queue=self.settings.max_queue)
+        try:
+            new_pool = await self._build_pool(name, config_name, staging)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failed update keeps the old pool serving
+            reason = exc.message if isinstance(exc, SdmakerError) else f"{type(exc).__name__}: {exc}"
+            self._log(name, f"update failed, old workers keep serving: {reason}")
+            self.db.set_endpoint(name, status="InService", failure_reason=f"UpdateEndpoint failed: {reason}"[:2048])
+            rt.task = None
+            return
+        old, rt.pool = rt.pool, new_pool
+        rt.default_handler, rt.instance_type, rt.model_name = (staging.default_handler, staging.instance_type,
+                                                               staging.model_name)
+        rt.timeout_s, rt.max_queue = staging.timeout_s, staging.max_queue
+        self.db.set_endpoint(name, status="InService", config_name=config_name, failure_reason=None)
+        rt.task = None
+        self._log(name, "update done; draining the previous workers")
+        if old is not None:
+            await old.close(drain_s=rt.timeout_s)
+
+    async def delete(self, name: str) -> None:
+        self.require(name)
+        self.db.delete("endpoints", name)
+        rt = self.runtimes.pop(name, None)
+        if rt is None:
+            return
+        if rt.task is not None:
+            rt.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await rt.task
+        if rt.pool is not None:
+            await rt.pool.close()
+        self._log(name, "endpoint deleted")
+
+    def require(self, name: str) -> EndpointRecord:
+        rec = self.db.endpoint(name)
+        if rec is None:
+            raise EndpointNotFoundError(f"endpoint {name} not found", endpoint=name)
+        return rec
+
+    # -- invocation (called by the runtime API) ----------------------------------------------------
+
+    def runtime_for_invoke(self, name: str) -> EndpointRuntime:
+        """The endpoint's runtime if it can take a request now; raises the matching error otherwise."""
+        rec = self.require(name)
+        rt = self.runtimes.get(name)
+        if rt is None or rt.pool is None or rec.status not in ("InService", "Updating"):
+            raise EndpointNotReadyError(f"Endpoint {name} is not in service (status {rec.status}).",
+                                        endpoint=name, status=rec.status)
+        if rt.pending >= rt.workers + rt.max_queue:
+            raise QueueFullError(f"Endpoint {name} has {rt.queue_depth} queued request(s), the limit is "
+                                 f"{rt.max_queue}; retry later", endpoint=name, retry_after=1)
+        return rt
+
+    async def invoke(self, rt: EndpointRuntime, body: bytes, headers: dict[str, str]) -> WorkerReply:
+        pool = rt.pool  # read the pool and enter it without awaiting in between (see WorkerPool.close)
+        assert pool is not None
+        rt.pending += 1
+        started = time.monotonic()
+        try:
+            reply = await pool.invoke(body, headers, timeout_s=rt.timeout_s)
+        except SdmakerError:
+            rt.errors += 1
+            raise
+        finally:
+            rt.pending -= 1
+            rt.invocations += 1
+            rt.latencies.append(time.monotonic() - started)
+        if reply.status >= 300:
+            rt.errors += 1
+        return reply
+
+    # -- sdmaker's own view (CLI describe) ---------------------------------------------------------
+
+    def details(self, name: str) -> dict[str, Any]:
+        rec = self.require(name)
+        rt = self.runtimes.get(name)
+        out: dict[str, Any] = {"name": name, "status": rec.status, "failure_reason": rec.failure_reason,
+                               "config_name": rec.config_name, "model_digest": rec.model_digest,
+                               "model_path": rec.model_path, "created": rec.created, "modified": rec.modified,
+                               "log_file": str(self.log_file(name))}
+        if rt is not None:
+            out.update({"model_name": rt.model_name, "instance_type": rt.instance_type,
+                        "timeout_s": rt.timeout_s, "max_queue": rt.max_queue, "queue_depth": rt.queue_depth,
+                        "invocations": rt.invocations, "errors": rt.errors, "default_handler": rt.default_handler,
+                        "latency_p50_s": rt.percentile(0.50), "latency_p95_s": rt.percentile(0.95),
+                        "workers": [w.describe() for w in rt.pool.workers] if rt.pool else []})
+        return out

@@ -1,0 +1,47 @@
+"""Prometheus metrics of the daemon, on ``GET /metrics``.
+
+Each app owns a :class:`prometheus_client.CollectorRegistry` (no process-global registry), so several
+daemons in one process (tests) never share counters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["CONTENT_TYPE_LATEST", "DaemonMetrics"]
+
+#: Latency buckets in seconds: tiny CPU models answer in ~0.1 s, full SD on CPU takes minutes.
+_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+
+
+class DaemonMetrics:
+    """Counters and histograms of InvokeEndpoint, labelled by endpoint."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("sdmaker_invocations", "InvokeEndpoint requests answered.",
+                                ["endpoint", "status"], registry=self.registry)
+        self.errors = Counter("sdmaker_invocation_errors", "InvokeEndpoint errors by AWS error code.",
+                              ["endpoint", "code"], registry=self.registry)
+        self.latency = Histogram("sdmaker_invocation_latency_seconds", "InvokeEndpoint latency, queueing included.",
+                                 ["endpoint"], buckets=_BUCKETS, registry=self.registry)
+        self.images = Counter("sdmaker_images_generated", "Images returned by endpoints.", ["endpoint"],
+                              registry=self.registry)
+        self.queue_depth = Gauge("sdmaker_queue_depth", "Requests waiting for a free worker.", ["endpoint"],
+                                 registry=self.registry)
+        self.control = Counter("sdmaker_control_plane_calls", "SageMaker control-plane calls.",
+                               ["operation", "status"], registry=self.registry)
+        self._depths: Callable[[], dict[str, int]] | None = None
+
+    def set_queue_depth_source(self, source: Callable[[], dict[str, int]]) -> None:
+        """Read queue depths at scrape time (they change too often to push)."""
+        self._depths = source
+
+    def render(self) -> bytes:
+        if self._depths is not None:
+            self.queue_depth.clear()
+            for name, depth in self._depths().items():
+                self.queue_depth.labels(endpoint=name).set(depth)
+        return generate_latest(self.registry)

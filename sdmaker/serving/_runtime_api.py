@@ -1,0 +1,192 @@
+"""The ``sagemaker-runtime`` wire API: ``POST /endpoints/{EndpointName}/invocations`` (contract section 4).
+
+Success: the worker's body as is, with ``Content-Type``, ``x-Amzn-Invoked-Production-Variant: AllTraffic``,
+``X-Amzn-SageMaker-Custom-Attributes`` and ``x-amzn-RequestId``. Errors: status, ``x-amzn-ErrorType: <Code>``
+and a JSON body ``{"message": ...}`` plus the modeled fields; never a ``code`` key, which botocore would
+prefer over the header. Status codes are chosen so that botocore retries only what is worth retrying
+(it re-sends 500/502/503/504):
+
+=====================================  ===================  ======
+situation                              Code                 HTTP
+=====================================  ===================  ======
+unknown endpoint, bad input            ValidationError      400
+endpoint not InService                 ValidationError      400
+body over the limit (6 MiB)            ValidationError      413
+model code answered non-2xx            ModelError           424
+worker died mid-request                ModelError           424
+invocation timeout                     ModelError           424
+queue full                             ServiceUnavailable   503 + Retry-After
+=====================================  ===================  ======
+
+Each error also carries ``X-Sdmaker-Error-Code`` (the :mod:`sdmaker.errors` class name) so
+:mod:`sdmaker.client` can raise the same exception class.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from sdmaker.config import Settings
+from sdmaker.errors import (
+    EndpointNotFoundError,
+    EndpointNotReadyError,
+    InvalidRequestError,
+    InvocationFailedError,
+    InvocationTimeoutError,
+    PayloadTooLargeError,
+    QueueFullError,
+    SdmakerError,
+)
+from sdmaker.schema import parse_request
+from sdmaker.serving._endpoints import EndpointManager
+from sdmaker.serving._metrics import DaemonMetrics
+
+__all__ = ["invoke_endpoint", "read_body", "runtime_error_response", "validate_default_body"]
+
+logger = logging.getLogger(__name__)
+
+_TIMEOUT_TEXT = ("Your invocation timed out while waiting for a response from container primary. Review the "
+                 "latency metrics for each container in Amazon CloudWatch, resolve the issue, and try again.")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, read once and cached on ``request.state``; refuses more than ``limit`` bytes early."""
+    cached = getattr(request.state, "body", None)
+    if cached is not None:
+        return cached
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"Request payload of {declared} bytes exceeds the maximum of {limit} bytes "
+                                   "(SageMaker real-time limit 6 MiB).", size=int(declared), limit=limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"Request payload exceeds the maximum of {limit} bytes (SageMaker real-time "
+                                       "limit 6 MiB).", size=size, limit=limit)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request.state.body = body
+    return body
+
+
+def validate_default_body(body: bytes, content_type: str | None) -> None:
+    """Check a JSON body for sdmaker's default handler before it is queued (a 400, not a model error).
+
+    Accepts the seed's shape (``{"prompt": ..., "height": ...}``) and the Hugging Face toolkit's
+    (``{"inputs": prompt, "parameters": {...}}``). Endpoints with their own ``inference.py`` decide for
+    themselves: their bodies are passed through untouched.
+    """
+    if (content_type or "").split(";")[0].strip().lower() != "application/json":
+        return
+    try:
+        data: Any = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"Request body is not valid JSON: {exc}", field="Body") from None
+    if isinstance(data, dict) and "inputs" in data:
+        params = data.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise InvalidRequestError("parameters must be a JSON object", field="parameters",
+                                      value=type(params).__name__)
+        data = {"prompt": data["inputs"], **params}
+    parse_request(data)
+
+
+def _error_body(exc: SdmakerError, settings: Settings, endpoint: str | None) -> tuple[int, str, dict[str, Any]]:
+    """(HTTP status, AWS error code, body) of a runtime-API error."""
+    if isinstance(exc, EndpointNotFoundError):
+        return 400, "ValidationError", {"message": f"Endpoint {endpoint} of account {settings.account_id} not found."}
+    if isinstance(exc, PayloadTooLargeError):
+        return 413, "ValidationError", {"message": exc.message}
+    if isinstance(exc, (InvalidRequestError, EndpointNotReadyError)):
+        return 400, "ValidationError", {"message": exc.message}
+    if isinstance(exc, QueueFullError):
+        return 503, "ServiceUnavailable", {"message": exc.message}
+    if isinstance(exc, (InvocationTimeoutError, InvocationFailedError)):
+        original = 0 if isinstance(exc, InvocationTimeoutError) else int(exc.fields.get("original_status", 500))
+        text = _TIMEOUT_TEXT if isinstance(exc, InvocationTimeoutError) else exc.message
+        return 424, "ModelError", _model_error(settings, endpoint, original, text, detail=exc.message)
+    if exc.http_status == 403:
+        return 403, "InvalidSignatureException", {"message": exc.message}
+    return 500, "InternalFailure", {"message": "An internal failure occurred."}
+
+
+def _model_error(settings: Settings, endpoint: str | None, status: int, original: str, *,
+                 detail: str | None = None) -> dict[str, Any]:
+    kind = "client" if 400 <= status < 500 else "server"
+    log_group = f"/aws/sagemaker/Endpoints/{endpoint}"
+    message = (f'Received {kind} error ({status}) from primary with message "{original}". See the endpoint log '
+               f"(sdmaker endpoint logs {endpoint}) in account {settings.account_id} for more information.")
+    if detail and detail != original:
+        message += f" ({detail})"
+    return {"ErrorCode": f"{kind.upper()}_ERROR_FROM_MODEL", "Message": message, "message": message,
+            "OriginalStatusCode": status, "OriginalMessage": original,
+            "LogStreamArn": f"arn:aws:logs:{settings.region}:{settings.account_id}:log-group:{log_group}"}
+
+
+def runtime_error_response(exc: SdmakerError, settings: Settings, endpoint: str | None,
+                           request_id: str | None = None) -> JSONResponse:
+    status, code, body = _error_body(exc, settings, endpoint)
+    headers = {"x-amzn-ErrorType": code, "x-amzn-RequestId": request_id or str(uuid.uuid4()),
+               "X-Sdmaker-Error-Code": exc.code}
+    if isinstance(exc, QueueFullError):
+        headers["Retry-After"] = str(exc.fields.get("retry_after", 1))
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _count_images(content_type: str, body: bytes) -> int:
+    if content_type.startswith("image/"):
+        return 1
+    if content_type.startswith("application/json"):
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return 0
+        if isinstance(data, dict) and isinstance(data.get("generated_images"), list):
+            return len(data["generated_images"])
+    return 0
+
+
+async def invoke_endpoint(request: Request, name: str) -> Response:
+    """``InvokeEndpoint``: validate, queue on the endpoint's pool, answer in SageMaker's wire format."""
+    settings: Settings = request.state.settings
+    manager: EndpointManager = request.state.manager
+    metrics: DaemonMetrics = request.state.metrics
+    request_id = str(uuid.uuid4())
+    with metrics.latency.labels(endpoint=name).time():
+        try:
+            body = await read_body(request, settings.max_body_bytes)
+            rt = manager.runtime_for_invoke(name)
+            if rt.default_handler:
+                validate_default_body(body, request.headers.get("content-type"))
+            reply = await manager.invoke(rt, body, dict(request.headers))
+        except SdmakerError as exc:
+            response = runtime_error_response(exc, settings, name, request_id)
+            metrics.requests.labels(endpoint=name, status=str(response.status_code)).inc()
+            metrics.errors.labels(endpoint=name, code=response.headers["x-amzn-ErrorType"]).inc()
+            return response
+    if reply.status >= 300:
+        original = reply.body.decode("utf-8", errors="replace")
+        logger.info("endpoint %s: model answered %d", name, reply.status)
+        metrics.requests.labels(endpoint=name, status="424").inc()
+        metrics.errors.labels(endpoint=name, code="ModelError").inc()
+        return JSONResponse(_model_error(settings, name, reply.status, original), status_code=424,
+                            headers={"x-amzn-ErrorType": "ModelError", "x-amzn-RequestId": request_id,
+                                     "X-Sdmaker-Error-Code": "InvocationFailedError"})
+    content_type = reply.headers.get("content-type", "application/json")
+    metrics.requests.labels(endpoint=name, status="200").inc()
+    images = _count_images(content_type, reply.body)
+    if images:
+        metrics.images.labels(endpoint=name).inc(images)
+    headers = {"x-Amzn-Invoked-Production-Variant": "AllTraffic", "x-amzn-RequestId": request_id}
+    custom = reply.headers.get("x-amzn-sagemaker-custom-attributes")
+    if custom:
+        headers["X-Amzn-SageMaker-Custom-Attributes"] = custom
+    return Response(content=reply.body, status_code=200, media_type=content_type, headers=headers)

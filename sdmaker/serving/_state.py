@@ -1,0 +1,121 @@
+"""The daemon's durable state: models, endpoint configs and endpoints, in SQLite under ``SDMAKER_HOME``.
+
+SQLite gives atomic, crash-safe writes for free (each call is one transaction), so a daemon killed at
+any point restarts with a consistent view and brings its endpoints back. Records keep the
+SageMaker request bodies verbatim (``CreateModel``/``CreateEndpointConfig``), so ``Describe*`` answers
+with what the caller sent.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["EndpointRecord", "Record", "StateDB"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS models (
+    name TEXT PRIMARY KEY, body TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS endpoint_configs (
+    name TEXT PRIMARY KEY, body TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS endpoints (
+    name TEXT PRIMARY KEY, config_name TEXT NOT NULL, status TEXT NOT NULL, failure_reason TEXT,
+    created REAL NOT NULL, modified REAL NOT NULL, model_digest TEXT, model_path TEXT);
+"""
+
+
+@dataclass(frozen=True)
+class Record:
+    """A stored model or endpoint config: its name, the request body it was created with, and when."""
+
+    name: str
+    body: dict[str, Any]
+    created: float
+
+
+@dataclass(frozen=True)
+class EndpointRecord:
+    name: str
+    config_name: str
+    status: str
+    failure_reason: str | None
+    created: float
+    modified: float
+    model_digest: str | None
+    model_path: str | None
+
+
+class StateDB:
+    """Thread-safe access to ``<home>/endpoints/state.sqlite3`` (one connection, serialised by a lock)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _run(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # -- models and endpoint configs (same shape) ------------------------------------------------
+
+    def put(self, table: str, name: str, body: dict[str, Any]) -> bool:
+        """Insert a record; False when the name is taken (the caller answers "already existing")."""
+        assert table in ("models", "endpoint_configs")
+        try:
+            self._run(f"INSERT INTO {table} (name, body, created) VALUES (?, ?, ?)",  # noqa: S608 - fixed names
+                      (name, json.dumps(body), time.time()))
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    def get(self, table: str, name: str) -> Record | None:
+        assert table in ("models", "endpoint_configs")
+        rows = self._run(f"SELECT name, body, created FROM {table} WHERE name = ?", (name,))  # noqa: S608
+        return Record(rows[0][0], json.loads(rows[0][1]), rows[0][2]) if rows else None
+
+    def delete(self, table: str, name: str) -> bool:
+        assert table in ("models", "endpoint_configs", "endpoints")
+        with self._lock:
+            cur = self._db.execute(f"DELETE FROM {table} WHERE name = ?", (name,))  # noqa: S608
+            return cur.rowcount > 0
+
+    # -- endpoints ---------------------------------------------------------------------------------
+
+    def add_endpoint(self, name: str, config_name: str, status: str) -> bool:
+        now = time.time()
+        try:
+            self._run("INSERT INTO endpoints (name, config_name, status, created, modified) VALUES (?, ?, ?, ?, ?)",
+                      (name, config_name, status, now, now))
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    def set_endpoint(self, name: str, **fields: Any) -> None:
+        allowed = {"config_name", "status", "failure_reason", "model_digest", "model_path"}
+        assert set(fields) <= allowed, fields
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        self._run(f"UPDATE endpoints SET {sets}, modified = ? WHERE name = ?",  # noqa: S608 - keys checked
+                  (*fields.values(), time.time(), name))
+
+    def endpoint(self, name: str) -> EndpointRecord | None:
+        rows = self._run("SELECT name, config_name, status, failure_reason, created, modified, model_digest, "
+                         "model_path FROM endpoints WHERE name = ?", (name,))
+        return EndpointRecord(*rows[0]) if rows else None
+
+    def endpoints(self) -> list[EndpointRecord]:
+        rows = self._run("SELECT name, config_name, status, failure_reason, created, modified, model_digest, "
+                         "model_path FROM endpoints ORDER BY created")
+        return [EndpointRecord(*r) for r in rows]

@@ -1,0 +1,369 @@
+"""Worker processes behind one endpoint: spawn, health-check, dispatch, restart.
+
+Each worker is ``python -m sdmaker.serving.worker`` (the SageMaker container contract: ``GET /ping``,
+``POST /invocations``) on a free loopback port. It loads the model once and answers one request at a
+time, so a :class:`WorkerPool` hands each request to an idle worker and concurrency equals the worker
+count (SageMaker: ``InitialInstanceCount``).
+
+Failure handling, so that no request ever hangs:
+
+* a worker that exits is restarted (with backoff) while its pool is open; a request it was serving sees
+  the connection drop and is answered with :class:`~sdmaker.errors.InvocationFailedError`;
+* a request over its time budget gets :class:`~sdmaker.errors.InvocationTimeoutError` and its worker is
+  killed (it may be stuck in a C loop) and restarted, as MMS does on a response timeout;
+* waiting for an idle worker is bounded by the same budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from sdmaker.errors import InvocationFailedError, InvocationTimeoutError, WorkerStartError
+
+__all__ = ["WorkerPool", "WorkerReply", "WorkerSpec", "WorkerState", "free_port"]
+
+logger = logging.getLogger(__name__)
+
+#: How often readiness is polled while a worker loads.
+_POLL_S = 0.1
+#: Restart backoff: first retry after 0.5 s, doubling, at most this many consecutive failed restarts.
+_MAX_RESTARTS_IN_A_ROW = 5
+#: Headers forwarded to the worker (SageMaker strips everything else, contract 1.4/1.5).
+FORWARDED_HEADERS = ("content-type", "accept", "x-amzn-sagemaker-custom-attributes",
+                     "x-amzn-sagemaker-inference-id", "x-amzn-sagemaker-target-variant")
+
+
+class WorkerState(str, enum.Enum):
+    """Life of one worker process."""
+
+    STARTING = "Starting"
+    READY = "Ready"
+    BUSY = "Busy"
+    RESTARTING = "Restarting"
+    FAILED = "Failed"
+    STOPPED = "Stopped"
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything needed to (re)start a worker of one endpoint variant."""
+
+    model_dir: Path
+    python: str
+    run_dir: Path
+    log_file: Path
+    env: Mapping[str, str] = field(default_factory=dict)
+    max_body_bytes: int = 6 * 1024 * 1024
+    device: str | None = None
+    dtype: str | None = None
+    startup_timeout_s: float = 600.0
+
+
+@dataclass
+class WorkerReply:
+    """A worker's answer, read fully (bodies are capped at a few MiB)."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    worker: int
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1 (the worker binds it right after; a lost race means a restart)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Ask Linux to SIGTERM the worker when the daemon dies, so a killed daemon leaves no orphans."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class Worker:
+    """One worker process; restarted in place (same index, new pid and port)."""
+
+    def __init__(self, spec: WorkerSpec, index: int, tag: str) -> None:
+        self.spec = spec
+        self.index = index
+        self.tag = tag
+        self.state = WorkerState.STARTING
+        self.port = 0
+        self.proc: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+        self.error: str | None = None
+        self.started_at = 0.0
+        self.load_seconds: float | None = None
+        self.log_path = spec.log_file
+        self.status_file = spec.run_dir / f"{tag}-worker-{index}.status.json"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    def describe(self) -> dict[str, object]:
+        return {"index": self.index, "state": self.state.value, "pid": self.proc.pid if self.proc else None,
+                "port": self.port, "restarts": self.restarts, "error": self.error,
+                "load_seconds": self.load_seconds, "log": str(self.log_path)}
+
+    async def spawn(self) -> None:
+        """Start the process (does not wait for the model to load)."""
+        self.spec.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.status_file.unlink(missing_ok=True)
+        self.port = free_port()
+        argv = [self.spec.python, "-m", "sdmaker.serving.worker", "--model-dir", str(self.spec.model_dir),
+                "--port", str(self.port), "--host", "127.0.0.1", "--status-file", str(self.status_file),
+                "--workers-id", f"{self.tag}-{self.index}", "--max-body-bytes", str(self.spec.max_body_bytes)]
+        if self.spec.device:
+            argv += ["--device", self.spec.device]
+        if self.spec.dtype:
+            argv += ["--dtype", self.spec.dtype]
+        env = dict(self.spec.env)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        with open(self.log_path, "ab") as log:
+            log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} [{self.tag}] starting worker {self.index} "
+                      f"on port {self.port}\n".encode())
+            log.flush()
+            preexec = _die_with_parent if sys.platform.startswith("linux") else None
+            self.proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT, env=env,
+                preexec_fn=preexec)
+        self.started_at = time.monotonic()
+        self.state = WorkerState.STARTING
+        self.error = None
+        logger.info("endpoint worker %s-%d: pid %d port %d", self.tag, self.index, self.proc.pid, self.port)
+
+    def _read_status(self) -> dict[str, object]:
+        try:
+            data = json.loads(self.status_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _failure_text(self) -> str:
+        status = self._read_status()
+        if status.get("error"):
+            return str(status["error"])
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(max(0, fh.seek(0, os.SEEK_END) - 4000))
+                tail = fh.read().decode(errors="replace").strip().splitlines()[-15:]
+        except OSError:
+            tail = []
+        code = self.proc.returncode if self.proc else None
+        return f"worker exited with code {code} before it was ready" + (": " + "\n".join(tail) if tail else "")
+
+    async def wait_ready(self, client: httpx.AsyncClient) -> None:
+        """Wait until ``/ping`` answers 200; raise :class:`WorkerStartError` with the worker's own error."""
+        deadline = self.started_at + self.spec.startup_timeout_s
+        assert self.proc is not None
+        while True:
+            if self.proc.returncode is not None:
+                raise WorkerStartError(self._failure_text(), worker=self.index)
+            if self._read_status().get("state") == "failed":
+                raise WorkerStartError(self._failure_text(), worker=self.index)
+            try:
+                reply = await client.get(f"{self.url}/ping", timeout=2.0)
+                if reply.status_code == 200:
+                    self.state = WorkerState.READY
+                    status = self._read_status()
+                    load = status.get("load_seconds")
+                    self.load_seconds = float(load) if isinstance(load, (int, float)) else None
+                    return
+                if reply.status_code == 500:
+                    with contextlib.suppress(ValueError):
+                        err = reply.json().get("error")
+                        if err:
+                            raise WorkerStartError(str(err), worker=self.index)
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise WorkerStartError(
+                    f"worker did not pass /ping within {self.spec.startup_timeout_s:.0f} s "
+                    "(ContainerStartupHealthCheckTimeoutInSeconds)", worker=self.index)
+            await asyncio.sleep(_POLL_S)
+
+    def kill(self) -> None:
+        if self.alive:
+            assert self.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after ``grace_s`` (SageMaker gives 30 s; workers hold no state)."""
+        self.state = WorkerState.STOPPED
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.terminate()
+        try:
+            await asyncio.wait_for(self.proc.wait(), grace_s)
+        except asyncio.TimeoutError:
+            self.kill()
+            await self.proc.wait()
+
+
+class WorkerPool:
+    """The N workers of one endpoint variant, and the one-request-per-worker dispatcher."""
+
+    def __init__(self, spec: WorkerSpec, count: int, *, tag: str,
+                 on_change: Callable[[], None] | None = None) -> None:
+        self.spec = spec
+        self.tag = tag
+        self.workers = [Worker(spec, i, tag) for i in range(count)]
+        self._idle: asyncio.Queue[Worker] = asyncio.Queue()
+        self._client = httpx.AsyncClient(limits=httpx.Limits(max_connections=count * 2 + 4),
+                                         timeout=httpx.Timeout(10.0))
+        self._monitors: list[asyncio.Task[None]] = []
+        self._closing = False
+        self._on_change = on_change
+        self.in_flight = 0
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Spawn every worker and wait until all are ready; on any failure stop all and re-raise."""
+        try:
+            for w in self.workers:
+                await w.spawn()
+            await asyncio.gather(*(w.wait_ready(self._client) for w in self.workers))
+        except BaseException:
+            await self.close()
+            raise
+        for w in self.workers:
+            self._idle.put_nowait(w)
+            self._monitors.append(asyncio.create_task(self._monitor(w), name=f"monitor-{self.tag}-{w.index}"))
+
+    async def close(self, *, drain_s: float = 0.0) -> None:
+        """Stop all workers; with ``drain_s`` first let in-flight requests finish (blue/green swap)."""
+        self._closing = True
+        deadline = time.monotonic() + drain_s
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for task in self._monitors:
+            task.cancel()
+        await asyncio.gather(*(w.stop() for w in self.workers), return_exceptions=True)
+        await self._client.aclose()
+
+    async def _monitor(self, worker: Worker) -> None:
+        """Restart ``worker`` whenever it exits while the pool is open."""
+        failures = 0
+        while not self._closing:
+            assert worker.proc is not None
+            code = await worker.proc.wait()
+            if self._closing:
+                return
+            logger.warning("endpoint worker %s-%d (pid %d) exited with code %s; restarting", self.tag,
+                           worker.index, worker.proc.pid, code)
+            worker.state = WorkerState.RESTARTING
+            self._changed()
+            while not self._closing:
+                await asyncio.sleep(min(0.5 * 2 ** failures, 10.0))
+                worker.restarts += 1
+                try:
+                    await worker.spawn()
+                    await worker.wait_ready(self._client)
+                except WorkerStartError as exc:
+                    failures += 1
+                    worker.error = exc.message
+                    worker.kill()
+                    if failures >= _MAX_RESTARTS_IN_A_ROW:
+                        worker.state = WorkerState.FAILED
+                        logger.error("endpoint worker %s-%d failed %d restarts in a row: %s", self.tag,
+                                     worker.index, failures, exc.message)
+                        self._changed()
+                        return
+                    continue
+                failures = 0
+                self._idle.put_nowait(worker)
+                self._changed()
+                break
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()
+
+    # -- dispatch ------------------------------------------------------------------------------
+
+    @property
+    def ready_count(self) -> int:
+        return sum(1 for w in self.workers if w.state in (WorkerState.READY, WorkerState.BUSY))
+
+    async def _acquire(self, deadline: float) -> Worker:
+        while True:
+            if all(w.state == WorkerState.FAILED for w in self.workers):
+                raise InvocationFailedError("every worker of this endpoint failed to restart; see endpoint logs",
+                                            original_status=500)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            worker = await asyncio.wait_for(self._idle.get(), remaining)
+            if worker.state == WorkerState.READY and worker.alive:
+                return worker
+            # a worker that died while idle: its monitor puts it back once restarted
+
+    async def invoke(self, body: bytes, headers: Mapping[str, str], *, timeout_s: float) -> WorkerReply:
+        """Send one invocation to an idle worker and return its reply (any status).
+
+        Raises:
+            InvocationTimeoutError: no reply within ``timeout_s`` (waiting included); the worker is restarted.
+            InvocationFailedError: the worker died or the connection broke mid-request.
+        """
+        started = time.monotonic()
+        deadline = started + timeout_s
+        self.in_flight += 1
+        try:
+            try:
+                worker = await self._acquire(deadline)
+            except asyncio.TimeoutError:
+                raise InvocationTimeoutError(
+                    f"no worker became free within the invocation timeout of {timeout_s:g} s",
+                    timeout_s=timeout_s) from None
+            worker.state = WorkerState.BUSY
+            fwd = {k: v for k, v in headers.items() if k.lower() in FORWARDED_HEADERS}
+            try:
+                reply = await self._client.post(f"{worker.url}/invocations", content=body, headers=fwd,
+                                                timeout=max(deadline - time.monotonic(), 0.01))
+            except httpx.TimeoutException:
+                logger.warning("endpoint worker %s-%d timed out after %.1f s; killing it", self.tag, worker.index,
+                               time.monotonic() - started)
+                worker.kill()
+                raise InvocationTimeoutError(f"invocation timed out after {timeout_s:g} s",
+                                             timeout_s=timeout_s) from None
+            except httpx.TransportError as exc:
+                worker.kill()  # a broken connection means a broken worker: let the monitor restart it
+                raise InvocationFailedError(f"worker {worker.index} died while serving the request "
+                                            f"({type(exc).__name__})", original_status=500) from exc
+            if worker.alive and worker.state == WorkerState.BUSY:
+                worker.state = WorkerState.READY
+                self._idle.put_nowait(worker)
+            return WorkerReply(status=reply.status_code, headers=dict(reply.headers), body=reply.content,
+                               worker=worker.index)
+        finally:
+            self.in_flight -= 1
