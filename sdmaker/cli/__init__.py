@@ -42,6 +42,11 @@ from sdmaker.cli import _endpoint  # noqa: E402
 
 _endpoint.register(app)
 
+from sdmaker.cli import _model, _s3  # noqa: E402
+
+_model.register(app)
+_s3.register(app)
+
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""

@@ -21,7 +21,7 @@ from typing import Any
 from sdmaker.errors import S3Error
 from sdmaker.store._files import Progress, fsync_dir
 
-__all__ = ["S3Uri", "download", "download_prefix", "head", "is_s3_uri", "list_keys", "make_client", "parse_s3_uri",
+__all__ = ["S3Uri", "copy", "download", "download_prefix", "head", "is_s3_uri", "list_keys", "make_client", "parse_s3_uri",
            "upload", "upload_dir"]
 
 logger = logging.getLogger(__name__)
@@ -168,6 +168,18 @@ def upload_dir(folder: Path, uri: str, progress: Progress | None = None, *, clie
             client.upload_file(str(path), bucket, key, Config=_transfer_config(), Callback=counter)
         out.append(f"s3://{bucket}/{key}")
     return out
+
+
+def copy(src_uri: str, dst_uri: str, *, client: Any = None) -> str:
+    """Server-side copy of an object (``dst_uri`` ending in ``/`` keeps the source's base name)."""
+    bucket, key = parse_s3_uri(src_uri)
+    dbucket, dkey = parse_s3_uri(dst_uri)
+    if not dkey or dkey.endswith("/"):
+        dkey += PurePosixPath(key).name
+    client = client or make_client()
+    with _mapped("copy", bucket, key):
+        client.copy({"Bucket": bucket, "Key": key}, dbucket, dkey, Config=_transfer_config())
+    return f"s3://{dbucket}/{dkey}"
 
 
 def _atomic_download(client: Any, bucket: str, key: str, dest: Path, counter: _Counter) -> None:

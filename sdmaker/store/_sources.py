@@ -44,7 +44,7 @@ def archive_stem(name: str) -> str:
     return base
 
 
-def fetch_hub(repo_id: str, settings: Settings) -> Path:
+def fetch_hub(repo_id: str, settings: Settings, *, cache_dir: Path | None = None) -> Path:
     """Local snapshot folder of hub model ``repo_id``: the HF cache first, the network only when online.
 
     Offline (``SDMAKER_OFFLINE``/``HF_HUB_OFFLINE``) with nothing cached fails at once with ``OfflineError``.
@@ -52,23 +52,26 @@ def fetch_hub(repo_id: str, settings: Settings) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    kwargs = {"allow_patterns": _HUB_ALLOW, "ignore_patterns": _HUB_IGNORE}
+    kwargs = {"allow_patterns": _HUB_ALLOW, "ignore_patterns": _HUB_IGNORE,
+              "cache_dir": str(cache_dir) if cache_dir is not None else None}
     try:
         return Path(snapshot_download(repo_id, local_files_only=True, **kwargs))  # type: ignore[arg-type]
     except Exception as exc:  # noqa: BLE001 - any cache miss falls through to the network (or OfflineError)
         cache_miss = exc
-    hint = (f"hub model {repo_id!r} is not in the local Hugging Face cache and sdmaker is offline. Either import "
-            "a local copy (`sdmaker model import ./folder-or-model.tar.gz --name NAME`) or run once with network "
-            "access (unset SDMAKER_OFFLINE/HF_HUB_OFFLINE) to fill the cache")
+    todo = ("Import a local copy instead (`sdmaker model import ./folder-or-model.tar.gz --name NAME`), or run "
+            "once with network access to fill the Hugging Face cache")
     if settings.offline:
-        raise OfflineError(hint, model=repo_id) from cache_miss
+        raise OfflineError(f"hub model {repo_id!r} is not in the local Hugging Face cache and sdmaker is offline "
+                           f"(SDMAKER_OFFLINE/HF_HUB_OFFLINE is set). {todo}.", model=repo_id) from cache_miss
     try:
         return Path(snapshot_download(repo_id, **kwargs))  # type: ignore[arg-type]
     except (RepositoryNotFoundError, GatedRepoError) as exc:
         raise ModelNotFoundError(f"hub model {repo_id!r} does not exist or needs access rights ({exc})",
                                  model=repo_id) from exc
     except Exception as exc:  # noqa: BLE001 - connection errors of any HTTP stack mean: no usable network
-        raise OfflineError(f"{hint} (download failed: {type(exc).__name__}: {exc})", model=repo_id) from exc
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise OfflineError(f"hub model {repo_id!r} is not in the local Hugging Face cache and could not be "
+                           f"downloaded ({type(exc).__name__}: {first_line}). {todo}.", model=repo_id) from exc
 
 
 @contextlib.contextmanager

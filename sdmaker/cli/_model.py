@@ -1,0 +1,165 @@
+"""``sdmaker model ...``: import, list, show, remove and package stored models."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from sdmaker.cli._common import console, err_console, get_settings, setup_logging
+
+__all__ = ["byte_progress", "register"]
+
+model_app = typer.Typer(help="Import, list, show, remove and package models in the local store.",
+                        no_args_is_help=True)
+
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")]
+
+
+@contextlib.contextmanager
+def byte_progress(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A rich bytes progress bar (on stderr, transient) as a ``(done, total)`` callback."""
+    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=err_console, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total or None)
+
+        yield update
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return f"{n} B"  # pragma: no cover
+
+
+@model_app.command("import")
+def import_cmd(
+    src: Annotated[str, typer.Argument(help="Diffusers folder, model.tar.gz/.tar/.tar.zst, s3:// URI or hub id.")],
+    name: Annotated[str, typer.Option("--name", "-n", help="Store name for the model.")],
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.ckpt/.pt weights "
+                                               "(unpickling runs code; trusted sources only).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a model of the same name.")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Import a model into the store (content-addressed; identical files are stored once).
+
+    Example: sdmaker model import ./sd-folder --name my-sd
+    """
+    from sdmaker.store import Store
+
+    setup_logging(verbose)
+    settings = get_settings()
+    store = Store(settings.store_dir, settings=settings)
+    with byte_progress("importing") as progress:
+        manifest = store.import_model(src, name=name, allow_pickle=allow_pickle, progress=progress,
+                                      overwrite=overwrite)
+    console.print(f"imported [bold]{manifest.name}[/bold]: {len(manifest.files)} files, "
+                  f"{_size(manifest.total_size)}, digest {manifest.digest}", highlight=False, soft_wrap=True)
+    console.print(str(store.model_path(manifest.name)), highlight=False, soft_wrap=True)
+
+
+@model_app.command("list")
+def list_cmd() -> None:
+    """List stored models."""
+    from sdmaker.store import Store
+
+    store = Store(get_settings().store_dir)
+    manifests = store.list()
+    if not manifests:
+        console.print(f"no models in {store.root} (import one with `sdmaker model import SRC --name NAME`)")
+        return
+    table = Table("name", "size", "files", "digest", "prediction", "native size", "created")
+    for m in manifests:
+        native = m.architecture.native_size
+        table.add_row(m.name, _size(m.total_size), str(len(m.files)), m.digest[:12], m.prediction_type or "-",
+                      f"{native}px" if native else "-", m.created.strftime("%Y-%m-%d %H:%M"))
+    console.print(table)
+
+
+@model_app.command("show")
+def show_cmd(name: Annotated[str, typer.Argument(help="Store name.")]) -> None:
+    """Show a stored model: digest, architecture, prediction type, defaults and files."""
+    from sdmaker.store import Store
+
+    store = Store(get_settings().store_dir)
+    m = store.get(name)
+    arch = m.architecture
+    rows = [
+        ("name", m.name), ("digest", m.digest), ("path", str(store.model_path(name))),
+        ("size", f"{_size(m.total_size)} ({m.total_size} bytes, {len(m.files)} files)"),
+        ("created", m.created.isoformat(timespec="seconds")), ("source", m.source or "-"),
+        ("pipeline", arch.pipeline_class or "-"), ("prediction type", m.prediction_type or "-"),
+        ("unet block_out_channels", str(arch.unet_block_out_channels or "-")),
+        ("cross_attention_dim", str(arch.cross_attention_dim or "-")),
+        ("sample size", f"{arch.sample_size} latent = {arch.native_size}px" if arch.native_size else "-"),
+        ("text encoder", arch.text_encoder_class or "-"), ("tokenizer", arch.tokenizer_class or "-"),
+        ("scheduler", arch.scheduler_class or "-"),
+        ("defaults", ", ".join(f"{k}={v}" for k, v in m.defaults.items()) or "-"),
+    ]
+    info = Table.grid(padding=(0, 2))
+    for key, value in rows:
+        info.add_row(f"[bold]{key}[/bold]", value)
+    console.print(info)
+    files = Table("file", "size", "sha256")
+    for f in m.files:
+        files.add_row(f.path, _size(f.size), f.sha256[:16])
+    console.print(files)
+
+
+@model_app.command("rm")
+def rm_cmd(name: Annotated[str, typer.Argument(help="Store name.")], verbose: Verbose = False) -> None:
+    """Remove a model; blobs no other model uses are deleted."""
+    from sdmaker.store import Store
+
+    setup_logging(verbose)
+    store = Store(get_settings().store_dir)
+    store.remove(name)
+    console.print(f"removed {name}", highlight=False)
+
+
+@model_app.command("package")
+def package_cmd(
+    src: Annotated[str, typer.Argument(help="Store name, model folder (or any model reference).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="model.tar.gz | .tar | .tar.zst path or s3:// URI.")],
+    code: Annotated[Path | None, typer.Option("--code", help="Folder copied under code/ (inference.py, "
+                                              "requirements.txt, ...).")] = None,
+    compression: Annotated[str, typer.Option(help="auto (from the output suffix), gzip, none or zstd.")] = "auto",
+    verbose: Verbose = False,
+) -> None:
+    """Write a SageMaker model artifact: model files at the root, handler code under code/.
+
+    Example: sdmaker model package my-sd --code ./code -o model.tar.gz
+    """
+    from sdmaker.store import format_for, package_model, resolve_model
+
+    setup_logging(verbose)
+    settings = get_settings()
+    format_for(out, compression)  # type: ignore[arg-type]  # refuse a bad output name before resolving
+    resolved = resolve_model(src, settings)
+    with byte_progress("packaging") as progress:
+        result = package_model(resolved.path, out, code_dir=code, compression=compression,  # type: ignore[arg-type]
+                               progress=progress)
+    console.print(f"packaged {resolved.name} ({result.compression}, {result.files} files, "
+                  f"{_size(result.bytes_in)} -> {_size(result.bytes_out)}, {result.seconds:.1f}s)", highlight=False)
+    console.print(result.path, highlight=False, soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(model_app, name="model")
