@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sdmaker.errors import ConfigError, ModelNotFoundError
 
-__all__ = ["BUILTIN_NAMES", "TOKENIZER_MAX_LENGTH", "assemble_builtin", "builtin_dir", "is_builtin_ready"]
+__all__ = ["BUILTIN_NAMES", "TOKENIZER_MAX_LENGTH", "assemble_builtin", "assemble_from", "builtin_dir", "is_builtin_ready"]
 
 BUILTIN_NAMES = ("mini",)
 #: Captions of the scene domain are < 24 word pieces; the pipeline pads every prompt to this length.
@@ -79,6 +79,16 @@ def assemble_builtin(name: str, dest: Path) -> Path:
     if not is_builtin_ready(name):
         raise ModelNotFoundError(f"the weights of built-in model {name!r} are not in this sdmaker install "
                                  f"({src} is incomplete)", model=name)
+    return assemble_from(src, dest)
+
+
+def assemble_from(src: Path, dest: Path) -> Path:
+    """Like :func:`assemble_builtin` for committed-style files at ``src`` (also used on fresh exports)."""
+    src = Path(src)
+    missing = [rel for rel in _REQUIRED if not (src / rel).is_file()]
+    if missing:
+        raise ModelNotFoundError(f"{src} is not a complete built-in model export (missing {', '.join(missing)})",
+                                 model=str(src))
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
@@ -91,6 +101,7 @@ def assemble_builtin(name: str, dest: Path) -> Path:
             else:
                 shutil.copy2(item, tmp / item.name)
         _copy_text_parts(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the model folder is ordinary data
         if dest.exists():
             old = dest.parent / f".{dest.name}-old-{os.getpid()}"
             os.replace(dest, old)

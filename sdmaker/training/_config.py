@@ -1,0 +1,108 @@
+"""Training configs: a JSON (or YAML) file -> a validated, fully defaulted dict.
+
+The committed built-in weights come from ``configs/train/mini-vae.json`` and ``mini-unet.json``; the
+``quick`` block of a config overrides keys for the seconds-long recipe used by tests (``--quick``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from sdmaker.errors import ConfigError
+
+__all__ = ["DEFAULTS", "config_digest", "load_config"]
+
+DEFAULTS: dict[str, Any] = {
+    "kind": "unet",  # vae | unet
+    "name": "run",
+    "seed": 0,
+    "steps": 1000,
+    "batch_size": 32,
+    "lr": 5e-4,
+    "min_lr_ratio": 0.1,
+    "warmup_steps": 100,
+    "weight_decay": 0.01,
+    "grad_clip": 1.0,
+    "ema_decay": 0.999,
+    "threads": 1,
+    "num_workers": 1,
+    "checkpoint_every": 200,
+    "log_every": 10,
+    "sample_every": 0,  # 0: sample grid only at the end
+    "divergence_factor": 20.0,  # loss > factor x its running minimum (after warmup) -> stop
+    "model": {},
+    "data": {"two_shape_prob": 0.35, "jitter": 1.0},
+    "caption_dropout": 0.1,
+    "noise_offset": 0.05,
+    "snr_gamma": 5.0,
+    "kl_weight": 1e-6,
+    "vae": None,  # unet: folder of the trained VAE (relative to the config file or absolute)
+    "max_length": 32,
+}
+_KINDS = ("vae", "unet")
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: Path, *, quick: bool = False, kind: str | None = None,
+                overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read ``path``, apply defaults, the ``quick`` block (``--quick``) and ``overrides``; validate.
+
+    A relative ``vae`` folder (UNet configs) is taken relative to the current directory, like ``--out``.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"config {path} cannot be read: {exc}", field="config", value=str(path)) from exc
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml  # pyyaml ships with transformers
+
+            raw = yaml.safe_load(text)
+        else:
+            raw = json.loads(text)
+    except Exception as exc:  # noqa: BLE001 - any parse error is a config error
+        raise ConfigError(f"config {path} is not valid: {exc}", field="config", value=str(path)) from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path} must be a mapping", field="config", value=str(path))
+    quick_over = raw.pop("quick", {}) or {}
+    cfg = _merge(DEFAULTS, raw)
+    if quick:
+        cfg = _merge(cfg, quick_over)
+        cfg["quick"] = True
+    if overrides:
+        cfg = _merge(cfg, {k: v for k, v in overrides.items() if v is not None})
+    if kind is not None and cfg["kind"] != kind:
+        raise ConfigError(f"config {path} is a {cfg['kind']!r} config, not {kind!r}", field="kind", value=cfg["kind"])
+    if cfg["kind"] not in _KINDS:
+        raise ConfigError(f"kind={cfg['kind']!r} is not valid; allowed: {', '.join(_KINDS)}", field="kind")
+    for key in ("steps", "batch_size", "checkpoint_every", "threads"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ConfigError(f"{key}={cfg[key]!r} must be a positive integer", field=key, value=cfg[key])
+    if cfg["kind"] == "unet":
+        if not cfg["vae"]:
+            raise ConfigError("a unet config needs 'vae': the folder of the trained VAE", field="vae")
+        vae = Path(cfg["vae"])
+        cfg["vae"] = str(vae.resolve())
+    cfg["config_path"] = str(path.resolve())
+    return cfg
+
+
+def config_digest(cfg: dict[str, Any]) -> str:
+    """Digest of the settings that determine the weights (a checkpoint only resumes the same run)."""
+    keep = {k: v for k, v in cfg.items() if k not in ("config_path", "checkpoint_every", "log_every", "num_workers",
+                                                      "sample_every", "name", "steps")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]

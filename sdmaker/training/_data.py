@@ -1,0 +1,131 @@
+"""Training batches as a pure function of ``(seed, step)``: resume needs only the step number.
+
+Batches are built by a torch ``DataLoader`` worker (``num_workers``) while the main process trains:
+scenes are rendered on the fly, and for the UNet also encoded by the frozen VAE and the frozen MiniLM
+text encoder. Text embeddings are produced exactly as ``StableDiffusionPipeline.encode_prompt`` does
+(same tokenizer call, padding to ``model_max_length``, no attention mask for a BertModel), and cached by
+caption string because the encoder is frozen.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdmaker.training._captions import caption
+from sdmaker.training._scenes import render, sample_scene, scene_rng
+
+__all__ = ["TextEncoderCache", "UnetBatches", "VaeBatches", "image_to_tensor", "make_loader"]
+
+
+def image_to_tensor(img: Any) -> torch.Tensor:
+    """PIL RGB -> float tensor (3, H, W) in [-1, 1], the VAE's input range."""
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def _samples(cfg: dict[str, Any], step: int) -> list[tuple[Any, str, random.Random]]:
+    data = cfg["data"]
+    out = []
+    for i in range(cfg["batch_size"]):
+        rng = scene_rng(cfg["seed"], step * cfg["batch_size"] + i)
+        scene = sample_scene(rng, two_shape_prob=data["two_shape_prob"], heldout="exclude", jitter=data["jitter"])
+        out.append((scene, caption(scene, rng, split="train"), rng))
+    return out
+
+
+class VaeBatches(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """Item ``step`` = the image batch of that training step."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.cfg = cfg
+
+    def __len__(self) -> int:
+        return int(self.cfg["steps"])
+
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        images = [image_to_tensor(render(scene)) for scene, _, _ in _samples(self.cfg, step)]
+        return {"images": torch.stack(images), "step": torch.tensor(step)}
+
+
+class TextEncoderCache:
+    """Frozen MiniLM encoder called like the pipeline calls it, with an LRU cache by caption."""
+
+    def __init__(self, model_dir: Path, max_length: int, capacity: int = 20000) -> None:
+        from transformers import AutoTokenizer, BertModel
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, model_max_length=max_length)
+        self.encoder = BertModel.from_pretrained(model_dir).eval().requires_grad_(False)
+        self.max_length = max_length
+        self.capacity = capacity
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> torch.Tensor:
+        missing = list(dict.fromkeys(c for c in captions if c not in self._cache))
+        if missing:
+            ids = self.tokenizer(missing, padding="max_length", max_length=self.max_length, truncation=True,
+                                 return_tensors="pt").input_ids
+            hidden = self.encoder(ids)[0]  # last_hidden_state, no attention mask: what the pipeline feeds the UNet
+            for text, emb in zip(missing, hidden, strict=True):
+                self._cache[text] = emb.clone()
+        out = []
+        for text in captions:
+            self._cache.move_to_end(text)
+            out.append(self._cache[text])
+        while len(self._cache) > self.capacity:
+            self._cache.popitem(last=False)
+        return torch.stack(out)
+
+
+class UnetBatches(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """Item ``step`` = (VAE latents x scaling factor, caption embeddings) of that step's batch.
+
+    Frozen models are loaded lazily inside the worker process (they are not sent through pickling).
+    Caption dropout for classifier-free guidance replaces a caption by "" (what the pipeline encodes as
+    the unconditional prompt) with probability ``caption_dropout``, decided by the sample's own RNG.
+    """
+
+    def __init__(self, cfg: dict[str, Any], text_model_dir: Path) -> None:
+        self.cfg = cfg
+        self.text_model_dir = text_model_dir
+        self._vae: Any = None
+        self._text: TextEncoderCache | None = None
+
+    def __len__(self) -> int:
+        return int(self.cfg["steps"])
+
+    def _load(self) -> None:
+        from diffusers import AutoencoderKL
+
+        if self._vae is None:
+            self._vae = AutoencoderKL.from_pretrained(self.cfg["vae"]).eval().requires_grad_(False)
+            self._text = TextEncoderCache(self.text_model_dir, self.cfg["max_length"])
+
+    @torch.no_grad()
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        self._load()
+        assert self._text is not None
+        samples = _samples(self.cfg, step)
+        images = torch.stack([image_to_tensor(render(scene)) for scene, _, _ in samples])
+        captions = ["" if rng.random() < self.cfg["caption_dropout"] else text for _, text, rng in samples]
+        latents = self._vae.encode(images).latent_dist.mean * float(self._vae.config.scaling_factor)
+        return {"latents": latents, "embeds": self._text.encode(captions), "step": torch.tensor(step)}
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def make_loader(dataset: torch.utils.data.Dataset, start_step: int, num_workers: int) -> Any:  # type: ignore[type-arg]
+    """Batches for steps ``start_step .. len-1`` in order (one item = one whole batch)."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=range(start_step, len(dataset)),  # type: ignore[arg-type]
+        num_workers=num_workers, worker_init_fn=_worker_init if num_workers else None,
+        prefetch_factor=2 if num_workers else None, persistent_workers=False,
+    )

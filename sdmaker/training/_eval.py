@@ -1,0 +1,166 @@
+"""Evaluate a scene model: generate the held-out prompt set and score the images with the analyser.
+
+The prompt set is a pure function of ``(n, seed)``: scenes drawn with a seed never used for training,
+captioned only with the held-out templates (:data:`EVAL_TEMPLATES`), in four groups:
+``one`` (one shape, trained colour/shape pairs), ``one_heldout`` (one shape of a held-out pair),
+``two`` and ``two_heldout`` (two shapes; the latter includes at least one held-out pair).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdmaker.training._analyser import Analysis, DetectedShape, analyse
+from sdmaker.training._captions import caption
+from sdmaker.training._scenes import Scene, ShapeSpec, sample_scene, scene_rng
+
+__all__ = ["EVAL_SEED", "EvalItem", "EvalReport", "eval_prompts", "evaluate", "score_item", "summarise"]
+
+logger = logging.getLogger(__name__)
+
+EVAL_SEED = 424242
+_GROUPS = (("one", 0.3125), ("one_heldout", 0.3125), ("two", 0.25), ("two_heldout", 0.125))
+BATCH = 16
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    prompt: str
+    scene: Scene
+    group: str
+
+
+@dataclass
+class EvalReport:
+    metrics: dict[str, float]
+    groups: dict[str, dict[str, float]]
+    n: int
+    settings: dict[str, Any]
+    seconds: float
+    items: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metrics": self.metrics, "groups": self.groups, "n": self.n, "settings": self.settings,
+                "seconds": round(self.seconds, 2)}
+
+
+def eval_prompts(n: int = 128, seed: int = EVAL_SEED) -> list[EvalItem]:
+    """The deterministic held-out prompt set of size ``n`` (group sizes in the module docstring)."""
+    items: list[EvalItem] = []
+    counts = [max(1, round(n * frac)) for _, frac in _GROUPS]
+    counts[0] += n - sum(counts)
+    for (group, _), count in zip(_GROUPS, counts, strict=True):
+        two = group.startswith("two")
+        heldout = "only" if group.endswith("heldout") else "exclude"
+        for i in range(count):
+            rng = scene_rng(seed + 1000 * (1 + [g for g, _ in _GROUPS].index(group)), i)
+            scene = sample_scene(rng, two_shape_prob=1.0 if two else 0.0, heldout=heldout)
+            items.append(EvalItem(caption(scene, rng, split="eval"), scene, group))
+    return items[:n]
+
+
+def _order(shapes: list[Any], relation: str | None) -> list[Any]:
+    horizontal = relation in ("left of", "right of")
+    return sorted(shapes, key=lambda s: s.center[0] if horizontal else s.center[1])
+
+
+def score_item(item: EvalItem, analysis: Analysis) -> dict[str, Any]:
+    """Per-attribute correctness of one generated image (1.0 / 0.0, or None when not applicable)."""
+    scene = item.scene
+    out: dict[str, Any] = {"background": float(analysis.background == scene.background)}
+    expected: list[ShapeSpec] = list(scene.shapes)
+    detected: list[DetectedShape] = list(analysis.shapes)
+    if len(expected) == 1:
+        exp = expected[0]
+        det = detected[0] if detected else None
+        out["count"] = float(len(detected) == 1)
+        out["color"] = float(det is not None and det.color == exp.color)
+        out["shape"] = float(det is not None and det.shape == exp.shape)
+        out["size"] = float(det is not None and det.size == exp.size)
+        out["position"] = float(det is not None and det.position == exp.position)
+        out["all"] = float(all(out[k] for k in ("background", "color", "shape", "size", "position")))
+        return out
+    out["count"] = float(len(detected) == 2)
+    if len(detected) < 2:
+        for key in ("color", "shape", "size", "relation", "two_shape_both", "all"):
+            out[key] = 0.0
+        return out
+    exp_sorted, det_sorted = _order(expected, scene.relation), _order(detected[:2], scene.relation)
+    colors = [float(d.color == e.color) for d, e in zip(det_sorted, exp_sorted, strict=True)]
+    shapes = [float(d.shape == e.shape) for d, e in zip(det_sorted, exp_sorted, strict=True)]
+    sizes = [float(d.size == e.size) for d, e in zip(det_sorted, exp_sorted, strict=True)]
+    out["color"] = sum(colors) / 2
+    out["shape"] = sum(shapes) / 2
+    out["size"] = sum(sizes) / 2
+    # relation: the detected pair lies along the prompt's axis (ordering then assigns who is where)
+    axis_ok = Analysis(analysis.background, det_sorted).relation() in (
+        ("left of", "right of") if scene.relation in ("left of", "right of") else ("above", "below"))
+    out["relation"] = float(axis_ok)
+    out["two_shape_both"] = float(axis_ok and all(colors) and all(shapes))
+    out["all"] = float(out["two_shape_both"] and out["background"] and all(sizes))
+    return out
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float | None:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def summarise(items: list[EvalItem], scores: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, dict]]:
+    """Overall and per-group accuracies. ``overall`` = mean of colour, shape, position, two_shape_both."""
+    keys = ("background", "color", "shape", "size", "position", "relation", "two_shape_both", "count", "all")
+    metrics = {k: v for k in keys if (v := _mean(scores, k)) is not None}
+    parts = [metrics.get(k) for k in ("color", "shape", "position", "two_shape_both")]
+    metrics["overall"] = sum(p for p in parts if p is not None) / len([p for p in parts if p is not None])
+    groups: dict[str, dict[str, float]] = {}
+    for name in sorted({it.group for it in items}):
+        rows = [s for it, s in zip(items, scores, strict=True) if it.group == name]
+        groups[name] = {k: v for k in keys if (v := _mean(rows, k)) is not None}
+        groups[name]["n"] = float(len(rows))
+    held = [s for it, s in zip(items, scores, strict=True) if it.group.endswith("heldout")]
+    groups["heldout_pairs"] = {k: v for k in keys if (v := _mean(held, k)) is not None}
+    groups["heldout_pairs"]["n"] = float(len(held))
+    return metrics, groups
+
+
+def evaluate(model: Any, *, n: int = 128, steps: int | None = None, scheduler: str | None = None,
+             guidance_scale: float | None = None, seed: int = 0,
+             on_batch: Callable[[int, int], None] | None = None, keep_images: bool = False) -> EvalReport:
+    """Generate the prompt set with ``model`` (a LoadedModel) at its defaults unless overridden, and score it."""
+    from sdmaker.engine import generate
+    from sdmaker.schema import parse_request
+
+    started = time.perf_counter()
+    items = eval_prompts(n)
+    scores: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    resolved_settings: dict[str, Any] = {}
+    for start in range(0, len(items), BATCH):
+        chunk = items[start:start + BATCH]
+        data: dict[str, Any] = {"prompt": [it.prompt for it in chunk], "seed": seed + start, "format": "png"}
+        for key, value in (("num_inference_steps", steps), ("scheduler", scheduler),
+                           ("guidance_scale", guidance_scale)):
+            if value is not None:
+                data[key] = value
+        request = parse_request(data).resolve(model.defaults)
+        resolved_settings = {"num_inference_steps": request.num_inference_steps,
+                             "guidance_scale": request.guidance_scale,
+                             "scheduler": request.scheduler or model.default_scheduler,
+                             "height": request.height, "width": request.width, "seed": seed}
+        result = generate(model, request)
+        for item, img in zip(chunk, result.images, strict=True):
+            analysis = analyse(img.image)
+            s = score_item(item, analysis)
+            scores.append(s)
+            row = {"prompt": item.prompt, "group": item.group, **s}
+            if keep_images:
+                row["image"] = img.image
+            rows.append(row)
+        if on_batch is not None:
+            on_batch(min(start + BATCH, len(items)), len(items))
+    metrics, groups = summarise(items, scores)
+    return EvalReport(metrics, groups, len(items), resolved_settings, time.perf_counter() - started, rows)

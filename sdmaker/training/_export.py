@@ -1,0 +1,67 @@
+"""Package trained VAE + UNet as the built-in model's committed files (fp16 safetensors + configs).
+
+Writes ``model_index.json``, ``unet/``, ``vae/``, ``scheduler/``, ``sdmaker.json`` (recommended request
+defaults) and ``README.md`` (model card) to ``dest`` -- everything except the frozen MiniLM text encoder
+and tokenizer, which :func:`sdmaker.models.assemble_builtin` copies from the installed package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DEFAULT_SETTINGS", "export_builtin"]
+
+#: Recommended request defaults of the built-in model (what ``sdmaker eval`` measures by default).
+DEFAULT_SETTINGS: dict[str, Any] = {"height": 64, "width": 64, "num_inference_steps": 20, "guidance_scale": 4.0,
+                                    "scheduler": "dpmpp_2m"}
+_KEEP = ("model_index.json", "unet", "vae", "scheduler")
+
+
+def export_builtin(vae_dir: Path, unet_dir: Path, dest: Path, *, name: str = "mini",
+                   defaults: dict[str, Any] | None = None, card: str | None = None,
+                   text_model_dir: Path | None = None) -> Path:
+    """Write the committed part of a built-in model to ``dest`` (replaced atomically); return ``dest``."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from sdmaker.training._sampling import build_pipeline
+
+    if text_model_dir is None:
+        from sdmaker.engine import minilm_dir
+
+        text_model_dir = minilm_dir()
+    from sdmaker.models import TOKENIZER_MAX_LENGTH
+
+    vae = AutoencoderKL.from_pretrained(vae_dir).to(torch.float16)
+    unet = UNet2DConditionModel.from_pretrained(unet_dir).to(torch.float16)
+    defaults = {**DEFAULT_SETTINGS, **(defaults or {})}
+    pipe = build_pipeline(unet, vae, text_model_dir, TOKENIZER_MAX_LENGTH, scheduler=defaults["scheduler"]
+                          if defaults["scheduler"] in ("ddim", "ddpm") else "dpmpp_2m")
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=dest.parent) as work:
+        full = Path(work) / "full"
+        pipe.save_pretrained(full, safe_serialization=True)
+        staged = Path(work) / "staged"
+        staged.mkdir()
+        for item in _KEEP:
+            src = full / item
+            if src.is_dir():
+                shutil.copytree(src, staged / item)
+            else:
+                shutil.copy2(src, staged / item)
+        (staged / "sdmaker.json").write_text(json.dumps({"name": name, "defaults": defaults}, indent=2) + "\n")
+        if card is not None:
+            (staged / "README.md").write_text(card)
+        elif (dest / "README.md").is_file():
+            shutil.copy2(dest / "README.md", staged / "README.md")
+        old = Path(work) / "old"
+        if dest.exists():
+            os.replace(dest, old)
+        os.replace(staged, dest)
+    return dest

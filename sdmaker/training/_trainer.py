@@ -1,0 +1,285 @@
+"""The training loop shared by the VAE and the UNet: AdamW, EMA, checkpoints, exact resume, tracking.
+
+Exact resume: a checkpoint holds the model, EMA weights, optimizer, LR scheduler, RNG states (torch,
+numpy, python) and the step. The data of step ``s`` and its noise/timesteps are pure functions of
+``(seed, s)``, so a run killed with ``kill -9`` and resumed from its last checkpoint ends with weights
+bit-identical to an uninterrupted run (same thread count, same machine). Checkpoints are written to a
+temporary file and renamed (atomic); a NaN or diverging loss stops the run without overwriting the last
+good checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdmaker.errors import ConfigError
+from sdmaker.training._config import config_digest
+from sdmaker.training._data import UnetBatches, VaeBatches, make_loader
+from sdmaker.training._models import build_scheduler, build_unet, build_vae
+from sdmaker.training._tracking import Tracker
+
+__all__ = ["CHECKPOINT_FILE", "EXPORT_DIR", "ProgressFn", "TrainResult", "train"]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+EXPORT_DIR = "model"
+#: ``progress(step, total, metrics)`` after every optimisation step.
+ProgressFn = Callable[[int, int, dict[str, float]], None]
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    model_dir: Path | None
+    steps_done: int
+    status: str  # finished | diverged
+    seconds: float
+    final_loss: float | None
+    run_id: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 7_919 + step) * 104_729 + 17)
+
+
+def _lr_lambda(cfg: dict[str, Any]) -> Callable[[int], float]:
+    warmup, total, floor = int(cfg["warmup_steps"]), int(cfg["steps"]), float(cfg["min_lr_ratio"])
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class _Run:
+    """State of one training run (model, EMA, optimizer, scheduler) and its per-kind loss."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.cfg = cfg
+        torch.manual_seed(cfg["seed"])  # weight init only
+        if cfg["kind"] == "vae":
+            self.model = build_vae(cfg["model"])
+            self.vae_scaling = 1.0
+        else:
+            from diffusers import AutoencoderKL
+
+            vae_cfg = AutoencoderKL.load_config(cfg["vae"])
+            factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+            self.vae_scaling = float(vae_cfg.get("scaling_factor", 1.0))
+            self.model = build_unet(cfg["model"], sample_size=64 // factor, in_channels=vae_cfg["latent_channels"],
+                                    cross_attention_dim=384)
+            self.noise_sched = build_scheduler("ddpm")
+            ac = self.noise_sched.alphas_cumprod
+            self.snr = ac / (1 - ac)
+        self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.ema = [p.detach().clone() for p in self.params]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg))
+
+    def loss(self, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        gen = _step_generator(self.cfg["seed"], step)
+        if self.cfg["kind"] == "vae":
+            x = batch["images"]
+            post = self.model.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+            recon = self.model.decode(z).sample
+            mse = torch.mean((recon - x) ** 2)
+            l1 = torch.mean(torch.abs(recon - x))
+            kl = post.kl().mean() / z[0].numel()
+            return mse + 0.5 * l1 + self.cfg["kl_weight"] * kl, {"mse": mse.item(), "kl": kl.item()}
+        latents, embeds = batch["latents"], batch["embeds"]
+        bsz = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=gen)
+        if self.cfg["noise_offset"]:
+            noise = noise + self.cfg["noise_offset"] * torch.randn((bsz, latents.shape[1], 1, 1), generator=gen)
+        t = torch.randint(0, self.noise_sched.config.num_train_timesteps, (bsz,), generator=gen)
+        noisy = self.noise_sched.add_noise(latents, noise, t)
+        pred = self.model(noisy, t, embeds).sample
+        per = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        if self.cfg["snr_gamma"]:  # min-SNR weighting: faster convergence, less effort on trivial low-noise steps
+            snr = self.snr[t]
+            per = per * torch.clamp(snr, max=self.cfg["snr_gamma"]) / snr
+        return per.mean(), {}
+
+    @torch.no_grad()
+    def update_ema(self, step: int) -> None:
+        decay = min(self.cfg["ema_decay"], (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - decay)
+
+    def state(self, step: int, run_id: str | None, best: float) -> dict[str, Any]:
+        return {
+            "step": step, "config_digest": config_digest(self.cfg), "model": self.model.state_dict(),
+            "ema": [t.clone() for t in self.ema], "optimizer": self.opt.state_dict(),
+            "lr_scheduler": self.sched.state_dict(), "torch_rng": torch.get_rng_state(),
+            "numpy_rng": np.random.get_state(), "python_rng": random.getstate(), "mlflow_run_id": run_id,
+            "best_loss": best,
+        }
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        if ckpt["config_digest"] != config_digest(self.cfg):
+            raise ConfigError("the checkpoint was written by a different config; resume needs the same config "
+                              "(or start without --resume in a new --out folder)", field="config")
+        self.model.load_state_dict(ckpt["model"])
+        for dst, src in zip(self.ema, ckpt["ema"], strict=True):
+            dst.copy_(src)
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["lr_scheduler"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        np.random.set_state(ckpt["numpy_rng"])
+        random.setstate(ckpt["python_rng"])
+
+    def ema_model(self) -> Any:
+        """A copy of the model carrying the EMA weights (what gets exported)."""
+        import copy
+
+        model = copy.deepcopy(self.model)
+        with torch.no_grad():
+            for p, e in zip([p for p in model.parameters() if p.requires_grad], self.ema, strict=True):
+                p.copy_(e)
+        return model.eval()
+
+
+def _export(run: _Run, out_dir: Path) -> Path:
+    """Save the EMA model as a diffusers component folder (``out_dir/model``), atomically."""
+    from sdmaker.training._sampling import vae_latent_scale
+
+    model = run.ema_model()
+    if run.cfg["kind"] == "vae":
+        scale = vae_latent_scale(model, run.cfg)
+        model.register_to_config(scaling_factor=scale)  # the pipeline multiplies latents by exactly this
+    dest = out_dir / EXPORT_DIR
+    tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=out_dir))
+    model.save_pretrained(tmp, safe_serialization=True)
+    old = out_dir / ".model-old"
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def train(cfg: dict[str, Any], out_dir: Path, *, resume: bool = False, mlflow_dir: Path | None = None,
+          progress: ProgressFn | None = None, text_model_dir: Path | None = None,
+          stop_after: int | None = None) -> TrainResult:
+    """Train the VAE or UNet of ``cfg`` into ``out_dir`` (checkpoint + exported EMA model + sample grid).
+
+    ``stop_after`` ends the run early after that many steps *of this invocation* (used by tests to simulate
+    an interrupted run without killing a process); the checkpoint is then written as on a normal stop.
+    """
+    from sdmaker.training._sampling import sample_grid
+
+    started = time.perf_counter()
+    torch.set_num_threads(int(cfg["threads"]))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / CHECKPOINT_FILE
+    run = _Run(cfg)
+    start_step, run_id, best = 0, None, math.inf
+    if resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file, written above
+        run.restore(ckpt)
+        start_step, run_id, best = int(ckpt["step"]), ckpt.get("mlflow_run_id"), float(ckpt.get("best_loss", math.inf))
+        logger.info("resuming %s from step %d", out_dir, start_step)
+    elif ckpt_path.exists() and not resume:
+        raise ConfigError(f"{out_dir} already holds a checkpoint; pass --resume to continue it or choose another "
+                          "--out", field="out", value=str(out_dir))
+    tracker = Tracker(mlflow_dir, f"sdmaker-train-{cfg['kind']}", enabled=mlflow_dir is not None)
+    run_id = tracker.start(cfg["name"], cfg, run_id=run_id, tags={"kind": cfg["kind"]})
+    if cfg["kind"] == "vae":
+        dataset: Any = VaeBatches(cfg)
+    else:
+        if text_model_dir is None:
+            from sdmaker.engine import minilm_dir
+
+            text_model_dir = minilm_dir()
+        dataset = UnetBatches(cfg, text_model_dir)
+    total = int(cfg["steps"])
+    step, status, last_loss, smooth = start_step, "finished", None, None
+    window_t, window_n = time.perf_counter(), 0
+    images_per_s = 0.0
+    loader = make_loader(dataset, start_step, int(cfg["num_workers"]))
+    for batch in loader:
+        if stop_after is not None and step - start_step >= stop_after:
+            break
+        assert int(batch["step"]) == step, "data position out of sync with the training step"
+        loss, extra = run.loss(batch, step)
+        if not torch.isfinite(loss):
+            logger.warning("loss is %s at step %d: stopping; the last good checkpoint is kept", float(loss), step)
+            tracker.set_tag("stopped", f"non-finite loss at step {step}")
+            status = "diverged"
+            break
+        run.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, cfg["grad_clip"]))
+        lr = run.sched.get_last_lr()[0]
+        run.opt.step()
+        run.sched.step()
+        run.update_ema(step)
+        step += 1
+        last_loss = loss.item()
+        smooth = last_loss if smooth is None else 0.98 * smooth + 0.02 * last_loss
+        window_n += cfg["batch_size"]
+        if step > cfg["warmup_steps"]:
+            best = min(best, smooth)
+            if smooth > cfg["divergence_factor"] * best:
+                logger.warning("loss diverged at step %d (%.4g > %g x best %.4g): stopping; last good checkpoint "
+                               "kept", step, smooth, cfg["divergence_factor"], best)
+                tracker.set_tag("stopped", f"diverged at step {step}")
+                status = "diverged"
+                break
+        if step % cfg["log_every"] == 0 or step == total:
+            now = time.perf_counter()
+            images_per_s = window_n / max(now - window_t, 1e-9)
+            window_t, window_n = now, 0
+            tracker.log_metrics({"loss": last_loss, "loss_smooth": smooth, "lr": lr, "grad_norm": grad_norm,
+                                 "images_per_s": images_per_s, **extra}, step)
+        if progress is not None:
+            progress(step, total, {"loss": last_loss, "lr": lr, "images_per_s": images_per_s})
+        if step % cfg["checkpoint_every"] == 0 or step == total:
+            _atomic_save(run.state(step, run_id, best), ckpt_path)
+        if cfg["sample_every"] and step % cfg["sample_every"] == 0 and step < total:
+            grid = sample_grid(run, out_dir, step, text_model_dir)
+            tracker.log_artifact(grid, "samples")
+    if status == "finished" and stop_after is not None and step < total:
+        _atomic_save(run.state(step, run_id, best), ckpt_path)
+        tracker.end("KILLED")
+        return TrainResult(out_dir, None, step, "stopped", time.perf_counter() - started, last_loss, run_id)
+    model_dir = None
+    if status == "finished":
+        model_dir = _export(run, out_dir)
+        grid = sample_grid(run, out_dir, step, text_model_dir)
+        tracker.log_artifact(grid, "samples")
+    seconds = time.perf_counter() - started
+    tracker.log_metrics({"train_seconds_this_invocation": seconds}, step)
+    tracker.end("FINISHED" if status == "finished" else "FAILED")
+    return TrainResult(out_dir, model_dir, step, status, seconds, last_loss, run_id)
