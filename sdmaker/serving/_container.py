@@ -1,0 +1,276 @@
+"""The SageMaker inference container: ``GET /ping`` and ``POST /invocations`` over one loaded model.
+
+Contract §1.3-1.4 and §7: the port is bound before any model work starts; the model loads in a
+background thread while ``/ping`` answers 503 ``{"status": "Loading"}``, then 200 ``{"status":
+"Healthy"}``, or 500 ``{"status": "Failed", "error": ...}`` with the model code's own error. Handlers
+run in a thread pool so ``/ping`` stays responsive during generation and concurrent requests can reach
+a step-level batcher. A status file (JSON, written atomically) tells a supervising daemon the same.
+
+Both ``sdmaker serve`` (foreground) and ``python -m sdmaker.serving.worker`` (spawned by the daemon)
+run :func:`run_server`.
+"""
+
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdmaker.errors import AuthenticationError, ConfigError
+from sdmaker.serving._auth import is_loopback
+from sdmaker.serving._handler import HandlerService, error_body
+
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "EXIT_BIND_FAILED", "EXIT_LOAD_FAILED", "ModelServer", "create_app",
+           "run_server", "write_status"]
+
+logger = logging.getLogger(__name__)
+
+#: SageMaker's real-time body limit (runtime model ``BodyBlob.max``).
+DEFAULT_MAX_BODY_BYTES = 6 * 1024 * 1024
+#: Exit code after a failed model load (status file says why), and when the port cannot be bound.
+EXIT_LOAD_FAILED = 3
+EXIT_BIND_FAILED = 4
+_NOT_FOUND = "Requested resource is not found, please refer to API document."
+
+
+def write_status(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON to ``path`` atomically (temp file in the same folder + ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class _State:
+    state: str = "loading"          # loading | ready | failed
+    error: str | None = None
+    load_seconds: float | None = None
+
+
+class ModelServer:
+    """One model, its load state, and the pool handlers run in.
+
+    Args:
+        handler: the (not yet loaded) handler service.
+        status_file: where to mirror the state for a supervising daemon (optional).
+        threads: handler threads (default 1: one generation at a time per worker).
+        max_body_bytes: larger bodies get 413 before the handler runs.
+        token: when set, every route but ``/ping`` requires ``Authorization: Bearer <token>``.
+        worker_id: shown in logs and the status file.
+    """
+
+    def __init__(self, handler: HandlerService, *, status_file: Path | None = None, threads: int = 1,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, token: str | None = None,
+                 worker_id: str | None = None) -> None:
+        if threads < 1:
+            raise ConfigError(f"threads={threads} must be >= 1", field="threads", value=threads)
+        self.handler = handler
+        self.status_file = Path(status_file) if status_file else None
+        self.max_body_bytes = max_body_bytes
+        self.token = token
+        self.worker_id = worker_id
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sdmaker-handler")
+        self._state = _State()
+        self._lock = threading.Lock()
+        self.loaded = threading.Event()  # set when loading ended, either way
+        self._write_status()
+
+    @property
+    def state(self) -> str:
+        return self._state.state
+
+    @property
+    def error(self) -> str | None:
+        return self._state.error
+
+    def _write_status(self) -> None:
+        if self.status_file is None:
+            return
+        s = self._state
+        write_status(self.status_file, {"state": s.state, "error": s.error, "pid": os.getpid(),
+                                        "load_seconds": s.load_seconds, "worker_id": self.worker_id,
+                                        "model_dir": str(self.handler.model_dir), "time": time.time()})
+
+    def load(self) -> bool:
+        """Load the model (blocking); record ready/failed. Returns True on success."""
+        started = time.perf_counter()
+        try:
+            self.handler.load()
+        except BaseException as exc:  # noqa: BLE001 - the model's own error, whatever it is
+            text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            logger.error("model load failed: %s", text, exc_info=exc)
+            with self._lock:
+                self._state = _State("failed", text, time.perf_counter() - started)
+                self._write_status()
+            self.loaded.set()
+            return False
+        with self._lock:
+            self._state = _State("ready", None, time.perf_counter() - started)
+            self._write_status()
+        logger.info("model loaded in %.2f s; ready", self._state.load_seconds)
+        self.loaded.set()
+        return True
+
+    def start_loading(self) -> threading.Thread:
+        """Load in a daemon thread (a hung ``model_fn`` must not keep the process alive at shutdown)."""
+        thread = threading.Thread(target=self.load, name="sdmaker-model-load", daemon=True)
+        thread.start()
+        return thread
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _json(status: int, payload: dict[str, Any]) -> Any:
+    from starlette.responses import Response
+
+    return Response(content=json.dumps(payload), status_code=status, media_type="application/json")
+
+
+def _raw_error(status: int, message: str, type_: str, **extra: Any) -> Any:
+    from starlette.responses import Response
+
+    return Response(content=error_body(status, message, type_=type_, extra=extra), status_code=status,
+                    media_type="application/json")
+
+
+def create_app(server: ModelServer) -> Any:
+    """The FastAPI app of the container contract for ``server``."""
+    from fastapi import FastAPI, Request
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.responses import Response
+
+    app = FastAPI(title="sdmaker model server", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next: Any) -> Any:
+        if server.token and request.url.path != "/ping":
+            header = request.headers.get("authorization", "")
+            scheme, _, value = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), server.token.encode()):
+                client = request.client.host if request.client else "?"
+                logger.warning("refused %s %s from %s: missing or invalid bearer token", request.method,
+                               request.url.path, client)
+                err = AuthenticationError("missing or invalid bearer token (send Authorization: Bearer <token>)")
+                return _raw_error(403, err.message, "AccessDeniedException", error=err.code)
+        return await call_next(request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> Any:
+        if exc.status_code == 404:
+            return _raw_error(404, _NOT_FOUND, "ResourceNotFoundException")
+        return _raw_error(exc.status_code, str(exc.detail), "BadRequestException")
+
+    @app.get("/ping")
+    async def ping() -> Any:
+        state = server.state
+        if state == "ready":
+            return _json(200, {"status": "Healthy"})
+        if state == "failed":
+            return _json(500, {"status": "Failed", "error": server.error})
+        return _json(503, {"status": "Loading"})
+
+    @app.post("/invocations")
+    async def invocations(request: Request) -> Any:
+        limit = server.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            return _too_large(int(declared), limit)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return _too_large(size, limit)
+            chunks.append(chunk)
+        if server.state != "ready":
+            message = "model is still loading" if server.state == "loading" else f"model failed to load: {server.error}"
+            return _raw_error(503, message, "ServiceUnavailableException")
+        headers = dict(request.headers.items())
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        reply = await loop.run_in_executor(server.executor, server.handler.handle, b"".join(chunks), headers)
+        logger.info("POST /invocations %d %d bytes in %.3f s", reply.status, len(reply.body),
+                    time.perf_counter() - started)
+        out_headers = dict(reply.headers)
+        out_headers["Content-Type"] = reply.content_type
+        return Response(content=reply.body, status_code=reply.status, headers=out_headers)
+
+    return app
+
+
+def _too_large(size: int, limit: int) -> Any:
+    return _raw_error(413, f"request body of {size} bytes exceeds the limit of {limit} bytes", "PayloadTooLarge",
+                      error="PayloadTooLargeError", limit=limit)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_server(server: ModelServer, *, host: str, port: int, fail_grace_s: float = 2.0,
+               graceful_shutdown_s: float = 30.0) -> int:
+    """Bind ``host:port`` now, load in the background, serve until stopped; return the exit code.
+
+    0 after a normal stop (SIGTERM/SIGINT), :data:`EXIT_LOAD_FAILED` ``fail_grace_s`` seconds after a
+    failed load (``/ping`` and the status file carry the error meanwhile), :data:`EXIT_BIND_FAILED` when
+    the port cannot be bound.
+    """
+    import uvicorn
+
+    if not is_loopback(host) and not server.token:
+        raise AuthenticationError(f"refusing to listen on {host}: a non-loopback address needs a bearer token "
+                                  "(--token); the default 127.0.0.1 needs none")
+    try:
+        sock = _bind(host, port)
+    except OSError as exc:
+        logger.error("cannot listen on %s:%d: %s", host, port, exc)
+        with server._lock:
+            server._state = _State("failed", f"cannot listen on {host}:{port}: {exc}")
+            server._write_status()
+        return EXIT_BIND_FAILED
+    logger.info("listening on http://%s:%d (pid %d)", host, port, os.getpid())
+    config = uvicorn.Config(create_app(server), log_config=None, access_log=False, lifespan="off",
+                            timeout_graceful_shutdown=graceful_shutdown_s)
+    uv = uvicorn.Server(config)
+    exit_code = 0
+
+    def _watch_load() -> None:
+        nonlocal exit_code
+        server.loaded.wait()
+        if server.state == "failed":
+            time.sleep(fail_grace_s)  # let the daemon read /ping or the status file
+            exit_code = EXIT_LOAD_FAILED
+            uv.should_exit = True
+
+    server.start_loading()
+    threading.Thread(target=_watch_load, name="sdmaker-load-watch", daemon=True).start()
+    try:
+        uv.run(sockets=[sock])
+    finally:
+        sock.close()
+        server.close()
+    return exit_code

@@ -1,0 +1,335 @@
+"""The request handler: the Hugging Face inference toolkit's ``HuggingFaceHandlerService`` for diffusion models.
+
+Per request (toolkit ``handle()``, contract §2.4): Content-Type and Accept are read from the headers
+(missing or ``*/*`` Accept means JSON), JSON/CSV bodies become ``str``, then ``transform_fn`` runs, by
+default ``input_fn -> predict_fn -> output_fn``, each replaceable by ``code/inference.py``. Any
+exception becomes HTTP 400 with MMS's body ``{"code": 400, "type": "InternalServerException",
+"message": str(e)}``; sdmaker's own errors add ``"error"`` (the sdmaker class name) and their fields so
+the daemon can tell bad input from broken model code.
+
+The defaults are sdmaker's, not the toolkit's text-to-image pipeline: without ``model_fn`` the model
+is loaded by :func:`sdmaker.engine.load_model` (fp32 on CPU, the model's ``sdmaker.json`` defaults);
+without ``predict_fn`` the body may be the seed's JSON, any :class:`~sdmaker.schema.GenerateRequest`,
+or the toolkit's ``{"inputs": prompt, "parameters": {...}}``, validated before any generation; the
+answer is ``{"generated_images": [base64 ...], "seeds": [...], ...}`` or, for ``Accept: image/png``
+(``image/jpeg``, ``image/webp``), the raw bytes of a single image.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdmaker.errors import InvalidRequestError, SdmakerError
+from sdmaker.schema import GenerateRequest, parse_request
+from sdmaker.serving._codecs import JSON, decode, encode, encode_json, media_type, resolve_accept, to_text, unsupported
+from sdmaker.serving._user_module import Context, UserHooks, load_user_module
+
+__all__ = ["RAW_IMAGE_TYPES", "HandlerResponse", "HandlerService", "SdModel", "error_body", "request_from_payload",
+           "result_json"]
+
+logger = logging.getLogger(__name__)
+
+#: Accept values for which the default handler answers one image's raw bytes.
+RAW_IMAGE_TYPES: dict[str, str] = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
+
+
+@dataclass
+class HandlerResponse:
+    """What goes back over HTTP for one invocation."""
+
+    status: int
+    body: bytes
+    content_type: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def error_body(status: int, message: str, *, type_: str = "InternalServerException",
+               extra: Mapping[str, Any] | None = None) -> bytes:
+    """MMS's error JSON (Gson pretty-print: 2-space indent, ``'`` as ``\\u0027``, trailing newline)."""
+    payload: dict[str, Any] = {"code": status, "type": type_, "message": message}
+    for key, value in (extra or {}).items():
+        payload.setdefault(key, value)
+    text = json.dumps(payload, indent=2, default=repr).replace("'", "\\u0027")
+    return (text + "\n").encode("utf-8")
+
+
+def _sdmaker_extra(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, SdmakerError):
+        data = exc.to_dict()
+        data.pop("message", None)
+        return data
+    return {}
+
+
+class SdModel:
+    """The default model: an engine :class:`~sdmaker.engine.LoadedModel` that also behaves like its pipeline.
+
+    A ``predict_fn`` written for ``StableDiffusionPipeline`` (the seed's) may be combined with the
+    default ``model_fn``: calling this object or reading its attributes reaches the pipeline.
+    :meth:`run` is the one call site of generation; the step-level batcher replaces ``runner``.
+    """
+
+    def __init__(self, loaded: Any) -> None:
+        from sdmaker.engine import generate
+
+        self.loaded = loaded
+        #: ``runner(loaded_model, request) -> GenerationResult``; swap in a batcher's submit here.
+        self.runner = generate
+
+    def run(self, request: GenerateRequest) -> Any:
+        """Generate ``request``; the single place generation happens for the default handler."""
+        return self.runner(self.loaded, request)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self.loaded.lock:  # diffusers pipelines keep per-call state
+            return self.loaded.pipeline(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "loaded":  # not yet set (copy/pickle): avoid recursion
+            raise AttributeError(name)
+        return getattr(self.loaded.pipeline, name)
+
+
+def request_from_payload(data: Any) -> GenerateRequest:
+    """Validate a decoded body into a request: the seed's JSON, a GenerateRequest, or ``{"inputs", "parameters"}``."""
+    if not isinstance(data, dict):
+        raise InvalidRequestError(f"request body must be a JSON object, got {type(data).__name__}", field=None)
+    data = dict(data)
+    if "inputs" in data:
+        if "prompt" in data:
+            raise InvalidRequestError("give the prompt as 'inputs' (HF toolkit) or 'prompt', not both",
+                                      field="inputs", value=None)
+        params = data.pop("parameters", None)
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise InvalidRequestError(f"parameters must be a JSON object, got {type(params).__name__}",
+                                      field="parameters", value=None)
+        both = sorted(set(params) & set(data))
+        if both:
+            raise InvalidRequestError(f"{both[0]} is given both at the top level and in parameters",
+                                      field=both[0], value=None)
+        data = {"prompt": data.pop("inputs"), **data, **params}
+    return parse_request(data)
+
+
+def _looks_like_sd_pipeline(model: Any) -> bool:
+    return callable(model) and all(hasattr(model, a) for a in ("unet", "vae", "scheduler", "text_encoder"))
+
+
+def _is_generation_result(obj: Any) -> bool:
+    from sdmaker.engine import GenerationResult
+
+    return isinstance(obj, GenerationResult)
+
+
+class HandlerService:
+    """Loads the model once (``model_fn`` or the default) and answers invocations.
+
+    Args:
+        model_dir: the extracted model folder (``/opt/ml/model``'s role).
+        program: ``SAGEMAKER_PROGRAM`` (``settings.sagemaker_program``).
+        device / dtype: for the *default* model load only; a user ``model_fn`` places its model itself.
+        model_name: display name of the model (recipes, JSON answers).
+        allow_pickle: let the default loader read ``.bin``/``.ckpt`` weights.
+        digest: the model's content digest when already known (store models); computed otherwise.
+    """
+
+    def __init__(self, model_dir: Path, *, program: str | None = None, device: str = "auto", dtype: str = "auto",
+                 model_name: str | None = None, allow_pickle: bool = False, server_version: str = "",
+                 digest: str | None = None) -> None:
+        self.model_dir = Path(model_dir).resolve()
+        self.program = program
+        self.device = device
+        self.dtype = dtype
+        self.model_name = model_name
+        self.allow_pickle = allow_pickle
+        self.digest = digest
+        self.hooks = UserHooks()
+        self.model: Any = None
+        self.context = Context(system_properties={
+            "model_dir": str(self.model_dir), "gpu_id": -1, "batch_size": 1,
+            "server_name": "sdmaker", "server_version": server_version, "model_name": model_name or "model",
+        })
+        self._adhoc: tuple[Any, Any] | None = None  # (user pipeline, LoadedModel wrapping it)
+
+    # --- startup ---------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Import the user module, validate its hooks and load the model (``model_fn`` once per worker)."""
+        self.context.system_properties["gpu_id"] = self._gpu_id()
+        self.hooks = load_user_module(self.model_dir, self.program)
+        if self.hooks.model_fn is not None:
+            self.model = self.hooks.model_fn(str(self.model_dir), context=self.context)
+        else:
+            self.model = self.default_model_fn(self.model_dir)
+        self._warn_fp16_on_cpu(self.model)
+
+    def _gpu_id(self) -> int:
+        if self.device == "cpu":
+            return -1
+        import torch
+
+        return 0 if torch.cuda.is_available() else -1
+
+    @staticmethod
+    def _warn_fp16_on_cpu(model: Any) -> None:
+        dtype, device = getattr(model, "dtype", None), getattr(model, "device", None)
+        if str(dtype) == "torch.float16" and getattr(device, "type", str(device)) == "cpu":
+            logger.warning("the model_fn returned a float16 pipeline on the CPU: torch runs it, but about 15x "
+                           "slower than float32 (measured on sd1-tiny); sdmaker keeps the dtype your model_fn "
+                           "chose. Load with torch_dtype=torch.float32 on CPU-only machines.")
+
+    def default_model_fn(self, model_dir: Path) -> SdModel:
+        from sdmaker.engine import load_model
+
+        return SdModel(load_model(model_dir, name=self.model_name, device=self.device, dtype=self.dtype,
+                                  allow_pickle=self.allow_pickle, digest=self.digest))
+
+    # --- the default request hooks -----------------------------------------------------------------
+
+    def default_input_fn(self, input_data: Any, content_type: str | None, context: Context) -> Any:
+        return decode(input_data, content_type)
+
+    def default_predict_fn(self, data: Any, model: Any, context: Context) -> Any:
+        sd = self._as_sd_model(model)
+        if sd is None:  # a non-diffusion model from a user model_fn: the toolkit's generic call
+            if not isinstance(data, dict):
+                raise InvalidRequestError(f"request body must be a JSON object, got {type(data).__name__}")
+            inputs = data.pop("inputs", data)
+            parameters = data.pop("parameters", None)
+            return model(inputs, **parameters) if parameters is not None else model(inputs)
+        request = request_from_payload(data)
+        if self.hooks.output_fn is None:  # we know how the answer will be encoded: refuse early
+            accept = resolve_accept(context.get_request_header("Accept"))
+            mt = media_type(accept)
+            if mt in RAW_IMAGE_TYPES:
+                total = len(request.prompts) * (request.num_images_per_prompt or 1)
+                if total > 1:
+                    raise InvalidRequestError(
+                        f"Accept: {accept} returns the raw bytes of one image, but this request asks for {total} "
+                        "images; use Accept: application/json for several", field="num_images_per_prompt",
+                        value=total, allowed="1 with an image Accept")
+                request = request.model_copy(update={"format": RAW_IMAGE_TYPES[mt]})
+            elif mt != JSON:
+                raise unsupported(accept, field="Accept")
+        result = sd.run(request)
+        context.set_response_header("X-Sdmaker-Seeds", ",".join(str(s) for s in result.seeds))
+        return result
+
+    def default_output_fn(self, prediction: Any, accept: str, context: Context) -> Any:
+        if not _is_generation_result(prediction):
+            return encode(prediction, accept)
+        mt = media_type(accept)
+        if mt in RAW_IMAGE_TYPES:
+            if len(prediction.images) != 1:
+                raise InvalidRequestError(f"Accept: {accept} returns one image, the prediction holds "
+                                          f"{len(prediction.images)}", field="Accept", value=accept)
+            if prediction.request.format == RAW_IMAGE_TYPES[mt]:
+                return prediction.encode(0)
+            from sdmaker.engine import encode_image
+
+            return encode_image(prediction.images[0].image, fmt=RAW_IMAGE_TYPES[mt],
+                                quality=prediction.request.quality, recipe=prediction.recipe(0))
+        if mt != JSON:
+            raise unsupported(accept, field="Accept")
+        return encode_json(result_json(prediction))
+
+    def _as_sd_model(self, model: Any) -> SdModel | None:
+        if isinstance(model, SdModel):
+            return model
+        if not _looks_like_sd_pipeline(model):
+            return None
+        if self._adhoc is None or self._adhoc[0] is not model:
+            from sdmaker.engine import LoadedModel, Placement
+
+            loaded = LoadedModel(pipeline=model, path=self.model_dir, name=self.model_name or self.model_dir.name,
+                                 digest=self.digest or "", placement=Placement(device=str(model.device), dtype=model.dtype))
+            self._adhoc = (model, SdModel(loaded))
+        return self._adhoc[1]
+
+    def transform(self, model: Any, input_data: Any, content_type: str | None, accept: str, context: Context) -> Any:
+        """The default ``transform_fn``: input -> predict -> output, each user-replaceable."""
+        h = self.hooks
+        t0 = time.perf_counter()
+        data = (h.input_fn(input_data, content_type, context=context) if h.input_fn
+                else self.default_input_fn(input_data, content_type, context))
+        t1 = time.perf_counter()
+        prediction = (h.predict_fn(data, model, context=context) if h.predict_fn
+                      else self.default_predict_fn(data, model, context))
+        t2 = time.perf_counter()
+        response = (h.output_fn(prediction, accept, context=context) if h.output_fn
+                    else self.default_output_fn(prediction, accept, context))
+        logger.info("Preprocess time - %.1f ms, Predict time - %.1f ms, Postprocess time - %.1f ms",
+                    (t1 - t0) * 1e3, (t2 - t1) * 1e3, (time.perf_counter() - t2) * 1e3)
+        return response
+
+    # --- one invocation --------------------------------------------------------------------------
+
+    def handle(self, body: bytes, headers: Mapping[str, str]) -> HandlerResponse:
+        """Answer one ``POST /invocations``; never raises (errors become 4xx/5xx responses)."""
+        context = self.context.for_request(headers)
+        content_type = context.get_request_header("Content-Type")
+        accept = resolve_accept(context.get_request_header("Accept"))
+        try:
+            input_data = to_text(body, content_type)
+            if self.hooks.transform_fn is not None:
+                response = self.hooks.transform_fn(self.model, input_data, content_type, accept, context=context)
+            else:
+                response = self.transform(self.model, input_data, content_type, accept, context)
+            payload = _to_bytes(response)
+        except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            return self._error(exc, context)
+        status = context.response_status or 200
+        return HandlerResponse(status=status, body=payload, content_type=accept, headers=context.response_headers)
+
+    def _error(self, exc: BaseException, context: Context) -> HandlerResponse:
+        # SystemExit / GeneratorExit from model code: keep serving, say what happened.
+        message = str(exc) if isinstance(exc, Exception) else f"{type(exc).__name__}({exc}) raised by the model code"
+        if isinstance(exc, SdmakerError) and not isinstance(exc, InvalidRequestError):
+            logger.error("invocation failed: %s", message)
+        elif not isinstance(exc, SdmakerError):
+            logger.error("invocation failed in the model code", exc_info=exc)
+        else:
+            logger.info("invalid request: %s", message)
+        return HandlerResponse(status=400, body=error_body(400, message, extra=_sdmaker_extra(exc)),
+                               content_type="application/json", headers=context.response_headers)
+
+
+def _to_bytes(response: Any) -> bytes:
+    """MMS's rule for a handler's return value: bytes as is, str as UTF-8, anything else as JSON."""
+    if isinstance(response, (bytes, bytearray, memoryview)):
+        return bytes(response)
+    if isinstance(response, str):
+        return response.encode("utf-8")
+    try:
+        return json.dumps(response, indent=2).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"Unsupported model output data type: {type(response).__name__} ({exc}); return bytes, "
+                        "str or JSON-serialisable data from output_fn/transform_fn") from None
+
+
+def result_json(result: Any) -> dict[str, Any]:
+    """The default JSON answer: the seed's ``generated_images`` plus what regenerates each image."""
+    req = result.request
+    return {
+        "generated_images": [base64.b64encode(result.encode(i)).decode("ascii") for i in range(len(result.images))],
+        "seeds": result.seeds,
+        "format": req.format,
+        "mime_type": result.mime_type,
+        "model": result.model_name,
+        "model_digest": result.model_digest or None,
+        "scheduler": result.scheduler,
+        "parameters": {k: getattr(req, k) for k in ("height", "width", "num_inference_steps", "guidance_scale",
+                                                      "num_images_per_prompt", "seed")},
+        "timings": result.timings,
+    }

@@ -1,0 +1,103 @@
+"""Worker process entry point: ``python -m sdmaker.serving.worker --model-dir DIR --port PORT ...``.
+
+One worker = one model loaded once (``model_fn`` or the default) behind the SageMaker container
+contract (``GET /ping``, ``POST /invocations``). The daemon spawns N of these per endpoint and proxies to
+them; ``sdmaker serve`` runs the same server in the foreground.
+
+Options::
+
+    --model-dir DIR          extracted model folder (contains model_index.json and/or code/inference.py)
+    --port PORT              default: SAGEMAKER_BIND_TO_PORT, else 8080
+    --host HOST              default 127.0.0.1; any other address needs --token
+    --status-file PATH       JSON {"state": "loading"|"ready"|"failed", "error": str|null, "pid": int,
+                             "load_seconds": float|null, "worker_id": str|null, "model_dir": str, "time": float},
+                             rewritten atomically on every state change
+    --workers-id ID          label for logs and the status file
+    --max-body-bytes N       413 above this (default SDMAKER_MAX_BODY_BYTES, else 6291456)
+    --device auto|cpu|cuda   --dtype auto|fp32|bf16|fp16   (default model load only; default: settings)
+    --threads N              handler threads (default 1)
+    --model-name NAME        display name (default: sdmaker.json "name", else the folder name)
+    --model-digest DIGEST    content digest when known (skips hashing the weights at load)
+    --token TOKEN            require "Authorization: Bearer TOKEN" on every route but /ping
+    --allow-pickle           let the default loader read .bin/.ckpt weights
+    --fail-grace-seconds S   after a failed load, keep answering /ping 500 for S seconds, then exit 3
+
+Environment (``SAGEMAKER_PROGRAM`` etc.) is read through :mod:`sdmaker.config`.
+Exit codes: 0 stopped (SIGTERM/SIGINT), 2 bad arguments, 3 model load failed, 4 port unavailable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from sdmaker import __version__
+from sdmaker.config import Settings, load_settings
+from sdmaker.errors import SdmakerError
+from sdmaker.serving._container import ModelServer, run_server
+from sdmaker.serving._handler import HandlerService
+
+__all__ = ["build_parser", "main", "model_display_name"]
+
+logger = logging.getLogger("sdmaker.serving.worker")
+
+
+def build_parser(settings: Settings) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sdmaker.serving.worker",
+                                description="sdmaker model server worker (SageMaker container contract)")
+    p.add_argument("--model-dir", required=True, type=Path)
+    p.add_argument("--port", type=int, default=settings.bind_port)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--status-file", type=Path, default=None)
+    p.add_argument("--workers-id", "--worker-id", dest="worker_id", default=None)
+    p.add_argument("--max-body-bytes", type=int, default=settings.max_body_bytes)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=settings.device)
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default=settings.dtype)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--model-name", default=None)
+    p.add_argument("--model-digest", default=None)
+    p.add_argument("--token", default=None)
+    p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--fail-grace-seconds", type=float, default=2.0)
+    return p
+
+
+def model_display_name(model_dir: Path) -> str:
+    """``sdmaker.json``'s ``name`` when present, else the folder name."""
+    card = Path(model_dir) / "sdmaker.json"
+    try:
+        name = json.loads(card.read_text()).get("name") if card.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        name = None
+    return str(name) if name else Path(model_dir).resolve().name
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = load_settings()
+    except SdmakerError as exc:
+        print(f"sdmaker worker: {exc.message}", file=sys.stderr)
+        return 2
+    args = build_parser(settings).parse_args(argv)
+    tag = f"worker {args.worker_id}" if args.worker_id else "worker"
+    logging.basicConfig(level=logging.DEBUG if settings.debug else logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s [{tag}] %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    handler = HandlerService(args.model_dir, program=settings.sagemaker_program, device=args.device,
+                             dtype=args.dtype, model_name=args.model_name or model_display_name(args.model_dir),
+                             allow_pickle=args.allow_pickle, server_version=__version__, digest=args.model_digest)
+    try:
+        server = ModelServer(handler, status_file=args.status_file, threads=args.threads,
+                             max_body_bytes=args.max_body_bytes, token=args.token, worker_id=args.worker_id)
+        return run_server(server, host=args.host, port=args.port, fail_grace_s=args.fail_grace_seconds)
+    except SdmakerError as exc:
+        logger.error("%s", exc.message)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
