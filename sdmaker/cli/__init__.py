@@ -47,6 +47,10 @@ from sdmaker.cli import _model, _s3  # noqa: E402
 _model.register(app)
 _s3.register(app)
 
+from sdmaker.cli import _train  # noqa: E402
+
+_train.register(app)
+
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""

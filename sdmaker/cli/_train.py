@@ -1,0 +1,161 @@
+"""``sdmaker train vae|unet|export`` and ``sdmaker eval``: sdmaker's own training pipeline, from the shell."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from sdmaker.cli._common import console, err_console, get_settings, setup_logging
+
+__all__ = ["register"]
+
+train_app = typer.Typer(help="Train the VAE or UNet of a scene model (checkpoints, --resume, MLflow).",
+                        no_args_is_help=True)
+
+_Config = Annotated[Path, typer.Option("--config", "-c", help="Training config (JSON or YAML).", exists=True,
+                                       dir_okay=False)]
+_Resume = Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint in --out, exactly.")]
+_Quick = Annotated[bool, typer.Option("--quick", help="The seconds-long recipe of the config (tests).")]
+_Out = Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (default: runs/<config name>).")]
+_NoTrack = Annotated[bool, typer.Option("--no-track", help="Do not log to MLflow.")]
+_Verbose = Annotated[bool, typer.Option("--verbose", "-v")]
+
+
+def _run(kind: str, config: Path, resume: bool, quick: bool, out: Path | None, no_track: bool, verbose: bool,
+         overrides: dict[str, Any] | None = None) -> None:
+    from sdmaker.training._config import load_config
+    from sdmaker.training._trainer import train
+
+    setup_logging(verbose)
+    settings = get_settings()
+    cfg = load_config(config, quick=quick, kind=kind, overrides=overrides)
+    out = out or Path("runs") / (cfg["name"] + ("-quick" if quick else ""))
+    columns = (TextColumn(f"[bold]train {kind}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.1f} img/s"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("train", total=cfg["steps"], loss=float("nan"), ips=0.0)
+
+        def on_step(step: int, total: int, metrics: dict[str, float]) -> None:
+            progress.update(task, completed=step, loss=metrics["loss"], ips=metrics["images_per_s"])
+
+        result = train(cfg, out, resume=resume, mlflow_dir=None if no_track else settings.mlflow_dir,
+                       progress=on_step)
+    if result.status != "finished":
+        err_console.print(f"[yellow]training stopped ({result.status}) at step {result.steps_done}; the last good "
+                          f"checkpoint is in {out}[/yellow]")
+        raise typer.Exit(1)
+    console.print(f"{kind} trained: {result.steps_done} steps in {result.seconds:.0f}s, final loss "
+                  f"{result.final_loss:.4f}; model: {result.model_dir}", highlight=False)
+    if result.run_id:
+        console.print(f"MLflow run {result.run_id} in {settings.mlflow_dir}", highlight=False)
+
+
+@train_app.command("vae")
+def train_vae(config: _Config, resume: _Resume = False, quick: _Quick = False, out: _Out = None,
+              no_track: _NoTrack = False, verbose: _Verbose = False) -> None:
+    """Train the AutoencoderKL (64x64 images <-> latents)."""
+    _run("vae", config, resume, quick, out, no_track, verbose)
+
+
+@train_app.command("unet")
+def train_unet(config: _Config, resume: _Resume = False, quick: _Quick = False, out: _Out = None,
+               vae: Annotated[Path | None, typer.Option(help="Trained VAE folder (overrides the config's).")] = None,
+               no_track: _NoTrack = False, verbose: _Verbose = False) -> None:
+    """Train the text-conditioned UNet on latents of the trained VAE."""
+    _run("unet", config, resume, quick, out, no_track, verbose,
+         overrides={"vae": str(vae.resolve())} if vae else None)
+
+
+@train_app.command("export")
+def train_export(
+    vae: Annotated[Path, typer.Option(help="Trained VAE folder (runs/<vae>/model).", exists=True)],
+    unet: Annotated[Path, typer.Option(help="Trained UNet folder (runs/<unet>/model).", exists=True)],
+    dest: Annotated[Path, typer.Option(help="Where to write the built-in model files.")] = Path("sdmaker/models/mini"),
+    name: Annotated[str, typer.Option()] = "mini",
+) -> None:
+    """Package a trained VAE + UNet as built-in model files (fp16 safetensors, configs, defaults)."""
+    from sdmaker.training._export import export_builtin
+
+    setup_logging(False)
+    path = export_builtin(vae, unet, dest, name=name)
+    console.print(str(path), highlight=False)
+
+
+def _resolve(model: str, settings: Any) -> tuple[Path, str, str | None]:
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path, path.resolve().name, None
+    from sdmaker.store import resolve_model
+
+    resolved = resolve_model(model, settings)
+    return resolved.path, resolved.name, resolved.digest
+
+
+def eval_cmd(
+    model: Annotated[str, typer.Argument(help="Model folder, store name, or built-in name (mini).")] = "mini",
+    steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps (default: the model's).")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="Scheduler (default: the model's).")] = None,
+    guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", "-g")] = None,
+    n: Annotated[int, typer.Option("--n", help="Number of held-out prompts.")] = 128,
+    seed: Annotated[int, typer.Option(help="Base seed of the generations.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    sheet: Annotated[Path | None, typer.Option(help="Also write a contact sheet PNG of the generations.")] = None,
+    no_track: _NoTrack = False,
+    verbose: _Verbose = False,
+) -> None:
+    """Generate the held-out prompt set and score it per attribute with the scene analyser."""
+    from sdmaker.engine import load_model
+    from sdmaker.training._eval import evaluate
+    from sdmaker.training._tracking import Tracker
+
+    setup_logging(verbose)
+    settings = get_settings()
+    path, name, digest = _resolve(model, settings)
+    loaded = load_model(path, name=name, device=settings.device, dtype=settings.dtype, digest=digest)
+    with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console, transient=True) as progress:
+        task = progress.add_task("eval", total=n)
+        report = evaluate(loaded, n=n, steps=steps, scheduler=scheduler, guidance_scale=guidance_scale, seed=seed,
+                          on_batch=lambda done, total: progress.update(task, completed=done),
+                          keep_images=sheet is not None)
+    if sheet is not None:
+        from sdmaker.training._sampling import contact_sheet
+
+        contact_sheet([r["image"] for r in report.items], [r["prompt"] for r in report.items],
+                      cols=8).save(sheet)
+    if not no_track:
+        tracker = Tracker(settings.mlflow_dir, "sdmaker-eval")
+        tracker.start(f"eval-{name}", {"model": name, "model_digest": loaded.digest, "n": n, **report.settings})
+        tracker.log_metrics(report.metrics, 0)
+        for group, values in report.groups.items():
+            tracker.log_metrics({f"{group}.{k}": v for k, v in values.items() if k != "n"}, 0)
+        tracker.end()
+    data = {"model": name, "digest": loaded.digest, **report.to_dict()}
+    if as_json:
+        console.print_json(json.dumps(data))
+        return
+    keys = ("overall", "color", "shape", "size", "position", "relation", "two_shape_both", "background", "all")
+    table = Table(title=f"eval {name} ({n} held-out prompts, {report.settings['num_inference_steps']} steps, "
+                        f"{report.settings['scheduler']}, guidance {report.settings['guidance_scale']})")
+    table.add_column("metric")
+    table.add_column("all", justify="right")
+    groups = [g for g in ("one", "one_heldout", "two", "two_heldout", "heldout_pairs") if g in report.groups]
+    for g in groups:
+        table.add_column(f"{g} (n={int(report.groups[g]['n'])})", justify="right")
+    for key in keys:
+        cells = [f"{report.metrics[key]:.1%}" if key in report.metrics else "-"]
+        cells += [f"{report.groups[g][key]:.1%}" if key in report.groups[g] else "-" for g in groups]
+        table.add_row(key, *cells)
+    console.print(table)
+    console.print(f"{report.seconds:.0f}s", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(train_app, name="train")
+    app.command("eval")(eval_cmd)
