@@ -75,7 +75,8 @@ def _open_stream(archive: Path) -> Iterator[tarfile.TarFile]:
         except (tarfile.TarError, EOFError, OSError) as exc:
             if isinstance(exc, ArchiveError):
                 raise
-            raise ArchiveError(f"{archive}: not a readable {fmt} tar archive ({exc})", archive=str(archive)) from exc
+            what = "tar" if fmt == "tar" else f"{fmt}-compressed tar"
+            raise ArchiveError(f"{archive}: not a readable {what} archive ({exc})", archive=str(archive)) from exc
         finally:
             if reader is not None:
                 reader.close()

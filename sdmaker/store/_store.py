@@ -196,10 +196,10 @@ class Store:
         folder = Path(folder)
         if not folder.is_dir():
             raise ModelNotFoundError(f"{folder} is not a folder", model=str(folder))
-        if not (folder / "model_index.json").is_file():
-            raise ModelFormatError(f"{folder} is not a diffusers model folder: model_index.json is missing "
-                                   "(expected model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)",
-                                   model=str(folder))
+        if not (folder / "model_index.json").is_file() and not (folder / "code" / "inference.py").is_file():
+            raise ModelFormatError(f"{folder} is not a model folder: it has neither model_index.json (a diffusers "
+                                   "model: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) "
+                                   "nor code/inference.py (a SageMaker-style handler)", model=str(folder))
         files = list_model_files(folder)
         pickles = find_pickle_weights(folder, files)
         if pickles and not allow_pickle:

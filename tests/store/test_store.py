@@ -1,0 +1,253 @@
+"""The content-addressed store: import, dedup, digests, crash safety, pickle refusal, removal."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sdmaker.config import Settings
+from sdmaker.digest import tree_digest
+from sdmaker.errors import (
+    InvalidRequestError,
+    ModelExistsError,
+    ModelFormatError,
+    ModelNotFoundError,
+    OfflineError,
+    PickleRefusedError,
+    StoreIntegrityError,
+)
+from sdmaker.store import Store
+from sdmaker.store import _store as store_module
+
+
+def _visible(store: Store) -> dict[str, list[str]]:
+    """Everything a reader could see, plus the staging areas that must be empty after a failure."""
+    out = {}
+    for sub in ("manifests", "blobs", "snapshots", "tmp", "staging"):
+        d = store.root / sub
+        out[sub] = sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+    return out
+
+
+def test_import_real_model_folder(tmp_path: Path, sd1_dir: Path) -> None:
+    store = Store(tmp_path / "store")
+    m = store.import_model(sd1_dir, name="sd1")
+    path = store.model_path("sd1")
+    assert m.digest == tree_digest(path) == tree_digest(sd1_dir)
+    assert {f.path for f in m.files} == {p.relative_to(sd1_dir).as_posix() for p in sd1_dir.rglob("*") if p.is_file()}
+    assert m.total_size == sum(f.size for f in m.files)
+    assert m.architecture.text_encoder_class == "CLIPTextModel"
+    assert m.architecture.unet_block_out_channels == json.loads((sd1_dir / "unet/config.json").read_text())[
+        "block_out_channels"]
+    assert m.prediction_type == "epsilon"
+    for f in m.files:  # the snapshot is a normal folder of hard links into the blobs
+        assert (path / f.path).stat().st_ino == (store.root / "blobs" / f.sha256).stat().st_ino
+    assert store.get("sd1") == m
+    assert [x.name for x in store.list()] == ["sd1"]
+
+
+def test_import_v_prediction_model_reads_architecture(tmp_path: Path, sd2_dir: Path) -> None:
+    m = Store(tmp_path / "store").import_model(sd2_dir, name="sd2")
+    assert m.prediction_type == "v_prediction"
+    assert m.architecture.cross_attention_dim == json.loads((sd2_dir / "unet/config.json").read_text())[
+        "cross_attention_dim"]
+
+
+def test_stored_model_loads_with_diffusers(tmp_path: Path, sd1_dir: Path) -> None:
+    from sdmaker.engine import load_model
+
+    store = Store(tmp_path / "store")
+    m = store.import_model(sd1_dir, name="sd1")
+    loaded = load_model(store.model_path("sd1"), name="sd1", digest=m.digest)
+    assert loaded.prediction_type == "epsilon"
+
+
+def test_dedup_shared_files_stored_once(tmp_path: Path, make_fake_model) -> None:
+    a = make_fake_model(tmp_path / "a")
+    b = make_fake_model(tmp_path / "b", extra={"sdmaker.json": json.dumps({"defaults": {"height": 64}}).encode()})
+    store = Store(tmp_path / "store")
+    ma = store.import_model(a, name="a")
+    mb = store.import_model(b, name="b")
+    assert mb.defaults == {"height": 64}
+    unique = {f.sha256 for f in ma.files} | {f.sha256 for f in mb.files}
+    assert sorted(_visible(store)["blobs"]) == sorted(unique)
+    assert len(unique) == len(ma.files) + 1  # only sdmaker.json is new
+    store.remove("a")
+    assert sorted(_visible(store)["blobs"]) == sorted(f.sha256 for f in mb.files)
+    assert tree_digest(store.model_path("b")) == mb.digest
+    store.remove("b")
+    assert _visible(store) == {"manifests": [], "blobs": [], "snapshots": [], "tmp": [], "staging": []}
+
+
+def test_same_content_two_names_share_snapshot(tmp_path: Path, fake_model_dir: Path) -> None:
+    store = Store(tmp_path / "store")
+    store.import_model(fake_model_dir, name="x")
+    store.import_model(fake_model_dir, name="y")
+    assert store.model_path("x") == store.model_path("y")
+    store.remove("x")
+    assert store.model_path("y").is_dir()
+
+
+def test_crash_mid_import_leaves_nothing(tmp_path: Path, fake_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+                                         ) -> None:
+    store = Store(tmp_path / "store")
+    real = store_module.copy_hashing
+    calls = {"n": 0}
+
+    def flaky(src: Path, dest: Path, on_bytes=None):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise OSError("disk on fire")
+        return real(src, dest, on_bytes)
+
+    monkeypatch.setattr(store_module, "copy_hashing", flaky)
+    with pytest.raises(OSError, match="disk on fire"):
+        store.import_model(fake_model_dir, name="m")
+    assert _visible(store) == {"manifests": [], "blobs": [], "snapshots": [], "tmp": [], "staging": []}
+    assert store.list() == []
+    monkeypatch.setattr(store_module, "copy_hashing", real)
+    assert store.import_model(fake_model_dir, name="m").digest == tree_digest(fake_model_dir)
+
+
+def test_crash_at_commit_point_keeps_previous_blobs(tmp_path: Path, make_fake_model, fake_model_dir: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(tmp_path / "store")
+    first = store.import_model(fake_model_dir, name="first")
+    before = _visible(store)
+    other = make_fake_model(tmp_path / "other", seed=7)
+
+    def boom(path: Path, text: str) -> None:
+        raise KeyboardInterrupt  # e.g. Ctrl-C exactly at the manifest write
+
+    monkeypatch.setattr(store_module, "atomic_write_text", boom)
+    with pytest.raises(KeyboardInterrupt):
+        store.import_model(other, name="second")
+    monkeypatch.undo()
+    after = _visible(store)
+    assert after["manifests"] == before["manifests"] and set(after["blobs"]) >= {f.sha256 for f in first.files}
+    store.gc()  # leftover snapshot of the failed import (no manifest) is collected
+    assert _visible(store) == before
+
+
+def test_leftover_tmp_from_killed_process_is_cleaned(tmp_path: Path, fake_model_dir: Path) -> None:
+    store = Store(tmp_path / "store")
+    (store.root / "tmp").mkdir(parents=True)
+    (store.root / "tmp" / ".tmp-blob-123-dead").write_bytes(b"partial")
+    store.import_model(fake_model_dir, name="m")
+    assert _visible(store)["tmp"] == []
+
+
+def test_names_and_existing(tmp_path: Path, make_fake_model, fake_model_dir: Path) -> None:
+    store = Store(tmp_path / "store")
+    for bad in ("../evil", "a/b", ".hidden", "", "x" * 200):
+        with pytest.raises(InvalidRequestError):
+            store.import_model(fake_model_dir, name=bad)
+    store.import_model(fake_model_dir, name="m")
+    with pytest.raises(ModelExistsError, match="--overwrite"):
+        store.import_model(fake_model_dir, name="m")
+    other = make_fake_model(tmp_path / "other", seed=3)
+    m2 = store.import_model(other, name="m", overwrite=True)
+    assert store.get("m").digest == m2.digest == tree_digest(other)
+    assert sorted(_visible(store)["blobs"]) == sorted({f.sha256 for f in m2.files})  # old blobs collected
+    with pytest.raises(ModelNotFoundError, match="stored: m"):
+        store.get("nope")
+    with pytest.raises(ModelNotFoundError):
+        store.remove("nope")
+
+
+def test_not_a_model_folder(tmp_path: Path) -> None:
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.txt").write_text("hi")
+    with pytest.raises(ModelFormatError, match="model_index.json"):
+        Store(tmp_path / "store").import_model(tmp_path / "junk", name="j")
+    with pytest.raises(ModelNotFoundError):
+        Store(tmp_path / "store").import_model(tmp_path / "missing", name="j")
+
+
+def test_pickle_refused_unless_allowed(tmp_path: Path, make_fake_model) -> None:
+    src = make_fake_model(tmp_path / "p", extra={"unet/diffusion_pytorch_model.bin": b"\x80\x04pickle"})
+    store = Store(tmp_path / "store")
+    with pytest.raises(PickleRefusedError, match="--allow-pickle") as info:
+        store.import_model(src, name="p")
+    assert info.value.fields["files"] == ["unet/diffusion_pytorch_model.bin"]
+    assert store.list() == []
+    m = store.import_model(src, name="p", allow_pickle=True)
+    assert "unet/diffusion_pytorch_model.bin" in {f.path for f in m.files}
+
+
+def test_excluded_names_and_symlinks(tmp_path: Path, make_fake_model) -> None:
+    src = make_fake_model(tmp_path / "s", extra={".git/config": b"[core]", "unet/.DS_Store": b"x"})
+    (tmp_path / "outside.dat").write_bytes(b"linked")
+    os.symlink(tmp_path / "outside.dat", src / "linked.dat")  # a file symlink is followed (cp -L)
+    os.symlink(tmp_path, src / "loop")  # a folder symlink is not walked
+    m = Store(tmp_path / "store").import_model(src, name="s")
+    paths = {f.path for f in m.files}
+    assert ".git/config" not in paths and "unet/.DS_Store" not in paths and "linked.dat" in paths
+    assert not any(p.startswith("loop") for p in paths)
+
+
+def test_snapshot_rebuilt_and_verify(tmp_path: Path, fake_model_dir: Path) -> None:
+    store = Store(tmp_path / "store")
+    m = store.import_model(fake_model_dir, name="m")
+    shutil.rmtree(store.model_path("m"))
+    assert tree_digest(store.model_path("m")) == m.digest
+    assert store.verify("m") == m
+    blob = store.root / "blobs" / m.files[-1].sha256
+    os.chmod(blob, 0o644)
+    blob.write_bytes(b"tampered")
+    with pytest.raises(StoreIntegrityError, match="modified"):
+        store.verify("m")
+
+
+def test_progress_reaches_total(tmp_path: Path, fake_model_dir: Path) -> None:
+    seen: list[tuple[int, int]] = []
+    m = Store(tmp_path / "store").import_model(fake_model_dir, name="m", progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (m.total_size, m.total_size)
+
+
+def test_hub_id_offline_fails_at_once(tmp_path: Path, fake_model_dir: Path) -> None:
+    settings = Settings(home=tmp_path / "home", offline=True)
+    store = Store(settings.store_dir, settings=settings)
+    with pytest.raises(OfflineError, match="offline") as info:
+        store.import_model("someorg/some-model", name="hub")
+    assert "sdmaker model import" in info.value.message
+    assert store.list() == []
+
+
+def test_hub_id_from_local_hf_cache(tmp_path: Path, make_fake_model) -> None:
+    """An HF cache snapshot (files are symlinks to blobs) imports and resolves offline."""
+    from sdmaker.store._sources import fetch_hub
+
+    cache = tmp_path / "hf"
+    repo = cache / "models--org--tiny"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    fake = make_fake_model(tmp_path / "src")
+    snap = repo / "snapshots" / commit
+    for path in sorted(p for p in fake.rglob("*") if p.is_file()):
+        rel = path.relative_to(fake)
+        blob = repo / "blobs" / f"b{abs(hash(rel.as_posix()))}"
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, blob)
+        (snap / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(blob, (snap / rel).parent), snap / rel)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    settings = Settings(home=tmp_path / "home", offline=True)
+    folder = fetch_hub("org/tiny", settings, cache_dir=cache)
+    assert folder == snap
+    m = Store(settings.store_dir).import_folder(folder, name="tiny")
+    assert m.digest == tree_digest(fake)
+
+
+def test_store_does_not_import_torch(tmp_path: Path, fake_model_dir: Path) -> None:
+    code = ("import sys; from pathlib import Path; from sdmaker.store import Store, package_model; "
+            f"s = Store(Path({str(tmp_path / 'st')!r})); s.import_model({str(fake_model_dir)!r}, name='m'); "
+            f"package_model(s.model_path('m'), {str(tmp_path / 'm.tar.gz')!r}); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
