@@ -69,3 +69,62 @@ def sdmaker_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home.mkdir()
     monkeypatch.setenv("SDMAKER_HOME", str(home))
     return home
+
+
+# --- model store / S3 helpers (added by the store helper) -------------------------------------------------
+
+
+@pytest.fixture
+def s3_bucket(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket on the shared moto server; the AWS env points boto3 (and sdmaker) at it."""
+    import uuid
+
+    import boto3
+
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": moto_server}.items():
+        monkeypatch.setenv(key, value)
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(key, raising=False)
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return bucket
+
+
+def write_fake_model(root: Path, *, seed: int = 0, weight_bytes: int = 64 * 1024, extra: dict[str, bytes] | None = None
+                     ) -> Path:
+    """A diffusers-shaped folder (configs + random 'weights'), for store tests that never load the model."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    files: dict[str, bytes] = {
+        "model_index.json": json.dumps({"_class_name": "StableDiffusionPipeline",
+                                        "text_encoder": ["transformers", "CLIPTextModel"],
+                                        "tokenizer": ["transformers", "CLIPTokenizer"],
+                                        "scheduler": ["diffusers", "DDIMScheduler"]}).encode(),
+        "unet/config.json": json.dumps({"block_out_channels": [32, 64], "cross_attention_dim": 32,
+                                        "sample_size": 8, "in_channels": 4}).encode(),
+        "vae/config.json": json.dumps({"block_out_channels": [32, 64]}).encode(),
+        "scheduler/scheduler_config.json": json.dumps({"prediction_type": "v_prediction"}).encode(),
+        "unet/diffusion_pytorch_model.safetensors": rng.randbytes(weight_bytes),
+        "vae/diffusion_pytorch_model.safetensors": rng.randbytes(weight_bytes // 2),
+    }
+    files.update(extra or {})
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return root
+
+
+@pytest.fixture
+def make_fake_model():  # type: ignore[no-untyped-def]
+    """The :func:`write_fake_model` factory, for tests that need several distinct fake models."""
+    return write_fake_model
+
+
+@pytest.fixture
+def fake_model_dir(tmp_path: Path) -> Path:
+    """A small fake diffusers folder (see :func:`write_fake_model`)."""
+    return write_fake_model(tmp_path / "fake-model")
