@@ -71,6 +71,179 @@ def sdmaker_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
+# --- real processes on loopback: a moto S3 server and the sdmaker daemon (added by the daemon helper) ----------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_http(url: str, proc, timeout_s: float = 90.0) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with code {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1.0).status_code < 500:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {timeout_s} s")
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A moto S3 server on a free 127.0.0.1 port; yields its URL (use dummy credentials, region us-east-1)."""
+    import subprocess
+    import sys
+
+    port = _free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=fh, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(url + "/moto-api/", proc)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+class DaemonProcess:
+    """``sdmaker up`` as a real process on a free 127.0.0.1 port with its own SDMAKER_HOME."""
+
+    def __init__(self, home: Path, env: dict[str, str] | None = None, port: int | None = None) -> None:
+        self.home = home
+        self.port = port or _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "SDMAKER_HOME": str(home), "SDMAKER_PORT": str(self.port),
+                    "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                    "AWS_DEFAULT_REGION": "us-east-1", **(env or {})}
+        self.proc = None
+        self.log = home / "daemon-test.log"
+
+    def start(self) -> DaemonProcess:
+        import subprocess
+        import sys
+
+        self.home.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as fh:
+            self.proc = subprocess.Popen([sys.executable, "-m", "sdmaker", "up", "--host", "127.0.0.1",
+                                          "--port", str(self.port)], env=self.env, stdout=fh,
+                                         stderr=subprocess.STDOUT)
+        _wait_http(self.url + "/ping", self.proc)
+        return self
+
+    def stop(self, sig: int | None = None) -> None:
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig or signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except Exception:  # noqa: BLE001 - never leave a daemon behind
+                self.proc.kill()
+                self.proc.wait()
+
+    def boto(self, service: str, **kwargs):  # type: ignore[no-untyped-def]
+        """A boto3 client for ``sagemaker`` or ``sagemaker-runtime`` pointed at this daemon (no retries)."""
+        import boto3
+        from botocore.config import Config
+
+        config = Config(read_timeout=120, retries={"max_attempts": 1, "mode": "standard"})
+        return boto3.client(service, endpoint_url=self.url, region_name="us-east-1", config=config,
+                            aws_access_key_id=kwargs.pop("key", "testing"),
+                            aws_secret_access_key=kwargs.pop("secret", "testing"), **kwargs)
+
+    def deploy(self, name: str, model: str | Path, *, count: int = 1, env: dict[str, str] | None = None,
+               instance_type: str = "ml.m5.large", wait: bool = True) -> dict:
+        """CreateModel + CreateEndpointConfig + CreateEndpoint named ``name`` (config/model ``name-v1``)."""
+        sm = self.boto("sagemaker")
+        sm.create_model(ModelName=f"{name}-v1", ExecutionRoleArn="arn:aws:iam::111122223333:role/sm",
+                        PrimaryContainer={"Image": "sdmaker", "ModelDataUrl": str(model), "Environment": env or {}})
+        sm.create_endpoint_config(EndpointConfigName=f"{name}-v1", ProductionVariants=[{
+            "VariantName": "AllTraffic", "ModelName": f"{name}-v1", "InitialInstanceCount": count,
+            "InstanceType": instance_type}])
+        sm.create_endpoint(EndpointName=name, EndpointConfigName=f"{name}-v1")
+        if wait:
+            try:
+                sm.get_waiter("endpoint_in_service").wait(EndpointName=name,
+                                                          WaiterConfig={"Delay": 0.5, "MaxAttempts": 600})
+            except Exception:  # noqa: BLE001 - show why in the assertion
+                pass
+        return sm.describe_endpoint(EndpointName=name)
+
+
+@pytest.fixture(scope="session")
+def daemon(tmp_path_factory: pytest.TempPathFactory, moto_server: str):  # type: ignore[no-untyped-def]
+    """One shared daemon for the serving/client tests (S3 pointed at the moto server)."""
+    d = DaemonProcess(tmp_path_factory.mktemp("daemon-home"),
+                      env={"AWS_ENDPOINT_URL_S3": moto_server, "HF_HUB_OFFLINE": "1"})
+    d.start()
+    yield d
+    d.stop()
+
+
+_SCRIPTED_INFERENCE = '''\
+# A model whose behaviour the request chooses: sleep, fail, die or echo (no weights to load).
+import json
+import os
+import time
+
+
+def model_fn(model_dir):
+    delay = float(os.environ.get("SCRIPTED_LOAD_SECONDS", "0"))
+    time.sleep(delay)
+    if os.environ.get("SCRIPTED_LOAD_FAIL"):
+        raise RuntimeError(os.environ["SCRIPTED_LOAD_FAIL"])
+    return {"pid": os.getpid(), "version": os.environ.get("SCRIPTED_VERSION", "1")}
+
+
+def predict_fn(data, model):
+    time.sleep(float(data.get("sleep", 0)))
+    if data.get("fail"):
+        raise ValueError(data["fail"])
+    if data.get("exit"):
+        os._exit(9)
+    return {"echo": data, "pid": model["pid"], "version": model["version"]}
+
+
+def output_fn(prediction, accept):
+    return json.dumps(prediction)
+'''
+
+
+@pytest.fixture(scope="session")
+def scripted_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A code-only model (code/inference.py) whose requests choose to sleep, fail, exit or echo."""
+    root = tmp_path_factory.mktemp("scripted-model")
+    (root / "code").mkdir()
+    (root / "code" / "inference.py").write_text(_SCRIPTED_INFERENCE)
+    return root
+
+
+@pytest.fixture(scope="session")
+def seed_model_dir(tmp_path_factory: pytest.TempPathFactory, sd1_dir: Path) -> Path:
+    """The tiny SD1 model with the seed article's code/inference.py (examples/seed/code, CPU device line)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("seed-model") / "model"
+    shutil.copytree(sd1_dir, root)
+    shutil.copytree(Path(__file__).resolve().parents[1] / "examples" / "seed" / "code", root / "code")
+    return root
+
+
 # --- model store / S3 helpers (added by the store helper) -------------------------------------------------
 
 

@@ -1,0 +1,133 @@
+"""The SageMaker control plane on the daemon, driven by boto3's own ``sagemaker`` client.
+
+Real processes: the shared ``daemon`` fixture (``sdmaker up`` on a free 127.0.0.1 port) and its workers.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from botocore.exceptions import ClientError
+
+
+def _invoke(rt, name: str, body: dict) -> dict:  # type: ignore[no-untyped-def]
+    response = rt.invoke_endpoint(EndpointName=name, Body=json.dumps(body), ContentType="application/json")
+    return json.loads(response["Body"].read())
+
+
+def test_model_and_config_describe_delete_and_errors(daemon, scripted_model_dir) -> None:  # type: ignore[no-untyped-def]
+    sm = daemon.boto("sagemaker")
+    arn = sm.create_model(ModelName="cp-model", ExecutionRoleArn="arn:aws:iam::111122223333:role/sm",
+                          PrimaryContainer={"Image": "x", "ModelDataUrl": str(scripted_model_dir),
+                                            "Environment": {"A": "1"}})["ModelArn"]
+    assert arn == "arn:aws:sagemaker:us-east-1:000000000000:model/cp-model"
+    desc = sm.describe_model(ModelName="cp-model")
+    assert desc["PrimaryContainer"]["Environment"] == {"A": "1"}
+    assert desc["ExecutionRoleArn"].endswith("role/sm")
+    with pytest.raises(ClientError) as info:
+        sm.create_model(ModelName="cp-model", PrimaryContainer={"Image": "x"}, ExecutionRoleArn="arn:aws:iam::1:role/r")
+    assert info.value.response["Error"] == {"Code": "ValidationException", "Message":
+                                            f'Cannot create already existing model "{arn}".'}
+
+    sm.create_endpoint_config(EndpointConfigName="cp-config", ProductionVariants=[
+        {"VariantName": "AllTraffic", "ModelName": "cp-model", "InitialInstanceCount": 2, "InstanceType": "ml.m5.large"}])
+    config = sm.describe_endpoint_config(EndpointConfigName="cp-config")
+    assert config["ProductionVariants"][0]["InitialInstanceCount"] == 2
+    with pytest.raises(ClientError, match="Cannot create already existing endpoint configuration"):
+        sm.create_endpoint_config(EndpointConfigName="cp-config", ProductionVariants=[
+            {"VariantName": "AllTraffic", "ModelName": "cp-model", "InitialInstanceCount": 1}])
+    with pytest.raises(ClientError, match='Could not find model "arn:aws:sagemaker:us-east-1:000000000000:model/nope"'):
+        sm.create_endpoint_config(EndpointConfigName="cp-config2", ProductionVariants=[
+            {"VariantName": "AllTraffic", "ModelName": "nope", "InitialInstanceCount": 1}])
+    with pytest.raises(ClientError, match="Could not find endpoint configuration"):
+        sm.create_endpoint(EndpointName="cp-none", EndpointConfigName="missing-config")
+    with pytest.raises(ClientError, match="failed to satisfy constraint: Member must satisfy regular expression"):
+        sm.describe_endpoint(EndpointName="bad_name")
+
+    sm.delete_endpoint_config(EndpointConfigName="cp-config")
+    sm.delete_model(ModelName="cp-model")
+    with pytest.raises(ClientError, match='Could not find model'):
+        sm.describe_model(ModelName="cp-model")
+    with pytest.raises(ClientError, match='Could not find endpoint configuration'):
+        sm.delete_endpoint_config(EndpointConfigName="cp-config")
+
+
+def test_unknown_operation_is_refused(daemon) -> None:  # type: ignore[no-untyped-def]
+    import httpx
+
+    reply = httpx.post(daemon.url + "/", headers={"X-Amz-Target": "SageMaker.CreateTrainingJob",
+                                                  "Content-Type": "application/x-amz-json-1.1"}, content=b"{}")
+    assert reply.status_code == 400
+    assert reply.json()["__type"] == "UnknownOperationException"
+
+
+@pytest.mark.slow
+def test_endpoint_lifecycle_with_update_under_load(daemon, sd1_dir) -> None:  # type: ignore[no-untyped-def]
+    """Create -> InService (waiter) -> list -> blue/green update while a thread invokes -> delete."""
+    sm = daemon.boto("sagemaker")
+    rt = daemon.boto("sagemaker-runtime")
+    desc = daemon.deploy("cp-life", sd1_dir)
+    assert desc["EndpointStatus"] == "InService", desc.get("FailureReason")
+    assert desc["ProductionVariants"][0]["CurrentInstanceCount"] == 1
+    assert desc["EndpointArn"].endswith(":endpoint/cp-life")
+    names = [e["EndpointName"] for e in sm.list_endpoints(NameContains="cp-life")["Endpoints"]]
+    assert names == ["cp-life"]
+    assert sm.list_endpoints(StatusEquals="Failed", NameContains="cp-life")["Endpoints"] == []
+    with pytest.raises(ClientError, match='Cannot create already existing endpoint "arn:aws:sagemaker:'):
+        sm.create_endpoint(EndpointName="cp-life", EndpointConfigName="cp-life-v1")
+
+    request = {"prompt": "a red circle", "height": 64, "width": 64, "num_inference_steps": 2, "seed": 1}
+    statuses: list[object] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                statuses.append(len(_invoke(rt, "cp-life", request)["generated_images"]))
+            except Exception as exc:  # noqa: BLE001 - recorded and asserted on below
+                statuses.append(exc)
+
+    thread = threading.Thread(target=hammer)
+    thread.start()
+    try:
+        sm.create_endpoint_config(EndpointConfigName="cp-life-v2", ProductionVariants=[
+            {"VariantName": "AllTraffic", "ModelName": "cp-life-v1", "InitialInstanceCount": 2,
+             "InstanceType": "ml.m5.large"}])
+        sm.update_endpoint(EndpointName="cp-life", EndpointConfigName="cp-life-v2")
+        assert sm.describe_endpoint(EndpointName="cp-life")["EndpointStatus"] in ("Updating", "InService")
+        sm.get_waiter("endpoint_in_service").wait(EndpointName="cp-life", WaiterConfig={"Delay": 1, "MaxAttempts": 300})
+    finally:
+        stop.set()
+        thread.join(timeout=120)
+    failures = [s for s in statuses if not isinstance(s, int)]
+    assert statuses and not failures, failures[:3]
+    desc = sm.describe_endpoint(EndpointName="cp-life")
+    assert desc["EndpointConfigName"] == "cp-life-v2"
+    assert desc["ProductionVariants"][0]["CurrentInstanceCount"] == 2
+    assert len(_invoke(rt, "cp-life", request)["generated_images"]) == 1
+
+    sm.delete_endpoint(EndpointName="cp-life")
+    with pytest.raises(ClientError, match='Could not find endpoint "arn:aws:sagemaker:us-east-1:000000000000:'
+                                          'endpoint/cp-life"'):
+        sm.describe_endpoint(EndpointName="cp-life")
+    with pytest.raises(ClientError) as info:
+        rt.invoke_endpoint(EndpointName="cp-life", Body=b"{}", ContentType="application/json")
+    assert info.value.response["Error"]["Code"] == "ValidationError"
+
+
+def test_failed_model_fn_sets_failure_reason(daemon, scripted_model_dir) -> None:  # type: ignore[no-untyped-def]
+    desc = daemon.deploy("cp-broken", scripted_model_dir,
+                         env={"SCRIPTED_LOAD_FAIL": "weights are corrupt: unet shard 3 of 4 is missing"})
+    assert desc["EndpointStatus"] == "Failed"
+    assert "weights are corrupt: unet shard 3 of 4 is missing" in desc["FailureReason"]
+    sm = daemon.boto("sagemaker")
+    with pytest.raises(ClientError, match="Cannot update in-progress endpoint"):
+        sm.update_endpoint(EndpointName="cp-broken", EndpointConfigName="cp-broken-v1")
+    rt = daemon.boto("sagemaker-runtime")
+    with pytest.raises(ClientError) as info:
+        rt.invoke_endpoint(EndpointName="cp-broken", Body=b"{}", ContentType="application/json")
+    assert info.value.response["Error"]["Code"] == "ValidationError"
+    assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    sm.delete_endpoint(EndpointName="cp-broken")
