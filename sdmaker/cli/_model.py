@@ -113,11 +113,10 @@ def show_cmd(name: Annotated[str, typer.Argument(help="Store name.")]) -> None:
         ("scheduler", arch.scheduler_class or "-"),
         ("defaults", ", ".join(f"{k}={v}" for k, v in m.defaults.items()) or "-"),
     ]
-    info = Table.grid(padding=(0, 2))
-    for key, value in rows:
-        info.add_row(f"[bold]{key}[/bold]", value)
-    console.print(info)
+    for key, value in rows:  # plain lines: digests and paths must never be cut to the terminal width
+        console.print(f"[bold]{key + ':':<25}[/bold]{value}", highlight=False, soft_wrap=True)
     files = Table("file", "size", "sha256")
+    files.columns[0].overflow = "fold"
     for f in m.files:
         files.add_row(f.path, _size(f.size), f.sha256[:16])
     console.print(files)
