@@ -51,6 +51,14 @@ from sdmaker.cli import _train  # noqa: E402
 
 _train.register(app)
 
+from sdmaker.cli import _serve  # noqa: E402
+
+_serve.register(app)
+
+from sdmaker.cli import _demo  # noqa: E402
+
+_demo.register(app)
+
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""

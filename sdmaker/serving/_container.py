@@ -16,6 +16,7 @@ import hmac
 import json
 import logging
 import os
+import signal
 import socket
 import tempfile
 import threading
@@ -268,9 +269,16 @@ def run_server(server: ModelServer, *, host: str, port: int, fail_grace_s: float
 
     server.start_loading()
     threading.Thread(target=_watch_load, name="sdmaker-load-watch", daemon=True).start()
+    # uvicorn handles SIGTERM/SIGINT gracefully, then re-raises the signal once its own handlers are gone;
+    # a no-op handler meanwhile turns that into a plain exit 0 instead of death by signal.
+    main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
     try:
         uv.run(sockets=[sock])
     finally:
         sock.close()
         server.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    logger.info("stopped (exit code %d)", exit_code)
     return exit_code

@@ -31,8 +31,8 @@ from sdmaker.schema import GenerateRequest, parse_request
 from sdmaker.serving._codecs import JSON, decode, encode, encode_json, media_type, resolve_accept, to_text, unsupported
 from sdmaker.serving._user_module import Context, UserHooks, load_user_module
 
-__all__ = ["RAW_IMAGE_TYPES", "HandlerResponse", "HandlerService", "SdModel", "error_body", "request_from_payload",
-           "result_json"]
+__all__ = ["RAW_IMAGE_TYPES", "HandlerResponse", "HandlerService", "SdModel", "error_body",
+           "model_display_name", "request_from_payload", "result_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +120,16 @@ def request_from_payload(data: Any) -> GenerateRequest:
     return parse_request(data)
 
 
+def model_display_name(model_dir: Path) -> str:
+    """``sdmaker.json``'s ``name`` when present, else the folder name."""
+    card = Path(model_dir) / "sdmaker.json"
+    try:
+        name = json.loads(card.read_text()).get("name") if card.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        name = None
+    return str(name) if name else Path(model_dir).resolve().name
+
+
 def _looks_like_sd_pipeline(model: Any) -> bool:
     return callable(model) and all(hasattr(model, a) for a in ("unet", "vae", "scheduler", "text_encoder"))
 
@@ -149,14 +159,14 @@ class HandlerService:
         self.program = program
         self.device = device
         self.dtype = dtype
-        self.model_name = model_name
+        self.model_name = model_name or model_display_name(self.model_dir)
         self.allow_pickle = allow_pickle
         self.digest = digest
         self.hooks = UserHooks()
         self.model: Any = None
         self.context = Context(system_properties={
             "model_dir": str(self.model_dir), "gpu_id": -1, "batch_size": 1,
-            "server_name": "sdmaker", "server_version": server_version, "model_name": model_name or "model",
+            "server_name": "sdmaker", "server_version": server_version, "model_name": self.model_name,
         })
         self._adhoc: tuple[Any, Any] | None = None  # (user pipeline, LoadedModel wrapping it)
 
@@ -215,7 +225,7 @@ class HandlerService:
                 if total > 1:
                     raise InvalidRequestError(
                         f"Accept: {accept} returns the raw bytes of one image, but this request asks for {total} "
-                        "images; use Accept: application/json for several", field="num_images_per_prompt",
+                        "(prompts x num_images_per_prompt); use Accept: application/json for several", field="num_images_per_prompt",
                         value=total, allowed="1 with an image Accept")
                 request = request.model_copy(update={"format": RAW_IMAGE_TYPES[mt]})
             elif mt != JSON:
@@ -250,8 +260,9 @@ class HandlerService:
         if self._adhoc is None or self._adhoc[0] is not model:
             from sdmaker.engine import LoadedModel, Placement
 
-            loaded = LoadedModel(pipeline=model, path=self.model_dir, name=self.model_name or self.model_dir.name,
-                                 digest=self.digest or "", placement=Placement(device=str(model.device), dtype=model.dtype))
+            placement = Placement(device=str(model.device), dtype=model.dtype)
+            loaded = LoadedModel(pipeline=model, path=self.model_dir, name=self.model_name,
+                                 digest=self.digest or "", placement=placement)
             self._adhoc = (model, SdModel(loaded))
         return self._adhoc[1]
 

@@ -29,7 +29,6 @@ Exit codes: 0 stopped (SIGTERM/SIGINT), 2 bad arguments, 3 model load failed, 4 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -40,7 +39,7 @@ from sdmaker.errors import SdmakerError
 from sdmaker.serving._container import ModelServer, run_server
 from sdmaker.serving._handler import HandlerService
 
-__all__ = ["build_parser", "main", "model_display_name"]
+__all__ = ["build_parser", "main", "run"]
 
 logger = logging.getLogger("sdmaker.serving.worker")
 
@@ -65,14 +64,14 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     return p
 
 
-def model_display_name(model_dir: Path) -> str:
-    """``sdmaker.json``'s ``name`` when present, else the folder name."""
-    card = Path(model_dir) / "sdmaker.json"
-    try:
-        name = json.loads(card.read_text()).get("name") if card.is_file() else None
-    except (OSError, ValueError, AttributeError):
-        name = None
-    return str(name) if name else Path(model_dir).resolve().name
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    """Serve with parsed ``args`` until stopped; the exit code (see the module docstring)."""
+    handler = HandlerService(args.model_dir, program=settings.sagemaker_program, device=args.device,
+                             dtype=args.dtype, model_name=args.model_name,
+                             allow_pickle=args.allow_pickle, server_version=__version__, digest=args.model_digest)
+    server = ModelServer(handler, status_file=args.status_file, threads=args.threads,
+                         max_body_bytes=args.max_body_bytes, token=args.token, worker_id=args.worker_id)
+    return run_server(server, host=args.host, port=args.port, fail_grace_s=args.fail_grace_seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,13 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"%(asctime)s %(levelname)s [{tag}] %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    handler = HandlerService(args.model_dir, program=settings.sagemaker_program, device=args.device,
-                             dtype=args.dtype, model_name=args.model_name or model_display_name(args.model_dir),
-                             allow_pickle=args.allow_pickle, server_version=__version__, digest=args.model_digest)
     try:
-        server = ModelServer(handler, status_file=args.status_file, threads=args.threads,
-                             max_body_bytes=args.max_body_bytes, token=args.token, worker_id=args.worker_id)
-        return run_server(server, host=args.host, port=args.port, fail_grace_s=args.fail_grace_seconds)
+        return run(args, settings)
     except SdmakerError as exc:
         logger.error("%s", exc.message)
         return 2
