@@ -273,7 +273,9 @@ def test_default_handler_validates_before_generating(default_handler: HandlerSer
             reply = _call(default_handler, body, accept=accept)
             err = json.loads(reply.body)
             assert reply.status == 400 and err["type"] == "InternalServerException", body
-            assert err["field"] == field and field in err["message"], (body, err)
+            assert err["field"] == field, (body, err)
+            if err["error"] == "InvalidRequestError":  # UnsupportedFormatError keeps the toolkit's wording
+                assert field in err["message"], (body, err)
         malformed = json.loads(_call(default_handler, b'{"prompt": "a",').body)
         assert malformed["error"] == "InvalidRequestError" and "not valid JSON" in malformed["message"]
         not_object = json.loads(_call(default_handler, ["a cat"]).body)
