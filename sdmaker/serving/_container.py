@@ -160,7 +160,6 @@ def create_app(server: ModelServer) -> Any:
     app = FastAPI(title="sdmaker model server", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
 
-    @app.middleware("http")
     async def _auth(request: Request, call_next: Any) -> Any:
         if server.token and request.url.path != "/ping":
             header = request.headers.get("authorization", "")
@@ -172,6 +171,9 @@ def create_app(server: ModelServer) -> Any:
                 err = AuthenticationError("missing or invalid bearer token (send Authorization: Bearer <token>)")
                 return _raw_error(403, err.message, "AccessDeniedException", error=err.code)
         return await call_next(request)
+
+    if server.token:  # no middleware (and its per-request cost) on the daemon's loopback workers
+        app.middleware("http")(_auth)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> Any:

@@ -168,7 +168,7 @@ def plan_model_environment(model_dir: Path, settings: Settings) -> EnvironmentPl
     commands = [
         [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(env_dir)],
         [sys.executable, "-m", "pip", "--python", python, "install", "--disable-pip-version-check",
-         "--no-input", "-r", str(req_file)],
+         "--no-input", "--retries", "2", "--timeout", "15", "-r", str(req_file)],
     ]
     return EnvironmentPlan(requirements_file=req_file, unsatisfied=unsatisfied, env_dir=env_dir, python=python,
                            commands=commands)
