@@ -60,6 +60,7 @@ def test_env_prints_exports_and_writes_the_sdk_config(cli_env: dict) -> None:  #
     assert "DefaultS3Bucket: my-bucket" in config.read_text()
 
 
+@pytest.mark.slow
 def test_endpoint_commands_and_invoke(cli_env: dict, sd1_dir: Path, tmp_path: Path) -> None:  # type: ignore[type-arg]
     res = runner.invoke(app, ["endpoint", "create", "cli-tiny", "--model", str(sd1_dir), "--timeout", "90"])
     assert res.exit_code == 0, res.output

@@ -1,0 +1,201 @@
+"""Deploy benchmark: create -> InService time, and the daemon's serving overhead over the bare engine.
+
+* Deploy time: a real ``sdmaker up`` daemon (own temp SDMAKER_HOME, free 127.0.0.1 port); CreateModel +
+  CreateEndpointConfig + CreateEndpoint through boto3, then DescribeEndpoint polled every 50 ms until
+  InService. Baseline: the seed article's "about 8 minutes" for ``HuggingFaceModel.deploy`` on SageMaker.
+  Models: the tiny test model, and the largest local one (quick: the built-in ``mini`` model;
+  full: the SD 2.1-size random-weight folder that ``bench/engine.py`` caches).
+* Serving overhead: the same request (tiny model, 64x64, 4 steps, fixed seed, base64 JPEG answer) sent
+  through the daemon with boto3 ``invoke_endpoint`` vs ``sdmaker.engine.generate`` + JPEG/base64 encoding
+  in this process, same run, medians. The ratio (baseline / ours, < 1) is the fraction of time left to
+  the model; the absolute difference is the cost of HTTP x2, queueing and the worker hop.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import row
+
+__all__ = ["run"]
+
+#: The seed article: "deploying an endpoint ... about 8 minutes" (shared/seed/DIGEST.md).
+SAGEMAKER_DEPLOY_S = 8 * 60.0
+_REQUEST = {"prompt": "a red circle on a white background", "height": 64, "width": 64, "num_inference_steps": 4,
+            "seed": 1}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class _Daemon:
+    def __init__(self, home: Path) -> None:
+        home.mkdir(parents=True, exist_ok=True)
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "SDMAKER_HOME": str(home), "SDMAKER_PORT": str(self.port), "HF_HUB_OFFLINE": "1"}
+        self.log = open(home / "daemon.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([sys.executable, "-m", "sdmaker", "up"], env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        import httpx
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(self.url + "/ping", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"daemon did not start; see {home / 'daemon.log'}")
+            time.sleep(0.1)
+
+    def client(self, service: str) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(service, endpoint_url=self.url, region_name="us-east-1", aws_access_key_id="bench",
+                            aws_secret_access_key="bench",
+                            config=Config(read_timeout=900, retries={"max_attempts": 1}))
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def _deploy_seconds(d: _Daemon, name: str, model: str) -> tuple[float, dict[str, Any]]:
+    """Seconds from CreateModel to InService (raises with the FailureReason when it fails)."""
+    sm = d.client("sagemaker")
+    started = time.perf_counter()
+    sm.create_model(ModelName=name, ExecutionRoleArn="arn:aws:iam::111122223333:role/sm",
+                    PrimaryContainer={"Image": "sdmaker", "ModelDataUrl": model,
+                                      "Environment": {"SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS": "900"}})
+    sm.create_endpoint_config(EndpointConfigName=name, ProductionVariants=[{
+        "VariantName": "AllTraffic", "ModelName": name, "InitialInstanceCount": 1, "InstanceType": "ml.m5.xlarge"}])
+    sm.create_endpoint(EndpointName=name, EndpointConfigName=name)
+    while True:
+        desc = sm.describe_endpoint(EndpointName=name)
+        if desc["EndpointStatus"] != "Creating":
+            break
+        time.sleep(0.05)
+    elapsed = time.perf_counter() - started
+    if desc["EndpointStatus"] != "InService":
+        raise RuntimeError(f"endpoint {name} {desc['EndpointStatus']}: {desc.get('FailureReason')}")
+    import httpx
+
+    details = httpx.get(f"{d.url}/sdmaker/v1/endpoints/{name}", timeout=10).json()
+    return elapsed, details
+
+
+def _model_size_gib(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**30
+
+
+def _largest_model(quick: bool, tmp: Path) -> tuple[str, str] | None:
+    """(reference, description) of the largest local model this benchmark may use."""
+    if not quick:
+        from bench.engine import sd21_dir
+
+        path = sd21_dir()
+        return str(path), f"SD 2.1-size random weights, {_model_size_gib(path):.2f} GiB fp32"
+    from sdmaker.models import BUILTIN_NAMES, assemble_builtin, is_builtin_ready
+
+    for name in BUILTIN_NAMES:
+        if is_builtin_ready(name):
+            path = assemble_builtin(name, tmp / f"builtin-{name}")
+            return str(path), f"built-in model {name!r}, {_model_size_gib(path) * 1024:.0f} MiB"
+    return None
+
+
+def _serving_overhead(d: _Daemon, name: str, model_dir: Path, repeat: int) -> tuple[float, float]:
+    """(median ms through the daemon, median ms in-process) for the same request."""
+    from sdmaker.engine import encode_image_base64, generate, load_model
+    from sdmaker.schema import parse_request
+
+    rt = d.client("sagemaker-runtime")
+    body = json.dumps(_REQUEST)
+
+    def via_daemon() -> None:
+        out = json.loads(rt.invoke_endpoint(EndpointName=name, Body=body, ContentType="application/json")["Body"].read())
+        assert len(out["generated_images"]) == 1
+
+    model = load_model(model_dir)
+    request = parse_request(dict(_REQUEST))
+
+    def in_process() -> None:
+        result = generate(model, request)
+        json.dumps({"generated_images": [encode_image_base64(img.image, fmt="jpeg") for img in result.images]})
+
+    ours, base = [], []
+    via_daemon()
+    in_process()  # warm both paths
+    for _ in range(repeat):  # interleaved, so background load hits both alike
+        t = time.perf_counter()
+        via_daemon()
+        ours.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        in_process()
+        base.append(time.perf_counter() - t)
+    return statistics.median(ours) * 1000, statistics.median(base) * 1000
+
+
+def run(quick: bool) -> list[dict[str, Any]]:
+    from sdmaker.engine import build_random_pipeline
+
+    rows: list[dict[str, Any]] = []
+    tmp = Path(tempfile.mkdtemp(prefix="sdmaker-bench-deploy-"))
+    d = None
+    try:
+        tiny = build_random_pipeline("sd1-tiny", tmp / "sd1-tiny")
+        d = _Daemon(tmp / "home")
+        seconds, details = _deploy_seconds(d, "bench-tiny", str(tiny))
+        load = details["workers"][0].get("load_seconds")
+        rows.append(row("deploy: create -> InService, tiny SD1 model", seconds, SAGEMAKER_DEPLOY_S, "s",
+                        f"1 worker; model load inside the worker {load or 0:.2f} s; baseline = the seed's ~8 min "
+                        "SageMaker deploy (ml.g4dn.xlarge)"))
+        largest = _largest_model(quick, tmp)
+        if largest is not None:
+            ref, what = largest
+            seconds, details = _deploy_seconds(d, "bench-large", ref)
+            load = details["workers"][0].get("load_seconds")
+            rows.append(row("deploy: create -> InService, largest local model", seconds, SAGEMAKER_DEPLOY_S, "s",
+                            f"{what}; model load {load or 0:.2f} s; baseline = the seed's ~8 min SageMaker deploy"))
+            d.client("sagemaker").delete_endpoint(EndpointName="bench-large")
+        else:
+            rows.append(row("deploy: create -> InService, largest local model", None, SAGEMAKER_DEPLOY_S, "s",
+                            "skipped in --quick: no built-in model weights are committed yet; the full run "
+                            "deploys the SD 2.1-size folder"))
+        ours, base = _serving_overhead(d, "bench-tiny", tiny, repeat=5 if quick else 20)
+        rows.append(row("serving: invoke via daemon vs engine in-process (tiny, 64x64, 4 steps)", ours, base, "ms",
+                        f"median of {5 if quick else 20}, same request, interleaved; absolute overhead "
+                        f"{ours - base:.1f} ms per request (HTTP x2 + worker hop + JSON)"))
+    finally:
+        if d is not None:
+            d.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+if __name__ == "__main__":
+    for r in run(quick="--quick" in sys.argv):
+        print(json.dumps(r))
