@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 
 from sdmaker.config import Settings
 from sdmaker.errors import EndpointNotReadyError, SdmakerError
-from sdmaker.serving._endpoints import EndpointManager
+from sdmaker.serving._endpoints import FORBIDDEN_ENV, EndpointManager
 
 __all__ = ["OPERATIONS", "ControlPlaneError", "control_plane", "control_plane_error"]
 
@@ -74,8 +74,13 @@ async def _create_model(c: _Ctx) -> dict[str, Any]:
     if not isinstance(container, dict):
         raise ControlPlaneError("Either PrimaryContainer or Containers must be provided.")
     env = container.get("Environment") or {}
-    if len(env) > 100:
-        raise ControlPlaneError("Environment may hold at most 100 entries.")
+    if not isinstance(env, dict) or len(env) > 100:
+        raise ControlPlaneError("Environment must be a map of at most 100 entries.")
+    refused = sorted(set(env) & FORBIDDEN_ENV)
+    if refused:
+        # sdmaker runs only code that comes with the deployed model artifact (code/inference.py).
+        raise ControlPlaneError(f"Environment variable(s) {', '.join(refused)} are not allowed: they would load "
+                                "code from outside the model artifact; put code in the model's code/ folder.")
     if not c.manager.db.put("models", name, c.body):
         raise ControlPlaneError(f'Cannot create already existing model "{c.arn("model", name)}".')
     return {"ModelArn": c.arn("model", name)}

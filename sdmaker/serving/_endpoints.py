@@ -36,11 +36,16 @@ from sdmaker.errors import (
 from sdmaker.serving._state import EndpointRecord, StateDB
 from sdmaker.serving._workers import WorkerPool, WorkerReply, WorkerSpec
 
-__all__ = ["EndpointManager", "EndpointRuntime", "instance_profile"]
+__all__ = ["FORBIDDEN_ENV", "EndpointManager", "EndpointRuntime", "instance_profile"]
 
 logger = logging.getLogger(__name__)
 
 _ACCELERATED = ("ml.g", "ml.p", "ml.inf", "ml.trn")
+#: Never handed to worker processes: they run the model's own code, which must not see the daemon's secrets.
+_DAEMON_SECRETS = ("SDMAKER_SECRET_ACCESS_KEY", "SDMAKER_API_TOKEN", "SDMAKER_ACCESS_KEY_ID")
+#: CreateModel Environment keys that would make the worker run code from outside the model artifact.
+FORBIDDEN_ENV = frozenset({"LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "PYTHONPATH", "PYTHONSTARTUP", "PYTHONHOME",
+                           "PYTHONINSPECT", "PYTHONUSERBASE", "PYTHONEXECUTABLE", "PYTHONSAFEPATH"})
 
 
 def instance_profile(instance_type: str | None) -> str:
@@ -199,7 +204,9 @@ class EndpointManager:
         per_instance = int(env.get("SAGEMAKER_MODEL_SERVER_WORKERS") or 1)
         count = max(1, int(variant.get("InitialInstanceCount") or 1)) * max(1, per_instance)
         startup = float(variant.get("ContainerStartupHealthCheckTimeoutInSeconds") or self.settings.startup_timeout_s)
-        worker_env = {**self.settings.env, **env, "SDMAKER_HOME": str(self.settings.home)}
+        base_env = {k: v for k, v in self.settings.env.items() if k not in _DAEMON_SECRETS}
+        worker_env = {**base_env, **{k: v for k, v in env.items() if k not in FORBIDDEN_ENV},
+                      "SDMAKER_HOME": str(self.settings.home)}
         self._generation += 1
         spec = WorkerSpec(model_dir=model_dir, python=python, run_dir=self.root / name / "run",
                           log_file=self.log_file(name), env=worker_env, max_body_bytes=self.settings.max_body_bytes,
