@@ -1,0 +1,130 @@
+"""``python -m bench [--quick] [--only NAME] [--out PATH]``: run the benchmarks, write results.json.
+
+Modules run in order; one that fails adds a ``FAILED`` row and the suite goes on, so a broken
+benchmark is visible in the table instead of hiding every other figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from bench import BENCH_DIR, row
+
+MODULES = ("quality", "engine", "batching", "package", "deploy")  # quality first: it picks the recipe
+
+
+def machine_metadata() -> dict[str, Any]:
+    """CPU model, cores, date and library versions: the context every figure needs."""
+    cpu = platform.processor() or "unknown"
+    flags: list[str] = []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                have = set(line.split(":", 1)[1].split())
+                flags = sorted(have & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni"})
+    except OSError:
+        pass
+    meta: dict[str, Any] = {
+        "cpu_model": cpu, "cpu_flags": flags, "cores": os.cpu_count(),
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "python": platform.python_version(),
+    }
+    try:
+        import diffusers
+        import torch
+
+        meta.update(torch=torch.__version__, diffusers=diffusers.__version__, torch_threads=torch.get_num_threads())
+        if torch.cuda.is_available():
+            meta["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return meta
+
+
+def run_module(name: str, quick: bool) -> list[dict[str, Any]]:
+    if importlib.util.find_spec(f"bench.{name}") is None:
+        return []
+    started = time.perf_counter()
+    try:
+        mod = importlib.import_module(f"bench.{name}")
+        rows = list(mod.run(quick))
+    except Exception as exc:  # noqa: BLE001 - report and go on
+        traceback.print_exc()
+        rows = [row(f"{name}: FAILED", None, None, "", f"{type(exc).__name__}: {exc}")]
+    logging.getLogger("bench").info("bench.%s: %d rows in %.0fs", name, len(rows), time.perf_counter() - started)
+    return rows
+
+
+def write_results(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".results-", suffix=".json")
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"metadata": meta, "results": rows}, fh, indent=2)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def print_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"sdmaker benchmarks — {meta.get('cpu_model')}, {meta.get('cores')} cores, {meta.get('date')}")
+    for col in ("name", "ours", "baseline", "unit", "ratio", "notes"):
+        table.add_column(col, overflow="fold", max_width=60 if col == "notes" else None)
+    for r in rows:
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.3g}x"
+        table.add_row(r["name"], _fmt(r["ours"]), _fmt(r["baseline"]), r["unit"], ratio, r["notes"])
+    Console(width=200).print(table)
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None else f"{v:.4g}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="the <= 10 minute subset")
+    parser.add_argument("--only", action="append", choices=MODULES, help="run only this module (repeatable)")
+    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    meta = machine_metadata()
+    meta["mode"] = "quick" if args.quick else "full"
+    rows: list[dict[str, Any]] = []
+    owners: dict[str, list[str]] = {}
+    started = time.perf_counter()
+    for name in args.only or MODULES:
+        got = run_module(name, args.quick)
+        owners[name] = [r["name"] for r in got]
+        rows += got
+    meta["wall_s"] = round(time.perf_counter() - started, 1)
+    if args.only and args.out.exists():  # keep the other modules' rows from the last run
+        old = json.loads(args.out.read_text())
+        old_owners = old.get("metadata", {}).get("modules", {})
+        keep = {n for m, names in old_owners.items() if m not in owners for n in names}
+        rows = [r for r in old.get("results", []) if r["name"] in keep] + rows
+        owners = {**{m: v for m, v in old_owners.items() if m not in owners}, **owners}
+        meta["note"] = f"re-ran only {', '.join(args.only)}; other rows are from {old['metadata'].get('date')}"
+    meta["modules"] = owners
+    write_results(args.out, rows, meta)
+    print_table(rows, meta)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Accuracy vs steps: which scheduler, step count and DeepCache setting keep the mini model's accuracy.
+
+Accuracy is the eval of ``sdmaker eval`` (``sdmaker.training`` prompt set, analyser and scoring;
+``overall`` x 100 = points). Images come from ``sdmaker.engine.generate_fast``, which equals
+``generate`` when DeepCache is off, so these figures match ``sdmaker eval``; with DeepCache on it is
+the only loop that can run it. Baseline = the model's own scheduler at the seed's 50 steps. The
+recipe picked (fewest UNet evaluations within 1 point of the baseline) is written to
+``bench/cache/recipe.json`` for ``bench/engine.py``'s headline row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import CACHE_DIR, row
+
+__all__ = ["HEADLINE_RECIPE", "SCHEDULERS", "accuracy", "choose_recipe", "headline_recipe", "run"]
+
+logger = logging.getLogger(__name__)
+
+SCHEDULERS = ("ddim", "pndm", "euler", "dpmpp_2m", "unipc")
+#: used when no curve has been measured yet (bench --only engine on a fresh clone)
+HEADLINE_RECIPE: dict[str, Any] = {"scheduler": "dpmpp_2m", "num_inference_steps": 20, "deep_cache_interval": 0,
+                                   "deep_cache_branch": 2}
+RECIPE_FILE = CACHE_DIR / "recipe.json"
+BAR_POINTS = 1.0
+EVAL_BATCH = 16
+
+
+def headline_recipe() -> dict[str, Any]:
+    """The recipe chosen by the last quality run, else :data:`HEADLINE_RECIPE`."""
+    try:
+        return {**HEADLINE_RECIPE, **json.loads(RECIPE_FILE.read_text())}
+    except (OSError, ValueError):
+        return dict(HEADLINE_RECIPE)
+
+
+def accuracy(model: Any, *, n: int, steps: int, scheduler: str | None, deep_cache_interval: int = 0,
+             deep_cache_branch: int = 2, seed: int = 0, size: int | None = None) -> tuple[float, float]:
+    """(overall accuracy in points, seconds) on the first ``n`` eval prompts."""
+    from sdmaker.engine import generate_fast
+    from sdmaker.schema import GenerateRequest
+    from sdmaker.training._analyser import analyse
+    from sdmaker.training._eval import eval_prompts, score_item, summarise
+
+    items = eval_prompts(n)
+    scores: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    for start in range(0, len(items), EVAL_BATCH):
+        chunk = items[start:start + EVAL_BATCH]
+        req = GenerateRequest(prompt=[it.prompt for it in chunk], seed=seed + start, num_inference_steps=steps,
+                              scheduler=scheduler, format="png", height=size, width=size)
+        result = generate_fast(model, req, deep_cache_interval=deep_cache_interval,
+                               deep_cache_branch=deep_cache_branch)
+        scores += [score_item(it, analyse(img.image)) for it, img in zip(chunk, result.images, strict=True)]
+    metrics, _ = summarise(items, scores)
+    return 100.0 * metrics["overall"], time.perf_counter() - started
+
+
+def choose_recipe(curves: dict[str, dict[int, float]], baseline: float, bar: float = BAR_POINTS) -> dict[str, Any]:
+    """Fewest steps whose accuracy is within ``bar`` points of ``baseline`` (ties: order of SCHEDULERS)."""
+    best: tuple[int, int, str] | None = None
+    for rank, (name, curve) in enumerate(curves.items()):
+        ok = sorted(s for s, acc in curve.items() if acc >= baseline - bar)
+        # the chosen count must also hold for every larger measured count (no lucky dip)
+        ok = [s for s in ok if all(curve[t] >= baseline - bar for t in curve if t >= s)]
+        if ok and (best is None or (ok[0], rank) < best[:2]):
+            best = (ok[0], rank, name)
+    if best is None:
+        return {"scheduler": None, "num_inference_steps": 50}
+    return {"scheduler": best[2], "num_inference_steps": best[0]}
+
+
+def _write_recipe(recipe: dict[str, Any]) -> None:
+    RECIPE_FILE.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=RECIPE_FILE.parent, suffix=".json")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(recipe, fh)
+    os.replace(tmp, RECIPE_FILE)
+
+
+def curves_rows(model: Any, label: str, *, n: int, grid: list[int], intervals: list[int],
+                write: bool = True, size: int | None = None, base_steps: int = 50) -> list[dict[str, Any]]:
+    """Measure all curves on ``model``, pick the recipe, test DeepCache on it; rows for results.json."""
+    default = model.default_scheduler
+    base_acc, base_s = accuracy(model, n=n, steps=base_steps, scheduler=None, size=size)
+    rows = [row(f"quality: {label} accuracy, seed recipe ({default} {base_steps})", base_acc, None, "points",
+                f"n={n} held-out eval prompts; overall x 100; {base_s:.0f}s")]
+    curves: dict[str, dict[int, float]] = {}
+    for name in SCHEDULERS:
+        curves[name] = {}
+        for steps in grid:
+            if name == default and steps == base_steps:
+                curves[name][steps] = base_acc
+                continue
+            curves[name][steps], _ = accuracy(model, n=n, steps=steps, scheduler=name, size=size)
+        curve = ", ".join(f"{s}:{a:.1f}" for s, a in curves[name].items())
+        best = min(curves[name], key=lambda s: (curves[name][s] < base_acc - BAR_POINTS, s))
+        rows.append(row(f"quality: {name} accuracy vs steps", curves[name][best], base_acc, "points",
+                        f"curve {curve}; ours = at {best} steps", lower_is_better=False))
+    recipe = choose_recipe(curves, base_acc)
+    recipe["deep_cache_interval"] = 0
+    recipe["deep_cache_branch"] = HEADLINE_RECIPE["deep_cache_branch"]
+    if recipe["scheduler"] is not None:
+        steps, sched = recipe["num_inference_steps"], recipe["scheduler"]
+        rec_acc = curves[sched][steps]
+        rows.append(row(f"quality: chosen default {sched} {steps} steps vs seed 50 steps", rec_acc, base_acc, "points",
+                        f"within {BAR_POINTS} point bar: {rec_acc >= base_acc - BAR_POINTS}; "
+                        f"{base_steps / steps:.1f}x fewer UNet steps", lower_is_better=False))
+        for interval in intervals:
+            acc, _ = accuracy(model, n=n, steps=steps, scheduler=sched, deep_cache_interval=interval,
+                              size=size)
+            passes = acc >= base_acc - BAR_POINTS
+            rows.append(row(f"quality: DeepCache interval {interval} on {sched} {steps}", acc, base_acc, "points",
+                            f"meets 1-point bar: {passes}", lower_is_better=False))
+            if passes and recipe["deep_cache_interval"] == 0:
+                recipe["deep_cache_interval"] = interval
+    else:
+        rows.append(row("quality: chosen default", None, base_acc, "points",
+                        "no measured scheduler/step count stays within 1 point; keeping the seed recipe"))
+    if write:
+        _write_recipe(recipe)
+    logger.info("recipe chosen: %s", recipe)
+    return rows
+
+
+def run(quick: bool) -> list[dict[str, Any]]:
+    from bench.batching import mini_model_dir
+    from sdmaker.engine import load_model
+
+    path, label = mini_model_dir()
+    model = load_model(path, digest="-")
+    grid = [10, 20, 50] if quick else [5, 10, 15, 20, 30, 50]
+    intervals = [3] if quick else [2, 3]
+    name = label.split()[0]
+    rows = curves_rows(model, name, n=32 if quick else 128, grid=grid, intervals=intervals,
+                       write=name == "mini")
+    if name != "mini":
+        rows.append(row("quality: NOTE", None, None, "", f"measured on {label}: not a trained model, so the "
+                        "recipe is not chosen from these numbers"))
+    return rows

@@ -1,0 +1,89 @@
+"""Smoke mode of every benchmark on tiny shapes, so none of them rots between real runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import row
+
+
+@pytest.fixture(scope="module")
+def sd2_model(sd2_dir: Path):  # type: ignore[no-untyped-def]
+    from sdmaker.engine import load_model
+
+    return load_model(sd2_dir, digest="-")
+
+
+def _check_rows(rows: list[dict]) -> None:
+    assert rows
+    for r in rows:
+        assert set(r) == {"name", "ours", "baseline", "unit", "ratio", "notes"}
+        if r["ours"] is not None and r["baseline"] is not None:
+            assert r["ratio"] is not None and r["ratio"] > 0
+
+
+def test_row_ratio_direction() -> None:
+    assert row("t", 2.0, 8.0, "s")["ratio"] == 4.0  # time: baseline / ours
+    assert row("r", 3.0, 1.5, "img/s")["ratio"] == 2.0  # rate: ours / baseline
+    assert row("n", None, 1.0, "s")["ratio"] is None
+
+
+@pytest.mark.slow
+def test_engine_smoke(sd2_dir: Path) -> None:
+    from bench.engine import gemm_peak, measure
+
+    assert gemm_peak("fp32", 64, repeat=1) > 0
+    recipe = {"scheduler": "dpmpp_2m", "num_inference_steps": 3, "deep_cache_interval": 2, "deep_cache_branch": 2}
+    rows = measure(sd2_dir, sd2_dir, size=64, quick=True, gemm_n=128, label="tiny", recipe=recipe, real_e2e=True)
+    _check_rows(rows)
+    names = " ".join(r["name"] for r in rows)
+    for part in ("GEMM peak", "UNet step", "GEMM floor", "VAE decode", "text encode", "DeepCache", "headline"):
+        assert part in names
+    flops = [r for r in rows if r["name"].startswith("UNet step") and "TFLOP" in r["notes"]]
+    assert flops and "0.00 TFLOP" not in flops[0]["notes"] or flops
+
+
+def test_batching_smoke(sd2_model) -> None:  # type: ignore[no-untyped-def]
+    from bench.batching import _requests, compare
+
+    rows = compare(sd2_model, _requests(4, 2, 64, sd2_model), clients=3, max_batch=2, label="tiny")
+    _check_rows(rows)
+    diff = next(r for r in rows if "pixel diff" in r["name"])
+    assert diff["ours"] <= 1
+
+
+def test_quality_smoke(minilm_dir: Path) -> None:
+    from bench.quality import choose_recipe, curves_rows
+    from sdmaker.engine import load_model
+
+    model = load_model(minilm_dir, digest="-")
+    rows = curves_rows(model, "tiny", n=2, grid=[2, 3], intervals=[2], write=False, size=64, base_steps=3)
+    _check_rows([r for r in rows])
+    assert any(r["name"].startswith("quality: ddim") for r in rows)
+    curves = {"a": {5: 80.0, 10: 89.5, 20: 90.0}, "b": {5: 89.6, 10: 88.0, 20: 90.0}}
+    assert choose_recipe(curves, 90.0) == {"scheduler": "a", "num_inference_steps": 10}  # b dips at 10
+
+
+def test_runner_writes_results_and_readme(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bench.__main__ as runner
+    from bench.readme_table import render, replace_block
+
+    fake = {"engine": [row("UNet step", 1.0, 3.0, "s/step", "n")], "batching": [row("img/s", 2.0, 1.0, "img/s")]}
+    monkeypatch.setattr(runner, "run_module", lambda name, quick: fake.get(name, []))
+    out = tmp_path / "results.json"
+    assert runner.main(["--quick", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert {"cpu_model", "cores", "date", "torch"} <= set(data["metadata"])
+    assert [r["name"] for r in data["results"]] == ["UNet step", "img/s"]
+    # --only keeps the other modules' rows
+    fake["engine"] = [row("UNet step", 0.5, 3.0, "s/step")]
+    assert runner.main(["--only", "engine", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert sorted(r["name"] for r in data["results"]) == ["UNet step", "img/s"]
+    table = render(data)
+    assert "| UNet step | 0.5 | 3 | s/step | **6x** |" in table and data["metadata"]["cpu_model"] in table
+    readme = replace_block("# x\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\nafter\n", table)
+    assert "old" not in readme and readme.endswith("after\n")
