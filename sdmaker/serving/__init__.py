@@ -42,3 +42,12 @@ __all__ = [
     "run_server",
     "write_status",
 ]
+
+# The platform daemon (``sdmaker up``): SageMaker control plane + runtime API, endpoint manager, worker pools.
+from sdmaker.serving._daemon import create_app as create_daemon_app  # noqa: E402
+from sdmaker.serving._daemon import run_daemon  # noqa: E402
+from sdmaker.serving._endpoints import EndpointManager, EndpointRuntime  # noqa: E402
+from sdmaker.serving._workers import WorkerPool, WorkerSpec, WorkerState  # noqa: E402
+
+__all__ += ["EndpointManager", "EndpointRuntime", "WorkerPool", "WorkerSpec", "WorkerState", "create_daemon_app",
+            "run_daemon"]

@@ -43,8 +43,8 @@ from sdmaker.errors import (
     QueueFullError,
     SdmakerError,
 )
-from sdmaker.schema import parse_request
 from sdmaker.serving._endpoints import EndpointManager
+from sdmaker.serving._handler import request_from_payload
 from sdmaker.serving._metrics import DaemonMetrics
 
 __all__ = ["invoke_endpoint", "read_body", "runtime_error_response", "validate_default_body"]
@@ -90,13 +90,7 @@ def validate_default_body(body: bytes, content_type: str | None) -> None:
         data: Any = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(f"Request body is not valid JSON: {exc}", field="Body") from None
-    if isinstance(data, dict) and "inputs" in data:
-        params = data.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise InvalidRequestError("parameters must be a JSON object", field="parameters",
-                                      value=type(params).__name__)
-        data = {"prompt": data["inputs"], **params}
-    parse_request(data)
+    request_from_payload(data)  # the default handler's own parser: the daemon and the worker agree
 
 
 def _error_body(exc: SdmakerError, settings: Settings, endpoint: str | None) -> tuple[int, str, dict[str, Any]]:
