@@ -18,7 +18,7 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt pyprojec
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m sdmaker.demo
+	$(BIN)/python -m sdmaker demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
