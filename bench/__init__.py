@@ -46,13 +46,24 @@ def time_call(fn: Callable[[], Any], *, repeat: int = 1, warmup: int = 0) -> flo
     """Median wall time of ``fn`` over ``repeat`` runs after ``warmup`` runs."""
     for _ in range(warmup):
         fn()
+        _sync()
     times = []
     for _ in range(repeat):
         gc.collect()
         started = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+def _sync() -> None:
+    """Wait for queued GPU work, so wall times cover it (no-op on CPU)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def max_rss_gib() -> float:

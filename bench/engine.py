@@ -82,7 +82,7 @@ def sd21_dir(dtype_name: str = "fp32") -> Path:
     return out
 
 
-def _components(model: Any, size: int, *, branch: int, repeat: int) -> dict[str, float]:
+def _components(model: Any, size: int, *, branch: int, repeat: int, only_unet: bool = False) -> dict[str, float]:
     """Time and count FLOPs of text encoding, one CFG UNet step, a DeepCache-shallow step, VAE decode."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -111,11 +111,14 @@ def _components(model: Any, size: int, *, branch: int, repeat: int) -> dict[str,
         def vae() -> None:
             pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)
 
-        for name, fn in (("text", text), ("unet", unet), ("vae", vae)):
+        parts = (("unet", unet),) if only_unet else (("text", text), ("unet", unet), ("vae", vae))
+        for name, fn in parts:
             with FlopCounterMode(display=False) as counter:  # doubles as the warm-up call
                 fn()
             out[f"{name}_flops"] = float(counter.get_total_flops())
             out[f"{name}_s"] = time_call(fn, repeat=repeat)
+        if only_unet:
+            return out
         units = UNetUnits(pipe.unet)
         _, feature = units.forward(sample, t, embeds, branch=branch)
         out["shallow_s"] = time_call(lambda: units.forward(sample, t, embeds, branch=branch, cached=feature),
@@ -210,6 +213,7 @@ def measure(fp32_dir: Path, ours_dir: Path, *, size: int, quick: bool, gemm_n: i
                     f" of {ours_dtype} peak"))
     rows.append(row(f"text encode, {ours_dtype} vs {base_dtype}", o["text_s"], b["text_s"], "s",
                     f"{o['text_flops'] / 1e9:.1f} GFLOP (prompt + negative)"))
+    rows += _variant_rows(ours, size, o["unet_s"], repeat)
     rows.append(row(f"DeepCache shallow step (branch {branch}) vs full step", o["shallow_s"], o["unet_s"], "s/step",
                     f"{ours_dtype}; the steps between full UNet calls cost this"))
 
@@ -235,6 +239,24 @@ def measure(fp32_dir: Path, ours_dir: Path, *, size: int, quick: bool, gemm_n: i
                     f"ours {how}; {note}; target ratio >= 8"))
     del ours
     gc.collect()
+    return rows
+
+
+def _variant_rows(model: Any, size: int, default_s: float, repeat: int) -> list[dict[str, Any]]:
+    """channels-last and classic attention against the default (SDPA, contiguous), same model and inputs."""
+    from sdmaker.engine import SpeedOptions, apply_speed_options
+
+    rows = []
+    for label, opts in (("channels-last", SpeedOptions(channels_last=True)),
+                        ("classic attention (no SDPA)", SpeedOptions(sdpa=False))):
+        apply_speed_options(model, opts)
+        try:
+            t = _components(model, size, branch=2, repeat=repeat, only_unet=True)["unet_s"]
+        finally:
+            apply_speed_options(model, SpeedOptions())
+        verdict = "the default is faster" if t > default_s else f"{label} is faster here"
+        rows.append(row(f"UNet step: SDPA+contiguous (default) vs {label}", default_s, t, "s/step",
+                        f"{verdict}; ratio > 1 favours the default"))
     return rows
 
 

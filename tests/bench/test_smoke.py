@@ -55,6 +55,7 @@ def test_batching_smoke(sd2_model) -> None:  # type: ignore[no-untyped-def]
     assert diff["ours"] <= 1
 
 
+@pytest.mark.slow
 def test_quality_smoke(minilm_dir: Path) -> None:
     from bench.quality import choose_recipe, curves_rows
     from sdmaker.engine import load_model
