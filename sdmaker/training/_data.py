@@ -49,7 +49,16 @@ class VaeBatches(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return int(self.cfg["steps"])
 
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
-        images = [image_to_tensor(render(scene)) for scene, _, _ in _samples(self.cfg, step)]
+        crop = int(self.cfg["data"].get("crop", 0) or 0)
+        images = []
+        for scene, _, rng in _samples(self.cfg, step):
+            img = image_to_tensor(render(scene))
+            if crop:  # a crop around one of the shapes: edges, not flat background, is what needs learning
+                cx, cy = rng.choice(scene.shapes).center
+                x0 = min(max(int(cx) - crop // 2 + rng.randint(-crop // 4, crop // 4), 0), 64 - crop)
+                y0 = min(max(int(cy) - crop // 2 + rng.randint(-crop // 4, crop // 4), 0), 64 - crop)
+                img = img[:, y0:y0 + crop, x0:x0 + crop]
+            images.append(img)
         return {"images": torch.stack(images), "step": torch.tensor(step)}
 
 

@@ -17,6 +17,8 @@ def build_vae(model_cfg: dict[str, Any]) -> Any:
         block_out_channels=channels, layers_per_block=int(model_cfg.get("layers_per_block", 1)),
         down_block_types=["DownEncoderBlock2D"] * len(channels), up_block_types=["UpDecoderBlock2D"] * len(channels),
         norm_num_groups=int(model_cfg.get("norm_num_groups", 8)), sample_size=64,
+        # fully convolutional without the mid-block attention: it can then be trained on crops
+        mid_block_add_attention=bool(model_cfg.get("mid_block_add_attention", True)),
     )
 
 

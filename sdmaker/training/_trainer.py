@@ -111,12 +111,14 @@ class _Run:
         if self.cfg["kind"] == "vae":
             x = batch["images"]
             post = self.model.encode(x).latent_dist
-            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+            z = post.mean
+            if self.cfg.get("sample_posterior", True):
+                z = z + post.std * torch.randn(post.mean.shape, generator=gen)
             recon = self.model.decode(z).sample
             mse = torch.mean((recon - x) ** 2)
             l1 = torch.mean(torch.abs(recon - x))
             kl = post.kl().mean() / z[0].numel()
-            return mse + 0.5 * l1 + self.cfg["kl_weight"] * kl, {"mse": mse.item(), "kl": kl.item()}
+            return mse + self.cfg.get("l1_weight", 0.5) * l1 + self.cfg["kl_weight"] * kl, {"mse": mse.item(), "kl": kl.item()}
         latents, embeds = batch["latents"], batch["embeds"]
         bsz = latents.shape[0]
         noise = torch.randn(latents.shape, generator=gen)

@@ -1,0 +1,135 @@
+"""Training: quick recipes run, kill -9 + --resume ends bit-identical, NaN stops cleanly, MLflow logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdmaker.training._config import load_config
+from sdmaker.training._trainer import CHECKPOINT_FILE, train
+
+ROOT = Path(__file__).resolve().parents[2]
+VAE_CONFIG = ROOT / "configs" / "train" / "mini-vae.json"
+UNET_CONFIG = ROOT / "configs" / "train" / "mini-unet.json"
+
+# Runs train() and SIGKILLs its own process right after `kill_at` steps: a real `kill -9` at a known point
+# (after the checkpoint of step 4, before the one of step 6), with no timing involved.
+_KILLED_RUN = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    from sdmaker.training._config import load_config
+    from sdmaker.training._trainer import train
+    cfg = load_config(Path(sys.argv[1]), quick=True, overrides={"steps": 8, "checkpoint_every": 2,
+                      "vae": sys.argv[4] if len(sys.argv) > 4 else None})
+    kill_at = int(sys.argv[3])
+    def on_step(step, total, metrics):
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    train(cfg, Path(sys.argv[2]), progress=on_step)
+""")
+
+
+def _state(run_dir: Path) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(run_dir / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    out = {f"model.{k}": v for k, v in ckpt["model"].items()}
+    out.update({f"ema.{i}": t for i, t in enumerate(ckpt["ema"])})
+    for idx, st in ckpt["optimizer"]["state"].items():
+        out.update({f"opt.{idx}.{k}": v for k, v in st.items() if torch.is_tensor(v)})
+    assert ckpt["step"] == 8
+    return out
+
+
+def _kill_and_resume(tmp_path: Path, config: Path, vae: Path | None) -> None:
+    extra = [str(vae)] if vae else []
+    overrides = {"steps": 8, "checkpoint_every": 2, "vae": str(vae) if vae else None}
+    cfg = load_config(config, quick=True, overrides=overrides)
+    train(cfg, tmp_path / "straight")
+    killed = subprocess.run([sys.executable, "-c", _KILLED_RUN, str(config), str(tmp_path / "killed"), "5", *extra],
+                            cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    ckpt = torch.load(tmp_path / "killed" / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    assert ckpt["step"] == 4  # step 5 was lost with the process
+    result = train(cfg, tmp_path / "killed", resume=True)
+    assert result.status == "finished" and result.steps_done == 8
+    straight, resumed = _state(tmp_path / "straight"), _state(tmp_path / "killed")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_vae_kill9_then_resume_is_bit_identical(tmp_path: Path) -> None:
+    _kill_and_resume(tmp_path, VAE_CONFIG, None)
+
+
+@pytest.fixture(scope="module")
+def quick_vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("quick-vae")
+    result = train(load_config(VAE_CONFIG, quick=True), out)
+    assert result.model_dir is not None
+    return result.model_dir
+
+
+@pytest.mark.slow
+def test_unet_kill9_then_resume_is_bit_identical(tmp_path: Path, quick_vae: Path) -> None:
+    _kill_and_resume(tmp_path, UNET_CONFIG, quick_vae)
+
+
+def test_quick_unet_trains_exports_and_tracks_in_mlflow(tmp_path: Path, quick_vae: Path) -> None:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    cfg = load_config(UNET_CONFIG, quick=True, overrides={"vae": str(quick_vae)})
+    mlruns = tmp_path / "mlruns"
+    seen: list[int] = []
+    result = train(cfg, tmp_path / "unet", mlflow_dir=mlruns, progress=lambda s, t, m: seen.append(s))
+    assert result.status == "finished" and seen == list(range(1, cfg["steps"] + 1))
+    unet = UNet2DConditionModel.from_pretrained(result.model_dir)
+    vae = AutoencoderKL.from_pretrained(quick_vae)
+    assert unet.config.cross_attention_dim == 384
+    assert unet.config.sample_size == 64 // 2 ** (len(vae.config.block_out_channels) - 1)
+    assert vae.config.scaling_factor != 1.0  # measured from latents at export
+    assert (tmp_path / "unet" / "samples" / f"step-{cfg['steps']:06d}.png").is_file()
+    # MLflow file store: one run with params, a loss curve and the sample grid
+    metric_files = list(mlruns.glob("*/*/metrics/loss"))
+    assert len(metric_files) == 1
+    assert len(metric_files[0].read_text().splitlines()) >= 1
+    run_dir = metric_files[0].parents[1]
+    assert (run_dir / "params" / "lr").read_text() == str(cfg["lr"])
+    assert list((run_dir / "artifacts" / "samples").glob("*.png"))
+    assert json.loads((run_dir / "artifacts" / "config.json").read_text())["kind"] == "unet"
+
+
+def test_nan_loss_stops_cleanly_keeping_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sdmaker.training import _trainer
+
+    cfg = load_config(VAE_CONFIG, quick=True)
+    original = _trainer._Run.loss
+
+    def poisoned(self, batch, step):  # type: ignore[no-untyped-def]
+        loss, extra = original(self, batch, step)
+        return (loss * float("nan") if step >= 3 else loss), extra
+
+    monkeypatch.setattr(_trainer._Run, "loss", poisoned)
+    result = train(cfg, tmp_path / "run")
+    assert result.status == "diverged" and result.steps_done == 3 and result.model_dir is None
+    ckpt = torch.load(tmp_path / "run" / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    assert ckpt["step"] == 2
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+def test_existing_checkpoint_requires_resume(tmp_path: Path) -> None:
+    from sdmaker.errors import ConfigError
+
+    cfg = load_config(VAE_CONFIG, quick=True)
+    train(cfg, tmp_path / "run")
+    with pytest.raises(ConfigError, match="--resume"):
+        train(cfg, tmp_path / "run")
+    other = load_config(VAE_CONFIG, quick=True, overrides={"lr": 0.5})
+    with pytest.raises(ConfigError, match="different config"):
+        train(other, tmp_path / "run", resume=True)
