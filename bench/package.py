@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import struct
@@ -132,18 +133,32 @@ def _timed_cmd(cmd: list[str], out: Path) -> float:
 def _measure(label: str, fn: Callable[[], Path]) -> dict[str, Any]:
     """Median of 3 runs for contenders under 10 s (disk writeback noise), one run for slower ones."""
     times: list[float] = []
+    cpus: list[float] = []
     while True:
+        cpu0 = _cpu_seconds()
         started = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - started)
+        cpus.append(_cpu_seconds() - cpu0)
         if len(times) == 3 or times[0] >= 10:
             break
         out.unlink()
     seconds = statistics.median(times)
+    cpu = statistics.median(cpus)
     size = out.stat().st_size
-    print(f"  {label:<34} {seconds:8.2f} s  {size / 2**30:7.3f} GiB  (runs: {', '.join(f'{t:.2f}' for t in times)})",
-          flush=True)
-    return {"label": label, "seconds": seconds, "bytes": size, "path": out, "runs": times}
+    print(f"  {label:<14} {seconds:8.2f} s wall {cpu:8.2f} s cpu {size / 2**30:7.3f} GiB  "
+          f"(runs: {', '.join(f'{t:.2f}' for t in times)})", flush=True)
+    return {"label": label, "seconds": seconds, "cpu": cpu, "bytes": size, "path": out, "runs": times}
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads) and of its finished children (tar, pigz).
+
+    Unlike wall time it does not grow when other work shares the cores, so it is the steadier figure
+    on a busy machine."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def measure(size_gb: float) -> dict[str, dict[str, Any]]:
@@ -205,6 +220,12 @@ def rows_from(results: dict[str, dict[str, Any]], size_gb: float) -> list[dict[s
             pigz_note),
         row(f"package {gib:.1f} GiB: sdmaker .tar vs tar cf", results["ours_tar"]["seconds"],
             results["tar_cf"]["seconds"], "s", "uncompressed artifact vs a plain tar copy"),
+        row(f"package {gib:.1f} GiB CPU time: sdmaker .tar.gz vs tar|pigz", results["ours_gzip"]["cpu"],
+            pigz["cpu"] if pigz else None, "s", pigz_note or "user+sys CPU seconds (steady under load)"),
+        row(f"package {gib:.1f} GiB CPU time: sdmaker .tar.gz level 6 vs tar|pigz", results["ours_gzip_l6"]["cpu"],
+            pigz["cpu"] if pigz else None, "s", pigz_note),
+        row(f"package {gib:.1f} GiB CPU time: sdmaker .tar.zst vs tar|pigz", results["ours_zstd"]["cpu"],
+            pigz["cpu"] if pigz else None, "s", pigz_note),
         row(f"artifact size {gib:.1f} GiB: sdmaker .tar.gz vs tar|pigz", results["ours_gzip"]["bytes"] / 2**30,
             pigz["bytes"] / 2**30 if pigz else None, "GiB", "random fp16 weights barely compress"),
         row(f"artifact size {gib:.1f} GiB: sdmaker .tar.zst vs tar|pigz", results["ours_zstd"]["bytes"] / 2**30,

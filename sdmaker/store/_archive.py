@@ -202,7 +202,7 @@ def safe_extract(archive: Path, dest: Path, *, max_total_bytes: int = DEFAULT_MA
     if total > free:
         raise ArchiveError(f"{archive.name} unpacks to {total} bytes but only {free} are free under {dest.parent}",
                            archive=str(archive), reason="disk full")
-    wanted = {rel: m for rel, m in members}
+    wanted = dict(members)
     work = dest.parent / f".{dest.name}.extract-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     work.mkdir()
     out: list[Path] = []

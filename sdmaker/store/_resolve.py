@@ -15,6 +15,7 @@ a manifest lookup, not a second download or extraction.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
@@ -65,10 +66,8 @@ def _import_cached(store: Store, src: str, name: str, *, allow_pickle: bool,
                    progress: Progress | None) -> ResolvedModel:
     if not store.exists(name):
         logger.info("importing %s into the store as %s", src, name)
-        try:
+        with contextlib.suppress(FileExistsError):  # a concurrent resolve imported it first
             store.import_model(src, name=name, allow_pickle=allow_pickle, progress=progress)
-        except FileExistsError:  # a concurrent resolve imported it first
-            pass
     return _from_store(store, name)
 
 

@@ -223,6 +223,8 @@ class Store:
                 raise ModelExistsError(f"a model named {name!r} is already stored; pass --overwrite to replace it",
                                        model=name)
             created: list[Path] = []
+            snap: Path | None = None
+            new_snapshot = False
             try:
                 entries = [self._add_blob(folder / rel, on_bytes, move=move, created=created) for rel in files]
                 manifest_files = [ManifestFile(path=rel.as_posix(), sha256=sha, size=size)
@@ -238,9 +240,13 @@ class Store:
                     source=source if source is not None else str(folder),
                     sdmaker_version=__version__,
                 )
+                snap = self.snapshots / manifest.digest
+                new_snapshot = not snap.is_dir()
                 self._build_snapshot(manifest)
                 atomic_write_text(self._manifest_path(name), manifest.to_json())  # the commit point
             except BaseException:
+                if new_snapshot and snap is not None:
+                    _remove(snap)
                 for blob in created:
                     blob.unlink(missing_ok=True)
                 raise

@@ -11,8 +11,7 @@ import pytest
 from sdmaker.config import load_settings
 from sdmaker.digest import tree_digest
 from sdmaker.errors import S3Error
-from sdmaker.store import Store, package_model, parse_s3_uri, resolve_model
-from sdmaker.store import _s3
+from sdmaker.store import Store, _s3, package_model, parse_s3_uri, resolve_model
 
 
 def _client():  # type: ignore[no-untyped-def]
