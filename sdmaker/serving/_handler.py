@@ -154,8 +154,10 @@ class HandlerService:
 
     def __init__(self, model_dir: Path, *, program: str | None = None, device: str = "auto", dtype: str = "auto",
                  model_name: str | None = None, allow_pickle: bool = False, server_version: str = "",
-                 digest: str | None = None) -> None:
+                 digest: str | None = None, max_batch: int = 0) -> None:
         self.model_dir = Path(model_dir).resolve()
+        #: > 0: the default model runs requests through a step-level batcher of this many images
+        self.max_batch = max_batch
         self.program = program
         self.device = device
         self.dtype = dtype
@@ -200,8 +202,14 @@ class HandlerService:
     def default_model_fn(self, model_dir: Path) -> SdModel:
         from sdmaker.engine import load_model
 
-        return SdModel(load_model(model_dir, name=self.model_name, device=self.device, dtype=self.dtype,
-                                  allow_pickle=self.allow_pickle, digest=self.digest))
+        sd = SdModel(load_model(model_dir, name=self.model_name, device=self.device, dtype=self.dtype,
+                                allow_pickle=self.allow_pickle, digest=self.digest))
+        if self.max_batch > 0:  # concurrent requests share UNet calls step by step (sdmaker.engine.StepBatcher)
+            from sdmaker.engine import StepBatcher
+
+            batcher = StepBatcher(sd.loaded, max_batch=self.max_batch)
+            sd.runner = lambda _loaded, request: batcher.submit(request)
+        return sd
 
     # --- the default request hooks -----------------------------------------------------------------
 

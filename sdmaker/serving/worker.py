@@ -16,6 +16,8 @@ Options::
     --max-body-bytes N       413 above this (default SDMAKER_MAX_BODY_BYTES, else 6291456)
     --device auto|cpu|cuda   --dtype auto|fp32|bf16|fp16   (default model load only; default: settings)
     --threads N              handler threads (default 1)
+    --max-batch N            batch up to N images per UNet step across concurrent requests (default 0 = off;
+                             raises --threads to at least N so N requests can be in flight)
     --model-name NAME        display name (default: sdmaker.json "name", else the folder name)
     --model-digest DIGEST    content digest when known (skips hashing the weights at load)
     --token TOKEN            require "Authorization: Bearer TOKEN" on every route but /ping
@@ -56,6 +58,7 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=settings.device)
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default=settings.dtype)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--max-batch", type=int, default=0)
     p.add_argument("--model-name", default=None)
     p.add_argument("--model-digest", default=None)
     p.add_argument("--token", default=None)
@@ -68,8 +71,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     """Serve with parsed ``args`` until stopped; the exit code (see the module docstring)."""
     handler = HandlerService(args.model_dir, program=settings.sagemaker_program, device=args.device,
                              dtype=args.dtype, model_name=args.model_name,
-                             allow_pickle=args.allow_pickle, server_version=__version__, digest=args.model_digest)
-    server = ModelServer(handler, status_file=args.status_file, threads=args.threads,
+                             allow_pickle=args.allow_pickle, server_version=__version__, digest=args.model_digest,
+                             max_batch=max(args.max_batch, 0))
+    server = ModelServer(handler, status_file=args.status_file, threads=max(args.threads, args.max_batch),
                          max_body_bytes=args.max_body_bytes, token=args.token, worker_id=args.worker_id)
     return run_server(server, host=args.host, port=args.port, fail_grace_s=args.fail_grace_seconds)
 

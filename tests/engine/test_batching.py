@@ -105,3 +105,39 @@ def test_errors_reach_the_caller(model) -> None:  # type: ignore[no-untyped-def]
         with pytest.raises(Exception, match="callback exploded"):
             batcher.submit(_req(3), on_step=boom)
         assert len(batcher.submit(_req(4)).images) == 1  # the worker survives
+
+
+def test_worker_handler_uses_the_batcher(sd1_dir: Path) -> None:
+    """``--max-batch`` wiring: the default handler's one generation call goes through a StepBatcher."""
+    import json
+
+    from sdmaker.serving._handler import HandlerService
+
+    import base64
+    import io
+
+    from PIL import Image
+
+    body = json.dumps({"prompt": "a red circle", "height": 64, "width": 64, "num_inference_steps": 2,
+                       "seed": 9, "format": "png"}).encode()
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    answers = []
+    for max_batch in (0, 4):
+        handler = HandlerService(sd1_dir, max_batch=max_batch)
+        handler.load()
+        assert ("<lambda>" in handler.model.runner.__qualname__) == (max_batch > 0)
+        responses: list[object] = [None, None]
+
+        def call(i: int, h: HandlerService = handler) -> None:
+            responses[i] = h.handle(body, headers)
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(r.status == 200 for r in responses)  # type: ignore[attr-defined]
+        answers.append([np.asarray(Image.open(io.BytesIO(base64.b64decode(json.loads(r.body)["generated_images"][0]))),
+                                   dtype=np.int16) for r in responses])  # type: ignore[attr-defined]
+    for solo, batched in zip(answers[0], answers[1], strict=True):
+        assert np.abs(solo - batched).max() <= 1  # same seeds: same image batched or not
