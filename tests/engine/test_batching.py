@@ -141,3 +141,15 @@ def test_worker_handler_uses_the_batcher(sd1_dir: Path) -> None:
                                    dtype=np.int16) for r in responses])  # type: ignore[attr-defined]
     for solo, batched in zip(answers[0], answers[1], strict=True):
         assert np.abs(solo - batched).max() <= 1  # same seeds: same image batched or not
+
+
+def test_batched_deepcache_equals_solo_deepcache(model) -> None:  # type: ignore[no-untyped-def]
+    reqs = [_req(i, num_inference_steps=4 + i).resolve(model.defaults) for i in range(3)]
+    solo = [generate_fast(model, r, deep_cache_interval=2) for r in reqs]
+    with StepBatcher(model, max_batch=8, deep_cache_interval=2) as batcher:
+        futures = [batcher.submit_async(r) for r in reqs]
+        batched = [f.result() for f in futures]
+        assert batcher.stats.unet_calls < sum(r.request.num_inference_steps for r in batched)
+    for a, b in zip(solo, batched, strict=True):
+        assert a.timings["unet_full_calls"] == b.timings["unet_full_calls"] < b.request.num_inference_steps
+        assert float(np.abs(a.arrays - b.arrays).max()) <= 1e-4  # type: ignore[attr-defined]
