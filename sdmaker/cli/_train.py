@@ -50,8 +50,9 @@ def _run(kind: str, config: Path, resume: bool, quick: bool, out: Path | None, n
         err_console.print(f"[yellow]training stopped ({result.status}) at step {result.steps_done}; the last good "
                           f"checkpoint is in {out}[/yellow]")
         raise typer.Exit(1)
-    console.print(f"{kind} trained: {result.steps_done} steps in {result.seconds:.0f}s, final loss "
-                  f"{result.final_loss:.4f}; model: {result.model_dir}", highlight=False)
+    loss = "n/a (no steps left)" if result.final_loss is None else f"{result.final_loss:.4f}"
+    console.print(f"{kind} trained: {result.steps_done} steps in {result.seconds:.0f}s, final loss {loss}; "
+                  f"model: {result.model_dir}", highlight=False)
     if result.run_id:
         console.print(f"MLflow run {result.run_id} in {settings.mlflow_dir}", highlight=False)
 
@@ -104,6 +105,7 @@ def eval_cmd(
     guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", "-g")] = None,
     n: Annotated[int, typer.Option("--n", help="Number of held-out prompts.")] = 128,
     seed: Annotated[int, typer.Option(help="Base seed of the generations.")] = 0,
+    prompt_seed: Annotated[int | None, typer.Option(help="Draw another prompt set (for tuning settings).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     sheet: Annotated[Path | None, typer.Option(help="Also write a contact sheet PNG of the generations.")] = None,
     no_track: _NoTrack = False,
@@ -111,7 +113,7 @@ def eval_cmd(
 ) -> None:
     """Generate the held-out prompt set and score it per attribute with the scene analyser."""
     from sdmaker.engine import load_model
-    from sdmaker.training._eval import evaluate
+    from sdmaker.training._eval import EVAL_SEED, evaluate
     from sdmaker.training._tracking import Tracker
 
     setup_logging(verbose)
@@ -122,6 +124,7 @@ def eval_cmd(
                   console=err_console, transient=True) as progress:
         task = progress.add_task("eval", total=n)
         report = evaluate(loaded, n=n, steps=steps, scheduler=scheduler, guidance_scale=guidance_scale, seed=seed,
+                          prompt_seed=EVAL_SEED if prompt_seed is None else prompt_seed,
                           on_batch=lambda done, total: progress.update(task, completed=done),
                           keep_images=sheet is not None)
     if sheet is not None:

@@ -128,14 +128,18 @@ def summarise(items: list[EvalItem], scores: list[dict[str, Any]]) -> tuple[dict
 
 
 def evaluate(model: Any, *, n: int = 128, steps: int | None = None, scheduler: str | None = None,
-             guidance_scale: float | None = None, seed: int = 0,
+             guidance_scale: float | None = None, seed: int = 0, prompt_seed: int = EVAL_SEED,
              on_batch: Callable[[int, int], None] | None = None, keep_images: bool = False) -> EvalReport:
-    """Generate the prompt set with ``model`` (a LoadedModel) at its defaults unless overridden, and score it."""
+    """Generate the prompt set with ``model`` (a LoadedModel) at its defaults unless overridden, and score it.
+
+    ``prompt_seed`` other than :data:`EVAL_SEED` draws a different prompt set (tune settings on that one,
+    report on the default one).
+    """
     from sdmaker.engine import generate
     from sdmaker.schema import parse_request
 
     started = time.perf_counter()
-    items = eval_prompts(n)
+    items = eval_prompts(n, prompt_seed)
     scores: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
     resolved_settings: dict[str, Any] = {}
@@ -150,7 +154,8 @@ def evaluate(model: Any, *, n: int = 128, steps: int | None = None, scheduler: s
         resolved_settings = {"num_inference_steps": request.num_inference_steps,
                              "guidance_scale": request.guidance_scale,
                              "scheduler": request.scheduler or model.default_scheduler,
-                             "height": request.height, "width": request.width, "seed": seed}
+                             "height": request.height, "width": request.width, "seed": seed,
+                             "prompt_seed": prompt_seed}
         result = generate(model, request)
         for item, img in zip(chunk, result.images, strict=True):
             analysis = analyse(img.image)
