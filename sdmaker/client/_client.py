@@ -24,8 +24,8 @@ from sdmaker.errors import (
     EndpointExistsError,
     EndpointNotFoundError,
     InvocationTimeoutError,
-    ServingError,
     SdmakerError,
+    ServingError,
     WorkerStartError,
     error_class_for_code,
 )

@@ -143,7 +143,8 @@ def create_app(settings: Settings, *, host: str | None = None) -> FastAPI:
 
     @app.get("/sdmaker/v1/endpoints/{name}")
     async def details(request: Request, name: str) -> dict[str, Any]:
-        return request.state.manager.details(name)
+        manager: EndpointManager = request.state.manager
+        return manager.details(name)
 
     @app.get("/sdmaker/v1/endpoints/{name}/logs")
     async def logs(request: Request, name: str, offset: int = 0) -> dict[str, Any]:

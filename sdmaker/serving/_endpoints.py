@@ -154,9 +154,10 @@ class EndpointManager:
 
     async def close(self) -> None:
         """Stop every worker; the database keeps the endpoints for the next start."""
-        for rt in list(self.runtimes.values()):
-            if rt.task is not None:
-                rt.task.cancel()
+        tasks = [rt.task for rt in self.runtimes.values() if rt.task is not None]
+        for task in tasks:
+            task.cancel()  # a pool still starting stops its own workers when cancelled
+        await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(rt.pool.close() for rt in self.runtimes.values() if rt.pool),
                              return_exceptions=True)
         self.runtimes.clear()

@@ -58,7 +58,7 @@ _TIMEOUT_TEXT = ("Your invocation timed out while waiting for a response from co
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, read once and cached on ``request.state``; refuses more than ``limit`` bytes early."""
     cached = getattr(request.state, "body", None)
-    if cached is not None:
+    if isinstance(cached, bytes):
         return cached
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:

@@ -72,9 +72,9 @@ def test_errors_map_to_sdmaker_classes(client: Client, tiny: str, sd1_dir: Path)
         client.invoke(tiny, b"x" * (6 * 1024 * 1024 + 10))
     with pytest.raises(EndpointExistsError):
         client.create_endpoint(tiny, model=str(sd1_dir))
-    with pytest.raises(ServingError, match="cannot reach the sdmaker daemon"):
-        with Client("http://127.0.0.1:9", timeout=2) as nowhere:
-            nowhere.list_endpoints()
+    with pytest.raises(ServingError, match="cannot reach the sdmaker daemon"), \
+            Client("http://127.0.0.1:9", timeout=2) as nowhere:
+        nowhere.list_endpoints()
 
 
 def test_predictor_and_model_errors(client: Client, scripted_model_dir: Path) -> None:

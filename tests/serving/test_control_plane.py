@@ -63,12 +63,11 @@ def test_unknown_operation_is_refused(daemon) -> None:  # type: ignore[no-untype
     assert reply.json()["__type"] == "UnknownOperationException"
 
 
-@pytest.mark.slow
-def test_endpoint_lifecycle_with_update_under_load(daemon, sd1_dir) -> None:  # type: ignore[no-untyped-def]
+def test_endpoint_lifecycle_with_update_under_load(daemon, scripted_model_dir) -> None:  # type: ignore[no-untyped-def]
     """Create -> InService (waiter) -> list -> blue/green update while a thread invokes -> delete."""
     sm = daemon.boto("sagemaker")
     rt = daemon.boto("sagemaker-runtime")
-    desc = daemon.deploy("cp-life", sd1_dir)
+    desc = daemon.deploy("cp-life", scripted_model_dir, env={"SCRIPTED_VERSION": "1"})
     assert desc["EndpointStatus"] == "InService", desc.get("FailureReason")
     assert desc["ProductionVariants"][0]["CurrentInstanceCount"] == 1
     assert desc["EndpointArn"].endswith(":endpoint/cp-life")
@@ -78,35 +77,44 @@ def test_endpoint_lifecycle_with_update_under_load(daemon, sd1_dir) -> None:  # 
     with pytest.raises(ClientError, match='Cannot create already existing endpoint "arn:aws:sagemaker:'):
         sm.create_endpoint(EndpointName="cp-life", EndpointConfigName="cp-life-v1")
 
-    request = {"prompt": "a red circle", "height": 64, "width": 64, "num_inference_steps": 2, "seed": 1}
-    statuses: list[object] = []
+    versions: list[object] = []
     stop = threading.Event()
 
     def hammer() -> None:
         while not stop.is_set():
             try:
-                statuses.append(len(_invoke(rt, "cp-life", request)["generated_images"]))
+                versions.append(_invoke(rt, "cp-life", {"sleep": 0.05})["version"])
             except Exception as exc:  # noqa: BLE001 - recorded and asserted on below
-                statuses.append(exc)
+                versions.append(exc)
 
     thread = threading.Thread(target=hammer)
     thread.start()
     try:
+        # v2: the new model loads slowly (2 s), so requests keep arriving while both pools exist
+        sm.create_model(ModelName="cp-life-v2", ExecutionRoleArn="arn:aws:iam::111122223333:role/sm",
+                        PrimaryContainer={"Image": "x", "ModelDataUrl": str(scripted_model_dir), "Environment": {
+                            "SCRIPTED_VERSION": "2", "SCRIPTED_LOAD_SECONDS": "2"}})
         sm.create_endpoint_config(EndpointConfigName="cp-life-v2", ProductionVariants=[
-            {"VariantName": "AllTraffic", "ModelName": "cp-life-v1", "InitialInstanceCount": 2,
+            {"VariantName": "AllTraffic", "ModelName": "cp-life-v2", "InitialInstanceCount": 2,
              "InstanceType": "ml.m5.large"}])
         sm.update_endpoint(EndpointName="cp-life", EndpointConfigName="cp-life-v2")
-        assert sm.describe_endpoint(EndpointName="cp-life")["EndpointStatus"] in ("Updating", "InService")
-        sm.get_waiter("endpoint_in_service").wait(EndpointName="cp-life", WaiterConfig={"Delay": 1, "MaxAttempts": 300})
+        assert sm.describe_endpoint(EndpointName="cp-life")["EndpointStatus"] == "Updating"
+        sm.get_waiter("endpoint_in_service").wait(EndpointName="cp-life", WaiterConfig={"Delay": 0.5,
+                                                                                       "MaxAttempts": 600})
+        # a few requests more on the new pool while the old one drains
+        count = len(versions)
+        while len(versions) < count + 5:
+            threading.Event().wait(0.05)
     finally:
         stop.set()
         thread.join(timeout=120)
-    failures = [s for s in statuses if not isinstance(s, int)]
-    assert statuses and not failures, failures[:3]
+    failures = [v for v in versions if not isinstance(v, str)]
+    assert not failures, failures[:3]
+    assert versions[0] == "1" and versions[-1] == "2"
+    assert versions == sorted(versions), "no request may reach the old model after the swap"
     desc = sm.describe_endpoint(EndpointName="cp-life")
     assert desc["EndpointConfigName"] == "cp-life-v2"
     assert desc["ProductionVariants"][0]["CurrentInstanceCount"] == 2
-    assert len(_invoke(rt, "cp-life", request)["generated_images"]) == 1
 
     sm.delete_endpoint(EndpointName="cp-life")
     with pytest.raises(ClientError, match='Could not find endpoint "arn:aws:sagemaker:us-east-1:000000000000:'

@@ -61,7 +61,8 @@ def test_env_prints_exports_and_writes_the_sdk_config(cli_env: dict) -> None:  #
 
 
 @pytest.mark.slow
-def test_endpoint_commands_and_invoke(cli_env: dict, sd1_dir: Path, tmp_path: Path) -> None:  # type: ignore[type-arg]
+def test_endpoint_commands_and_invoke(cli_env: dict, sd1_dir: Path, scripted_model_dir: Path,  # type: ignore[type-arg]
+                                      tmp_path: Path) -> None:
     res = runner.invoke(app, ["endpoint", "create", "cli-tiny", "--model", str(sd1_dir), "--timeout", "90"])
     assert res.exit_code == 0, res.output
     assert "cli-tiny: InService" in res.output
@@ -84,7 +85,7 @@ def test_endpoint_commands_and_invoke(cli_env: dict, sd1_dir: Path, tmp_path: Pa
     res = runner.invoke(app, ["endpoint", "logs", "cli-tiny"])
     assert res.exit_code == 0 and "starting worker 0" in res.output
 
-    res = runner.invoke(app, ["endpoint", "update", "cli-tiny", "--model", str(sd1_dir), "--workers", "2"])
+    res = runner.invoke(app, ["endpoint", "update", "cli-tiny", "--model", str(scripted_model_dir), "--workers", "2"])
     assert res.exit_code == 0, res.output
     info = json.loads(runner.invoke(app, ["endpoint", "describe", "cli-tiny", "--json"]).output)
     assert len(info["workers"]) == 2 and info["status"] == "InService"
