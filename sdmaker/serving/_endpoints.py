@@ -48,14 +48,14 @@ FORBIDDEN_ENV = frozenset({"LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "PYTHONP
                            "PYTHONINSPECT", "PYTHONUSERBASE", "PYTHONEXECUTABLE", "PYTHONSAFEPATH"})
 
 
-def instance_profile(instance_type: str | None) -> str:
-    """``auto`` for accelerated SageMaker instance types, ``cpu`` for everything else."""
+def instance_profile(instance_type: str | None) -> tuple[str, str | None]:
+    """(worker ``--device``, warning or None): ``auto`` for accelerated instance types, ``cpu`` otherwise."""
     itype = (instance_type or "").lower()
     if itype.startswith(_ACCELERATED) or itype == "local_gpu":
         if not any(Path("/dev").glob("nvidia[0-9]*")):
-            logger.warning("instance type %s asks for a GPU but none is present: running on the CPU", itype)
-        return "auto"
-    return "cpu"
+            return "auto", f"instance type {itype} asks for a GPU but none is present: running on the CPU"
+        return "auto", None
+    return "cpu", None
 
 
 @dataclass
@@ -209,9 +209,13 @@ class EndpointManager:
         worker_env = {**base_env, **{k: v for k, v in env.items() if k not in FORBIDDEN_ENV},
                       "SDMAKER_HOME": str(self.settings.home)}
         self._generation += 1
+        device, warning = instance_profile(rt.instance_type)
+        if warning:
+            logger.warning("endpoint %s: %s", name, warning)
+            self._log(name, f"warning: {warning}")
         spec = WorkerSpec(model_dir=model_dir, python=python, run_dir=self.root / name / "run",
                           log_file=self.log_file(name), env=worker_env, max_body_bytes=self.settings.max_body_bytes,
-                          device=instance_profile(rt.instance_type), startup_timeout_s=startup)
+                          device=device, startup_timeout_s=startup)
         pool = WorkerPool(spec, count, tag=f"v{self._generation}")
         self._log(name, f"starting {count} worker(s) for model {rt.model_name} ({model_dir})")
         await pool.start()
