@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sdmaker.errors import ConfigError
 
-__all__ = ["Settings", "load_settings"]
+__all__ = ["Settings", "load_settings", "quiet_third_party_logs"]
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -159,3 +159,15 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         sagemaker_program=env.get("SAGEMAKER_PROGRAM", "").strip() or "inference.py",
         bind_port=_port(env, "SAGEMAKER_BIND_TO_PORT", 8080),
     )
+
+
+def quiet_third_party_logs() -> None:
+    """Silence transformers/diffusers/hub chatter (import-time warnings, weight-loading progress bars).
+
+    Called by entry points (CLI, server) unless verbose. It must run before those libraries are imported,
+    which is why it sets their documented environment switches rather than calling their logging APIs
+    (importing diffusers' logging pulls in torch). Values the user set explicitly are kept.
+    """
+    for key, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
+                       ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
+        os.environ.setdefault(key, value)

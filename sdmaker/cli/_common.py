@@ -13,7 +13,7 @@ from rich.logging import RichHandler
 from typer._click import exceptions as click_exc
 from typer.core import TyperGroup
 
-from sdmaker.config import Settings, load_settings
+from sdmaker.config import Settings, load_settings, quiet_third_party_logs
 from sdmaker.errors import SdmakerError
 
 __all__ = ["SdmakerGroup", "console", "err_console", "get_settings", "run_app", "setup_logging"]
@@ -25,6 +25,8 @@ err_console = Console(stderr=True)
 def setup_logging(verbose: bool = False) -> None:
     """Configure the root logger once (library modules never add handlers)."""
     level = logging.DEBUG if verbose else logging.WARNING
+    if not verbose:
+        quiet_third_party_logs()
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err_console,
                         show_path=False)])
 
@@ -42,6 +44,8 @@ class SdmakerGroup(TyperGroup):
     """
 
     def invoke(self, ctx: typer.Context) -> object:
+        if not _debug():
+            quiet_third_party_logs()  # before any command imports transformers/diffusers
         try:
             return super().invoke(ctx)
         except SdmakerError as exc:

@@ -72,9 +72,9 @@ def generate_cmd(
 
     Example: sdmaker generate -p "a large red circle on a white background" --seed 1 -o out/
     """
+    setup_logging(verbose)  # first: it quiets third-party logs before they are imported
     from sdmaker.engine import generate, read_recipe
 
-    setup_logging(verbose)
     settings = get_settings()
     recipe = read_recipe(from_image) if from_image is not None else None
     options: dict[str, Any] = {
