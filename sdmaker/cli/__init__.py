@@ -12,14 +12,15 @@ import sys
 import typer
 
 from sdmaker import __version__
-from sdmaker.cli._common import SdmakerGroup, console, err_console
+from sdmaker.cli._common import SdmakerGroup as _SdmakerGroup
+from sdmaker.cli._common import console, err_console
 from sdmaker.cli._common import run_app as _run_app
 
 __all__ = ["app", "console", "err_console", "main", "version"]
 
 app = typer.Typer(
     name="sdmaker",
-    cls=SdmakerGroup,
+    cls=_SdmakerGroup,
     help="Self-hosted Stable Diffusion: generate, package, store, deploy and invoke models offline.",
     no_args_is_help=True,
     add_completion=False,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -92,14 +91,14 @@ def _contact_sheet(model: Any, out: Path, steps: int | None) -> Path:
     return sheet
 
 
-def _deploy_and_invoke(archive: Path, out: Path, steps: int | None) -> list[Path]:
+def _deploy_and_invoke(settings: Settings, archive: Path, out: Path, steps: int | None) -> list[Path]:
     """Steps 8-9 of the seed through boto3, against a daemon started here on a free loopback port."""
     import boto3
     from PIL import Image
 
     port = _free_port()
     home = out / "daemon-home"
-    env = {**os.environ, "SDMAKER_HOME": str(home), "AWS_ACCESS_KEY_ID": "sdmaker", "AWS_SECRET_ACCESS_KEY":
+    env = {**settings.env, "SDMAKER_HOME": str(home), "AWS_ACCESS_KEY_ID": "sdmaker", "AWS_SECRET_ACCESS_KEY":
            "sdmaker", "AWS_DEFAULT_REGION": "us-east-1"}
     log = (out / "daemon.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "sdmaker", "up", "--host", "127.0.0.1", "--port", str(port)],
@@ -186,7 +185,7 @@ def demo_cmd(
 
     if deploy:
         t = _step("5. deploy an endpoint and invoke it (boto3 sagemaker + sagemaker-runtime)")
-        for path in _deploy_and_invoke(out / "model.tar.gz", out, steps):
+        for path in _deploy_and_invoke(settings, out / "model.tar.gz", out, steps):
             rows.append(("endpoint image", str(path), ""))
         rows.append(("deploy + invoke", str(out / "daemon.log"), f"{time.perf_counter() - t:.1f} s"))
 
