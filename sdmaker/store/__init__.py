@@ -3,6 +3,7 @@
 Nothing here imports torch: storing, packaging and resolving models are file operations.
 """
 
+from sdmaker.store import _s3 as s3  # S3 transfers: s3.upload / download / download_prefix / copy / ...
 from sdmaker.store._archive import DEFAULT_MAX_MEMBERS, DEFAULT_MAX_TOTAL_BYTES, archive_format, safe_extract
 from sdmaker.store._manifest import Architecture, ManifestFile, ModelManifest, read_architecture, validate_name
 from sdmaker.store._package import PackageResult, format_for, package_model
@@ -28,6 +29,7 @@ __all__ = [
     "parse_s3_uri",
     "read_architecture",
     "resolve_model",
+    "s3",
     "safe_extract",
     "validate_name",
 ]

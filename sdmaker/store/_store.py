@@ -65,6 +65,7 @@ class Store:
     def __init__(self, root: Path, *, settings: Settings | None = None) -> None:
         self.root = Path(root)
         self.settings = settings  # for S3 endpoints and offline mode when importing remote sources
+        self.lock_log_every_s = _LOCK_LOG_EVERY_S
         self.blobs = self.root / "blobs"
         self.snapshots = self.root / "snapshots"
         self.manifests = self.root / "manifests"
@@ -84,7 +85,7 @@ class Store:
         started = time.monotonic()
         while True:
             try:
-                lock.acquire(timeout=_LOCK_LOG_EVERY_S)
+                lock.acquire(timeout=self.lock_log_every_s)
                 break
             except Timeout:
                 logger.warning("still waiting for the store lock %s (%.0f s)", self.root / ".lock",

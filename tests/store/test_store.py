@@ -248,3 +248,32 @@ def test_store_does_not_import_torch(tmp_path: Path, fake_model_dir: Path) -> No
             f"package_model(s.model_path('m'), {str(tmp_path / 'm.tar.gz')!r}); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_waiting_for_the_lock_is_logged(tmp_path: Path, fake_model_dir: Path, caplog: pytest.LogCaptureFixture
+                                        ) -> None:
+    import threading
+
+    from filelock import FileLock
+
+    store = Store(tmp_path / "store")
+    store.lock_log_every_s = 0.05
+    holder = FileLock(str(tmp_path / "store" / ".lock"), thread_local=False)  # released by another thread
+    (tmp_path / "store").mkdir()
+    holder.acquire()
+    released = threading.Event()
+
+    def release_after_a_log() -> None:
+        for _ in range(400):
+            if any("still waiting for the store lock" in r.getMessage() for r in caplog.records):
+                break
+            threading.Event().wait(0.01)
+        holder.release()
+        released.set()
+
+    threading.Thread(target=release_after_a_log, daemon=True).start()
+    with caplog.at_level("WARNING", logger="sdmaker.store._store"):
+        store.import_model(fake_model_dir, name="m")
+    assert released.is_set()
+    assert any("still waiting for the store lock" in r.getMessage() for r in caplog.records)
+    assert store.get("m").name == "m"
