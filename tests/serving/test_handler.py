@@ -327,6 +327,7 @@ def test_predict_fn_alone_gets_a_pipeline_like_default_model(sd1_dir: Path, tmp_
     assert _b64_image(text).size == (64, 64)
 
 
+@pytest.mark.slow
 def test_model_fn_alone_keeps_the_default_request_handling(sd1_dir: Path, tmp_path: Path) -> None:
     handler = _load(_model_with_code(tmp_path, sd1_dir, "model_fn_only"))
     reply = _call(handler, {"inputs": "a cat", "parameters": {"height": 64, "width": 64, "num_inference_steps": 2,
