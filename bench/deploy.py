@@ -126,8 +126,12 @@ def _largest_model(quick: bool, tmp: Path) -> tuple[str, str] | None:
     return None
 
 
-def _serving_overhead(d: _Daemon, name: str, model_dir: Path, repeat: int) -> tuple[float, float]:
-    """(median ms through the daemon, median ms in-process) for the same request."""
+def _serving_overhead(d: _Daemon, name: str, model_dir: Path, repeat: int) -> dict[str, float]:
+    """Best and median ms of the same request through the daemon and in-process.
+
+    The best-of-N is the headline: on a shared machine, other processes only ever add time, so the
+    minimum is the closest estimate of each path's own cost; medians go in the notes.
+    """
     from sdmaker.engine import encode_image_base64, generate, load_model
     from sdmaker.schema import parse_request
 
@@ -155,7 +159,8 @@ def _serving_overhead(d: _Daemon, name: str, model_dir: Path, repeat: int) -> tu
         t = time.perf_counter()
         in_process()
         base.append(time.perf_counter() - t)
-    return statistics.median(ours) * 1000, statistics.median(base) * 1000
+    return {"ours_min": min(ours) * 1000, "base_min": min(base) * 1000,
+            "ours_median": statistics.median(ours) * 1000, "base_median": statistics.median(base) * 1000}
 
 
 def run(quick: bool) -> list[dict[str, Any]]:
@@ -184,10 +189,13 @@ def run(quick: bool) -> list[dict[str, Any]]:
             rows.append(row("deploy: create -> InService, largest local model", None, SAGEMAKER_DEPLOY_S, "s",
                             "skipped in --quick: no built-in model weights are committed yet; the full run "
                             "deploys the SD 2.1-size folder"))
-        ours, base = _serving_overhead(d, "bench-tiny", tiny, repeat=5 if quick else 20)
-        rows.append(row("serving: invoke via daemon vs engine in-process (tiny, 64x64, 4 steps)", ours, base, "ms",
-                        f"median of {5 if quick else 20}, same request, interleaved; absolute overhead "
-                        f"{ours - base:.1f} ms per request (HTTP x2 + worker hop + JSON)"))
+        repeat = 10 if quick else 30
+        t = _serving_overhead(d, "bench-tiny", tiny, repeat=repeat)
+        rows.append(row("serving: invoke via daemon vs engine in-process (tiny, 64x64, 4 steps)", t["ours_min"],
+                        t["base_min"], "ms",
+                        f"best of {repeat}, same request, interleaved; overhead {t['ours_min'] - t['base_min']:.1f} ms "
+                        f"per request (boto3 + HTTP x2 + worker hop + JSON); medians {t['ours_median']:.0f} vs "
+                        f"{t['base_median']:.0f} ms"))
     finally:
         if d is not None:
             d.stop()
