@@ -82,14 +82,12 @@ def sd21_dir(dtype_name: str = "fp32") -> Path:
     return out
 
 
-def _components(model: Any, size: int, *, branch: int, repeat: int, only_unet: bool = False) -> dict[str, float]:
-    """Time and count FLOPs of text encoding, one CFG UNet step, a DeepCache-shallow step, VAE decode."""
+def _component_fns(model: Any, size: int, *, branch: int, only_unet: bool) -> dict[str, Any]:
+    """Callables for text encoding, one CFG UNet step, VAE decode and a DeepCache-shallow step."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from sdmaker.engine._deepcache import UNetUnits
 
-    _register_cpu_sdpa_flops()
     pipe = model.pipeline
     dtype = pipe.unet.dtype
     device = pipe._execution_device
@@ -98,31 +96,55 @@ def _components(model: Any, size: int, *, branch: int, repeat: int, only_unet: b
     sample = torch.randn(2, pipe.unet.config.in_channels, lat, lat, generator=gen).to(device, dtype)
     t = torch.tensor([500.0, 500.0], device=device)
     latents = torch.randn(1, 4, lat, lat, generator=gen).to(device, dtype)
-    out: dict[str, float] = {}
     with torch.inference_mode():
         embeds = torch.cat(pipe.encode_prompt(["a photo of a cat"], device, 1, True, [""])[::-1])
 
-        def text() -> None:
-            pipe.encode_prompt(["a photo of a cat"], device, 1, True, [""])
+    def inference(fn: Any) -> Any:
+        def wrapped() -> Any:
+            with torch.inference_mode():
+                return fn()
+        return wrapped
 
-        def unet() -> None:
-            pipe.unet(sample, t, encoder_hidden_states=embeds, return_dict=False)
+    fns: dict[str, Any] = {
+        "unet": inference(lambda: pipe.unet(sample, t, encoder_hidden_states=embeds, return_dict=False))}
+    if only_unet:
+        return fns
+    fns["text"] = inference(lambda: pipe.encode_prompt(["a photo of a cat"], device, 1, True, [""]))
+    fns["vae"] = inference(lambda: pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False))
+    units = UNetUnits(pipe.unet)
+    cache: dict[str, Any] = {}
 
-        def vae() -> None:
-            pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)
+    def shallow() -> Any:
+        if "feature" not in cache:  # first call (the warm-up) fills the cache with a full pass
+            cache["feature"] = units.forward(sample, t, embeds, branch=branch)[1]
+        return units.forward(sample, t, embeds, branch=branch, cached=cache["feature"])
 
-        parts = (("unet", unet),) if only_unet else (("text", text), ("unet", unet), ("vae", vae))
-        for name, fn in parts:
+    fns["shallow"] = inference(shallow)
+    return fns
+
+
+def _components(models: dict[str, Any], size: int, *, branch: int, repeat: int,
+                only_unet: bool = False) -> dict[str, dict[str, float]]:
+    """Time and count FLOPs of each component for every model, interleaving the models' timed runs.
+
+    Interleaving (A, B, A, B, ...) keeps a load change on a shared machine from landing on one side only.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _register_cpu_sdpa_flops()
+    fns = {label: _component_fns(m, size, branch=branch, only_unet=only_unet) for label, m in models.items()}
+    out: dict[str, dict[str, float]] = {label: {} for label in models}
+    for name in next(iter(fns.values())):
+        for label in models:
             with FlopCounterMode(display=False) as counter:  # doubles as the warm-up call
-                fn()
-            out[f"{name}_flops"] = float(counter.get_total_flops())
-            out[f"{name}_s"] = time_call(fn, repeat=repeat)
-        if only_unet:
-            return out
-        units = UNetUnits(pipe.unet)
-        _, feature = units.forward(sample, t, embeds, branch=branch)
-        out["shallow_s"] = time_call(lambda: units.forward(sample, t, embeds, branch=branch, cached=feature),
-                                     repeat=repeat)
+                fns[label][name]()
+            out[label][f"{name}_flops"] = float(counter.get_total_flops())
+        times: dict[str, list[float]] = {label: [] for label in models}
+        for _ in range(repeat):
+            for label in models:
+                times[label].append(time_call(fns[label][name]))
+        for label in models:
+            out[label][f"{name}_s"] = sorted(times[label])[len(times[label]) // 2]
     return out
 
 
@@ -181,7 +203,7 @@ def measure(fp32_dir: Path, ours_dir: Path, *, size: int, quick: bool, gemm_n: i
     real_e2e = (not quick) if real_e2e is None else real_e2e
     ours_dtype = _our_dtype()
     base_dtype = "fp16" if _cuda() else "fp32"
-    repeat = 1 if quick else 2
+    repeat = 1 if quick else 3
     branch = int(recipe.get("deep_cache_branch", 2))
     rows: list[dict[str, Any]] = []
     peak = {d: gemm_peak(d, gemm_n) for d in {"fp32", ours_dtype, base_dtype}}
@@ -189,7 +211,9 @@ def measure(fp32_dir: Path, ours_dir: Path, *, size: int, quick: bool, gemm_n: i
                     "torch matmul, best of 3; the machine's own peak used for every floor below"))
 
     base = load_model(fp32_dir, dtype=base_dtype, digest="-")
-    b = _components(base, size, branch=branch, repeat=repeat)
+    ours = load_model(ours_dir, dtype=ours_dtype, digest="-")
+    measured = _components({"base": base, "ours": ours}, size, branch=branch, repeat=repeat)
+    b, o = measured["base"], measured["ours"]
     check = None
     if real_e2e:  # a real seed-path call with few steps, to validate the composition
         pipe = base.pipeline
@@ -198,8 +222,6 @@ def measure(fp32_dir: Path, ours_dir: Path, *, size: int, quick: bool, gemm_n: i
         check = (time.perf_counter() - started) / (b["text_s"] + 2 * b["unet_s"] + b["vae_s"])
     del base
     gc.collect()
-    ours = load_model(ours_dir, dtype=ours_dtype, digest="-")
-    o = _components(ours, size, branch=branch, repeat=repeat)
 
     floor = o["unet_flops"] / (peak[ours_dtype] * 1e9)
     rows.append(row(f"UNet step {label} CFG, {ours_dtype} vs seed {base_dtype}", o["unet_s"], b["unet_s"], "s/step",
@@ -213,7 +235,7 @@ def measure(fp32_dir: Path, ours_dir: Path, *, size: int, quick: bool, gemm_n: i
                     f" of {ours_dtype} peak"))
     rows.append(row(f"text encode, {ours_dtype} vs {base_dtype}", o["text_s"], b["text_s"], "s",
                     f"{o['text_flops'] / 1e9:.1f} GFLOP (prompt + negative)"))
-    rows += _variant_rows(ours, size, o["unet_s"], repeat)
+    rows += _variant_rows(ours, size, 1 if quick else 2)
     rows.append(row(f"DeepCache shallow step (branch {branch}) vs full step", o["shallow_s"], o["unet_s"], "s/step",
                     f"{ours_dtype}; the steps between full UNet calls cost this"))
 
@@ -221,7 +243,7 @@ def measure(fp32_dir: Path, ours_dir: Path, *, size: int, quick: bool, gemm_n: i
     interval = int(recipe.get("deep_cache_interval", 0))
     full_steps = steps if interval <= 1 else math.ceil(steps / interval)
     seed_e2e = b["text_s"] + 50 * b["unet_s"] + b["vae_s"]
-    note = (f"seed: text + 50 x UNet step + VAE, composed from measured components"
+    note = ("seed: text + 50 x UNet step + VAE, composed from measured components"
             + (f" (a real 2-step pipeline call took {check:.2f}x its composition)" if check else ""))
     precision_only = o["text_s"] + 50 * o["unet_s"] + o["vae_s"]
     rows.append(row(f"E2E {label}: {ours_dtype}, same 50 steps (precision only)", precision_only, seed_e2e, "s",
@@ -242,20 +264,26 @@ def measure(fp32_dir: Path, ours_dir: Path, *, size: int, quick: bool, gemm_n: i
     return rows
 
 
-def _variant_rows(model: Any, size: int, default_s: float, repeat: int) -> list[dict[str, Any]]:
-    """channels-last and classic attention against the default (SDPA, contiguous), same model and inputs."""
+def _variant_rows(model: Any, size: int, repeat: int) -> list[dict[str, Any]]:
+    """channels-last and classic attention against the default (SDPA, contiguous): same model, same
+    inputs, alternating default/variant runs (each after a warm-up call, since switching re-lays weights)."""
     from sdmaker.engine import SpeedOptions, apply_speed_options
 
+    unet = _component_fns(model, size, branch=2, only_unet=True)["unet"]
     rows = []
     for label, opts in (("channels-last", SpeedOptions(channels_last=True)),
                         ("classic attention (no SDPA)", SpeedOptions(sdpa=False))):
-        apply_speed_options(model, opts)
+        times: dict[str, list[float]] = {"default": [], "variant": []}
         try:
-            t = _components(model, size, branch=2, repeat=repeat, only_unet=True)["unet_s"]
+            for _ in range(repeat):
+                for key, o in (("default", SpeedOptions()), ("variant", opts)):
+                    apply_speed_options(model, o)
+                    times[key].append(time_call(unet, warmup=1))
         finally:
             apply_speed_options(model, SpeedOptions())
-        verdict = "the default is faster" if t > default_s else f"{label} is faster here"
-        rows.append(row(f"UNet step: SDPA+contiguous (default) vs {label}", default_s, t, "s/step",
+        d, v = (sorted(times[k])[len(times[k]) // 2] for k in ("default", "variant"))
+        verdict = "the default is faster" if v > d else f"{label} is faster here"
+        rows.append(row(f"UNet step: SDPA+contiguous (default) vs {label}", d, v, "s/step",
                         f"{verdict}; ratio > 1 favours the default"))
     return rows
 
@@ -317,5 +345,6 @@ def run(quick: bool) -> list[dict[str, Any]]:
     ours_dir = sd21_dir(_our_dtype()) if _our_dtype() != "fp32" else fp32_dir
     rows = measure(fp32_dir, ours_dir, size=size, quick=quick, gemm_n=2048 if quick else 4096)
     rows += _memory_rows(fp32_dir, ours_dir, quick, size)
-    rows += _compile_rows(quick)
+    if not quick:  # Inductor needs minutes of C++ compilation on 2 cores
+        rows += _compile_rows(quick)
     return rows

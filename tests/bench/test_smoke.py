@@ -62,7 +62,7 @@ def test_quality_smoke(minilm_dir: Path) -> None:
 
     model = load_model(minilm_dir, digest="-")
     rows = curves_rows(model, "tiny", n=2, grid=[2, 3], intervals=[2], write=False, size=64, base_steps=3)
-    _check_rows([r for r in rows])
+    _check_rows(rows)
     assert any(r["name"].startswith("quality: ddim") for r in rows)
     curves = {"a": {5: 80.0, 10: 89.5, 20: 90.0}, "b": {5: 89.6, 10: 88.0, 20: 90.0}}
     assert choose_recipe(curves, 90.0) == {"scheduler": "a", "num_inference_steps": 10}  # b dips at 10

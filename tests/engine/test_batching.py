@@ -109,14 +109,13 @@ def test_errors_reach_the_caller(model) -> None:  # type: ignore[no-untyped-def]
 
 def test_worker_handler_uses_the_batcher(sd1_dir: Path) -> None:
     """``--max-batch`` wiring: the default handler's one generation call goes through a StepBatcher."""
-    import json
-
-    from sdmaker.serving._handler import HandlerService
-
     import base64
     import io
+    import json
 
     from PIL import Image
+
+    from sdmaker.serving._handler import HandlerService
 
     body = json.dumps({"prompt": "a red circle", "height": 64, "width": 64, "num_inference_steps": 2,
                        "seed": 9, "format": "png"}).encode()
@@ -128,8 +127,8 @@ def test_worker_handler_uses_the_batcher(sd1_dir: Path) -> None:
         assert ("<lambda>" in handler.model.runner.__qualname__) == (max_batch > 0)
         responses: list[object] = [None, None]
 
-        def call(i: int, h: HandlerService = handler) -> None:
-            responses[i] = h.handle(body, headers)
+        def call(i: int, h: HandlerService = handler, out: list[object] = responses) -> None:
+            out[i] = h.handle(body, headers)
 
         threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
         for t in threads:
