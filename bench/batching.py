@@ -116,7 +116,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
 
     path, label = mini_model_dir()
     mini = load_model(path, digest="-")
-    size = int(mini.defaults.get("height", mini.native_size))
+    size = max(64, int(mini.defaults.get("height", mini.native_size)))
     steps = int(mini.defaults.get("num_inference_steps", 20))
     rows = compare(mini, _requests(16 if quick else 32, steps, size, mini), clients=8, max_batch=8,
                    label=label.split()[0], notes=f"{label}, {size}², {steps} steps, fp32")
