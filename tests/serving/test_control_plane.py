@@ -6,6 +6,7 @@ Real processes: the shared ``daemon`` fixture (``sdmaker up`` on a free 127.0.0.
 from __future__ import annotations
 
 import json
+import os
 import threading
 
 import pytest
@@ -80,10 +81,14 @@ def test_endpoint_lifecycle_with_update_under_load(daemon, scripted_model_dir) -
     versions: list[object] = []
     stop = threading.Event()
 
+    threads: set[str] = set()
+
     def hammer() -> None:
         while not stop.is_set():
             try:
-                versions.append(_invoke(rt, "cp-life", {"sleep": 0.05})["version"])
+                answer = _invoke(rt, "cp-life", {"sleep": 0.05})
+                versions.append(answer["version"])
+                threads.add(f"v{answer['version']}:{answer['omp']}")
             except Exception as exc:  # noqa: BLE001 - recorded and asserted on below
                 versions.append(exc)
 
@@ -112,6 +117,10 @@ def test_endpoint_lifecycle_with_update_under_load(daemon, scripted_model_dir) -
     assert not failures, failures[:3]
     assert versions[0] == "1" and versions[-1] == "2"
     assert versions == sorted(versions), "no request may reach the old model after the swap"
+    # each worker gets its share of the cores as torch threads (1 worker: all; 2 workers: half each)
+    cores = len(os.sched_getaffinity(0))
+    preset = os.environ.get("OMP_NUM_THREADS")
+    assert threads == {f"v1:{preset or max(1, cores)}", f"v2:{preset or max(1, cores // 2)}"}
     desc = sm.describe_endpoint(EndpointName="cp-life")
     assert desc["EndpointConfigName"] == "cp-life-v2"
     assert desc["ProductionVariants"][0]["CurrentInstanceCount"] == 2
