@@ -36,7 +36,10 @@ DEFAULT_MAX_TOTAL_BYTES = 64 * 1024**3  # Stable Diffusion folders are 2-7 GB; 6
 DEFAULT_MAX_MEMBERS = 100_000
 _MAX_NAME_CHARS = 1024
 _MAX_DEPTH = 32
-_CHUNK = 8 * 1024 * 1024
+# 64 KiB reads/writes: a buffer that stays in the CPU cache. Measured here on a 1.86 GiB .tar: 5 s vs 21 s
+# with 8 MiB chunks. (Inflating to a temp plain tar once, to seek over data in the validation pass, cost
+# more CPU than inflating twice, because sdmaker's own .tar.gz weights are stored blocks.)
+_CHUNK = 64 * 1024
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 

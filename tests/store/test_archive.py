@@ -58,6 +58,12 @@ def _sparse_tar() -> bytes:
     return bytes(header) + b"0123456789".ljust(512, b"\x00") + b"\x00" * 1024
 
 
+def _zstd(raw: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor().compress(raw)
+
+
 BIG = 2 * 1024 * 1024
 LIMIT = 1024 * 1024
 SYM = tarfile.SYMTYPE
@@ -92,6 +98,10 @@ HOSTILE: dict[str, tuple[Callable[[], bytes], dict[str, int], str]] = {
                            "exceeds"),
     "gzip-size-bomb": (lambda: gzip.compress(_tar_bytes([_file("zeros.bin", bytes(BIG))])),
                        {"max_total_bytes": LIMIT}, "exceeds"),
+    "gzip-bomb-4x-limit": (lambda: gzip.compress(_tar_bytes([_file("zeros.bin", bytes(4 * BIG))])),
+                                          {"max_total_bytes": LIMIT, "max_members": 10}, "exceeds"),
+    "zstd-bomb-4x-limit": (lambda: _zstd(_tar_bytes([_file("zeros.bin", bytes(4 * BIG))])),
+                                          {"max_total_bytes": LIMIT, "max_members": 10}, "exceeds"),
     "many-small-over-budget": (lambda: _tar_bytes([_file(f"f{i}", bytes(300_000)) for i in range(4)]),
                                {"max_total_bytes": LIMIT}, "exceeds"),
     "too-many-members": (lambda: _tar_bytes([_file(f"f{i}") for i in range(11)]), {"max_members": 10},
@@ -128,6 +138,7 @@ def test_hostile_archive_is_refused_and_nothing_written(case: str, tmp_path: Pat
         safe_extract(archive, dest, **kwargs)
     assert words.lower() in info.value.message.lower(), info.value.message
     assert "nothing was extracted" in info.value.message or words == "not a readable"
+    assert info.value.code == "ArchiveError"
     _assert_untouched(tmp_path / "out", set(), dest)
     assert {p.name for p in tmp_path.iterdir()} == before | {"out"}
     assert not outside.exists() and not (tmp_path / "evil.txt").exists()
@@ -219,3 +230,14 @@ def test_progress_reports_bytes(tmp_path: Path) -> None:
     seen: list[tuple[int, int]] = []
     safe_extract(archive, tmp_path / "dest", progress=lambda d, t: seen.append((d, t)))
     assert seen[-1] == (1500, 1500)
+
+
+def test_gzip_with_trailing_zero_padding_and_zstd_frames(tmp_path: Path) -> None:
+    raw = _tar_bytes([_file("a.json", b"{}"), _file("b.bin", os.urandom(30_000))])
+    gz = tmp_path / "padded.tar.gz"
+    gz.write_bytes(gzip.compress(raw) + b"\x00" * 4096)  # tape-style padding, accepted by GNU gzip
+    assert sorted(p.name for p in safe_extract(gz, tmp_path / "g")) == ["a.json", "b.bin"]
+    zst = tmp_path / "frames.tar.zst"
+    zst.write_bytes(_zstd(raw[:2048]) + _zstd(raw[2048:]))  # two zstd frames
+    assert sorted(p.name for p in safe_extract(zst, tmp_path / "z")) == ["a.json", "b.bin"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # temp plain tar removed
