@@ -3,8 +3,9 @@
 * Deploy time: a real ``sdmaker up`` daemon (own temp SDMAKER_HOME, free 127.0.0.1 port); CreateModel +
   CreateEndpointConfig + CreateEndpoint through boto3, then DescribeEndpoint polled every 50 ms until
   InService. Baseline: the seed article's "about 8 minutes" for ``HuggingFaceModel.deploy`` on SageMaker.
-  Models: the tiny test model, and the largest local one (quick: the built-in ``mini`` model;
-  full: the SD 2.1-size random-weight folder that ``bench/engine.py`` caches).
+  Models: the tiny test model, and the largest local one (quick: the built-in ``mini`` model, or
+  ``minilm-tiny`` while its weights are not committed; full: the SD 2.1-size random-weight folder that
+  ``bench/engine.py`` caches).
 * Serving overhead: the same request (tiny model, 64x64, 4 steps, fixed seed, base64 JPEG answer) sent
   through the daemon with boto3 ``invoke_endpoint`` vs ``sdmaker.engine.generate`` + JPEG/base64 encoding
   in this process, same run, medians. The ratio (baseline / ours, < 1) is the fraction of time left to
@@ -82,13 +83,13 @@ class _Daemon:
         self.log.close()
 
 
-def _deploy_seconds(d: _Daemon, name: str, model: str) -> tuple[float, dict[str, Any]]:
+def _deploy_seconds(d: _Daemon, name: str, model: str, env: dict[str, str] | None = None) -> tuple[float, dict[str, Any]]:
     """Seconds from CreateModel to InService (raises with the FailureReason when it fails)."""
     sm = d.client("sagemaker")
     started = time.perf_counter()
     sm.create_model(ModelName=name, ExecutionRoleArn="arn:aws:iam::111122223333:role/sm",
-                    PrimaryContainer={"Image": "sdmaker", "ModelDataUrl": model,
-                                      "Environment": {"SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS": "900"}})
+                    PrimaryContainer={"Image": "sdmaker", "ModelDataUrl": model, "Environment": {
+                        "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS": "900", **(env or {})}})
     sm.create_endpoint_config(EndpointConfigName=name, ProductionVariants=[{
         "VariantName": "AllTraffic", "ModelName": name, "InitialInstanceCount": 1, "InstanceType": "ml.m5.xlarge"}])
     sm.create_endpoint(EndpointName=name, EndpointConfigName=name)
@@ -123,7 +124,11 @@ def _largest_model(quick: bool, tmp: Path) -> tuple[str, str] | None:
         if is_builtin_ready(name):
             path = assemble_builtin(name, tmp / f"builtin-{name}")
             return str(path), f"built-in model {name!r}, {_model_size_gib(path) * 1024:.0f} MiB"
-    return None
+    from sdmaker.engine import build_random_pipeline
+
+    # no trained built-in yet: the largest model that builds in seconds (pretrained MiniLM text encoder)
+    path = build_random_pipeline("minilm-tiny", tmp / "minilm-tiny")
+    return str(path), f"minilm-tiny (pretrained MiniLM text encoder), {_model_size_gib(path) * 1024:.0f} MiB"
 
 
 def _serving_overhead(d: _Daemon, name: str, model_dir: Path, repeat: int) -> dict[str, float]:
@@ -142,6 +147,9 @@ def _serving_overhead(d: _Daemon, name: str, model_dir: Path, repeat: int) -> di
         out = json.loads(rt.invoke_endpoint(EndpointName=name, Body=body, ContentType="application/json")["Body"].read())
         assert len(out["generated_images"]) == 1
 
+    import torch
+
+    torch.set_num_threads(1)  # as the endpoint's worker (OMP_NUM_THREADS=1)
     model = load_model(model_dir)
     request = parse_request(dict(_REQUEST))
 
@@ -149,18 +157,29 @@ def _serving_overhead(d: _Daemon, name: str, model_dir: Path, repeat: int) -> di
         result = generate(model, request)
         json.dumps({"generated_images": [encode_image_base64(img.image, fmt="jpeg") for img in result.images]})
 
-    ours, base = [], []
-    via_daemon()
-    in_process()  # warm both paths
-    for _ in range(repeat):  # interleaved, so background load hits both alike
-        t = time.perf_counter()
-        via_daemon()
-        ours.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        in_process()
-        base.append(time.perf_counter() - t)
-    return {"ours_min": min(ours) * 1000, "base_min": min(base) * 1000,
-            "ours_median": statistics.median(ours) * 1000, "base_median": statistics.median(base) * 1000}
+    import httpx
+
+    port = httpx.get(f"{d.url}/sdmaker/v1/endpoints/{name}", timeout=10).json()["workers"][0]["port"]
+
+    def direct_to_worker() -> None:
+        reply = httpx.post(f"http://127.0.0.1:{port}/invocations", content=body, timeout=900,
+                           headers={"Content-Type": "application/json", "Accept": "application/json"})
+        assert reply.status_code == 200
+
+    times: dict[str, list[float]] = {"daemon": [], "engine": [], "worker": []}
+    paths = {"daemon": via_daemon, "engine": in_process, "worker": direct_to_worker}
+    for fn in paths.values():  # warm every path
+        fn()
+    for _ in range(repeat):  # interleaved, so background load hits every path alike
+        for key, fn in paths.items():
+            t = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t)
+    out = {}
+    for key, values in times.items():
+        out[f"{key}_min"] = min(values) * 1000
+        out[f"{key}_median"] = statistics.median(values) * 1000
+    return out
 
 
 def run(quick: bool) -> list[dict[str, Any]]:
@@ -172,7 +191,9 @@ def run(quick: bool) -> list[dict[str, Any]]:
     try:
         tiny = build_random_pipeline("sd1-tiny", tmp / "sd1-tiny")
         d = _Daemon(tmp / "home")
-        seconds, details = _deploy_seconds(d, "bench-tiny", str(tiny))
+        # one torch thread on both sides of the overhead comparison: on a shared machine, 2-thread OpenMP
+        # timings of the same call vary 5-50x (threads spin-waiting for a descheduled sibling)
+        seconds, details = _deploy_seconds(d, "bench-tiny", str(tiny), {"OMP_NUM_THREADS": "1"})
         load = details["workers"][0].get("load_seconds")
         rows.append(row("deploy: create -> InService, tiny SD1 model", seconds, SAGEMAKER_DEPLOY_S, "s",
                         f"1 worker; model load inside the worker {load or 0:.2f} s; baseline = the seed's ~8 min "
@@ -185,17 +206,18 @@ def run(quick: bool) -> list[dict[str, Any]]:
             rows.append(row("deploy: create -> InService, largest local model", seconds, SAGEMAKER_DEPLOY_S, "s",
                             f"{what}; model load {load or 0:.2f} s; baseline = the seed's ~8 min SageMaker deploy"))
             d.client("sagemaker").delete_endpoint(EndpointName="bench-large")
-        else:
-            rows.append(row("deploy: create -> InService, largest local model", None, SAGEMAKER_DEPLOY_S, "s",
-                            "skipped in --quick: no built-in model weights are committed yet; the full run "
-                            "deploys the SD 2.1-size folder"))
         repeat = 10 if quick else 30
         t = _serving_overhead(d, "bench-tiny", tiny, repeat=repeat)
-        rows.append(row("serving: invoke via daemon vs engine in-process (tiny, 64x64, 4 steps)", t["ours_min"],
-                        t["base_min"], "ms",
-                        f"best of {repeat}, same request, interleaved; overhead {t['ours_min'] - t['base_min']:.1f} ms "
-                        f"per request (boto3 + HTTP x2 + worker hop + JSON); medians {t['ours_median']:.0f} vs "
-                        f"{t['base_median']:.0f} ms"))
+        rows.append(row("serving: invoke via daemon vs engine in-process (tiny, 64x64, 4 steps)", t["daemon_min"],
+                        t["engine_min"], "ms",
+                        f"best of {repeat}, same request, interleaved, 1 torch thread each; difference "
+                        f"{t['daemon_min'] - t['engine_min']:.1f} ms per request (boto3 + 2 HTTP hops + worker process "
+                        f"+ JSON/base64); medians {t['daemon_median']:.0f} vs {t['engine_median']:.0f} ms"))
+        rows.append(row("serving: daemon hop (boto3 -> daemon -> worker) vs POST to the worker directly", t["daemon_min"],
+                        t["worker_min"], "ms",
+                        f"same worker process, best of {repeat}: the daemon itself adds "
+                        f"{t['daemon_min'] - t['worker_min']:.1f} ms; medians {t['daemon_median']:.0f} vs "
+                        f"{t['worker_median']:.0f} ms"))
     finally:
         if d is not None:
             d.stop()
