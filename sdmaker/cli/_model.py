@@ -139,6 +139,10 @@ def package_cmd(
     out: Annotated[str, typer.Option("--out", "-o", help="model.tar.gz | .tar | .tar.zst path or s3:// URI.")],
     code: Annotated[Path | None, typer.Option("--code", help="Folder copied under code/ (inference.py, "
                                               "requirements.txt, ...).")] = None,
+    seed_handler: Annotated[bool, typer.Option("--seed-handler", help=(
+        "Add the seed-style code/inference.py (+ pinned requirements.txt) when none is given, so the "
+        "artifact also runs on SageMaker's Hugging Face container. Without it, sdmaker's default handler "
+        "serves the model."))] = False,
     compression: Annotated[str, typer.Option(help="auto (from the output suffix), gzip, none or zstd.")] = "auto",
     verbose: Verbose = False,
 ) -> None:
@@ -153,7 +157,8 @@ def package_cmd(
     format_for(out, compression)  # type: ignore[arg-type]  # refuse a bad output name before resolving
     resolved = resolve_model(src, settings)
     with byte_progress("packaging") as progress:
-        result = package_model(resolved.path, out, code_dir=code, compression=compression,  # type: ignore[arg-type]
+        result = package_model(resolved.path, out, code_dir=code, seed_handler=seed_handler,
+                               compression=compression,  # type: ignore[arg-type]
                                progress=progress)
     console.print(f"packaged {resolved.name} ({result.compression}, {result.files} files, "
                   f"{_size(result.bytes_in)} -> {_size(result.bytes_out)}, {result.seconds:.1f}s)", highlight=False)

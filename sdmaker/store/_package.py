@@ -93,8 +93,13 @@ class _Entry:
     mtime: float = 0.0
 
 
-def _entries(src: Path, code_dir: Path | None) -> list[_Entry]:
-    """Model files + code files; ``code_dir`` overrides same-named files of the model's own ``code/``."""
+def _entries(src: Path, code_dir: Path | None, seed_handler: bool) -> list[_Entry]:
+    """Model files + code files; ``code_dir`` overrides same-named files of the model's own ``code/``.
+
+    With ``seed_handler`` a seed-style ``code/inference.py`` (+ pinned ``requirements.txt``) is added where
+    neither the model nor ``code_dir`` has one, so the artifact also runs on SageMaker's Hugging Face
+    container. Off by default: without ``inference.py`` sdmaker's richer default handler serves the model.
+    """
     entries: dict[str, _Entry] = {}
     for rel in list_model_files(src):
         path = src / rel
@@ -109,7 +114,8 @@ def _entries(src: Path, code_dir: Path | None) -> list[_Entry]:
             name = f"code/{rel.as_posix()}"
             entries[name] = _Entry(name, path=path, size=st.st_size, mtime=st.st_mtime)
     now = time.time()
-    for name, text in (("code/inference.py", DEFAULT_INFERENCE_PY), ("code/requirements.txt", None)):
+    templates = (("code/inference.py", DEFAULT_INFERENCE_PY), ("code/requirements.txt", None)) if seed_handler else ()
+    for name, text in templates:
         if name not in entries:
             data = (text if text is not None else default_requirements_txt()).encode()
             entries[name] = _Entry(name, data=data, size=len(data), mtime=now)
@@ -255,7 +261,8 @@ def _write_archive(entries: list[_Entry], out: BinaryIO, fmt: str, progress: Pro
     return levels
 
 
-def package_model(src: Path, out: str | Path, *, code_dir: Path | None = None, compression: Compression = "auto",
+def package_model(src: Path, out: str | Path, *, code_dir: Path | None = None, seed_handler: bool = False,
+                  compression: Compression = "auto",
                   progress: Progress | None = None, workers: int | None = None,
                   gzip_level: int | None = None) -> PackageResult:
     """Write the model folder ``src`` (+ handler code) as a SageMaker artifact at ``out``.
@@ -264,6 +271,7 @@ def package_model(src: Path, out: str | Path, *, code_dir: Path | None = None, c
         src: a diffusers folder (a store snapshot, an extracted artifact, ...).
         out: ``*.tar.gz`` / ``*.tgz`` / ``*.tar.zst`` / ``*.tar`` path, or an ``s3://`` URI with such a name.
         code_dir: folder whose files go under ``code/`` (overriding the model's own ``code/`` files).
+        seed_handler: add the seed-style ``code/inference.py`` where none is given (for SageMaker itself).
         compression: ``auto`` (from the suffix) or the format the suffix implies.
         progress: ``(bytes done, bytes total)`` callback over the input bytes.
         workers: compression threads (default: all cores).
@@ -276,7 +284,7 @@ def package_model(src: Path, out: str | Path, *, code_dir: Path | None = None, c
     if gzip_level is not None and not 0 <= gzip_level <= 9:
         raise InvalidRequestError(f"gzip_level={gzip_level} is out of range", field="gzip_level", value=gzip_level,
                                   allowed="0..9")
-    entries = _entries(src, Path(code_dir) if code_dir is not None else None)
+    entries = _entries(src, Path(code_dir) if code_dir is not None else None, seed_handler)
     started = time.perf_counter()
     upload_to = str(out) if is_s3_uri(out) else None
     if upload_to is not None:

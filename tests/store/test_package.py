@@ -34,7 +34,7 @@ def test_package_plain_tar_import_round_trip(out_name: str, tmp_path: Path, stor
         pytest.skip("GNU tar needs the zstd program for .tar.zst (apt-get install zstd); safe_extract tests cover it")
     store, name = stored_sd1
     src_manifest = store.get(name)
-    result = package_model(store.model_path(name), tmp_path / out_name)
+    result = package_model(store.model_path(name), tmp_path / out_name, seed_handler=True)
     assert result.compression == format_for(out_name)
     extracted = tmp_path / "x"
     extracted.mkdir()
@@ -64,7 +64,7 @@ def test_python_tarfile_reads_gzip_artifact_in_both_modes(tmp_path: Path, stored
     store, name = stored_sd1
     out = tmp_path / "model.tar.gz"
     result = package_model(store.model_path(name), out)
-    expected = {f.path for f in store.get(name).files} | {"code/inference.py", "code/requirements.txt"}
+    expected = {f.path for f in store.get(name).files}  # no code/ unless given or --seed-handler
     for mode in ("r:gz", "r|gz"):  # "r|gz" would stop after a first gzip member: the artifact is one member
         with tarfile.open(out, mode) as tf:
             assert {m.name for m in tf if m.isreg()} == expected
@@ -87,7 +87,8 @@ def test_code_dir_overrides_and_exclusions(tmp_path: Path, make_fake_model) -> N
     with tarfile.open(out) as tf:
         members = {m.name: m for m in tf}
         assert tf.extractfile("code/inference.py").read() == (code / "inference.py").read_bytes()  # type: ignore[union-attr]
-    assert {"code/helper.py", "code/lib/util.py", "code/requirements.txt", "model_index.json"} <= set(members)
+    assert {"code/helper.py", "code/lib/util.py", "model_index.json"} <= set(members)
+    assert "code/requirements.txt" not in members  # nothing is invented without --seed-handler
     assert not any(n.startswith(".git") for n in members)
     assert all(m.isreg() or m.isdir() for m in members.values())  # no symlinks (SageMaker refuses them)
     assert members["link.json"].isreg()  # a file symlink is archived as the file it points to

@@ -72,7 +72,7 @@ def test_import_from_s3_prefix_and_archive(s3_bucket: str, tmp_path: Path, fake_
     m = store.import_model(f"s3://{s3_bucket}/folder/", name="from-prefix")
     assert m.digest == tree_digest(fake_model_dir)
     assert m.source == f"s3://{s3_bucket}/folder/"
-    result = package_model(fake_model_dir, f"s3://{s3_bucket}/art/model.tar.gz")
+    result = package_model(fake_model_dir, f"s3://{s3_bucket}/art/model.tar.gz", seed_handler=True)
     assert result.path == f"s3://{s3_bucket}/art/model.tar.gz"
     m2 = store.import_model(result.path, name="from-archive")
     model_files = {(f.path, f.sha256) for f in m2.files if not f.path.startswith("code/")}
