@@ -5,6 +5,17 @@ Import what you need from the sub-packages: ``sdmaker.engine`` (load and generat
 This top-level module stays import-light (no torch) so that the client and CLI start fast.
 """
 
+from typing import Any
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["Client", "Predictor", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    """``sdmaker.Client`` / ``sdmaker.Predictor``, imported on first use (the client never imports torch)."""
+    if name in ("Client", "Predictor"):
+        from sdmaker import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'sdmaker' has no attribute {name!r}")

@@ -182,7 +182,8 @@ def env_cmd(
 @endpoint_app.command("create")
 def create_cmd(
     name: Annotated[str, typer.Argument(help="Endpoint name (letters, digits, hyphens).")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Store name, folder, model.tar.gz or s3:// URI.")],
+    model: Annotated[str, typer.Option("--model", "-m", help=(
+        "Store name, folder, model.tar.gz or s3:// URI (default: the built-in mini)."))] = "mini",
     workers: Annotated[int, typer.Option(help="Worker processes (SageMaker InitialInstanceCount).")] = 1,
     timeout: Annotated[float | None, typer.Option(help="Invocation timeout in seconds (default 60).")] = None,
     instance_type: Annotated[str, typer.Option(help="ml.* type; GPU types use CUDA when present.")] = "ml.m5.xlarge",

@@ -21,7 +21,8 @@ __all__ = ["register"]
 
 
 def serve_cmd(
-    model: Annotated[str, typer.Argument(help="Store name, model folder or model.tar.gz.")],
+    model: Annotated[str, typer.Argument(help="Store name, model folder or model.tar.gz (default: built-in mini).")]
+    = "mini",
     port: Annotated[int | None, typer.Option(help="Port (default: SAGEMAKER_BIND_TO_PORT, else 8080).")] = None,
     host: Annotated[str, typer.Option(help="Address; anything but loopback needs --token.")] = "127.0.0.1",
     token: Annotated[str | None, typer.Option(
