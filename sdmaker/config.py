@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sdmaker.errors import ConfigError
 
-__all__ = ["Settings", "load_settings", "quiet_third_party_logs"]
+__all__ = ["Settings", "allow_mlflow_file_store", "load_settings", "quiet_third_party_logs"]
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -171,3 +171,11 @@ def quiet_third_party_logs() -> None:
     for key, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
                        ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
         os.environ.setdefault(key, value)
+
+
+def allow_mlflow_file_store() -> None:
+    """Let MLflow >= 3 use a plain local folder as its tracking store (it refuses one unless opted in).
+
+    Offline, a local folder under ``SDMAKER_HOME`` is exactly what we want; a value the user set is kept.
+    """
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")

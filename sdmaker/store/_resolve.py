@@ -87,18 +87,33 @@ def _s3_name(uri: str, settings: Settings) -> str:
 
 
 def _builtin(ref: str, store: Store, settings: Settings, *, progress: Progress | None) -> ResolvedModel | None:
+    """Built-in model ``ref`` from the store, (re-)imported when the installed weights changed.
+
+    The manifest's source records the digest of the packaged weights (``builtin:mini@<digest>``), so an
+    sdmaker update with new weights replaces a stale copy; a user's own model stored under the same name
+    (any other source) is left alone.
+    """
     try:
         from sdmaker import models
     except ImportError:
         return None
     if ref not in getattr(models, "BUILTIN_NAMES", ()):
         return None
+    if not models.is_builtin_ready(ref):
+        if store.exists(ref):
+            return _from_store(store, ref)
+        raise ModelNotFoundError(f"the weights of built-in model {ref!r} are not in this sdmaker install "
+                                 f"({models.builtin_dir(ref)}); reinstall sdmaker or train them (sdmaker train)",
+                                 model=ref)
+    source = f"builtin:{ref}@{folder_digest(models.builtin_dir(ref))}"
+    if store.exists(ref):
+        current = store.get(ref).source or ""
+        if current == source or not current.startswith("builtin:"):
+            return _from_store(store, ref)
     staging = store.staging_dir("builtin-")
     try:
         folder = models.assemble_builtin(ref, staging / ref)
-        store.import_folder(folder, name=ref, move=True, progress=progress, source=f"builtin:{ref}")
-    except FileExistsError:
-        pass
+        store.import_folder(folder, name=ref, move=True, progress=progress, source=source, overwrite=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return _from_store(store, ref)
@@ -117,6 +132,9 @@ def resolve_model(ref: str, settings: Settings, *, allow_pickle: bool = False,
     store = Store(settings.store_dir, settings=settings)
     if is_s3_uri(ref):
         return _import_cached(store, ref, _s3_name(ref, settings), allow_pickle=allow_pickle, progress=progress)
+    builtin = _builtin(ref, store, settings, progress=progress)
+    if builtin is not None:
+        return builtin
     if NAME_PATTERN.match(ref) and store.exists(ref):
         return _from_store(store, ref)
     path = Path(ref).expanduser()
@@ -127,9 +145,6 @@ def resolve_model(ref: str, settings: Settings, *, allow_pickle: bool = False,
         key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
         return _import_cached(store, str(path), _derived_name(archive_stem(path.name), key),
                               allow_pickle=allow_pickle, progress=progress)
-    builtin = _builtin(ref, store, settings, progress=progress)
-    if builtin is not None:
-        return builtin
     if HUB_ID.match(ref):
         folder = fetch_hub(ref, settings)
         return ResolvedModel(path=folder, name=ref, digest=folder_digest(folder))

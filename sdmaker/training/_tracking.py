@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from sdmaker.config import allow_mlflow_file_store
 
 __all__ = ["Tracker", "tracking_uri"]
 
@@ -41,8 +42,7 @@ class Tracker:
         if not enabled or mlflow_dir is None:
             return
         try:
-            # mlflow >= 3.x refuses the plain file store unless opted in; a local folder is what we want offline.
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            allow_mlflow_file_store()
             from mlflow.tracking import MlflowClient
 
             Path(mlflow_dir).mkdir(parents=True, exist_ok=True)

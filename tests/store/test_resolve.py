@@ -43,21 +43,40 @@ def test_local_archive_is_imported_once(settings: Settings, tmp_path: Path, fake
     assert calls == []
 
 
-def test_builtin_assembled_and_imported_on_first_use(settings: Settings, fake_model_dir: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_builtin_assembled_on_first_use_and_refreshed_when_weights_change(
+        settings: Settings, fake_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    weights = tmp_path / "packaged-weights"
+    weights.mkdir()
+    (weights / "unet.safetensors").write_bytes(b"v1")
+    assembled: list[Path] = []
+
     def assemble(name: str, dest: Path) -> Path:
         shutil.copytree(fake_model_dir, dest)
+        shutil.copy2(weights / "unet.safetensors", dest / "packaged.bin.txt")
+        assembled.append(dest)
         return dest
 
     fake = types.ModuleType("sdmaker.models")
     fake.BUILTIN_NAMES = ("mini",)  # type: ignore[attr-defined]
     fake.assemble_builtin = assemble  # type: ignore[attr-defined]
+    fake.is_builtin_ready = lambda name: True  # type: ignore[attr-defined]
+    fake.builtin_dir = lambda name: weights  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "sdmaker.models", fake)
     monkeypatch.setattr("sdmaker.models", fake, raising=False)
     resolved = resolve_model("mini", settings)
-    assert resolved.name == "mini" and resolved.digest == tree_digest(fake_model_dir)
-    assert Store(settings.store_dir).get("mini").source == "builtin:mini"
+    assert resolved.name == "mini"
+    assert Store(settings.store_dir).get("mini").source == f"builtin:mini@{tree_digest(weights)}"
     assert resolve_model("mini", settings) == resolved
+    assert len(assembled) == 1  # unchanged weights: no second import
+    (weights / "unet.safetensors").write_bytes(b"v2")  # an sdmaker update ships new weights
+    refreshed = resolve_model("mini", settings)
+    assert len(assembled) == 2 and refreshed.digest != resolved.digest
+    assert (refreshed.path / "packaged.bin.txt").read_bytes() == b"v2"
+    # a user's own model stored as "mini" is never replaced by the built-in
+    Store(settings.store_dir).import_model(fake_model_dir, name="mini", overwrite=True)
+    (weights / "unet.safetensors").write_bytes(b"v3")
+    assert resolve_model("mini", settings).digest == tree_digest(fake_model_dir)
+    assert len(assembled) == 2
 
 
 def test_unknown_reference(settings: Settings) -> None:
