@@ -28,9 +28,9 @@ def mini_model_dir() -> tuple[Path, str]:
     from sdmaker.models import assemble_builtin, is_builtin_ready
 
     if is_builtin_ready("mini"):
-        out = CACHE_DIR / "mini"
-        if not (out / "model_index.json").exists():
-            assemble_builtin("mini", out)
+        # Re-assembled on every run (file copies, < 1 s): a cached copy would keep stale weights after the
+        # committed ones change, and quality rows would then describe an older model.
+        out = assemble_builtin("mini", CACHE_DIR / "mini")
         return out, "mini"
     from sdmaker.engine import build_random_pipeline
 
