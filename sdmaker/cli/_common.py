@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import traceback
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -16,7 +17,7 @@ from typer.core import TyperGroup
 from sdmaker.config import Settings, load_settings, quiet_third_party_logs
 from sdmaker.errors import SdmakerError
 
-__all__ = ["SdmakerGroup", "console", "err_console", "get_settings", "run_app", "setup_logging"]
+__all__ = ["SdmakerGroup", "console", "err_console", "get_settings", "load_model_ref", "run_app", "setup_logging"]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -66,6 +67,17 @@ def _debug() -> bool:
         return load_settings().debug
     except SdmakerError:
         return False
+
+
+def load_model_ref(ref: str, settings: Settings, *, allow_pickle: bool = False, device: str | None = None,
+                   dtype: str | None = None) -> Any:
+    """Resolve a store name / folder / archive / s3:// / hub id and load it (shared by generate and eval)."""
+    from sdmaker.engine import load_model
+    from sdmaker.store import resolve_model
+
+    resolved = resolve_model(ref, settings, allow_pickle=allow_pickle)
+    return load_model(resolved.path, name=resolved.name, digest=resolved.digest, allow_pickle=allow_pickle,
+                      device=device or settings.device, dtype=dtype or settings.dtype)
 
 
 def run_app(app: typer.Typer, argv: list[str] | None = None) -> int:

@@ -55,7 +55,7 @@ def _step(title: str) -> float:
 
 def _default_model(settings: Settings, out: Path) -> tuple[Any, bool]:
     """The built-in ``mini`` model, or a random-weight stand-in when its weights are missing."""
-    from sdmaker.cli._generate import load_model_ref
+    from sdmaker.cli._common import load_model_ref
     from sdmaker.errors import ModelNotFoundError
 
     try:

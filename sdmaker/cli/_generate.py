@@ -8,8 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from sdmaker.cli._common import console, err_console, get_settings, setup_logging
-from sdmaker.config import Settings
+from sdmaker.cli._common import console, err_console, get_settings, load_model_ref, setup_logging
 from sdmaker.schema import GenerateRequest, parse_request
 
 __all__ = ["DEFAULT_MODEL", "register"]
@@ -17,17 +16,6 @@ __all__ = ["DEFAULT_MODEL", "register"]
 #: The embedded model used when --model is not given.
 DEFAULT_MODEL = "mini"
 _EXT = {"jpeg": "jpg", "png": "png", "webp": "webp"}
-
-
-def load_model_ref(ref: str, settings: Settings, *, allow_pickle: bool = False, device: str | None = None,
-                   dtype: str | None = None) -> Any:
-    """Resolve a store name / folder / archive / s3:// / hub id and load it (shared by generate and eval)."""
-    from sdmaker.engine import load_model
-    from sdmaker.store import resolve_model
-
-    resolved = resolve_model(ref, settings, allow_pickle=allow_pickle)
-    return load_model(resolved.path, name=resolved.name, digest=resolved.digest, allow_pickle=allow_pickle,
-                      device=device or settings.device, dtype=dtype or settings.dtype)
 
 
 def _request_from_options(options: dict[str, Any], recipe_request: dict[str, Any] | None) -> GenerateRequest:

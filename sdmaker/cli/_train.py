@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from sdmaker.cli._common import console, err_console, get_settings, setup_logging
+from sdmaker.cli._common import console, err_console, get_settings, load_model_ref, setup_logging
 
 __all__ = ["register"]
 
@@ -88,16 +88,6 @@ def train_export(
     console.print(str(path), highlight=False)
 
 
-def _resolve(model: str, settings: Any) -> tuple[Path, str, str | None]:
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path, path.resolve().name, None
-    from sdmaker.store import resolve_model
-
-    resolved = resolve_model(model, settings)
-    return resolved.path, resolved.name, resolved.digest
-
-
 def eval_cmd(
     model: Annotated[str, typer.Argument(help="Model folder, store name, or built-in name (mini).")] = "mini",
     steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps (default: the model's).")] = None,
@@ -112,14 +102,13 @@ def eval_cmd(
     verbose: _Verbose = False,
 ) -> None:
     """Generate the held-out prompt set and score it per attribute with the scene analyser."""
-    from sdmaker.engine import load_model
     from sdmaker.training._eval import EVAL_SEED, evaluate
     from sdmaker.training._tracking import Tracker
 
     setup_logging(verbose)
     settings = get_settings()
-    path, name, digest = _resolve(model, settings)
-    loaded = load_model(path, name=name, device=settings.device, dtype=settings.dtype, digest=digest)
+    loaded = load_model_ref(model, settings)
+    name = loaded.name
     with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True) as progress:
         task = progress.add_task("eval", total=n)
