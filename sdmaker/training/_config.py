@@ -24,6 +24,7 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 32,
     "lr": 5e-4,
     "min_lr_ratio": 0.1,
+    "decay_steps": 0,  # 0: cosine over the whole run; N: constant LR, then a cosine over the last N steps
     "warmup_steps": 100,
     "weight_decay": 0.01,
     "grad_clip": 1.0,
@@ -92,6 +93,9 @@ def load_config(path: Path, *, quick: bool = False, kind: str | None = None,
     for key in ("steps", "batch_size", "checkpoint_every", "threads"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]!r} must be a positive integer", field=key, value=cfg[key])
+    if not isinstance(cfg["decay_steps"], int) or not 0 <= cfg["decay_steps"] <= cfg["steps"]:
+        raise ConfigError(f"decay_steps={cfg['decay_steps']!r} must be an integer from 0 to steps ({cfg['steps']})",
+                          field="decay_steps", value=cfg["decay_steps"])
     if cfg["kind"] == "unet":
         if not cfg["vae"]:
             raise ConfigError("a unet config needs 'vae': the folder of the trained VAE", field="vae")
@@ -101,8 +105,12 @@ def load_config(path: Path, *, quick: bool = False, kind: str | None = None,
     return cfg
 
 
+#: Left out of the digest: a resume checks the LR schedule itself, step by step (``check_resumable``).
+_SCHEDULE_KEYS = ("steps", "decay_steps", "min_lr_ratio")
+
+
 def config_digest(cfg: dict[str, Any]) -> str:
     """Digest of the settings that determine the weights (a checkpoint only resumes the same run)."""
     keep = {k: v for k, v in cfg.items() if k not in ("config_path", "checkpoint_every", "log_every", "num_workers",
-                                                      "sample_every", "name", "steps")}
+                                                      "sample_every", "name", *_SCHEDULE_KEYS)}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]

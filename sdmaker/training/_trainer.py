@@ -58,15 +58,50 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def _lr_lambda(cfg: dict[str, Any]) -> Callable[[int], float]:
+    """Linear warm-up, then either a cosine to ``min_lr_ratio`` over the whole run (``decay_steps`` 0) or
+    warmup-stable-decay: constant until the last ``decay_steps`` steps, then a cosine to ``min_lr_ratio``.
+
+    Why the second form: its LR at step ``s`` does not depend on the run's length until the decay starts, so
+    a run can be lengthened with ``--resume`` and still be exactly the run its final config describes.
+    """
     warmup, total, floor = int(cfg["warmup_steps"]), int(cfg["steps"]), float(cfg["min_lr_ratio"])
+    decay = int(cfg.get("decay_steps") or 0)
 
     def fn(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if decay > 0:
+            start = max(warmup, total - decay)
+            if step < start:
+                return 1.0
+            progress = min(1.0, (step - start) / max(1, total - start))
+        else:
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return fn
+
+
+_PLAN_KEYS = ("warmup_steps", "steps", "decay_steps", "min_lr_ratio")
+
+
+def _plan(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: cfg.get(k) for k in _PLAN_KEYS}
+
+
+def check_resumable(old_plan: dict[str, Any], cfg: dict[str, Any], step: int) -> None:
+    """Refuse to resume at ``step`` when the new LR schedule differs from the old one on steps already run.
+
+    Lengthening a run (``steps``) or its decay is allowed exactly when the steps done so far saw the same
+    learning rates under both schedules: then the resumed run is the uninterrupted run of the new config.
+    """
+    old_fn, new_fn = _lr_lambda({**cfg, **old_plan}), _lr_lambda(cfg)
+    for s in range(step + 1):
+        if not math.isclose(old_fn(s), new_fn(s), rel_tol=1e-12, abs_tol=0.0):
+            raise ConfigError(
+                f"the checkpoint at step {step} was trained with a learning-rate schedule that differs from this "
+                f"config's from step {s} on (old {old_plan}, new {_plan(cfg)}); resume it with its own schedule, "
+                "or change steps/decay_steps only where the decay has not started yet", field="steps")
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -144,13 +179,15 @@ class _Run:
             "ema": [t.clone() for t in self.ema], "optimizer": self.opt.state_dict(),
             "lr_scheduler": self.sched.state_dict(), "torch_rng": torch.get_rng_state(),
             "numpy_rng": np.random.get_state(), "python_rng": random.getstate(), "mlflow_run_id": run_id,
-            "best_loss": best,
+            "best_loss": best, "lr_plan": _plan(self.cfg),
         }
 
     def restore(self, ckpt: dict[str, Any]) -> None:
         if ckpt["config_digest"] != config_digest(self.cfg):
             raise ConfigError("the checkpoint was written by a different config; resume needs the same config "
                               "(or start without --resume in a new --out folder)", field="config")
+        if "lr_plan" in ckpt:
+            check_resumable(ckpt["lr_plan"], self.cfg, int(ckpt["step"]))
         self.model.load_state_dict(ckpt["model"])
         for dst, src in zip(self.ema, ckpt["ema"], strict=True):
             dst.copy_(src)

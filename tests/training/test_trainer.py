@@ -133,3 +133,29 @@ def test_existing_checkpoint_requires_resume(tmp_path: Path) -> None:
     other = load_config(VAE_CONFIG, quick=True, overrides={"lr": 0.5})
     with pytest.raises(ConfigError, match="different config"):
         train(other, tmp_path / "run", resume=True)
+
+
+def test_warmup_stable_decay_schedule_and_lengthening_by_resume(tmp_path: Path) -> None:
+    """A WSD run can be lengthened with --resume before its decay starts, and only then."""
+    from sdmaker.errors import ConfigError
+    from sdmaker.training._trainer import _lr_lambda, check_resumable
+
+    fn = _lr_lambda({"warmup_steps": 2, "steps": 10, "decay_steps": 4, "min_lr_ratio": 0.1})
+    assert [round(fn(s), 6) for s in range(3)] == [0.5, 1.0, 1.0]
+    assert fn(5) == 1.0 and fn(6) == 1.0 and 0.1 < fn(8) < 1.0 and fn(10) == pytest.approx(0.1)
+    old = {"warmup_steps": 2, "steps": 10, "decay_steps": 4, "min_lr_ratio": 0.1}
+    longer = {**old, "steps": 20}
+    check_resumable(old, longer, 6)  # decay had not started at step 6: the longer run saw the same LRs
+    with pytest.raises(ConfigError, match="from step 7"):
+        check_resumable(old, longer, 8)
+
+    # end to end: 4 constant steps, then lengthened with a decay tail, resumed; a decayed one refuses shortening
+    cfg = load_config(VAE_CONFIG, quick=True, overrides={"steps": 4, "min_lr_ratio": 1.0, "decay_steps": 0})
+    train(cfg, tmp_path / "run")
+    tail = load_config(VAE_CONFIG, quick=True, overrides={"steps": 6, "min_lr_ratio": 0.0, "decay_steps": 2})
+    assert train(tail, tmp_path / "run", resume=True).steps_done == 6
+    with pytest.raises(ConfigError, match="learning-rate schedule"):
+        train(load_config(VAE_CONFIG, quick=True, overrides={"steps": 8, "min_lr_ratio": 0.0, "decay_steps": 2}),
+              tmp_path / "run", resume=True)
+    with pytest.raises(ConfigError, match="decay_steps"):
+        load_config(VAE_CONFIG, quick=True, overrides={"steps": 4, "decay_steps": 5})
