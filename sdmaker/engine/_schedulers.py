@@ -48,7 +48,13 @@ def make_scheduler(name: str, base_config: Any) -> Any:
             f"scheduler={name!r} is not known (allowed: {', '.join(SCHEDULERS)})",
             field="scheduler", value=name, allowed=", ".join(SCHEDULERS),
         ) from None
-    return cls.from_config(base_config, **overrides)
+    extra = dict(overrides)
+    if "clip_sample" not in base_config:
+        # DDIM/DDPM default to clipping the predicted x0 to [-1, 1], which is right for pixel-space models and
+        # wrong for latents (SD's own DDIM/PNDM configs set clip_sample false). A config from another
+        # scheduler class (the built-in mini ships DPM-Solver) lacks the key, so DDIM must not get the default.
+        extra["clip_sample"] = False
+    return cls.from_config(base_config, **extra)
 
 
 def scheduler_name_of(scheduler: Any) -> str | None:

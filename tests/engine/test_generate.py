@@ -33,6 +33,19 @@ def test_loads_each_architecture(fixture: str, request: pytest.FixtureRequest) -
     assert result.images[0].image.size == (64, 64)
 
 
+def test_latent_schedulers_never_clip_to_pixel_range() -> None:
+    """DDIM/DDPM built from a config without clip_sample (e.g. DPM-Solver's) must not clip latents to [-1, 1]."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    from sdmaker.engine import make_scheduler
+
+    dpm = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).config
+    for name in ("ddim", "ddpm"):
+        assert make_scheduler(name, dpm).config.clip_sample is False
+    own = DDIMScheduler(clip_sample=True).config  # a model that asks for clipping keeps it
+    assert make_scheduler("ddim", own).config.clip_sample is True
+
+
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_every_scheduler_generates(sd1_model, scheduler: str) -> None:  # type: ignore[no-untyped-def]
     result = generate(sd1_model, GenerateRequest(prompt="a cat", seed=1, scheduler=scheduler, **SMALL))
