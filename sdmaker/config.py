@@ -47,6 +47,9 @@ class Settings:
         sagemaker_program: the handler module in ``<model>/code`` (``SAGEMAKER_PROGRAM``; unset or empty
             means ``inference.py``, contract 1.7).
         bind_port: the model server's port (``SAGEMAKER_BIND_TO_PORT``, default 8080, contract 1.2).
+        standby_workers: warm standby worker processes the daemon keeps (``SDMAKER_STANDBY_WORKERS``,
+            default 1; 0 turns them off): each has torch/diffusers imported already, so a new endpoint's
+            worker only loads its model (cold start about 1 s instead of 5-10 s of imports).
     """
 
     home: Path
@@ -71,6 +74,7 @@ class Settings:
     account_id: str = "000000000000"
     sagemaker_program: str = "inference.py"
     bind_port: int = 8080
+    standby_workers: int = 1
 
     @property
     def store_dir(self) -> Path:
@@ -158,6 +162,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         account_id=env.get("SDMAKER_ACCOUNT_ID") or "000000000000",
         sagemaker_program=env.get("SAGEMAKER_PROGRAM", "").strip() or "inference.py",
         bind_port=_port(env, "SAGEMAKER_BIND_TO_PORT", 8080),
+        standby_workers=int(_number(env, "SDMAKER_STANDBY_WORKERS", 1, minimum=0)),
     )
 
 

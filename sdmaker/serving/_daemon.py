@@ -6,7 +6,9 @@ Routes:
 * ``POST /endpoints/{name}/invocations`` -- InvokeEndpoint (:mod:`._runtime_api`);
 * ``GET /metrics`` -- Prometheus (:mod:`._metrics`); ``GET /ping`` -- daemon liveness (no auth);
 * ``GET /sdmaker/v1/endpoints[/{name}[/logs]]`` -- sdmaker's own view for the CLI (workers, digest,
-  request counts, latency percentiles, worker logs).
+  request counts, latency percentiles, worker logs); ``GET /sdmaker/v1/standby`` -- the warm standby
+  workers that shorten endpoint cold starts (their life follows the daemon's: started after the
+  endpoints it restores, killed when it stops).
 
 Everything the app needs lives in its lifespan state (settings, endpoint manager, metrics): there is
 no module-level state, so tests can build several apps in one process.
@@ -140,6 +142,12 @@ def create_app(settings: Settings, *, host: str | None = None) -> FastAPI:
     async def list_details(request: Request) -> dict[str, Any]:
         manager: EndpointManager = request.state.manager
         return {"endpoints": [manager.details(r.name) for r in manager.db.endpoints()]}
+
+    @app.get("/sdmaker/v1/standby")
+    async def standby(request: Request) -> dict[str, Any]:
+        """The warm standby workers (``SDMAKER_STANDBY_WORKERS``): how many are kept, ready, used."""
+        manager: EndpointManager = request.state.manager
+        return manager.standbys.describe()
 
     @app.get("/sdmaker/v1/endpoints/{name}")
     async def details(request: Request, name: str) -> dict[str, Any]:

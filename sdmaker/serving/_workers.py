@@ -3,7 +3,12 @@
 Each worker is ``python -m sdmaker.serving.worker`` (the SageMaker container contract: ``GET /ping``,
 ``POST /invocations``) on a free loopback port. It loads the model once and answers one request at a
 time, so a :class:`WorkerPool` hands each request to an idle worker and concurrency equals the worker
-count (SageMaker: ``InitialInstanceCount``).
+count (SageMaker: ``InitialInstanceCount``). With step batching (``WorkerSpec.max_batch`` > 1) a worker
+takes up to ``max_batch`` requests at once, which its :class:`~sdmaker.engine.StepBatcher` runs together.
+
+A worker may start from a warm standby process (:mod:`._standby`) that already imported torch and
+diffusers: it then only loads its model. ``describe()["standby"]`` says which path a worker took and the
+endpoint log says why a fresh process was started instead.
 
 Failure handling, so that no request ever hangs:
 
@@ -29,12 +34,16 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 from sdmaker.errors import InvocationFailedError, InvocationTimeoutError, WorkerStartError
 
-__all__ = ["WorkerPool", "WorkerReply", "WorkerSpec", "WorkerState", "free_port"]
+if TYPE_CHECKING:
+    from sdmaker.serving._standby import StandbyPool
+
+__all__ = ["WorkerPool", "WorkerReply", "WorkerSpec", "WorkerState", "die_with_parent", "free_port"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +80,13 @@ class WorkerSpec:
     device: str | None = None
     dtype: str | None = None
     startup_timeout_s: float = 600.0
+    #: > 1: the worker batches UNet steps of up to this many concurrent requests (``--max-batch``)
+    max_batch: int = 0
+
+    @property
+    def slots(self) -> int:
+        """Requests one worker takes at a time: 1, or ``max_batch`` when it batches steps."""
+        return max(1, self.max_batch)
 
 
 @dataclass
@@ -90,7 +106,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """Ask Linux to SIGTERM the worker when the daemon dies, so a killed daemon leaves no orphans."""
     try:
         import ctypes
@@ -104,10 +120,17 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 class Worker:
     """One worker process; restarted in place (same index, new pid and port)."""
 
-    def __init__(self, spec: WorkerSpec, index: int, tag: str) -> None:
+    def __init__(self, spec: WorkerSpec, index: int, tag: str, standbys: StandbyPool | None = None) -> None:
         self.spec = spec
         self.index = index
         self.tag = tag
+        self.standbys = standbys
+        self.from_standby = False
+        self._refill_standby = False
+        self.generation = 0  # bumped on every (re)start: dispatch slots of a previous process are void
+        self.inflight = 0
+        self.peak_inflight = 0
+        self.startup_seconds: float | None = None
         self.state = WorkerState.STARTING
         self.port = 0
         self.proc: asyncio.subprocess.Process | None = None
@@ -129,35 +152,68 @@ class Worker:
     def describe(self) -> dict[str, object]:
         return {"index": self.index, "state": self.state.value, "pid": self.proc.pid if self.proc else None,
                 "port": self.port, "restarts": self.restarts, "error": self.error,
-                "load_seconds": self.load_seconds, "log": str(self.log_path)}
+                "load_seconds": self.load_seconds, "startup_seconds": self.startup_seconds,
+                "standby": self.from_standby, "max_batch": self.spec.max_batch, "peak_in_flight": self.peak_inflight,
+                "log": str(self.log_path)}
 
-    async def spawn(self) -> None:
-        """Start the process (does not wait for the model to load)."""
-        self.spec.run_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.status_file.unlink(missing_ok=True)
-        self.port = free_port()
-        argv = [self.spec.python, "-m", "sdmaker.serving.worker", "--model-dir", str(self.spec.model_dir),
-                "--port", str(self.port), "--host", "127.0.0.1", "--status-file", str(self.status_file),
-                "--workers-id", f"{self.tag}-{self.index}", "--max-body-bytes", str(self.spec.max_body_bytes)]
+    def _argv(self) -> list[str]:
+        argv = ["--model-dir", str(self.spec.model_dir), "--port", str(self.port), "--host", "127.0.0.1",
+                "--status-file", str(self.status_file), "--workers-id", f"{self.tag}-{self.index}",
+                "--max-body-bytes", str(self.spec.max_body_bytes)]
         if self.spec.device:
             argv += ["--device", self.spec.device]
         if self.spec.dtype:
             argv += ["--dtype", self.spec.dtype]
+        if self.spec.max_batch > 0:
+            argv += ["--max-batch", str(self.spec.max_batch)]
+        return argv
+
+    async def spawn(self) -> None:
+        """Start the process, from a warm standby when one fits (does not wait for the model to load)."""
+        self.spec.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.status_file.unlink(missing_ok=True)
+        self.port = free_port()
+        argv = self._argv()
         env = dict(self.spec.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        with open(self.log_path, "ab") as log:
-            log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} [{self.tag}] starting worker {self.index} "
-                      f"on port {self.port}\n".encode())
-            log.flush()
-            preexec = _die_with_parent if sys.platform.startswith("linux") else None
-            self.proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT, env=env,
-                preexec_fn=preexec)
+        standby, why = (None, "") if self.standbys is None else self.standbys.take(self.spec.python, env)
+        stamp = f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} [{self.tag}] starting worker {self.index} on port {self.port}"
+        self.from_standby = False
+        if standby is not None:
+            with open(self.log_path, "ab") as log:
+                log.write(f"{stamp} from warm standby pid {standby.proc.pid} (torch/diffusers already imported)\n"
+                          .encode())
+            self._refill_standby = True
+            try:
+                await standby.assign(argv, env, self.log_path)
+                self.proc, self.from_standby = standby.proc, True
+            except OSError as exc:  # it died between take() and now: start fresh instead
+                why = f"the standby died before its assignment ({type(exc).__name__})"
+                self._release_standby()
+        if not self.from_standby:
+            with open(self.log_path, "ab") as log:
+                log.write(f"{stamp} as a fresh process{f' ({why})' if why else ''}\n".encode())
+                log.flush()
+                preexec = die_with_parent if sys.platform.startswith("linux") else None
+                self.proc = await asyncio.create_subprocess_exec(
+                    self.spec.python, "-m", "sdmaker.serving.worker", *argv, stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log, stderr=asyncio.subprocess.STDOUT, env=env, preexec_fn=preexec)
+        assert self.proc is not None
         self.started_at = time.monotonic()
         self.state = WorkerState.STARTING
         self.error = None
-        logger.info("endpoint worker %s-%d: pid %d port %d", self.tag, self.index, self.proc.pid, self.port)
+        self.generation += 1
+        self.inflight = 0
+        self.startup_seconds = None
+        logger.info("endpoint worker %s-%d: pid %d port %d (%s)", self.tag, self.index, self.proc.pid, self.port,
+                    "warm standby" if self.from_standby else "fresh process")
+
+    def _release_standby(self) -> None:
+        """The standby this worker took has been used (or lost): let the pool start the next one now."""
+        if self._refill_standby and self.standbys is not None:
+            self.standbys.refill()
+        self._refill_standby = False
 
     def _read_status(self) -> dict[str, object]:
         try:
@@ -181,6 +237,12 @@ class Worker:
 
     async def wait_ready(self, client: httpx.AsyncClient) -> None:
         """Wait until ``/ping`` answers 200; raise :class:`WorkerStartError` with the worker's own error."""
+        try:
+            await self._wait_ready(client)
+        finally:  # loaded or failed: a replacement standby no longer competes with this load for the CPU
+            self._release_standby()
+
+    async def _wait_ready(self, client: httpx.AsyncClient) -> None:
         deadline = self.started_at + self.spec.startup_timeout_s
         assert self.proc is not None
         while True:
@@ -192,6 +254,7 @@ class Worker:
                 reply = await client.get(f"{self.url}/ping", timeout=2.0)
                 if reply.status_code == 200:
                     self.state = WorkerState.READY
+                    self.startup_seconds = round(time.monotonic() - self.started_at, 3)
                     status = self._read_status()
                     load = status.get("load_seconds")
                     self.load_seconds = float(load) if isinstance(load, (int, float)) else None
@@ -232,13 +295,14 @@ class Worker:
 class WorkerPool:
     """The N workers of one endpoint variant, and the one-request-per-worker dispatcher."""
 
-    def __init__(self, spec: WorkerSpec, count: int, *, tag: str,
-                 on_change: Callable[[], None] | None = None) -> None:
+    def __init__(self, spec: WorkerSpec, count: int, *, tag: str, on_change: Callable[[], None] | None = None,
+                 standbys: StandbyPool | None = None) -> None:
         self.spec = spec
         self.tag = tag
-        self.workers = [Worker(spec, i, tag) for i in range(count)]
-        self._idle: asyncio.Queue[Worker] = asyncio.Queue()
-        self._client = httpx.AsyncClient(limits=httpx.Limits(max_connections=count * 2 + 4),
+        self.workers = [Worker(spec, i, tag, standbys) for i in range(count)]
+        # one entry per free request slot: (worker, the worker's generation when the slot was offered)
+        self._idle: asyncio.Queue[tuple[Worker, int]] = asyncio.Queue()
+        self._client = httpx.AsyncClient(limits=httpx.Limits(max_connections=count * spec.slots * 2 + 4),
                                          timeout=httpx.Timeout(10.0))
         self._monitors: list[asyncio.Task[None]] = []
         self._closing = False
@@ -257,7 +321,7 @@ class WorkerPool:
             await self.close()
             raise
         for w in self.workers:
-            self._idle.put_nowait(w)
+            self._offer(w)
             self._monitors.append(asyncio.create_task(self._monitor(w), name=f"monitor-{self.tag}-{w.index}"))
 
     async def close(self, *, drain_s: float = 0.0) -> None:
@@ -301,9 +365,14 @@ class WorkerPool:
                         return
                     continue
                 failures = 0
-                self._idle.put_nowait(worker)
+                self._offer(worker)
                 self._changed()
                 break
+
+    def _offer(self, worker: Worker) -> None:
+        """Make every request slot of a just (re)started ``worker`` available."""
+        for _ in range(self.spec.slots):
+            self._idle.put_nowait((worker, worker.generation))
 
     def _changed(self) -> None:
         if self._on_change is not None:
@@ -315,7 +384,12 @@ class WorkerPool:
     def ready_count(self) -> int:
         return sum(1 for w in self.workers if w.state in (WorkerState.READY, WorkerState.BUSY))
 
-    async def _acquire(self, deadline: float) -> Worker:
+    @property
+    def capacity(self) -> int:
+        """Requests the workers take at once (beyond that, requests queue)."""
+        return len(self.workers) * self.spec.slots
+
+    async def _acquire(self, deadline: float) -> tuple[Worker, int]:
         while True:
             if all(w.state == WorkerState.FAILED for w in self.workers):
                 raise InvocationFailedError("every worker of this endpoint failed to restart; see endpoint logs",
@@ -323,10 +397,11 @@ class WorkerPool:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise asyncio.TimeoutError
-            worker = await asyncio.wait_for(self._idle.get(), remaining)
-            if worker.state == WorkerState.READY and worker.alive:
-                return worker
-            # a worker that died while idle: its monitor puts it back once restarted
+            worker, generation = await asyncio.wait_for(self._idle.get(), remaining)
+            if (generation == worker.generation and worker.alive
+                    and worker.state in (WorkerState.READY, WorkerState.BUSY)):
+                return worker, generation
+            # a slot of a worker that died: its monitor offers fresh slots once restarted
 
     async def invoke(self, body: bytes, headers: Mapping[str, str], *, timeout_s: float) -> WorkerReply:
         """Send one invocation to an idle worker and return its reply (any status).
@@ -340,13 +415,16 @@ class WorkerPool:
         self.in_flight += 1
         try:
             try:
-                worker = await self._acquire(deadline)
+                worker, generation = await self._acquire(deadline)
             except asyncio.TimeoutError:
                 raise InvocationTimeoutError(
                     f"no worker became free within the invocation timeout of {timeout_s:g} s",
                     timeout_s=timeout_s) from None
             worker.state = WorkerState.BUSY
+            worker.inflight += 1
+            worker.peak_inflight = max(worker.peak_inflight, worker.inflight)
             fwd = {k: v for k, v in headers.items() if k.lower() in FORWARDED_HEADERS}
+            healthy = False
             try:
                 reply = await self._client.post(f"{worker.url}/invocations", content=body, headers=fwd,
                                                 timeout=max(deadline - time.monotonic(), 0.01))
@@ -360,9 +438,18 @@ class WorkerPool:
                 worker.kill()  # a broken connection means a broken worker: let the monitor restart it
                 raise InvocationFailedError(f"worker {worker.index} died while serving the request "
                                             f"({type(exc).__name__})", original_status=500) from exc
-            if worker.alive and worker.state == WorkerState.BUSY:
-                worker.state = WorkerState.READY
-                self._idle.put_nowait(worker)
+            except asyncio.CancelledError:  # the caller went away; the worker itself is fine
+                healthy = True
+                raise
+            else:
+                healthy = True
+            finally:
+                if generation == worker.generation:  # else the slot died with the previous process
+                    worker.inflight -= 1
+                    if healthy and worker.alive and worker.state == WorkerState.BUSY:
+                        if worker.inflight == 0:
+                            worker.state = WorkerState.READY
+                        self._idle.put_nowait((worker, generation))
             return WorkerReply(status=reply.status_code, headers=dict(reply.headers), body=reply.content,
                                worker=worker.index)
         finally:

@@ -24,6 +24,9 @@ Options::
     --allow-pickle           let the default loader read .bin/.ckpt weights
     --fail-grace-seconds S   after a failed load, keep answering /ping 500 for S seconds, then exit 3
 
+``python -m sdmaker.serving.worker --standby`` starts a warm standby instead: it imports torch and
+diffusers, then waits on stdin for the arguments above (see :mod:`sdmaker.serving._standby`).
+
 Environment (``SAGEMAKER_PROGRAM`` etc.) is read through :mod:`sdmaker.config`.
 Exit codes: 0 stopped (SIGTERM/SIGINT), 2 bad arguments, 3 model load failed, 4 port unavailable.
 """
@@ -34,6 +37,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from sdmaker import __version__
 from sdmaker.config import Settings, load_settings
@@ -78,7 +82,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     return run_server(server, host=args.host, port=args.port, fail_grace_s=args.fail_grace_seconds)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, standby: dict[str, Any] | None = None) -> int:
+    """Parse ``argv`` and serve; ``standby`` describes the warm standby this process was (logged)."""
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["--standby"]:
+        from sdmaker.serving._standby import serve_standby
+
+        return serve_standby()
     try:
         settings = load_settings()
     except SdmakerError as exc:
@@ -90,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"%(asctime)s %(levelname)s [{tag}] %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if standby:
+        logger.info("started from warm standby pid %s (imports took %.1f s before the assignment)",
+                    standby.get("pid"), float(standby.get("import_seconds") or 0.0))
     try:
         return run(args, settings)
     except SdmakerError as exc:
