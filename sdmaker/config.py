@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sdmaker.errors import ConfigError
 
-__all__ = ["Settings", "allow_mlflow_file_store", "load_settings", "quiet_third_party_logs"]
+__all__ = ["Settings", "allow_mlflow_file_store", "load_settings", "quiet_third_party_logs", "replace_environment"]
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -184,3 +184,17 @@ def allow_mlflow_file_store() -> None:
     Offline, a local folder under ``SDMAKER_HOME`` is exactly what we want; a value the user set is kept.
     """
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+
+
+def replace_environment(env: Mapping[str, str]) -> None:
+    """Make the process environment exactly ``env`` (a warm standby worker becoming an endpoint's worker).
+
+    Keys missing from ``env`` are unset and the rest set, through ``os.environ`` so the C-level
+    environment (``getenv`` in native libraries, child processes) changes too; :func:`load_settings`
+    called afterwards sees the new values.
+    """
+    wanted = {str(k): str(v) for k, v in env.items()}
+    for key in list(os.environ):
+        if key not in wanted:
+            del os.environ[key]
+    os.environ.update(wanted)

@@ -8,7 +8,7 @@ on stdout, then blocks reading ONE JSON assignment line on stdin::
 
     {"argv": [worker arguments], "env": {the worker's environment}, "log": "/path/endpoint.log"}
 
-On assignment it makes ``os.environ`` exactly ``env`` (so :func:`sdmaker.config.load_settings` sees the
+On assignment it makes the process environment exactly ``env`` (so :func:`sdmaker.config.load_settings` sees the
 endpoint's settings), applies the torch thread count (``OMP_NUM_THREADS``), points fds 1/2 at the
 endpoint's log and continues as :func:`sdmaker.serving.worker.main` would for a fresh process: same
 status file, same ``/ping`` contract, same exit codes. The daemon then starts a replacement once the
@@ -86,11 +86,10 @@ def _preload() -> None:
 
 def _apply(assignment: Mapping[str, Any]) -> list[str]:
     """Become the assigned worker: environment, output, stdin, torch threads; returns the worker argv."""
+    from sdmaker.config import replace_environment
+
     env = {str(k): str(v) for k, v in dict(assignment["env"]).items()}
-    for key in list(os.environ):
-        if key not in env:
-            del os.environ[key]
-    os.environ.update(env)
+    replace_environment(env)
     sys.stdout.flush()
     sys.stderr.flush()
     fd = os.open(str(assignment["log"]), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
