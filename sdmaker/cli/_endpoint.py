@@ -188,11 +188,15 @@ def create_cmd(
     timeout: Annotated[float | None, typer.Option(help="Invocation timeout in seconds (default 60).")] = None,
     instance_type: Annotated[str, typer.Option(help="ml.* type; GPU types use CUDA when present.")] = "ml.m5.xlarge",
     wait: Annotated[bool, typer.Option(help="Wait until InService.")] = True,
+    max_batch: Annotated[int | None, typer.Option(min=0, max=256, help=(
+        "Concurrent requests per worker that share UNet steps (SDMAKER_MAX_BATCH; 0 = off; default 8 for "
+        "models without code/inference.py, off for those with it)."))] = None,
 ) -> None:
     """Deploy MODEL as endpoint NAME (CreateModel + CreateEndpointConfig + CreateEndpoint)."""
+    env = {} if max_batch is None else {"SDMAKER_MAX_BATCH": str(max_batch)}
     with _client(get_settings()) as client:
         info = client.create_endpoint(name, model=model, workers=workers, instance_type=instance_type,
-                                      timeout_s=timeout, wait=wait)
+                                      timeout_s=timeout, environment=env or None, wait=wait)
     console.print(f"{name}: {info['status']}", highlight=False)
 
 
@@ -228,12 +232,15 @@ def describe_cmd(name: str, as_json: Annotated[bool, typer.Option("--json")] = F
             ("requests", str(info.get("invocations", 0))), ("errors", str(info.get("errors", 0))),
             ("latency p50 / p95", f"{_ms(info.get('latency_p50_s'))} / {_ms(info.get('latency_p95_s'))}"),
             ("timeout", f"{info.get('timeout_s', '-')} s"), ("queue", f"{info.get('queue_depth', 0)} / "
-                                                              f"{info.get('max_queue', '-')}")]
+                                                              f"{info.get('max_queue', '-')}"),
+            ("step batching", f"up to {info['max_batch']} requests per worker" if info.get("max_batch") else "off")]
     for key, value in rows:
         console.print(f"[bold]{key:>18}[/bold]  {value}", highlight=False)
     for w in info.get("workers", []):
+        started = "warm standby" if w.get("standby") else "fresh process"
         console.print(f"{'worker ' + str(w['index']):>18}  {w['state']} pid {w['pid']} port {w['port']} "
-                      f"restarts {w['restarts']}", highlight=False)
+                      f"restarts {w['restarts']} ({started}, ready {w.get('startup_seconds') or '-'} s after start)",
+                      highlight=False)
 
 
 @endpoint_app.command("update")

@@ -139,8 +139,34 @@ def test_import_time_variable_starts_a_fresh_worker(standby_daemon: DaemonProces
     assert desc["EndpointStatus"] == "InService", desc.get("FailureReason")
     worker = _worker(d, "sb-fresh")
     assert worker["standby"] is False and worker["pid"] != pid
+    assert worker["max_batch"] == 0  # code/inference.py hooks are opaque: no batching unless asked for
     assert "as a fresh process" in _log(d, "sb-fresh") and "TORCH_HOME" in _log(d, "sb-fresh")
     assert pid in [s["pid"] for s in _standby(d)["standbys"]]  # left for the next compatible endpoint
+
+
+def test_max_batch_default_and_validation() -> None:
+    from sdmaker.errors import ConfigError
+    from sdmaker.serving._endpoints import DEFAULT_MAX_BATCH, _max_batch
+
+    assert _max_batch({}, default_handler=True) == DEFAULT_MAX_BATCH == 8
+    assert _max_batch({}, default_handler=False) == 0
+    assert _max_batch({"SDMAKER_MAX_BATCH": "0"}, default_handler=True) == 0
+    assert _max_batch({"SDMAKER_MAX_BATCH": "2"}, default_handler=False) == 2
+    with pytest.raises(ConfigError, match="SDMAKER_MAX_BATCH"):
+        _max_batch({"SDMAKER_MAX_BATCH": "-1"}, default_handler=True)
+
+
+def test_cli_create_passes_max_batch(standby_daemon: DaemonProcess, scripted_model_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from sdmaker.cli import app
+
+    res = CliRunner().invoke(app, ["endpoint", "create", "sb-cli", "--model", str(scripted_model_dir),
+                                   "--max-batch", "2"], env={"SDMAKER_URL": standby_daemon.url})
+    assert res.exit_code == 0, res.output
+    assert _worker(standby_daemon, "sb-cli")["max_batch"] == 2
+    res = CliRunner().invoke(app, ["endpoint", "describe", "sb-cli"], env={"SDMAKER_URL": standby_daemon.url})
+    assert "up to 2 requests per worker" in res.output
 
 
 def test_killed_daemon_takes_its_standby_along(standby_daemon: DaemonProcess) -> None:
