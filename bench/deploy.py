@@ -5,7 +5,11 @@
   InService. Baseline: the seed article's "about 8 minutes" for ``HuggingFaceModel.deploy`` on SageMaker.
   Models: the tiny test model, and the largest local one (quick: the built-in ``mini`` model, or
   ``minilm-tiny`` while its weights are not committed; full: the SD 2.1-size random-weight folder that
-  ``bench/engine.py`` caches).
+  ``bench/engine.py`` caches). The daemon keeps a warm standby worker (torch/diffusers already imported,
+  ``SDMAKER_STANDBY_WORKERS``); each deploy starts once a standby is ready, as on a daemon that has been
+  up for more than a few seconds, and the row's notes say whether the worker came from it.
+* Cold start, standby vs fresh: the same ``largest`` model deployed on a second daemon with
+  ``SDMAKER_STANDBY_WORKERS=0`` (the worker imports torch/diffusers itself: the pre-standby behaviour).
 * Serving overhead: the same request (tiny model, 64x64, 4 steps, fixed seed, base64 JPEG answer) sent
   through the daemon with boto3 ``invoke_endpoint`` vs ``sdmaker.engine.generate`` + JPEG/base64 encoding
   in this process, same run, medians. The ratio (baseline / ours, < 1) is the fraction of time left to
@@ -44,11 +48,12 @@ def _free_port() -> int:
 
 
 class _Daemon:
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, env: dict[str, str] | None = None) -> None:
         home.mkdir(parents=True, exist_ok=True)
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "SDMAKER_HOME": str(home), "SDMAKER_PORT": str(self.port), "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, "SDMAKER_HOME": str(home), "SDMAKER_PORT": str(self.port), "HF_HUB_OFFLINE": "1",
+               **(env or {})}
         self.log = open(home / "daemon.log", "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([sys.executable, "-m", "sdmaker", "up"], env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT)
@@ -64,6 +69,20 @@ class _Daemon:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"daemon did not start; see {home / 'daemon.log'}")
             time.sleep(0.1)
+
+    def wait_standby(self, timeout_s: float = 300.0) -> bool:
+        """Wait until a warm standby worker is ready; False when the daemon keeps none."""
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            info = httpx.get(self.url + "/sdmaker/v1/standby", timeout=10).json()
+            if not info.get("count"):
+                return False
+            if any(s["state"] == "ready" for s in info["standbys"]):
+                return True
+            time.sleep(0.2)
+        return False
 
     def client(self, service: str) -> Any:
         import boto3
@@ -105,6 +124,18 @@ def _deploy_seconds(d: _Daemon, name: str, model: str, env: dict[str, str] | Non
 
     details = httpx.get(f"{d.url}/sdmaker/v1/endpoints/{name}", timeout=10).json()
     return elapsed, details
+
+
+def _start_note(details: dict[str, Any]) -> str:
+    """How the endpoint's worker started: warm standby or fresh process, and its model load time."""
+    w = details["workers"][0]
+    how = "warm standby" if w.get("standby") else "fresh worker process"
+    return f"{how}, model load {w.get('load_seconds') or 0:.2f} s"
+
+
+def _load_note() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.1f}/{five:.1f} on {os.cpu_count()} cores"
 
 
 def _model_size_gib(path: Path) -> float:
@@ -190,23 +221,28 @@ def run(quick: bool) -> list[dict[str, Any]]:
     d = None
     try:
         tiny = build_random_pipeline("sd1-tiny", tmp / "sd1-tiny")
-        d = _Daemon(tmp / "home")
-        # one torch thread on both sides of the overhead comparison: on a shared machine, 2-thread OpenMP
-        # timings of the same call vary 5-50x (threads spin-waiting for a descheduled sibling)
-        seconds, details = _deploy_seconds(d, "bench-tiny", str(tiny), {"OMP_NUM_THREADS": "1"})
-        load = details["workers"][0].get("load_seconds")
-        rows.append(row("deploy: create -> InService, tiny SD1 model", seconds, SAGEMAKER_DEPLOY_S, "s",
-                        f"1 worker; model load inside the worker {load or 0:.2f} s; baseline = the seed's ~8 min "
-                        "SageMaker deploy (ml.g4dn.xlarge)"))
         largest = _largest_model(quick, tmp)
+        d = _Daemon(tmp / "home")
+        d.wait_standby()
+        # one torch thread on both sides of the overhead comparison: on a shared machine, 2-thread OpenMP
+        # timings of the same call vary 5-50x (threads spin-waiting for a descheduled sibling); step
+        # batching off, so the worker runs the same generate() as the in-process side
+        seconds, details = _deploy_seconds(d, "bench-tiny", str(tiny), {"OMP_NUM_THREADS": "1",
+                                                                        "SDMAKER_MAX_BATCH": "0"})
+        rows.append(row("deploy: create -> InService, tiny SD1 model", seconds, SAGEMAKER_DEPLOY_S, "s",
+                        f"1 worker, {_start_note(details)}; {_load_note()}; baseline = the seed's ~8 min "
+                        "SageMaker deploy (ml.g4dn.xlarge)"))
+        standby_s: float | None = None
         if largest is not None:
             ref, what = largest
-            seconds, details = _deploy_seconds(d, "bench-large", ref)
-            load = details["workers"][0].get("load_seconds")
-            rows.append(row("deploy: create -> InService, largest local model", seconds, SAGEMAKER_DEPLOY_S, "s",
-                            f"{what}; model load {load or 0:.2f} s; baseline = the seed's ~8 min SageMaker deploy"))
+            d.wait_standby()  # the one bench-tiny used is replaced once that worker loaded
+            standby_s, details = _deploy_seconds(d, "bench-large", ref)
+            warm_note = _start_note(details)
+            rows.append(row("deploy: create -> InService, largest local model", standby_s, SAGEMAKER_DEPLOY_S, "s",
+                            f"{what}; {warm_note}; {_load_note()}; baseline = the seed's ~8 min SageMaker deploy"))
             d.client("sagemaker").delete_endpoint(EndpointName="bench-large")
         repeat = 10 if quick else 30
+        d.wait_standby()  # its replacement's imports would otherwise run during the timed requests
         t = _serving_overhead(d, "bench-tiny", tiny, repeat=repeat)
         rows.append(row("serving: invoke via daemon vs engine in-process (tiny, 64x64, 4 steps)", t["daemon_min"],
                         t["engine_min"], "ms",
@@ -218,6 +254,16 @@ def run(quick: bool) -> list[dict[str, Any]]:
                         f"same worker process, best of {repeat}: the daemon itself adds "
                         f"{t['daemon_min'] - t['worker_min']:.1f} ms; medians {t['daemon_median']:.0f} vs "
                         f"{t['worker_median']:.0f} ms"))
+        d.stop()
+        d = None
+        if largest is not None and standby_s is not None:
+            ref, what = largest
+            d = _Daemon(tmp / "home-fresh", env={"SDMAKER_STANDBY_WORKERS": "0"})
+            fresh_s, details = _deploy_seconds(d, "bench-large-fresh", ref)
+            rows.append(row("deploy: cold start, warm standby vs fresh worker (largest local model)", standby_s,
+                            fresh_s, "s",
+                            f"{what}; ours = {warm_note}; baseline = SDMAKER_STANDBY_WORKERS=0, "
+                            f"{_start_note(details)} (imports torch/diffusers first); {_load_note()}"))
     finally:
         if d is not None:
             d.stop()
