@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import threading
 import time
@@ -119,6 +120,9 @@ def test_standby_is_replaced_after_use(standby_daemon: DaemonProcess) -> None:
     assert pid != used
     info = _standby(standby_daemon)
     assert info["used"] >= 1 and info["spawned"] >= 2
+    os.kill(pid, signal.SIGKILL)  # a standby that dies while waiting is replaced too
+    _wait(lambda: not _alive(pid), "the killed standby to be reaped")
+    assert _ready_standby_pid(standby_daemon) != pid
 
 
 def test_failed_model_fn_from_a_standby_reports_the_users_error(standby_daemon: DaemonProcess,
