@@ -17,7 +17,7 @@ from typing import Any
 __all__ = ["DEFAULT_SETTINGS", "export_builtin"]
 
 #: Recommended request defaults of the built-in model (what ``sdmaker eval`` measures by default).
-DEFAULT_SETTINGS: dict[str, Any] = {"height": 64, "width": 64, "num_inference_steps": 20, "guidance_scale": 2.5,
+DEFAULT_SETTINGS: dict[str, Any] = {"height": 64, "width": 64, "num_inference_steps": 10, "guidance_scale": 2.5,
                                     "scheduler": "dpmpp_2m"}
 _KEEP = ("model_index.json", "unet", "vae", "scheduler")
 
