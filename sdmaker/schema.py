@@ -110,9 +110,8 @@ class GenerateRequest(BaseModel):
                     raise ValueError(f"list items must be strings, got {type(item).__name__}")
                 if len(item) > LIMITS["prompt_chars_max"]:
                     raise ValueError(f"each prompt must be at most {LIMITS['prompt_chars_max']} characters")
-        elif isinstance(value, str):
-            if len(value) > LIMITS["prompt_chars_max"]:
-                raise ValueError(f"must be at most {LIMITS['prompt_chars_max']} characters, got {len(value)}")
+        elif isinstance(value, str) and len(value) > LIMITS["prompt_chars_max"]:
+            raise ValueError(f"must be at most {LIMITS['prompt_chars_max']} characters, got {len(value)}")
         return value
 
     @field_validator("guidance_scale")

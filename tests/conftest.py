@@ -60,7 +60,7 @@ def tiny_model_dir(sd1_dir: Path) -> Path:
 def sd1_model(sd1_dir: Path):  # type: ignore[no-untyped-def]
     from sdmaker.engine import load_model
 
-    return load_model(sd1_dir)
+    return load_model(sd1_dir, dtype="fp32")  # exact comparisons below are fp32 facts
 
 
 @pytest.fixture

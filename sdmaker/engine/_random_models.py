@@ -62,7 +62,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 @cache
 def _clip_vocab() -> tuple[dict[str, int], list[str]]:
-    lines = gzip.open(clip_bpe_path()).read().decode("utf-8").split("\n")
+    with gzip.open(clip_bpe_path()) as fh:
+        lines = fh.read().decode("utf-8").split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]  # the 48894 merges CLIP uses
     alphabet = list(_bytes_to_unicode().values())
     vocab = alphabet + [a + "</w>" for a in alphabet] + ["".join(m.split()) for m in merges]

@@ -40,7 +40,11 @@ def test_generate_writes_pngs_with_recipes_and_from_regenerates(sd1_dir: Path, t
     (regen,) = _paths(res2.stdout)
     a = np.asarray(Image.open(paths[1])).astype(int)
     b = np.asarray(Image.open(regen)).astype(int)
-    assert np.abs(a - b).max() <= 1
+    # the image was made in a batch of two and is regenerated alone: fp32 rounding moves pixels by <= 1
+    # level, bf16 (the default on CPUs with native bf16) by a few
+    from sdmaker.engine import recommended_dtype
+
+    assert np.abs(a - b).max() <= (1 if recommended_dtype("cpu") == "fp32" else 4)
 
 
 def test_jpeg_output(sd1_dir: Path, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from sdmaker.schema import GenerateRequest
 
 @pytest.fixture(scope="module")
 def model(sd1_dir: Path):  # type: ignore[no-untyped-def]
-    return load_model(sd1_dir)
+    return load_model(sd1_dir, dtype="fp32")  # exact comparisons below are fp32 facts
 
 
 def _req(i: int, **kw: object) -> GenerateRequest:

@@ -16,7 +16,7 @@ from sdmaker.schema import GenerateRequest
 
 @pytest.fixture(scope="module")
 def model(sd2_dir: Path):  # type: ignore[no-untyped-def]
-    return load_model(sd2_dir)
+    return load_model(sd2_dir, dtype="fp32")
 
 
 def _req(**kw: object) -> GenerateRequest:
@@ -56,7 +56,7 @@ def test_deepcache_skips_full_unet_calls(model) -> None:  # type: ignore[no-unty
 
 
 def test_speed_options_apply_and_revert(sd2_dir: Path) -> None:
-    m = load_model(sd2_dir)
+    m = load_model(sd2_dir, dtype="fp32")
     req = _req(num_inference_steps=2).resolve(m.defaults)
     ref = generate(m, req)
     apply_speed_options(m, SpeedOptions(sdpa=False, channels_last=True))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdmaker.engine import generate, load_model, read_recipe
+from sdmaker.engine import generate, load_model, read_recipe, recommended_dtype
 from sdmaker.errors import ConfigError, ModelFormatError, ModelNotFoundError, PickleRefusedError
 from sdmaker.schema import SCHEDULERS, GenerateRequest
 
@@ -28,7 +28,8 @@ def test_loads_each_architecture(fixture: str, request: pytest.FixtureRequest) -
     expected = {"sd1_dir": ("epsilon", "CLIPTextModel"), "sd2_dir": ("v_prediction", "CLIPTextModel"),
                 "minilm_dir": ("epsilon", "BertModel")}[fixture]
     assert (info["prediction_type"], info["text_encoder"]) == expected
-    assert info["device"] == "cpu" and info["dtype"] == "fp32"
+    # auto = the measured choice: bf16 where the CPU has native bf16, else fp32
+    assert info["device"] == "cpu" and info["dtype"] == recommended_dtype("cpu")
     result = generate(model, GenerateRequest(prompt="a red circle", seed=0, **SMALL))
     assert result.images[0].image.size == (64, 64)
 
