@@ -122,7 +122,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     size = max(64, int(mini.defaults.get("height", mini.native_size)))
     steps = int(mini.defaults.get("num_inference_steps", 20))
     rows = compare(mini, _requests(16 if quick else 32, steps, size, mini), clients=8, max_batch=8,
-                   label=label.split()[0], notes=f"{label}, {size}², {steps} steps, fp32")
+                   label=label.split()[0], notes=f"{label}, {size}², {steps} steps, {mini.placement.dtype_name}")
     del mini
     gc.collect()
 

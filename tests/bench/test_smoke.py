@@ -66,6 +66,9 @@ def test_quality_smoke(minilm_dir: Path) -> None:
     assert any(r["name"].startswith("quality: ddim") for r in rows)
     curves = {"a": {5: 80.0, 10: 89.5, 20: 90.0}, "b": {5: 89.6, 10: 88.0, 20: 90.0}}
     assert choose_recipe(curves, 90.0) == {"scheduler": "a", "num_inference_steps": 10}  # b dips at 10
+    tie = {"a": {10: 89.2, 20: 90.0}, "b": {10: 89.8, 20: 90.0}}
+    assert choose_recipe(tie, 90.0)["scheduler"] == "b"  # same steps: the more accurate one
+    assert any(r["name"].startswith("quality: default recipe") for r in rows)
 
 
 def test_runner_writes_results_and_readme(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
