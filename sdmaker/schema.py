@@ -46,6 +46,7 @@ LIMITS: dict[str, Any] = {
     "images_total_max": 32,
     "prompt_chars_max": 4000,
     "seed_max": 2**63 - 1,
+    "deep_cache_max": 10,
 }
 
 #: The seed article's defaults, used for any field neither the request nor the model sets.
@@ -92,6 +93,11 @@ class GenerateRequest(BaseModel):
         description="Base seed; image i gets seed+i. Random when unset (the seeds used are reported back).",
     )
     scheduler: SchedulerName | None = Field(default=None, description="Sampler; default: the model's own.")
+    deep_cache_interval: int | None = Field(
+        default=None, ge=0, le=LIMITS["deep_cache_max"],
+        description="DeepCache: run the full UNet every N steps and reuse its deep features in between "
+                    "(0 or 1 = off). Default: the model's (on only where its eval showed no loss), else off.",
+    )
     format: ImageFormat = Field(default="jpeg", description="Output image format (the seed returns JPEG).")
     quality: int = Field(default=90, ge=1, le=100, description="JPEG/WebP quality.")
 
@@ -153,6 +159,8 @@ class GenerateRequest(BaseModel):
                 data[name] = defaults[name]
         if data["scheduler"] is None:
             data["scheduler"] = defaults.get("scheduler")
+        if data["deep_cache_interval"] is None:
+            data["deep_cache_interval"] = int(defaults.get("deep_cache_interval") or 0)
         if data["seed"] is None:
             data["seed"] = seed if seed is not None else _random_seed()
         return parse_request(data, cls=ResolvedRequest)
@@ -167,6 +175,7 @@ class ResolvedRequest(GenerateRequest):
     guidance_scale: float = Field(ge=0.0, le=LIMITS["guidance_max"])
     num_images_per_prompt: int = Field(ge=1, le=LIMITS["images_per_prompt_max"])
     seed: int = Field(ge=0, le=LIMITS["seed_max"])
+    deep_cache_interval: int = Field(default=0, ge=0, le=LIMITS["deep_cache_max"])
 
     def image_seeds(self) -> list[int]:
         """Seed of each output image, in output order (prompt-major): image i gets ``seed + i``.

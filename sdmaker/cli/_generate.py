@@ -47,6 +47,9 @@ def generate_cmd(
     num_images: Annotated[int | None, typer.Option("--num-images", "--num-images-per-prompt")] = None,
     seed: Annotated[int | None, typer.Option(help="Base seed; image i uses seed+i.")] = None,
     scheduler: Annotated[str | None, typer.Option(help="ddim, pndm, euler, euler_a, dpmpp_2m, unipc, ...")] = None,
+    deep_cache: Annotated[int | None, typer.Option("--deep-cache", help=(
+        "DeepCache interval: full UNet every N steps, cached deep features between (0 = off; default: "
+        "the model's).")) ] = None,
     fmt: Annotated[str | None, typer.Option("--format", help="png (default here, carries the recipe), jpeg, webp.")]
     = None,
     quality: Annotated[int | None, typer.Option(help="JPEG/WebP quality 1..100.")] = None,
@@ -68,7 +71,7 @@ def generate_cmd(
     options: dict[str, Any] = {
         "prompt": prompt, "negative_prompt": negative_prompt, "height": height, "width": width,
         "num_inference_steps": steps, "guidance_scale": guidance_scale, "num_images_per_prompt": num_images,
-        "seed": seed, "scheduler": scheduler, "format": fmt, "quality": quality,
+        "seed": seed, "scheduler": scheduler, "format": fmt, "quality": quality, "deep_cache_interval": deep_cache,
     }
     if fmt is None and recipe is None:
         options["format"] = "png"

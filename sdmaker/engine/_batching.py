@@ -74,11 +74,12 @@ class StepBatcher:
         model: the loaded model; the batcher holds ``model.lock`` while it runs a step.
         max_batch: most images per UNet call (CFG rows count once).
         max_queue: most requests waiting for admission.
-        deep_cache_interval / deep_cache_branch: DeepCache for every request (0 = off).
+        deep_cache_interval: None = each request's own (resolved from the model's defaults); an int forces
+            it for every request. deep_cache_branch: where the UNet is cut (shared by the batch).
     """
 
     def __init__(self, model: LoadedModel, *, max_batch: int = 8, max_queue: int = 64,
-                 deep_cache_interval: int = 0, deep_cache_branch: int = 2) -> None:
+                 deep_cache_interval: int | None = None, deep_cache_branch: int = 2) -> None:
         if max_batch < 1:
             raise ConfigError(f"max_batch={max_batch} must be >= 1", field="max_batch", value=max_batch)
         if max_queue < 1:

@@ -110,6 +110,10 @@ def generate(model: LoadedModel, request: GenerateRequest, *, on_step: StepCallb
         EngineError: any other failure inside diffusers/torch.
     """
     resolved = request if isinstance(request, ResolvedRequest) else request.resolve(model.defaults)
+    if resolved.deep_cache_interval > 1:  # only sdmaker's own loop can reuse UNet features across steps
+        from sdmaker.engine._loop import generate_fast
+
+        return generate_fast(model, resolved, on_step=on_step)
     pipe = model.pipeline
     seeds = resolved.image_seeds()
     # CPU generators make the noise identical on CPU and CUDA for the same seed.

@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdmaker.engine._deepcache import UNetUnits
+from sdmaker.engine._deepcache import UNetUnits, check_deepcache_support
 from sdmaker.engine._generate import GeneratedImage, GenerationResult, StepCallback, _negatives
 from sdmaker.engine._loader import LoadedModel
 from sdmaker.engine._schedulers import make_scheduler, scheduler_name_of
-from sdmaker.errors import ConfigError
+from sdmaker.errors import ConfigError, InvalidRequestError
 from sdmaker.schema import GenerateRequest, ResolvedRequest
 
 __all__ = ["Job", "decode_jobs", "generate_fast", "prepare_jobs", "run_unet"]
@@ -104,16 +104,27 @@ def _step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str,
 
 
 def prepare_jobs(model: LoadedModel, items: Sequence[tuple[GenerateRequest, StepCallback | None]], *,
-                 deep_cache_interval: int = 0, deep_cache_branch: int = 2) -> list[Job]:
+                 deep_cache_interval: int | None = None, deep_cache_branch: int = 2) -> list[Job]:
     """Resolve, text-encode (one text-encoder call for all of ``items``) and noise each request.
 
-    Call with ``model.lock`` held: it reads the pipeline's scheduler config.
+    ``deep_cache_interval`` None: each request's own (resolved) ``deep_cache_interval``; an int overrides it
+    for all (benchmarks compare settings on one model that way). Call with ``model.lock`` held: it reads the
+    pipeline's scheduler config.
     """
     from diffusers.utils.torch_utils import randn_tensor
 
     pipe = model.pipeline
     device = pipe._execution_device
     resolved = [r if isinstance(r, ResolvedRequest) else r.resolve(model.defaults) for r, _ in items]
+    intervals = [deep_cache_interval if deep_cache_interval is not None else r.deep_cache_interval
+                 for r in resolved]
+    if any(i > 1 for i in intervals):
+        try:
+            check_deepcache_support(pipe.unet)
+        except ConfigError as exc:
+            raise InvalidRequestError(f"deep_cache_interval={max(intervals)} cannot be used with this model: "
+                                      f"{exc.message}", field="deep_cache_interval", value=max(intervals),
+                                      allowed="0 (off) for this model") from exc
     prompts: list[str] = []
     negs: list[str] = []
     for req in resolved:
@@ -125,7 +136,7 @@ def prepare_jobs(model: LoadedModel, items: Sequence[tuple[GenerateRequest, Step
         pos, neg = pipe.encode_prompt(prompts, device, 1, True, negs)
     jobs: list[Job] = []
     offset = 0
-    for req, (_, on_step) in zip(resolved, items, strict=True):
+    for req, (_, on_step), interval in zip(resolved, items, intervals, strict=True):
         seeds = req.image_seeds()
         n = len(seeds)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
@@ -143,7 +154,7 @@ def prepare_jobs(model: LoadedModel, items: Sequence[tuple[GenerateRequest, Step
         jobs.append(Job(
             request=req, seeds=seeds, generators=generators, negatives=_negatives(req), scheduler=scheduler,
             timesteps=list(scheduler.timesteps), extra_step_kwargs=_step_kwargs(scheduler, generators), cfg=cfg,
-            embeds=embeds, latents=latents, on_step=on_step, deep_cache_interval=deep_cache_interval,
+            embeds=embeds, latents=latents, on_step=on_step, deep_cache_interval=interval,
             deep_cache_branch=deep_cache_branch,
         ))
     return jobs
@@ -234,10 +245,11 @@ def to_result(model: LoadedModel, job: Job, arrays: np.ndarray) -> GenerationRes
 
 
 def generate_fast(model: LoadedModel, request: GenerateRequest, *, on_step: StepCallback | None = None,
-                  deep_cache_interval: int = 0, deep_cache_branch: int = 2) -> GenerationResult:
+                  deep_cache_interval: int | None = None, deep_cache_branch: int = 2) -> GenerationResult:
     """Like :func:`~sdmaker.engine.generate`, through sdmaker's own loop (which adds DeepCache).
 
-    With ``deep_cache_interval`` 0 or 1 the images equal ``generate``'s (<= 1e-4 in float).
+    ``deep_cache_interval`` None: the request's own; an int overrides it. With 0 or 1 the images equal the
+    diffusers pipeline's (<= 1e-4 in float).
     """
     with model.lock:
         (job,) = prepare_jobs(model, [(request, on_step)], deep_cache_interval=deep_cache_interval,

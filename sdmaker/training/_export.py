@@ -18,7 +18,7 @@ __all__ = ["DEFAULT_SETTINGS", "export_builtin"]
 
 #: Recommended request defaults of the built-in model (what ``sdmaker eval`` measures by default).
 DEFAULT_SETTINGS: dict[str, Any] = {"height": 64, "width": 64, "num_inference_steps": 10, "guidance_scale": 2.5,
-                                    "scheduler": "dpmpp_2m"}
+                                    "scheduler": "dpmpp_2m", "deep_cache_interval": 2}
 _KEEP = ("model_index.json", "unet", "vae", "scheduler")
 
 

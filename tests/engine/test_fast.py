@@ -55,6 +55,34 @@ def test_deepcache_skips_full_unet_calls(model) -> None:  # type: ignore[no-unty
         generate_fast(model, req, deep_cache_interval=2, deep_cache_branch=99)
 
 
+def test_deep_cache_is_a_request_field_with_model_defaults(model) -> None:  # type: ignore[no-untyped-def]
+    """generate() honours deep_cache_interval from the request, else from the model's defaults; 0 turns it off."""
+    from sdmaker.engine import StepBatcher
+    from sdmaker.errors import InvalidRequestError
+    from sdmaker.schema import parse_request
+
+    explicit = generate_fast(model, _req().resolve(model.defaults), deep_cache_interval=3)
+    via_request = generate(model, _req(deep_cache_interval=3))
+    assert via_request.timings["unet_full_calls"] == 2
+    assert np.array_equal(via_request.arrays, explicit.arrays)  # type: ignore[attr-defined]
+    assert via_request.request.deep_cache_interval == 3  # recorded in the recipe
+    saved = dict(model.defaults)
+    try:
+        model.defaults["deep_cache_interval"] = 3
+        assert generate(model, _req()).timings["unet_full_calls"] == 2
+        off = generate(model, _req(deep_cache_interval=0))
+        assert "unet_full_calls" not in off.timings  # the plain diffusers pipeline ran
+        with StepBatcher(model, max_batch=4) as batcher:  # per request inside a batch, too
+            a = batcher.submit_async(_req())
+            b = batcher.submit_async(_req(deep_cache_interval=1, seed=8))
+            assert a.result().timings["unet_full_calls"] == 2 and b.result().timings["unet_full_calls"] == 6
+    finally:
+        model.defaults.clear()
+        model.defaults.update(saved)
+    with pytest.raises(InvalidRequestError, match="deep_cache_interval"):
+        parse_request({"prompt": "x", "deep_cache_interval": 11})
+
+
 def test_speed_options_apply_and_revert(sd2_dir: Path) -> None:
     m = load_model(sd2_dir, dtype="fp32")
     req = _req(num_inference_steps=2).resolve(m.defaults)
