@@ -29,7 +29,8 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 #: Optional sdmaker metadata beside model_index.json: {"name": ..., "defaults": {height, width, ...}}.
 MODEL_CARD_FILE = "sdmaker.json"
 _COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-_DEFAULT_KEYS = ("height", "width", "num_inference_steps", "guidance_scale", "num_images_per_prompt", "scheduler")
+_DEFAULT_KEYS = ("height", "width", "num_inference_steps", "guidance_scale", "num_images_per_prompt", "scheduler",
+                 "deep_cache_interval")
 
 
 @dataclass

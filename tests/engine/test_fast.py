@@ -83,6 +83,15 @@ def test_deep_cache_is_a_request_field_with_model_defaults(model) -> None:  # ty
         parse_request({"prompt": "x", "deep_cache_interval": 11})
 
 
+def test_model_card_defaults_carry_deep_cache(tmp_path: Path) -> None:
+    import json
+
+    from sdmaker.engine._loader import read_model_defaults
+
+    (tmp_path / "sdmaker.json").write_text(json.dumps({"defaults": {"deep_cache_interval": 2, "bogus": 1}}))
+    assert read_model_defaults(tmp_path) == {"deep_cache_interval": 2}
+
+
 def test_speed_options_apply_and_revert(sd2_dir: Path) -> None:
     m = load_model(sd2_dir, dtype="fp32")
     req = _req(num_inference_steps=2).resolve(m.defaults)
