@@ -154,6 +154,7 @@ def evaluate(model: Any, *, n: int = 128, steps: int | None = None, scheduler: s
         resolved_settings = {"num_inference_steps": request.num_inference_steps,
                              "guidance_scale": request.guidance_scale,
                              "scheduler": request.scheduler or model.default_scheduler,
+                             "deep_cache_interval": request.deep_cache_interval,
                              "height": request.height, "width": request.width, "seed": seed,
                              "prompt_seed": prompt_seed}
         result = generate(model, request)
