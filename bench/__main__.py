@@ -119,7 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         keep = {n for m, names in old_owners.items() if m not in owners for n in names}
         rows = [r for r in old.get("results", []) if r["name"] in keep] + rows
         owners = {**{m: v for m, v in old_owners.items() if m not in owners}, **owners}
-        meta["note"] = f"re-ran only {', '.join(args.only)}; other rows are from {old['metadata'].get('date')}"
+        prev = old.get("metadata", {})
+        prev_run = prev.get("previous_run") or (f"`python -m bench{' --quick' if prev.get('mode') == 'quick' else ''}`"
+                                                 f" of {prev.get('date')} ({prev.get('wall_s')} s)")
+        meta["previous_run"] = prev_run
+        meta["note"] = f"{', '.join(args.only)} re-run in this mode; the other rows come from {prev_run}"
     meta["modules"] = owners
     write_results(args.out, rows, meta)
     print_table(rows, meta)

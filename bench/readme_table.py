@@ -34,7 +34,8 @@ def render(data: dict[str, Any]) -> str:
         f"Measured on **{meta.get('cpu_model', 'unknown CPU')}**, {meta.get('cores', '?')} cores"
         + (f", GPU {meta['gpu']}" if meta.get("gpu") else "")
         + f", {meta.get('date', '?')}; torch {meta.get('torch', '?')}, diffusers {meta.get('diffusers', '?')}; "
-        f"`python -m bench{' --quick' if meta.get('mode') == 'quick' else ''}` ({meta.get('wall_s', '?')} s).",
+        f"`python -m bench{' --quick' if meta.get('mode') == 'quick' else ''}` ({meta.get('wall_s', '?')} s)"
+        + (f"; {meta['note']}" if meta.get("note") else "") + ".",
         "Ratio = how many times better ours is than the baseline (>1 is better), measured side by side in the same run.",
         "",
         "| benchmark | ours | baseline | unit | ratio | notes |",
