@@ -49,7 +49,7 @@ def generate_cmd(
     scheduler: Annotated[str | None, typer.Option(help="ddim, pndm, euler, euler_a, dpmpp_2m, unipc, ...")] = None,
     deep_cache: Annotated[int | None, typer.Option("--deep-cache", help=(
         "DeepCache interval: full UNet every N steps, cached deep features between (0 = off; default: "
-        "the model's).")) ] = None,
+        "the model's)."))] = None,
     fmt: Annotated[str | None, typer.Option("--format", help="png (default here, carries the recipe), jpeg, webp.")]
     = None,
     quality: Annotated[int | None, typer.Option(help="JPEG/WebP quality 1..100.")] = None,

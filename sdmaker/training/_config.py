@@ -14,7 +14,7 @@ from typing import Any
 
 from sdmaker.errors import ConfigError
 
-__all__ = ["DEFAULTS", "config_digest", "load_config"]
+__all__ = ["DEFAULTS", "SCHEDULE_KEYS", "config_digest", "load_config"]
 
 DEFAULTS: dict[str, Any] = {
     "kind": "unet",  # vae | unet
@@ -106,11 +106,11 @@ def load_config(path: Path, *, quick: bool = False, kind: str | None = None,
 
 
 #: Left out of the digest: a resume checks the LR schedule itself, step by step (``check_resumable``).
-_SCHEDULE_KEYS = ("steps", "decay_steps", "min_lr_ratio")
+SCHEDULE_KEYS = ("steps", "decay_steps", "min_lr_ratio")
 
 
 def config_digest(cfg: dict[str, Any]) -> str:
     """Digest of the settings that determine the weights (a checkpoint only resumes the same run)."""
     keep = {k: v for k, v in cfg.items() if k not in ("config_path", "checkpoint_every", "log_every", "num_workers",
-                                                      "sample_every", "name", *_SCHEDULE_KEYS)}
+                                                      "sample_every", "name", *SCHEDULE_KEYS)}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]

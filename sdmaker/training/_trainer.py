@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from sdmaker.errors import ConfigError
-from sdmaker.training._config import config_digest
+from sdmaker.training._config import SCHEDULE_KEYS, config_digest
 from sdmaker.training._data import UnetBatches, VaeBatches, make_loader
 from sdmaker.training._models import build_scheduler, build_unet, build_vae
 from sdmaker.training._tracking import Tracker
@@ -82,7 +82,8 @@ def _lr_lambda(cfg: dict[str, Any]) -> Callable[[int], float]:
     return fn
 
 
-_PLAN_KEYS = ("warmup_steps", "steps", "decay_steps", "min_lr_ratio")
+#: What a checkpoint records of its LR schedule: the keys the digest leaves out, plus the warm-up.
+_PLAN_KEYS = ("warmup_steps", *SCHEDULE_KEYS)
 
 
 def _plan(cfg: dict[str, Any]) -> dict[str, Any]:
