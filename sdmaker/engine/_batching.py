@@ -28,7 +28,7 @@ from typing import Any
 
 from sdmaker.engine._generate import GenerationResult, StepCallback
 from sdmaker.engine._loader import LoadedModel
-from sdmaker.engine._loop import Job, decode_jobs, prepare_jobs, run_unet, to_result
+from sdmaker.engine._loop import Job, decode_jobs, deep_cache_interval_for, prepare_jobs, run_unet, to_result
 from sdmaker.errors import ConfigError, EngineError, QueueFullError, SdmakerError
 from sdmaker.schema import GenerateRequest, ResolvedRequest
 
@@ -101,6 +101,7 @@ class StepBatcher:
     def submit_async(self, request: GenerateRequest, on_step: StepCallback | None = None) -> Future[GenerationResult]:
         """Queue ``request``; the future resolves to its :class:`GenerationResult` (or its error)."""
         resolved = request if isinstance(request, ResolvedRequest) else request.resolve(self.model.defaults)
+        deep_cache_interval_for(self.model, resolved, self.deep_cache_interval)  # refuse here, not in the batch
         pending = _Pending(resolved, on_step, Future())
         with self._cond:
             if self._closed:

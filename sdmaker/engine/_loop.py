@@ -28,7 +28,7 @@ from sdmaker.engine._schedulers import make_scheduler, scheduler_name_of
 from sdmaker.errors import ConfigError, InvalidRequestError
 from sdmaker.schema import GenerateRequest, ResolvedRequest
 
-__all__ = ["Job", "decode_jobs", "generate_fast", "prepare_jobs", "run_unet"]
+__all__ = ["Job", "decode_jobs", "deep_cache_interval_for", "generate_fast", "prepare_jobs", "run_unet"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,23 @@ def _step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str,
     return kwargs
 
 
+def deep_cache_interval_for(model: LoadedModel, request: ResolvedRequest, override: int | None = None) -> int:
+    """The DeepCache interval ``request`` runs with (``override`` wins); refuses it on a UNet DeepCache can't cut.
+
+    The step batcher calls this when a request is submitted, so a bad request fails alone instead of
+    failing the batch it would have joined.
+    """
+    interval = override if override is not None else request.deep_cache_interval
+    if interval > 1:
+        try:
+            check_deepcache_support(model.pipeline.unet)
+        except ConfigError as exc:
+            raise InvalidRequestError(f"deep_cache_interval={interval} cannot be used with this model: "
+                                      f"{exc.message}", field="deep_cache_interval", value=interval,
+                                      allowed="0 (off) for this model") from exc
+    return interval
+
+
 def prepare_jobs(model: LoadedModel, items: Sequence[tuple[GenerateRequest, StepCallback | None]], *,
                  deep_cache_interval: int | None = None, deep_cache_branch: int = 2) -> list[Job]:
     """Resolve, text-encode (one text-encoder call for all of ``items``) and noise each request.
@@ -116,15 +133,7 @@ def prepare_jobs(model: LoadedModel, items: Sequence[tuple[GenerateRequest, Step
     pipe = model.pipeline
     device = pipe._execution_device
     resolved = [r if isinstance(r, ResolvedRequest) else r.resolve(model.defaults) for r, _ in items]
-    intervals = [deep_cache_interval if deep_cache_interval is not None else r.deep_cache_interval
-                 for r in resolved]
-    if any(i > 1 for i in intervals):
-        try:
-            check_deepcache_support(pipe.unet)
-        except ConfigError as exc:
-            raise InvalidRequestError(f"deep_cache_interval={max(intervals)} cannot be used with this model: "
-                                      f"{exc.message}", field="deep_cache_interval", value=max(intervals),
-                                      allowed="0 (off) for this model") from exc
+    intervals = [deep_cache_interval_for(model, r, deep_cache_interval) for r in resolved]
     prompts: list[str] = []
     negs: list[str] = []
     for req in resolved:

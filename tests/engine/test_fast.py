@@ -83,6 +83,23 @@ def test_deep_cache_is_a_request_field_with_model_defaults(model) -> None:  # ty
         parse_request({"prompt": "x", "deep_cache_interval": 11})
 
 
+def test_unsupported_deep_cache_request_fails_alone_in_the_batcher(model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A request asking for DeepCache on a UNet it cannot cut is refused at submit; the batch keeps serving."""
+    import sdmaker.engine._loop as loop
+    from sdmaker.engine import StepBatcher
+    from sdmaker.errors import InvalidRequestError
+
+    def unsupported(unet: object) -> None:
+        raise ConfigError("deep_cache supports SD 1.x/2.x UNets only", field="deep_cache")
+
+    monkeypatch.setattr(loop, "check_deepcache_support", unsupported)
+    with StepBatcher(model, max_batch=4) as batcher:
+        good = batcher.submit_async(_req(num_inference_steps=2))
+        with pytest.raises(InvalidRequestError, match="deep_cache_interval=2"):
+            batcher.submit_async(_req(deep_cache_interval=2))
+        assert len(good.result().images) == 1
+
+
 def test_model_card_defaults_carry_deep_cache(tmp_path: Path) -> None:
     import json
 
