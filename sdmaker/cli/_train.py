@@ -93,6 +93,8 @@ def eval_cmd(
     steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps (default: the model's).")] = None,
     scheduler: Annotated[str | None, typer.Option(help="Scheduler (default: the model's).")] = None,
     guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", "-g")] = None,
+    deep_cache: Annotated[int | None, typer.Option("--deep-cache", help="DeepCache interval (0 = off; default: "
+                                                                         "the model's).")] = None,
     n: Annotated[int, typer.Option("--n", help="Number of held-out prompts.")] = 128,
     seed: Annotated[int, typer.Option(help="Base seed of the generations.")] = 0,
     prompt_seed: Annotated[int | None, typer.Option(help="Draw another prompt set (for tuning settings).")] = None,
@@ -112,7 +114,8 @@ def eval_cmd(
     with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True) as progress:
         task = progress.add_task("eval", total=n)
-        report = evaluate(loaded, n=n, steps=steps, scheduler=scheduler, guidance_scale=guidance_scale, seed=seed,
+        report = evaluate(loaded, n=n, steps=steps, scheduler=scheduler, guidance_scale=guidance_scale,
+                          deep_cache_interval=deep_cache, seed=seed,
                           prompt_seed=EVAL_SEED if prompt_seed is None else prompt_seed,
                           on_batch=lambda done, total: progress.update(task, completed=done),
                           keep_images=sheet is not None)

@@ -128,7 +128,8 @@ def summarise(items: list[EvalItem], scores: list[dict[str, Any]]) -> tuple[dict
 
 
 def evaluate(model: Any, *, n: int = 128, steps: int | None = None, scheduler: str | None = None,
-             guidance_scale: float | None = None, seed: int = 0, prompt_seed: int = EVAL_SEED,
+             guidance_scale: float | None = None, deep_cache_interval: int | None = None, seed: int = 0,
+             prompt_seed: int = EVAL_SEED,
              on_batch: Callable[[int, int], None] | None = None, keep_images: bool = False) -> EvalReport:
     """Generate the prompt set with ``model`` (a LoadedModel) at its defaults unless overridden, and score it.
 
@@ -147,7 +148,7 @@ def evaluate(model: Any, *, n: int = 128, steps: int | None = None, scheduler: s
         chunk = items[start:start + BATCH]
         data: dict[str, Any] = {"prompt": [it.prompt for it in chunk], "seed": seed + start, "format": "png"}
         for key, value in (("num_inference_steps", steps), ("scheduler", scheduler),
-                           ("guidance_scale", guidance_scale)):
+                           ("guidance_scale", guidance_scale), ("deep_cache_interval", deep_cache_interval)):
             if value is not None:
                 data[key] = value
         request = parse_request(data).resolve(model.defaults)
