@@ -47,7 +47,8 @@ __all__ = [
 from sdmaker.serving._daemon import create_app as create_daemon_app  # noqa: E402
 from sdmaker.serving._daemon import run_daemon  # noqa: E402
 from sdmaker.serving._endpoints import EndpointManager, EndpointRuntime  # noqa: E402
-from sdmaker.serving._workers import WorkerPool, WorkerSpec, WorkerState  # noqa: E402
+from sdmaker.serving._pool import WorkerPool  # noqa: E402
+from sdmaker.serving._workers import WorkerSpec, WorkerState  # noqa: E402
 
 __all__ += ["EndpointManager", "EndpointRuntime", "WorkerPool", "WorkerSpec", "WorkerState", "create_daemon_app",
             "run_daemon"]

@@ -31,7 +31,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,32 +45,28 @@ from sdmaker.errors import (
     QueueFullError,
     SdmakerError,
 )
+from sdmaker.serving._pool import WorkerPool
 from sdmaker.serving._standby import StandbyPool
 from sdmaker.serving._state import EndpointRecord, StateDB
-from sdmaker.serving._workers import WorkerPool, WorkerReply, WorkerSpec
+from sdmaker.serving._variant import (
+    DEFAULT_MAX_BATCH,
+    FORBIDDEN_ENV,
+    cpu_count,
+    instance_profile,
+    max_batch_for,
+    model_ref,
+    program_name,
+    python_for,
+    resolve_model_dir,
+)
+from sdmaker.serving._workers import WorkerReply, WorkerSpec
 
 __all__ = ["DEFAULT_MAX_BATCH", "FORBIDDEN_ENV", "EndpointManager", "EndpointRuntime", "instance_profile"]
 
 logger = logging.getLogger(__name__)
 
-_ACCELERATED = ("ml.g", "ml.p", "ml.inf", "ml.trn")
 #: Never handed to worker processes: they run the model's own code, which must not see the daemon's secrets.
 _DAEMON_SECRETS = ("SDMAKER_SECRET_ACCESS_KEY", "SDMAKER_API_TOKEN", "SDMAKER_ACCESS_KEY_ID")
-#: CreateModel Environment keys that would make the worker run code from outside the model artifact.
-FORBIDDEN_ENV = frozenset({"LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "PYTHONPATH", "PYTHONSTARTUP", "PYTHONHOME",
-                           "PYTHONINSPECT", "PYTHONUSERBASE", "PYTHONEXECUTABLE", "PYTHONSAFEPATH"})
-#: Step batching width for the default handler when the model's Environment has no SDMAKER_MAX_BATCH.
-DEFAULT_MAX_BATCH = 8
-
-
-def instance_profile(instance_type: str | None) -> tuple[str, str | None]:
-    """(worker ``--device``, warning or None): ``auto`` for accelerated instance types, ``cpu`` otherwise."""
-    itype = (instance_type or "").lower()
-    if itype.startswith(_ACCELERATED) or itype == "local_gpu":
-        if not any(Path("/dev").glob("nvidia[0-9]*")):
-            return "auto", f"instance type {itype} asks for a GPU but none is present: running on the CPU"
-        return "auto", None
-    return "cpu", None
 
 
 @dataclass
@@ -109,66 +104,6 @@ class EndpointRuntime:
             return None
         ordered = sorted(self.latencies)
         return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def _model_ref(container: dict[str, Any]) -> str:
-    """Where the model data is: ``ModelDataUrl`` or ``ModelDataSource.S3DataSource.S3Uri``."""
-    ref = container.get("ModelDataUrl") or (container.get("ModelDataSource") or {}).get("S3DataSource", {}).get(
-        "S3Uri")
-    if not ref:
-        if (container.get("Environment") or {}).get("HF_MODEL_ID"):
-            raise ConfigError("HF_MODEL_ID (download from the Hugging Face Hub at startup) is not supported: "
-                              "pass model_data (s3://, a local path or a store name)", field="HF_MODEL_ID")
-        raise ConfigError("the model has no ModelDataUrl: pass model_data (s3://, a local path or a store name)",
-                          field="ModelDataUrl")
-    return str(ref).removeprefix("file://")
-
-
-def _resolve_model_dir(ref: str, settings: Settings) -> tuple[Path, str | None]:
-    """Turn a model reference into a local folder (and its digest), via the store when available."""
-    try:
-        from sdmaker.store import resolve_model
-    except ImportError:  # the store is optional for plain folders
-        path = Path(ref).expanduser()
-        if not path.is_dir():
-            raise ConfigError(f"model {ref!r} is not a folder and the store is unavailable", field="ModelDataUrl",
-                              value=ref) from None
-        return path, None
-    resolved = resolve_model(ref, settings)
-    return Path(resolved.path), getattr(resolved, "digest", None)
-
-
-def _python_for(model_dir: Path, settings: Settings) -> str:
-    """The interpreter for this model (an isolated env when code/requirements.txt needs one)."""
-    try:
-        from sdmaker.serving._requirements import prepare_model_environment
-    except ImportError:
-        return sys.executable
-    return prepare_model_environment(model_dir, settings, allow_install=not settings.offline)
-
-
-def _max_batch(env: dict[str, str], default_handler: bool) -> int:
-    """``SDMAKER_MAX_BATCH`` from the model's Environment, else the default for this kind of handler."""
-    raw = env.get("SDMAKER_MAX_BATCH", "").strip()
-    if not raw:
-        return DEFAULT_MAX_BATCH if default_handler else 0
-    if not raw.isdigit() or int(raw) > 256:
-        raise ConfigError(f"SDMAKER_MAX_BATCH={raw!r} must be an integer from 0 (off) to 256",
-                          field="SDMAKER_MAX_BATCH", value=raw)
-    return int(raw)
-
-
-def _program(env: dict[str, str]) -> str:
-    # [compat] the SDK sends SAGEMAKER_PROGRAM="" without an entry_point; treat it like unset (contract 1.7).
-    program = env.get("SAGEMAKER_PROGRAM") or "inference.py"
-    return program if program.endswith(".py") else program + ".py"
 
 
 class EndpointManager:
@@ -234,7 +169,7 @@ class EndpointManager:
         # N workers x all-cores torch threads oversubscribe the CPU: OpenMP threads then spin-wait on each
         # other (measured here: sd1-tiny 0.25 s/request with 1 thread, 1.6-13 s with 2 on 2 busy cores).
         # Split the cores between the workers unless the model or the user chose a thread count.
-        threads = worker_env.get("OMP_NUM_THREADS") or str(max(1, _cpu_count() // count))
+        threads = worker_env.get("OMP_NUM_THREADS") or str(max(1, cpu_count() // count))
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             worker_env.setdefault(var, threads)
         return worker_env
@@ -256,11 +191,11 @@ class EndpointManager:
         variant, model = self._variant(config_name)
         container = model.get("PrimaryContainer") or (model.get("Containers") or [{}])[0]
         env = {str(k): str(v) for k, v in (container.get("Environment") or {}).items()}
-        ref = _model_ref(container)
+        ref = model_ref(container)
         self._log(name, f"resolving model data {ref}")
-        model_dir, digest = await asyncio.to_thread(_resolve_model_dir, ref, self.settings)
-        python = await asyncio.to_thread(_python_for, model_dir, self.settings)
-        rt.default_handler = not (model_dir / "code" / _program(env)).is_file()
+        model_dir, digest = await asyncio.to_thread(resolve_model_dir, ref, self.settings)
+        python = await asyncio.to_thread(python_for, model_dir, self.settings)
+        rt.default_handler = not (model_dir / "code" / program_name(env)).is_file()
         rt.instance_type = variant.get("InstanceType")
         rt.model_name = variant["ModelName"]
         if env.get("SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS"):
@@ -271,7 +206,7 @@ class EndpointManager:
         count = max(1, int(variant.get("InitialInstanceCount") or 1)) * max(1, per_instance)
         startup = float(variant.get("ContainerStartupHealthCheckTimeoutInSeconds") or self.settings.startup_timeout_s)
         worker_env = self._worker_env(env, count)
-        max_batch = _max_batch(env, rt.default_handler)
+        max_batch = max_batch_for(env, rt.default_handler)
         self._generation += 1
         device, warning = instance_profile(rt.instance_type)
         if warning:

@@ -2,7 +2,7 @@
 
 Each worker is ``python -m sdmaker.serving.worker`` (the SageMaker container contract: ``GET /ping``,
 ``POST /invocations``) on a free loopback port. It loads the model once and answers one request at a
-time, so a :class:`WorkerPool` hands each request to an idle worker and concurrency equals the worker
+time, so a :class:`~._pool.WorkerPool` hands each request to an idle worker and concurrency equals the worker
 count (SageMaker: ``InitialInstanceCount``). With step batching (``WorkerSpec.max_batch`` > 1) a worker
 takes up to ``max_batch`` requests at once, which its :class:`~sdmaker.engine.StepBatcher` runs together.
 
@@ -31,26 +31,24 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
 
-from sdmaker.errors import InvocationFailedError, InvocationTimeoutError, WorkerStartError
+from sdmaker.errors import WorkerStartError
 
 if TYPE_CHECKING:
     from sdmaker.serving._standby import StandbyPool
 
-__all__ = ["WorkerPool", "WorkerReply", "WorkerSpec", "WorkerState", "die_with_parent", "free_port"]
+__all__ = ["FORWARDED_HEADERS", "Worker", "WorkerReply", "WorkerSpec", "WorkerState", "die_with_parent", "free_port"]
 
 logger = logging.getLogger(__name__)
 
 #: How often readiness is polled while a worker loads.
 _POLL_S = 0.1
-#: Restart backoff: first retry after 0.5 s, doubling, at most this many consecutive failed restarts.
-_MAX_RESTARTS_IN_A_ROW = 5
 #: Headers forwarded to the worker (SageMaker strips everything else, contract 1.4/1.5).
 FORWARDED_HEADERS = ("content-type", "accept", "x-amzn-sagemaker-custom-attributes",
                      "x-amzn-sagemaker-inference-id", "x-amzn-sagemaker-target-variant")
@@ -290,167 +288,3 @@ class Worker:
         except asyncio.TimeoutError:
             self.kill()
             await self.proc.wait()
-
-
-class WorkerPool:
-    """The N workers of one endpoint variant, and the one-request-per-worker dispatcher."""
-
-    def __init__(self, spec: WorkerSpec, count: int, *, tag: str, on_change: Callable[[], None] | None = None,
-                 standbys: StandbyPool | None = None) -> None:
-        self.spec = spec
-        self.tag = tag
-        self.workers = [Worker(spec, i, tag, standbys) for i in range(count)]
-        # one entry per free request slot: (worker, the worker's generation when the slot was offered)
-        self._idle: asyncio.Queue[tuple[Worker, int]] = asyncio.Queue()
-        self._client = httpx.AsyncClient(limits=httpx.Limits(max_connections=count * spec.slots * 2 + 4),
-                                         timeout=httpx.Timeout(10.0))
-        self._monitors: list[asyncio.Task[None]] = []
-        self._closing = False
-        self._on_change = on_change
-        self.in_flight = 0
-
-    # -- lifecycle -----------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Spawn every worker and wait until all are ready; on any failure stop all and re-raise."""
-        try:
-            for w in self.workers:
-                await w.spawn()
-            await asyncio.gather(*(w.wait_ready(self._client) for w in self.workers))
-        except BaseException:
-            await self.close()
-            raise
-        for w in self.workers:
-            self._offer(w)
-            self._monitors.append(asyncio.create_task(self._monitor(w), name=f"monitor-{self.tag}-{w.index}"))
-
-    async def close(self, *, drain_s: float = 0.0) -> None:
-        """Stop all workers; with ``drain_s`` first let in-flight requests finish (blue/green swap)."""
-        self._closing = True
-        deadline = time.monotonic() + drain_s
-        while self.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        for task in self._monitors:
-            task.cancel()
-        await asyncio.gather(*(w.stop() for w in self.workers), return_exceptions=True)
-        await self._client.aclose()
-
-    async def _monitor(self, worker: Worker) -> None:
-        """Restart ``worker`` whenever it exits while the pool is open."""
-        failures = 0
-        while not self._closing:
-            assert worker.proc is not None
-            code = await worker.proc.wait()
-            if self._closing:
-                return
-            logger.warning("endpoint worker %s-%d (pid %d) exited with code %s; restarting", self.tag,
-                           worker.index, worker.proc.pid, code)
-            worker.state = WorkerState.RESTARTING
-            self._changed()
-            while not self._closing:
-                await asyncio.sleep(min(0.5 * 2 ** failures, 10.0))
-                worker.restarts += 1
-                try:
-                    await worker.spawn()
-                    await worker.wait_ready(self._client)
-                except WorkerStartError as exc:
-                    failures += 1
-                    worker.error = exc.message
-                    worker.kill()
-                    if failures >= _MAX_RESTARTS_IN_A_ROW:
-                        worker.state = WorkerState.FAILED
-                        logger.error("endpoint worker %s-%d failed %d restarts in a row: %s", self.tag,
-                                     worker.index, failures, exc.message)
-                        self._changed()
-                        return
-                    continue
-                failures = 0
-                self._offer(worker)
-                self._changed()
-                break
-
-    def _offer(self, worker: Worker) -> None:
-        """Make every request slot of a just (re)started ``worker`` available."""
-        for _ in range(self.spec.slots):
-            self._idle.put_nowait((worker, worker.generation))
-
-    def _changed(self) -> None:
-        if self._on_change is not None:
-            self._on_change()
-
-    # -- dispatch ------------------------------------------------------------------------------
-
-    @property
-    def ready_count(self) -> int:
-        return sum(1 for w in self.workers if w.state in (WorkerState.READY, WorkerState.BUSY))
-
-    @property
-    def capacity(self) -> int:
-        """Requests the workers take at once (beyond that, requests queue)."""
-        return len(self.workers) * self.spec.slots
-
-    async def _acquire(self, deadline: float) -> tuple[Worker, int]:
-        while True:
-            if all(w.state == WorkerState.FAILED for w in self.workers):
-                raise InvocationFailedError("every worker of this endpoint failed to restart; see endpoint logs",
-                                            original_status=500)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise asyncio.TimeoutError
-            worker, generation = await asyncio.wait_for(self._idle.get(), remaining)
-            if (generation == worker.generation and worker.alive
-                    and worker.state in (WorkerState.READY, WorkerState.BUSY)):
-                return worker, generation
-            # a slot of a worker that died: its monitor offers fresh slots once restarted
-
-    async def invoke(self, body: bytes, headers: Mapping[str, str], *, timeout_s: float) -> WorkerReply:
-        """Send one invocation to an idle worker and return its reply (any status).
-
-        Raises:
-            InvocationTimeoutError: no reply within ``timeout_s`` (waiting included); the worker is restarted.
-            InvocationFailedError: the worker died or the connection broke mid-request.
-        """
-        started = time.monotonic()
-        deadline = started + timeout_s
-        self.in_flight += 1
-        try:
-            try:
-                worker, generation = await self._acquire(deadline)
-            except asyncio.TimeoutError:
-                raise InvocationTimeoutError(
-                    f"no worker became free within the invocation timeout of {timeout_s:g} s",
-                    timeout_s=timeout_s) from None
-            worker.state = WorkerState.BUSY
-            worker.inflight += 1
-            worker.peak_inflight = max(worker.peak_inflight, worker.inflight)
-            fwd = {k: v for k, v in headers.items() if k.lower() in FORWARDED_HEADERS}
-            healthy = False
-            try:
-                reply = await self._client.post(f"{worker.url}/invocations", content=body, headers=fwd,
-                                                timeout=max(deadline - time.monotonic(), 0.01))
-            except httpx.TimeoutException:
-                logger.warning("endpoint worker %s-%d timed out after %.1f s; killing it", self.tag, worker.index,
-                               time.monotonic() - started)
-                worker.kill()
-                raise InvocationTimeoutError(f"invocation timed out after {timeout_s:g} s",
-                                             timeout_s=timeout_s) from None
-            except httpx.TransportError as exc:
-                worker.kill()  # a broken connection means a broken worker: let the monitor restart it
-                raise InvocationFailedError(f"worker {worker.index} died while serving the request "
-                                            f"({type(exc).__name__})", original_status=500) from exc
-            except asyncio.CancelledError:  # the caller went away; the worker itself is fine
-                healthy = True
-                raise
-            else:
-                healthy = True
-            finally:
-                if generation == worker.generation:  # else the slot died with the previous process
-                    worker.inflight -= 1
-                    if healthy and worker.alive and worker.state == WorkerState.BUSY:
-                        if worker.inflight == 0:
-                            worker.state = WorkerState.READY
-                        self._idle.put_nowait((worker, generation))
-            return WorkerReply(status=reply.status_code, headers=dict(reply.headers), body=reply.content,
-                               worker=worker.index)
-        finally:
-            self.in_flight -= 1

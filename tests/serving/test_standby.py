@@ -155,14 +155,14 @@ def test_import_time_variable_starts_a_fresh_worker(standby_daemon: DaemonProces
 
 def test_max_batch_default_and_validation() -> None:
     from sdmaker.errors import ConfigError
-    from sdmaker.serving._endpoints import DEFAULT_MAX_BATCH, _max_batch
+    from sdmaker.serving._variant import DEFAULT_MAX_BATCH, max_batch_for
 
-    assert _max_batch({}, default_handler=True) == DEFAULT_MAX_BATCH == 8
-    assert _max_batch({}, default_handler=False) == 0
-    assert _max_batch({"SDMAKER_MAX_BATCH": "0"}, default_handler=True) == 0
-    assert _max_batch({"SDMAKER_MAX_BATCH": "2"}, default_handler=False) == 2
+    assert max_batch_for({}, default_handler=True) == DEFAULT_MAX_BATCH == 8
+    assert max_batch_for({}, default_handler=False) == 0
+    assert max_batch_for({"SDMAKER_MAX_BATCH": "0"}, default_handler=True) == 0
+    assert max_batch_for({"SDMAKER_MAX_BATCH": "2"}, default_handler=False) == 2
     with pytest.raises(ConfigError, match="SDMAKER_MAX_BATCH"):
-        _max_batch({"SDMAKER_MAX_BATCH": "-1"}, default_handler=True)
+        max_batch_for({"SDMAKER_MAX_BATCH": "-1"}, default_handler=True)
 
 
 def test_cli_create_passes_max_batch(standby_daemon: DaemonProcess, scripted_model_dir: Path) -> None:
