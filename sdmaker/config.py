@@ -50,6 +50,8 @@ class Settings:
         standby_workers: warm standby worker processes the daemon keeps (``SDMAKER_STANDBY_WORKERS``,
             default 1; 0 turns them off): each has torch/diffusers imported already, so a new endpoint's
             worker only loads its model (cold start about 1 s instead of 5-10 s of imports).
+        log_max_bytes: size at which an endpoint log is rotated to ``.1`` (two copies kept;
+            ``SDMAKER_LOG_MAX_BYTES``, default 32 MiB; 0 = never rotate).
     """
 
     home: Path
@@ -75,6 +77,7 @@ class Settings:
     sagemaker_program: str = "inference.py"
     bind_port: int = 8080
     standby_workers: int = 1
+    log_max_bytes: int = 32 * 1024 * 1024
 
     @property
     def store_dir(self) -> Path:
@@ -163,6 +166,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         sagemaker_program=env.get("SAGEMAKER_PROGRAM", "").strip() or "inference.py",
         bind_port=_port(env, "SAGEMAKER_BIND_TO_PORT", 8080),
         standby_workers=int(_number(env, "SDMAKER_STANDBY_WORKERS", 1, minimum=0)),
+        log_max_bytes=int(_number(env, "SDMAKER_LOG_MAX_BYTES", 32 * 1024 * 1024, minimum=0)),
     )
 
 

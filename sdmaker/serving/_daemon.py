@@ -156,7 +156,10 @@ def create_app(settings: Settings, *, host: str | None = None) -> FastAPI:
 
     @app.get("/sdmaker/v1/endpoints/{name}/logs")
     async def logs(request: Request, name: str, offset: int = 0) -> dict[str, Any]:
-        """Worker and lifecycle log of an endpoint from byte ``offset`` (``-1``: the last 8 KiB)."""
+        """Worker and lifecycle log of an endpoint from byte ``offset`` (``-1``: the last 8 KiB).
+
+        An ``offset`` past the end means the log was rotated since the caller read it: it reads from the start.
+        """
         manager: EndpointManager = request.state.manager
         if manager.db.endpoint(name) is None and not manager.log_file(name).exists():
             raise EndpointNotFoundError(f"endpoint {name} not found", endpoint=name)
@@ -165,7 +168,7 @@ def create_app(settings: Settings, *, host: str | None = None) -> FastAPI:
             return {"text": "", "offset": 0}
         with open(path, "rb") as fh:
             size = fh.seek(0, 2)
-            start = max(0, size - 8192) if offset < 0 else min(offset, size)
+            start = max(0, size - 8192) if offset < 0 else (offset if offset <= size else 0)
             fh.seek(start)
             data = fh.read(_LOG_CHUNK)
         return {"text": data.decode("utf-8", errors="replace"), "offset": start + len(data)}

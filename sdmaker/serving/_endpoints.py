@@ -45,6 +45,7 @@ from sdmaker.errors import (
     QueueFullError,
     SdmakerError,
 )
+from sdmaker.serving._logs import rotate_if_large
 from sdmaker.serving._pool import WorkerPool
 from sdmaker.serving._standby import StandbyPool
 from sdmaker.serving._state import EndpointRecord, StateDB
@@ -65,6 +66,8 @@ __all__ = ["DEFAULT_MAX_BATCH", "FORBIDDEN_ENV", "EndpointManager", "EndpointRun
 
 logger = logging.getLogger(__name__)
 
+#: How often the daemon checks the size of endpoint logs.
+_ROTATE_EVERY_S = 5.0
 #: Never handed to worker processes: they run the model's own code, which must not see the daemon's secrets.
 _DAEMON_SECRETS = ("SDMAKER_SECRET_ACCESS_KEY", "SDMAKER_API_TOKEN", "SDMAKER_ACCESS_KEY_ID")
 
@@ -118,6 +121,7 @@ class EndpointManager:
         self.standbys = StandbyPool(count=settings.standby_workers, python=sys.executable,
                                     env=self._worker_env({}, 1), log_file=self.root / "standby.log")
         self._standby_task: asyncio.Task[None] | None = None
+        self._rotate_task: asyncio.Task[None] | None = None
 
     # -- lifecycle of the manager ------------------------------------------------------------------
 
@@ -130,6 +134,16 @@ class EndpointManager:
                 self._launch(rec.name, rec.config_name)
         restoring = [rt.task for rt in self.runtimes.values() if rt.task is not None]
         self._standby_task = asyncio.create_task(self._start_standbys(restoring), name="standby-start")
+        if self.settings.log_max_bytes > 0:
+            self._rotate_task = asyncio.create_task(self._rotate_logs(), name="log-rotation")
+
+    async def _rotate_logs(self) -> None:
+        """Keep every endpoint log (and the standby log) under ``SDMAKER_LOG_MAX_BYTES``, checked every few
+        seconds: workers write to these files directly, so the daemon is the only one that can cap them."""
+        while True:
+            await asyncio.sleep(_ROTATE_EVERY_S)
+            for path in [self.root / "standby.log", *(self.log_file(name) for name in self.runtimes)]:
+                await asyncio.to_thread(rotate_if_large, path, self.settings.log_max_bytes)
 
     async def _start_standbys(self, restoring: list[asyncio.Task[None]]) -> None:
         """Start the standbys once restored endpoints loaded (their imports would slow those loads down)."""
@@ -138,8 +152,9 @@ class EndpointManager:
 
     async def close(self) -> None:
         """Stop every worker; the database keeps the endpoints for the next start."""
-        if self._standby_task is not None:
-            self._standby_task.cancel()
+        for background in (self._standby_task, self._rotate_task):
+            if background is not None:
+                background.cancel()
         await self.standbys.close()
         tasks = [rt.task for rt in self.runtimes.values() if rt.task is not None]
         for task in tasks:
@@ -158,6 +173,7 @@ class EndpointManager:
     def _log(self, name: str, text: str) -> None:
         path = self.log_file(name)
         path.parent.mkdir(parents=True, exist_ok=True)
+        rotate_if_large(path, self.settings.log_max_bytes)
         with open(path, "a", encoding="utf-8") as fh:
             fh.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
 
