@@ -14,7 +14,7 @@ from typing import Any
 
 from sdmaker.errors import ConfigError
 
-__all__ = ["DEFAULTS", "SCHEDULE_KEYS", "config_digest", "load_config"]
+__all__ = ["DEFAULTS", "SCHEDULE_KEYS", "config_digest", "data_for_step", "decay_start", "load_config"]
 
 DEFAULTS: dict[str, Any] = {
     "kind": "unet",  # vae | unet
@@ -37,6 +37,8 @@ DEFAULTS: dict[str, Any] = {
     "divergence_factor": 20.0,  # loss > factor x its running minimum (after warmup) -> stop
     "model": {},
     "data": {"two_shape_prob": 0.35, "jitter": 1.0},
+    # keys of "data" that change once the decay starts (decay_steps > 0): anneal on the hard cases
+    "decay_data": {},
     "caption_dropout": 0.1,
     "noise_offset": 0.05,
     "snr_gamma": 5.0,
@@ -96,6 +98,13 @@ def load_config(path: Path, *, quick: bool = False, kind: str | None = None,
     if not isinstance(cfg["decay_steps"], int) or not 0 <= cfg["decay_steps"] <= cfg["steps"]:
         raise ConfigError(f"decay_steps={cfg['decay_steps']!r} must be an integer from 0 to steps ({cfg['steps']})",
                           field="decay_steps", value=cfg["decay_steps"])
+    unknown = sorted(set(cfg["decay_data"]) - set(cfg["data"])) if isinstance(cfg["decay_data"], dict) else ["?"]
+    if unknown:
+        raise ConfigError(f"decay_data must be a mapping of keys of 'data' (got {unknown})", field="decay_data",
+                          value=cfg["decay_data"])
+    if cfg["decay_data"] and not cfg["decay_steps"]:
+        raise ConfigError("decay_data needs decay_steps > 0: it applies from the start of the decay",
+                          field="decay_data", value=cfg["decay_data"])
     if cfg["kind"] == "unet":
         if not cfg["vae"]:
             raise ConfigError("a unet config needs 'vae': the folder of the trained VAE", field="vae")
@@ -105,8 +114,29 @@ def load_config(path: Path, *, quick: bool = False, kind: str | None = None,
     return cfg
 
 
-#: Left out of the digest: a resume checks the LR schedule itself, step by step (``check_resumable``).
-SCHEDULE_KEYS = ("steps", "decay_steps", "min_lr_ratio")
+#: Left out of the digest: a resume checks the schedule itself, step by step (``check_resumable``).
+SCHEDULE_KEYS = ("steps", "decay_steps", "min_lr_ratio", "decay_data")
+
+
+def decay_start(cfg: dict[str, Any]) -> int | None:
+    """First step of the decay phase of a warmup-stable-decay run (None for a whole-run cosine)."""
+    decay = int(cfg.get("decay_steps") or 0)
+    if decay <= 0:
+        return None
+    return max(int(cfg["warmup_steps"]), int(cfg["steps"]) - decay)
+
+
+def data_for_step(cfg: dict[str, Any], step: int) -> dict[str, Any]:
+    """The data settings of ``step``: ``data``, with ``decay_data`` on top once the decay has started.
+
+    Why a second mix: the decay phase is where the weights settle, so it is where extra weight on the
+    cases the model gets wrong (two-shape scenes) pays most, the way LLM recipes anneal on chosen data.
+    """
+    start = decay_start(cfg)
+    extra = cfg.get("decay_data") or {}
+    if extra and start is not None and step >= start:
+        return {**cfg.get("data", {}), **extra}
+    return cfg.get("data", {})
 
 
 def config_digest(cfg: dict[str, Any]) -> str:

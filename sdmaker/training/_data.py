@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from sdmaker.training._captions import caption
+from sdmaker.training._config import data_for_step
 from sdmaker.training._scenes import render, sample_scene, scene_rng
 
 __all__ = ["TextEncoderCache", "UnetBatches", "VaeBatches", "image_to_tensor", "make_loader"]
@@ -30,7 +31,7 @@ def image_to_tensor(img: Any) -> torch.Tensor:
 
 
 def _samples(cfg: dict[str, Any], step: int) -> list[tuple[Any, str, random.Random]]:
-    data = cfg["data"]
+    data = data_for_step(cfg, step)
     out = []
     for i in range(cfg["batch_size"]):
         rng = scene_rng(cfg["seed"], step * cfg["batch_size"] + i)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from sdmaker.errors import ConfigError
-from sdmaker.training._config import SCHEDULE_KEYS, config_digest
+from sdmaker.training._config import SCHEDULE_KEYS, config_digest, data_for_step, decay_start
 from sdmaker.training._data import UnetBatches, VaeBatches, make_loader
 from sdmaker.training._models import build_scheduler, build_unet, build_vae
 from sdmaker.training._tracking import Tracker
@@ -65,13 +65,12 @@ def _lr_lambda(cfg: dict[str, Any]) -> Callable[[int], float]:
     a run can be lengthened with ``--resume`` and still be exactly the run its final config describes.
     """
     warmup, total, floor = int(cfg["warmup_steps"]), int(cfg["steps"]), float(cfg["min_lr_ratio"])
-    decay = int(cfg.get("decay_steps") or 0)
+    start = decay_start(cfg)
 
     def fn(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        if decay > 0:
-            start = max(warmup, total - decay)
+        if start is not None:
             if step < start:
                 return 1.0
             progress = min(1.0, (step - start) / max(1, total - start))
@@ -91,16 +90,19 @@ def _plan(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_resumable(old_plan: dict[str, Any], cfg: dict[str, Any], step: int) -> None:
-    """Refuse to resume at ``step`` when the new LR schedule differs from the old one on steps already run.
+    """Refuse to resume at ``step`` when the new schedule differs from the old one on steps already run.
 
-    Lengthening a run (``steps``) or its decay is allowed exactly when the steps done so far saw the same
-    learning rates under both schedules: then the resumed run is the uninterrupted run of the new config.
+    Lengthening a run (``steps``), its decay or its decay-phase data is allowed exactly when the steps done
+    so far saw the same learning rates and data settings under both schedules: then the resumed run is the
+    uninterrupted run of the new config.
     """
-    old_fn, new_fn = _lr_lambda({**cfg, **old_plan}), _lr_lambda(cfg)
+    old_cfg = {**cfg, "decay_data": {}, **old_plan}  # checkpoints from before decay_data existed had none
+    old_fn, new_fn = _lr_lambda(old_cfg), _lr_lambda(cfg)
     for s in range(step + 1):
-        if not math.isclose(old_fn(s), new_fn(s), rel_tol=1e-12, abs_tol=0.0):
+        if (not math.isclose(old_fn(s), new_fn(s), rel_tol=1e-12, abs_tol=0.0)
+                or data_for_step(old_cfg, s) != data_for_step(cfg, s)):
             raise ConfigError(
-                f"the checkpoint at step {step} was trained with a learning-rate schedule that differs from this "
+                f"the checkpoint at step {step} was trained with a learning-rate or data schedule that differs from this "
                 f"config's from step {s} on (old {old_plan}, new {_plan(cfg)}); resume it with its own schedule, "
                 "or change steps/decay_steps only where the decay has not started yet", field="steps")
 

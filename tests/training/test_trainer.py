@@ -154,8 +154,28 @@ def test_warmup_stable_decay_schedule_and_lengthening_by_resume(tmp_path: Path) 
     train(cfg, tmp_path / "run")
     tail = load_config(VAE_CONFIG, quick=True, overrides={"steps": 6, "min_lr_ratio": 0.0, "decay_steps": 2})
     assert train(tail, tmp_path / "run", resume=True).steps_done == 6
-    with pytest.raises(ConfigError, match="learning-rate schedule"):
+    with pytest.raises(ConfigError, match="learning-rate or data schedule"):
         train(load_config(VAE_CONFIG, quick=True, overrides={"steps": 8, "min_lr_ratio": 0.0, "decay_steps": 2}),
               tmp_path / "run", resume=True)
     with pytest.raises(ConfigError, match="decay_steps"):
         load_config(VAE_CONFIG, quick=True, overrides={"steps": 4, "decay_steps": 5})
+
+
+def test_decay_data_changes_the_mix_from_the_decay_on_and_only_a_branch_before_it_resumes() -> None:
+    """decay_data anneals on another data mix; adding it to a run is a resume only before the decay starts."""
+    from sdmaker.errors import ConfigError
+    from sdmaker.training._config import data_for_step
+    from sdmaker.training._data import _samples
+    from sdmaker.training._trainer import check_resumable
+
+    cfg = load_config(UNET_CONFIG, quick=True, overrides={"steps": 10, "decay_steps": 4, "batch_size": 16,
+                                                          "decay_data": {"two_shape_prob": 1.0}})
+    assert data_for_step(cfg, 5) == cfg["data"] and data_for_step(cfg, 6)["two_shape_prob"] == 1.0
+    assert all(len(scene.shapes) == 2 for scene, _, _ in _samples(cfg, 6))
+    assert any(len(scene.shapes) == 1 for scene, _, _ in _samples(cfg, 5))
+    plain = {"warmup_steps": cfg["warmup_steps"], "steps": 10, "decay_steps": 4, "min_lr_ratio": cfg["min_lr_ratio"]}
+    check_resumable(plain, cfg, 5)  # steps 0..5 saw the same data: the annealed run is a branch of the plain one
+    with pytest.raises(ConfigError, match="from step 6"):
+        check_resumable(plain, cfg, 7)
+    with pytest.raises(ConfigError, match="decay_data"):
+        load_config(UNET_CONFIG, quick=True, overrides={"decay_data": {"colours": 3}})
