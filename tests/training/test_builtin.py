@@ -51,5 +51,11 @@ def test_mini_assembles_loads_and_generates(tmp_path: Path) -> None:
                              "num_inference_steps": 4})
     result = generate(model, request.resolve(model.defaults))
     assert result.images[0].image.size == (64, 64)
+    # the committed weights draw what one-shape prompts ask for (the model card: every one is right at the
+    # defaults); a broken export or fp16 conversion would fail this long before the eval is rerun
+    from sdmaker.training._eval import evaluate
+
+    report = evaluate(model, n=16)
+    assert report.groups["one"]["all"] >= 0.75 and report.groups["one_heldout"]["all"] >= 0.75, report.groups
     # assembling again replaces the folder atomically
     assert assemble_builtin("mini", tmp_path / "mini") == folder
