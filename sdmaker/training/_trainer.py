@@ -98,9 +98,9 @@ def check_resumable(old_plan: dict[str, Any], cfg: dict[str, Any], step: int) ->
     """
     old_cfg = {**cfg, "decay_data": {}, **old_plan}  # checkpoints from before decay_data existed had none
     old_fn, new_fn = _lr_lambda(old_cfg), _lr_lambda(cfg)
-    for s in range(step + 1):
+    for s in range(step + 1):  # the LR of step ``step`` (the next one) is already in the optimizer state
         if (not math.isclose(old_fn(s), new_fn(s), rel_tol=1e-12, abs_tol=0.0)
-                or data_for_step(old_cfg, s) != data_for_step(cfg, s)):
+                or (s < step and data_for_step(old_cfg, s) != data_for_step(cfg, s))):
             raise ConfigError(
                 f"the checkpoint at step {step} was trained with a learning-rate or data schedule that differs from this "
                 f"config's from step {s} on (old {old_plan}, new {_plan(cfg)}); resume it with its own schedule, "

@@ -174,7 +174,7 @@ def test_decay_data_changes_the_mix_from_the_decay_on_and_only_a_branch_before_i
     assert all(len(scene.shapes) == 2 for scene, _, _ in _samples(cfg, 6))
     assert any(len(scene.shapes) == 1 for scene, _, _ in _samples(cfg, 5))
     plain = {"warmup_steps": cfg["warmup_steps"], "steps": 10, "decay_steps": 4, "min_lr_ratio": cfg["min_lr_ratio"]}
-    check_resumable(plain, cfg, 5)  # steps 0..5 saw the same data: the annealed run is a branch of the plain one
+    check_resumable(plain, cfg, 6)  # steps 0..5 ran on the same data: the annealed run is a branch of the plain one
     with pytest.raises(ConfigError, match="from step 6"):
         check_resumable(plain, cfg, 7)
     with pytest.raises(ConfigError, match="decay_data"):
