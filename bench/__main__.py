@@ -113,17 +113,26 @@ def main(argv: list[str] | None = None) -> int:
         owners[name] = [r["name"] for r in got]
         rows += got
     meta["wall_s"] = round(time.perf_counter() - started, 1)
-    if args.only and args.out.exists():  # keep the other modules' rows from the last run
+    this_run = f"`python -m bench{' --quick' if args.quick else ''}` of {meta['date']} ({meta['wall_s']} s)"
+    runs = dict.fromkeys(owners, this_run)
+    if args.only and args.out.exists():  # keep the other modules' rows, each with the run it came from
         old = json.loads(args.out.read_text())
-        old_owners = old.get("metadata", {}).get("modules", {})
+        prev = old.get("metadata", {})
+        old_owners = prev.get("modules", {})
+        fallback = prev.get("previous_run") or (f"`python -m bench{' --quick' if prev.get('mode') == 'quick' else ''}`"
+                                                 f" of {prev.get('date')} ({prev.get('wall_s')} s)")
+        old_runs = prev.get("module_runs") or {}
         keep = {n for m, names in old_owners.items() if m not in owners for n in names}
         rows = [r for r in old.get("results", []) if r["name"] in keep] + rows
+        for m in old_owners:
+            if m not in owners:
+                runs[m] = old_runs.get(m, fallback)
         owners = {**{m: v for m, v in old_owners.items() if m not in owners}, **owners}
-        prev = old.get("metadata", {})
-        prev_run = prev.get("previous_run") or (f"`python -m bench{' --quick' if prev.get('mode') == 'quick' else ''}`"
-                                                 f" of {prev.get('date')} ({prev.get('wall_s')} s)")
-        meta["previous_run"] = prev_run
-        meta["note"] = f"{', '.join(args.only)} re-run in this mode; the other rows come from {prev_run}"
+        others = sorted({run for m, run in runs.items() if m not in args.only})
+        meta["note"] = (f"{', '.join(args.only)} re-run in this mode; "
+                        + "; ".join(f"{', '.join(sorted(m for m, r in runs.items() if r == run))} rows come from {run}"
+                                    for run in others))
+    meta["module_runs"] = runs
     meta["modules"] = owners
     write_results(args.out, rows, meta)
     print_table(rows, meta)

@@ -87,6 +87,12 @@ def test_runner_writes_results_and_readme(tmp_path: Path, monkeypatch: pytest.Mo
     assert runner.main(["--only", "engine", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert sorted(r["name"] for r in data["results"]) == ["UNet step", "img/s"]
+    # each module's rows name the run they come from, across several partial re-runs
+    runs = data["metadata"]["module_runs"]
+    assert runs["engine"].startswith("`python -m bench` of") and runs["batching"].startswith("`python -m bench --quick`")
+    assert runner.main(["--quick", "--only", "batching", "--out", str(out)]) == 0
+    again = json.loads(out.read_text())["metadata"]
+    assert again["module_runs"]["engine"] == runs["engine"] and "engine rows come from `python -m bench` of" in again["note"]
     table = render(data)
     assert "| UNet step | 0.5 | 3 | s/step | **6x** |" in table and data["metadata"]["cpu_model"] in table
     readme = replace_block("# x\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\nafter\n", table)
