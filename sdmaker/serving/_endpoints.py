@@ -16,7 +16,7 @@ model's Environment or the daemon's environment sets it). Per-endpoint limits co
 Step batching: ``SDMAKER_MAX_BATCH`` in the model's Environment starts workers with ``--max-batch N``
 (concurrent requests share UNet steps, and the pool sends each worker up to N requests at once). The
 default is :data:`DEFAULT_MAX_BATCH` for the default handler (measured in bench/results.json, "batching
-mini": 2.2x images/s with 8 clients; 1.14x on the SD 2.1 architecture) and 0 (off) for models with a
+mini": 2.7x images/s with 8 clients; 1.14x on the SD 2.1 architecture) and 0 (off) for models with a
 ``code/inference.py``: their hooks are opaque and may not be safe to run concurrently, so they batch
 only when the model's Environment asks for it.
 
