@@ -247,16 +247,22 @@ def train(cfg: dict[str, Any], out_dir: Path, *, resume: bool = False, mlflow_di
     ckpt_path = out_dir / CHECKPOINT_FILE
     run = _Run(cfg)
     start_step, run_id, best = 0, None, math.inf
+    tags: dict[str, str] = {}
     if resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file, written above
         run.restore(ckpt)
         start_step, run_id, best = int(ckpt["step"]), ckpt.get("mlflow_run_id"), float(ckpt.get("best_loss", math.inf))
         logger.info("resuming %s from step %d", out_dir, start_step)
+        if ckpt.get("out_dir") not in (None, str(out_dir.resolve())) and run_id is not None:
+            # a checkpoint copied into a new folder is a branch: its own MLflow run, linked to its parent,
+            # so the parent's curves are not overwritten from the branch point on
+            tags = {"parent_run_id": run_id, "branched_at_step": str(start_step), "branched_from": ckpt["out_dir"]}
+            run_id = None
     elif ckpt_path.exists() and not resume:
         raise ConfigError(f"{out_dir} already holds a checkpoint; pass --resume to continue it or choose another "
                           "--out", field="out", value=str(out_dir))
     tracker = Tracker(mlflow_dir, f"sdmaker-train-{cfg['kind']}", enabled=mlflow_dir is not None)
-    run_id = tracker.start(cfg["name"], cfg, run_id=run_id, tags={"kind": cfg["kind"]})
+    run_id = tracker.start(cfg["name"], cfg, run_id=run_id, tags={"kind": cfg["kind"], **tags})
     if cfg["kind"] == "vae":
         dataset: Any = VaeBatches(cfg)
     else:
@@ -308,12 +314,12 @@ def train(cfg: dict[str, Any], out_dir: Path, *, resume: bool = False, mlflow_di
         if progress is not None:
             progress(step, total, {"loss": last_loss, "lr": lr, "images_per_s": images_per_s})
         if step % cfg["checkpoint_every"] == 0 or step == total:
-            _atomic_save(run.state(step, run_id, best), ckpt_path)
+            _atomic_save({**run.state(step, run_id, best), "out_dir": str(out_dir.resolve())}, ckpt_path)
         if cfg["sample_every"] and step % cfg["sample_every"] == 0 and step < total:
             grid = sample_grid(run, out_dir, step, text_model_dir)
             tracker.log_artifact(grid, "samples")
     if status == "finished" and stop_after is not None and step < total:
-        _atomic_save(run.state(step, run_id, best), ckpt_path)
+        _atomic_save({**run.state(step, run_id, best), "out_dir": str(out_dir.resolve())}, ckpt_path)
         tracker.end("KILLED")
         return TrainResult(out_dir, None, step, "stopped", time.perf_counter() - started, last_loss, run_id)
     model_dir = None

@@ -179,3 +179,20 @@ def test_decay_data_changes_the_mix_from_the_decay_on_and_only_a_branch_before_i
         check_resumable(plain, cfg, 7)
     with pytest.raises(ConfigError, match="decay_data"):
         load_config(UNET_CONFIG, quick=True, overrides={"decay_data": {"colours": 3}})
+
+
+def test_a_checkpoint_copied_to_a_new_folder_resumes_as_a_branch_with_its_own_mlflow_run(tmp_path: Path) -> None:
+    """Resuming in place continues the MLflow run; a copy in another --out is a branch linked to its parent."""
+    import shutil
+
+    mlruns = tmp_path / "mlruns"
+    cfg = load_config(VAE_CONFIG, quick=True, overrides={"steps": 4})
+    parent = train(cfg, tmp_path / "a", mlflow_dir=mlruns, stop_after=2)
+    assert parent.run_id is not None
+    (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "a" / "checkpoint.pt", tmp_path / "b" / "checkpoint.pt")
+    branch = train(cfg, tmp_path / "b", resume=True, mlflow_dir=mlruns)
+    assert branch.run_id not in (None, parent.run_id)
+    (tags,) = mlruns.glob(f"*/{branch.run_id}/tags")  # the MLflow file store
+    assert (tags / "parent_run_id").read_text() == parent.run_id and (tags / "branched_at_step").read_text() == "2"
+    assert train(cfg, tmp_path / "a", resume=True, mlflow_dir=mlruns).run_id == parent.run_id
