@@ -95,6 +95,11 @@ def _fmt(v: float | None) -> str:
     return "" if v is None else f"{v:.4g}"
 
 
+def _run_label(meta: dict[str, Any]) -> str:
+    """How the table names the run that ``meta`` describes."""
+    return f"`python -m bench{' --quick' if meta.get('mode') == 'quick' else ''}` of {meta.get('date')} ({meta.get('wall_s')} s)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="the <= 10 minute subset")
@@ -113,20 +118,17 @@ def main(argv: list[str] | None = None) -> int:
         owners[name] = [r["name"] for r in got]
         rows += got
     meta["wall_s"] = round(time.perf_counter() - started, 1)
-    this_run = f"`python -m bench{' --quick' if args.quick else ''}` of {meta['date']} ({meta['wall_s']} s)"
-    runs = dict.fromkeys(owners, this_run)
+    runs = dict.fromkeys(owners, _run_label(meta))
     if args.only and args.out.exists():  # keep the other modules' rows, each with the run it came from
         old = json.loads(args.out.read_text())
         prev = old.get("metadata", {})
         old_owners = prev.get("modules", {})
-        fallback = prev.get("previous_run") or (f"`python -m bench{' --quick' if prev.get('mode') == 'quick' else ''}`"
-                                                 f" of {prev.get('date')} ({prev.get('wall_s')} s)")
-        old_runs = prev.get("module_runs") or {}
+        old_runs = prev.get("module_runs") or {}  # files from before module_runs: the file's own run
         keep = {n for m, names in old_owners.items() if m not in owners for n in names}
         rows = [r for r in old.get("results", []) if r["name"] in keep] + rows
         for m in old_owners:
             if m not in owners:
-                runs[m] = old_runs.get(m, fallback)
+                runs[m] = old_runs.get(m, _run_label(prev))
         owners = {**{m: v for m, v in old_owners.items() if m not in owners}, **owners}
         others = sorted({run for m, run in runs.items() if m not in args.only})
         meta["note"] = (f"{', '.join(args.only)} re-run in this mode; "

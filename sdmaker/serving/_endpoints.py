@@ -173,7 +173,6 @@ class EndpointManager:
     def _log(self, name: str, text: str) -> None:
         path = self.log_file(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        rotate_if_large(path, self.settings.log_max_bytes)
         with open(path, "a", encoding="utf-8") as fh:
             fh.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from sdmaker.config import Settings
 from sdmaker.errors import ConfigError
+from sdmaker.serving._user_module import module_name
 
 __all__ = ["DEFAULT_MAX_BATCH", "FORBIDDEN_ENV", "cpu_count", "instance_profile", "max_batch_for", "model_ref",
            "program_name", "python_for", "resolve_model_dir"]
@@ -92,6 +93,6 @@ def max_batch_for(env: dict[str, str], default_handler: bool) -> int:
 
 
 def program_name(env: dict[str, str]) -> str:
-    # [compat] the SDK sends SAGEMAKER_PROGRAM="" without an entry_point; treat it like unset (contract 1.7).
-    program = env.get("SAGEMAKER_PROGRAM") or "inference.py"
-    return program if program.endswith(".py") else program + ".py"
+    """The handler file in ``code/``, by the rule the worker loads it with (``SAGEMAKER_PROGRAM``; unset or
+    empty, as the SDK sends it without an entry_point, means ``inference.py``: contract 1.7)."""
+    return module_name(env.get("SAGEMAKER_PROGRAM")) + ".py"

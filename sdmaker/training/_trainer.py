@@ -176,13 +176,14 @@ class _Run:
         decay = min(self.cfg["ema_decay"], (1 + step) / (10 + step))
         torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - decay)
 
-    def state(self, step: int, run_id: str | None, best: float) -> dict[str, Any]:
+    def state(self, step: int, run_id: str | None, best: float, out_dir: Path) -> dict[str, Any]:
+        """Everything an exact resume needs, plus the folder it was written in (a copy elsewhere is a branch)."""
         return {
             "step": step, "config_digest": config_digest(self.cfg), "model": self.model.state_dict(),
             "ema": [t.clone() for t in self.ema], "optimizer": self.opt.state_dict(),
             "lr_scheduler": self.sched.state_dict(), "torch_rng": torch.get_rng_state(),
             "numpy_rng": np.random.get_state(), "python_rng": random.getstate(), "mlflow_run_id": run_id,
-            "best_loss": best, "lr_plan": _plan(self.cfg),
+            "best_loss": best, "lr_plan": _plan(self.cfg), "out_dir": str(out_dir.resolve()),
         }
 
     def restore(self, ckpt: dict[str, Any]) -> None:
@@ -314,12 +315,12 @@ def train(cfg: dict[str, Any], out_dir: Path, *, resume: bool = False, mlflow_di
         if progress is not None:
             progress(step, total, {"loss": last_loss, "lr": lr, "images_per_s": images_per_s})
         if step % cfg["checkpoint_every"] == 0 or step == total:
-            _atomic_save({**run.state(step, run_id, best), "out_dir": str(out_dir.resolve())}, ckpt_path)
+            _atomic_save(run.state(step, run_id, best, out_dir), ckpt_path)
         if cfg["sample_every"] and step % cfg["sample_every"] == 0 and step < total:
             grid = sample_grid(run, out_dir, step, text_model_dir)
             tracker.log_artifact(grid, "samples")
     if status == "finished" and stop_after is not None and step < total:
-        _atomic_save({**run.state(step, run_id, best), "out_dir": str(out_dir.resolve())}, ckpt_path)
+        _atomic_save(run.state(step, run_id, best, out_dir), ckpt_path)
         tracker.end("KILLED")
         return TrainResult(out_dir, None, step, "stopped", time.perf_counter() - started, last_loss, run_id)
     model_dir = None
