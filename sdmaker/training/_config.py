@@ -14,7 +14,7 @@ from typing import Any
 
 from sdmaker.errors import ConfigError
 
-__all__ = ["DEFAULTS", "SCHEDULE_KEYS", "config_digest", "data_for_step", "decay_start", "load_config"]
+__all__ = ["DEFAULTS", "LOSS_WEIGHTINGS", "PREDICTION_TYPES", "SCHEDULE_KEYS", "config_digest", "data_for_step", "decay_start", "load_config"]
 
 DEFAULTS: dict[str, Any] = {
     "kind": "unet",  # vae | unet
@@ -42,11 +42,19 @@ DEFAULTS: dict[str, Any] = {
     "caption_dropout": 0.1,
     "noise_offset": 0.05,
     "snr_gamma": 5.0,
+    # unet: what the network predicts ("epsilon" or "v_prediction", written into the exported scheduler) and
+    # how timesteps are weighted, as a weight on the x0 error: "min_snr" min(SNR, gamma), the min-SNR paper's;
+    # "min_snr_plus_one" min(SNR + 1, gamma), which keeps weight ~1 on the high-noise steps where the layout
+    # of a scene (which colour goes on which shape, where) is decided, instead of SNR (~0.005-0.4 there).
+    "prediction_type": "epsilon",
+    "loss_weighting": "min_snr",
     "kl_weight": 1e-6,
     "vae": None,  # unet: folder of the trained VAE (relative to the config file or absolute)
     "max_length": 32,
 }
 _KINDS = ("vae", "unet")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+LOSS_WEIGHTINGS = ("min_snr", "min_snr_plus_one")
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -105,6 +113,10 @@ def load_config(path: Path, *, quick: bool = False, kind: str | None = None,
     if cfg["decay_data"] and not cfg["decay_steps"]:
         raise ConfigError("decay_data needs decay_steps > 0: it applies from the start of the decay",
                           field="decay_data", value=cfg["decay_data"])
+    for key, allowed in (("prediction_type", PREDICTION_TYPES), ("loss_weighting", LOSS_WEIGHTINGS)):
+        if cfg[key] not in allowed:
+            raise ConfigError(f"{key}={cfg[key]!r} is not valid; allowed: {', '.join(allowed)}", field=key,
+                              value=cfg[key])
     if cfg["kind"] == "unet":
         if not cfg["vae"]:
             raise ConfigError("a unet config needs 'vae': the folder of the trained VAE", field="vae")
@@ -139,8 +151,14 @@ def data_for_step(cfg: dict[str, Any], step: int) -> dict[str, Any]:
     return cfg.get("data", {})
 
 
+#: Keys added after checkpoints existed: left out of the digest at these values, so older checkpoints
+#: (which trained with exactly these) still resume.
+_LATER_KEYS = {"prediction_type": "epsilon", "loss_weighting": "min_snr"}
+
+
 def config_digest(cfg: dict[str, Any]) -> str:
     """Digest of the settings that determine the weights (a checkpoint only resumes the same run)."""
     keep = {k: v for k, v in cfg.items() if k not in ("config_path", "checkpoint_every", "log_every", "num_workers",
-                                                      "sample_every", "name", *SCHEDULE_KEYS)}
+                                                      "sample_every", "name", *SCHEDULE_KEYS)
+            and not (k in _LATER_KEYS and v == _LATER_KEYS[k])}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -22,6 +22,16 @@ DEFAULT_SETTINGS: dict[str, Any] = {"height": 64, "width": 64, "num_inference_st
 _KEEP = ("model_index.json", "unet", "vae", "scheduler")
 
 
+def _prediction_type(unet_dir: Path) -> str:
+    """What the trained UNet predicts, from the file the trainer writes beside it (epsilon if absent)."""
+    from sdmaker.training._trainer import TRAINING_FILE
+
+    path = unet_dir / TRAINING_FILE
+    if not path.is_file():
+        return "epsilon"
+    return str(json.loads(path.read_text()).get("prediction_type", "epsilon"))
+
+
 def export_builtin(vae_dir: Path, unet_dir: Path, dest: Path, *, name: str = "mini",
                    defaults: dict[str, Any] | None = None, card: str | None = None,
                    text_model_dir: Path | None = None) -> Path:
@@ -41,7 +51,8 @@ def export_builtin(vae_dir: Path, unet_dir: Path, dest: Path, *, name: str = "mi
     unet = UNet2DConditionModel.from_pretrained(unet_dir).to(torch.float16)
     defaults = {**DEFAULT_SETTINGS, **(defaults or {})}
     pipe = build_pipeline(unet, vae, text_model_dir, TOKENIZER_MAX_LENGTH, scheduler=defaults["scheduler"]
-                          if defaults["scheduler"] in ("ddim", "ddpm") else "dpmpp_2m")
+                          if defaults["scheduler"] in ("ddim", "ddpm") else "dpmpp_2m",
+                          prediction_type=_prediction_type(Path(unet_dir)))
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".export-", dir=dest.parent) as work:

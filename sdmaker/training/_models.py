@@ -39,18 +39,18 @@ def build_unet(model_cfg: dict[str, Any], *, sample_size: int, in_channels: int,
     )
 
 
-def scheduler_kwargs() -> dict[str, Any]:
+def scheduler_kwargs(prediction_type: str = "epsilon") -> dict[str, Any]:
     """The training noise schedule (Stable Diffusion's), shared by training and the exported scheduler."""
     return {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-            "prediction_type": "epsilon"}
+            "prediction_type": prediction_type}
 
 
-def build_scheduler(kind: str = "ddpm") -> Any:
+def build_scheduler(kind: str = "ddpm", prediction_type: str = "epsilon") -> Any:
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
     if kind == "ddpm":
-        return DDPMScheduler(**scheduler_kwargs(), clip_sample=False)
+        return DDPMScheduler(**scheduler_kwargs(prediction_type), clip_sample=False)
     if kind == "ddim":
-        return DDIMScheduler(**scheduler_kwargs(), clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    return DPMSolverMultistepScheduler(**scheduler_kwargs(), algorithm_type="dpmsolver++", solver_order=2,
+        return DDIMScheduler(**scheduler_kwargs(prediction_type), clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return DPMSolverMultistepScheduler(**scheduler_kwargs(prediction_type), algorithm_type="dpmsolver++", solver_order=2,
                                        steps_offset=1)

@@ -59,7 +59,8 @@ def contact_sheet(images: list[Image.Image], captions: list[str], *, cols: int =
     return sheet
 
 
-def build_pipeline(unet: Any, vae: Any, text_model_dir: Path, max_length: int, scheduler: str = "ddim") -> Any:
+def build_pipeline(unet: Any, vae: Any, text_model_dir: Path, max_length: int, scheduler: str = "ddim",
+                   prediction_type: str = "epsilon") -> Any:
     """A StableDiffusionPipeline in memory from trained parts + the frozen MiniLM (as the export builds it)."""
     from diffusers import StableDiffusionPipeline
     from transformers import AutoTokenizer, BertModel
@@ -69,7 +70,7 @@ def build_pipeline(unet: Any, vae: Any, text_model_dir: Path, max_length: int, s
     pipe = StableDiffusionPipeline(
         vae=vae, unet=unet, text_encoder=BertModel.from_pretrained(text_model_dir).eval(),
         tokenizer=AutoTokenizer.from_pretrained(text_model_dir, model_max_length=max_length),
-        scheduler=build_scheduler(scheduler), safety_checker=None, feature_extractor=None,
+        scheduler=build_scheduler(scheduler, prediction_type), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -102,7 +103,7 @@ def sample_grid(run: Any, out_dir: Path, step: int, text_model_dir: Path | None)
 
             text_model_dir = minilm_dir()
         vae = AutoencoderKL.from_pretrained(cfg["vae"]).eval()
-        pipe = build_pipeline(model, vae, text_model_dir, cfg["max_length"])
+        pipe = build_pipeline(model, vae, text_model_dir, cfg["max_length"], prediction_type=cfg["prediction_type"])
         prompts = list(SAMPLE_PROMPTS)
         gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
         images = pipe(prompts, num_inference_steps=20, guidance_scale=5.0, generator=gens, height=64,

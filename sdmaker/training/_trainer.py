@@ -10,6 +10,7 @@ good checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -31,12 +32,14 @@ from sdmaker.training._data import UnetBatches, VaeBatches, make_loader
 from sdmaker.training._models import build_scheduler, build_unet, build_vae
 from sdmaker.training._tracking import Tracker
 
-__all__ = ["CHECKPOINT_FILE", "EXPORT_DIR", "ProgressFn", "TrainResult", "train"]
+__all__ = ["CHECKPOINT_FILE", "EXPORT_DIR", "TRAINING_FILE", "loss_weights", "ProgressFn", "TrainResult", "train"]
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 EXPORT_DIR = "model"
+#: Beside an exported UNet: the training facts its pipeline needs (``prediction_type``).
+TRAINING_FILE = "sdmaker-training.json"
 #: ``progress(step, total, metrics)`` after every optimisation step.
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 
@@ -51,6 +54,17 @@ class TrainResult:
     final_loss: float | None
     run_id: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+def loss_weights(snr: torch.Tensor, gamma: float, weighting: str, prediction_type: str) -> torch.Tensor:
+    """Per-sample weights on the epsilon or v loss that give the x0 error the weight ``weighting`` names.
+
+    The epsilon loss is SNR x the x0 error and the v loss (SNR + 1) x it, so the weight on the x0 error is
+    divided by those. ``min_snr`` (the min-SNR-gamma paper) weighs the x0 error min(SNR, gamma);
+    ``min_snr_plus_one`` weighs it min(SNR + 1, gamma): as much at high noise as at mid noise.
+    """
+    x0_weight = torch.clamp(snr + 1 if weighting == "min_snr_plus_one" else snr, max=gamma)
+    return x0_weight / (snr + 1 if prediction_type == "v_prediction" else snr)
 
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
@@ -135,7 +149,7 @@ class _Run:
             self.vae_scaling = float(vae_cfg.get("scaling_factor", 1.0))
             self.model = build_unet(cfg["model"], sample_size=64 // factor, in_channels=vae_cfg["latent_channels"],
                                     cross_attention_dim=384)
-            self.noise_sched = build_scheduler("ddpm")
+            self.noise_sched = build_scheduler("ddpm", cfg["prediction_type"])
             ac = self.noise_sched.alphas_cumprod
             self.snr = ac / (1 - ac)
         self.model.train()
@@ -165,10 +179,12 @@ class _Run:
         t = torch.randint(0, self.noise_sched.config.num_train_timesteps, (bsz,), generator=gen)
         noisy = self.noise_sched.add_noise(latents, noise, t)
         pred = self.model(noisy, t, embeds).sample
-        per = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
-        if self.cfg["snr_gamma"]:  # min-SNR weighting: faster convergence, less effort on trivial low-noise steps
-            snr = self.snr[t]
-            per = per * torch.clamp(snr, max=self.cfg["snr_gamma"]) / snr
+        v_pred = self.cfg["prediction_type"] == "v_prediction"
+        target = self.noise_sched.get_velocity(latents, noise, t) if v_pred else noise
+        per = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+        if self.cfg["snr_gamma"]:  # less effort on the trivial low-noise steps: faster convergence
+            per = per * loss_weights(self.snr[t], float(self.cfg["snr_gamma"]), self.cfg["loss_weighting"],
+                                     self.cfg["prediction_type"])
         return per.mean(), {}
 
     @torch.no_grad()
@@ -223,6 +239,8 @@ def _export(run: _Run, out_dir: Path) -> Path:
     dest = out_dir / EXPORT_DIR
     tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=out_dir))
     model.save_pretrained(tmp, safe_serialization=True)
+    if run.cfg["kind"] == "unet":  # what the exported scheduler must say the UNet predicts
+        (tmp / TRAINING_FILE).write_text(json.dumps({"prediction_type": run.cfg["prediction_type"]}) + "\n")
     old = out_dir / ".model-old"
     if dest.exists():
         os.replace(dest, old)

@@ -63,6 +63,8 @@ def test_exported_model_loads_with_engine_and_generates(quick_model: Path) -> No
 
     model = load_model(quick_model)
     assert model.defaults["height"] == 64 and model.native_size == 64
+    # the UNet was trained to predict v (the mini config): the exported scheduler must say so
+    assert model.prediction_type == "v_prediction"
     req = parse_request({"prompt": "a small red circle at the top, white background", "seed": 3,
                          "num_inference_steps": 2}).resolve(model.defaults)
     a = generate(model, req).images[0].image

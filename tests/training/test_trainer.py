@@ -196,3 +196,31 @@ def test_a_checkpoint_copied_to_a_new_folder_resumes_as_a_branch_with_its_own_ml
     (tags,) = mlruns.glob(f"*/{branch.run_id}/tags")  # the MLflow file store
     assert (tags / "parent_run_id").read_text() == parent.run_id and (tags / "branched_at_step").read_text() == "2"
     assert train(cfg, tmp_path / "a", resume=True, mlflow_dir=mlruns).run_id == parent.run_id
+
+
+def test_loss_weights_put_the_named_weight_on_the_x0_error() -> None:
+    from sdmaker.training._trainer import loss_weights
+
+    snr = torch.tensor([0.01, 0.5, 4.0, 100.0])
+    gamma = 5.0
+    # eps loss = SNR x the x0 error, v loss = (SNR + 1) x it
+    eps = loss_weights(snr, gamma, "min_snr", "epsilon") * snr
+    assert torch.allclose(eps, torch.clamp(snr, max=gamma))
+    v_same = loss_weights(snr, gamma, "min_snr", "v_prediction") * (snr + 1)
+    assert torch.allclose(v_same, eps)  # the same weighting, whatever the network predicts
+    v_plus = loss_weights(snr, gamma, "min_snr_plus_one", "v_prediction") * (snr + 1)
+    assert torch.allclose(v_plus, torch.tensor([1.01, 1.5, 5.0, 5.0]))  # high noise keeps weight ~1
+
+
+def test_bad_prediction_type_is_a_config_error_and_old_checkpoints_keep_their_digest(tmp_path: Path) -> None:
+    from sdmaker.errors import ConfigError
+    from sdmaker.training._config import DEFAULTS, config_digest
+
+    cfg = load_config(UNET_CONFIG, quick=True, overrides={"vae": str(tmp_path)})
+    with pytest.raises(ConfigError, match="prediction_type"):
+        load_config(UNET_CONFIG, overrides={"vae": str(tmp_path), "prediction_type": "sample"})
+    # a checkpoint written before these keys existed trained with their defaults: its digest is unchanged
+    old = {k: v for k, v in cfg.items() if k not in ("prediction_type", "loss_weighting")}
+    new = {**cfg, "prediction_type": DEFAULTS["prediction_type"], "loss_weighting": DEFAULTS["loss_weighting"]}
+    assert config_digest(old) == config_digest(new)
+    assert config_digest(cfg) != config_digest(new)  # the mini config predicts v: a different run
