@@ -51,11 +51,14 @@ def test_mini_assembles_loads_and_generates(tmp_path: Path) -> None:
                              "num_inference_steps": 4})
     result = generate(model, request.resolve(model.defaults))
     assert result.images[0].image.size == (64, 64)
-    # the committed weights draw what one-shape prompts ask for (the model card: every one is right at the
-    # defaults); a broken export or fp16 conversion would fail this long before the eval is rerun
+    # the committed weights meet issue 4's targets on a slice of the held-out eval (32 prompts, 12 of them
+    # two-shape; all right in bf16 and fp32 when committed): a broken export, fp16 conversion or a
+    # scheduler that lost the v-prediction setting fails this long before the full eval is rerun
     from sdmaker.training._eval import evaluate
 
-    report = evaluate(model, n=16)
-    assert report.groups["one"]["all"] >= 0.75 and report.groups["one_heldout"]["all"] >= 0.75, report.groups
+    report = evaluate(model, n=32)
+    m = report.metrics
+    assert m["color"] >= 0.95 and m["shape"] >= 0.9 and m["position"] >= 0.9, m
+    assert m["two_shape_both"] >= 0.75, report.groups  # 9 of 12: margin for another CPU's rounding
     # assembling again replaces the folder atomically
     assert assemble_builtin("mini", tmp_path / "mini") == folder
