@@ -44,7 +44,7 @@ class SdmakerGroup(TyperGroup):
     keep exit 2); anything unexpected is one line too unless ``SDMAKER_DEBUG=1``, which shows the traceback.
     """
 
-    def invoke(self, ctx: typer.Context) -> object:
+    def invoke(self, ctx: Any) -> object:  # click's Context (typer's own, vendored copy)
         if not _debug():
             quiet_third_party_logs()  # before any command imports transformers/diffusers
         try:

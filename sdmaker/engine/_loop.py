@@ -198,7 +198,8 @@ def _unet_call(model: LoadedModel, jobs: list[Job], *, full: bool) -> list[torch
         for j, f in zip(jobs, feature.split(sizes), strict=True):
             j.cache = f if j.deep_cache_interval > 1 else None
     else:
-        cached = torch.cat([j.cache for j in jobs]) if len(jobs) > 1 else jobs[0].cache
+        # a shallow step follows a full one, which cached every job's features
+        cached = torch.cat([j.cache for j in jobs if j.cache is not None]) if len(jobs) > 1 else jobs[0].cache
         out, _ = units.forward(sample, timestep, embeds, branch=branch, cached=cached)
     return list(out.split(sizes))
 

@@ -176,9 +176,10 @@ def build_random_pipeline(kind: str, out: Path, *, seed: int = 0, dtype: torch.d
         scheduler = DDIMScheduler(**beta, clip_sample=False, prediction_type="v_prediction", set_alpha_to_one=False,
                                   steps_offset=1, timestep_spacing="leading")
     pipe = StableDiffusionPipeline(
-        vae=vae.to(dtype), text_encoder=text_encoder.to(dtype), tokenizer=tokenizer, unet=unet.to(dtype),
+        vae=vae.to(dtype), tokenizer=tokenizer, unet=unet.to(dtype),
+        text_encoder=text_encoder.to(dtype),  # type: ignore[arg-type]  # transformers' .to() is typed oddly
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    pipe.save_pretrained(out, safe_serialization=True)
+    pipe.save_pretrained(out, safe_serialization=True)  # type: ignore[attr-defined]
     shutil.rmtree(tok_dir, ignore_errors=True)
     return out

@@ -15,6 +15,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -257,7 +258,7 @@ def run_server(server: ModelServer, *, host: str, port: int, fail_grace_s: float
         return EXIT_BIND_FAILED
     logger.info("listening on http://%s:%d (pid %d)", host, port, os.getpid())
     config = uvicorn.Config(create_app(server), log_config=None, access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=graceful_shutdown_s)
+                            timeout_graceful_shutdown=math.ceil(graceful_shutdown_s))
     uv = uvicorn.Server(config)
     exit_code = 0
 

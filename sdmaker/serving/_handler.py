@@ -21,7 +21,7 @@ import base64
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,7 +81,7 @@ class SdModel:
 
         self.loaded = loaded
         #: ``runner(loaded_model, request) -> GenerationResult``; swap in a batcher's submit here.
-        self.runner = generate
+        self.runner: Callable[[Any, GenerateRequest], Any] = generate
 
     def run(self, request: GenerateRequest) -> Any:
         """Generate ``request``; the single place generation happens for the default handler."""

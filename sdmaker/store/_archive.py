@@ -25,7 +25,7 @@ import tarfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import IO, BinaryIO
+from typing import IO, Any
 
 from sdmaker.errors import ArchiveError
 from sdmaker.store._files import Progress, fsync_dir
@@ -61,11 +61,11 @@ def _open_stream(archive: Path) -> Iterator[tarfile.TarFile]:
     fmt = archive_format(archive)
     with open(archive, "rb") as raw:
         fileobj: IO[bytes] = raw
-        reader: IO[bytes] | None = None
+        reader: Any = None  # zstandard or gzip stream reader
         if fmt == "zstd":
             import zstandard
 
-            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)  # type: ignore[assignment]
+            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
         elif fmt == "gzip":
             # GzipFile, not tarfile's own "r|gz": that one silently stops after the first gzip member,
             # and multi-member files (pigz -i, concatenated gzip) are valid .tar.gz.
@@ -166,7 +166,7 @@ def _validate(archive: Path, max_total_bytes: int, max_members: int) -> list[tup
     return out
 
 
-def _copy_limited(src: BinaryIO, dest_fd: int, *, declared: int, budget: int, name: str, archive: Path) -> int:
+def _copy_limited(src: IO[bytes], dest_fd: int, *, declared: int, budget: int, name: str, archive: Path) -> int:
     """Copy a member's data, refusing more bytes than declared or than the remaining budget."""
     written = 0
     with os.fdopen(dest_fd, "wb", closefd=True) as out:

@@ -55,7 +55,7 @@ def fetch_hub(repo_id: str, settings: Settings, *, cache_dir: Path | None = None
     kwargs = {"allow_patterns": _HUB_ALLOW, "ignore_patterns": _HUB_IGNORE,
               "cache_dir": str(cache_dir) if cache_dir is not None else None}
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True, **kwargs))  # type: ignore[arg-type]
+        return Path(snapshot_download(repo_id, local_files_only=True, **kwargs))  # type: ignore[call-overload]
     except Exception as exc:  # noqa: BLE001 - any cache miss falls through to the network (or OfflineError)
         cache_miss = exc
     todo = ("Import a local copy instead (`sdmaker model import ./folder-or-model.tar.gz --name NAME`), or run "
@@ -64,7 +64,7 @@ def fetch_hub(repo_id: str, settings: Settings, *, cache_dir: Path | None = None
         raise OfflineError(f"hub model {repo_id!r} is not in the local Hugging Face cache and sdmaker is offline "
                            f"(SDMAKER_OFFLINE/HF_HUB_OFFLINE is set). {todo}.", model=repo_id) from cache_miss
     try:
-        return Path(snapshot_download(repo_id, **kwargs))  # type: ignore[arg-type]
+        return Path(snapshot_download(repo_id, **kwargs))  # type: ignore[call-overload]
     except (RepositoryNotFoundError, GatedRepoError) as exc:
         raise ModelNotFoundError(f"hub model {repo_id!r} does not exist or needs access rights ({exc})",
                                  model=repo_id) from exc

@@ -16,6 +16,7 @@ rename leaves at most unreferenced blobs and tmp files, which the next mutation 
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import logging
 import os
@@ -273,7 +274,7 @@ class Store:
     # --- internals (call with the lock held) ----------------------------------------------------
 
     def _add_blob(self, src: Path, callback: Callable[[int], None] | None, *, move: bool,
-                  created: list[Path]) -> tuple[str, int]:
+                  created: builtins.list[Path]) -> tuple[str, int]:
         if move and not src.is_symlink():
             sha, size = hash_file(src, callback)
             blob = self.blob_path(sha)

@@ -95,7 +95,9 @@ def _template(shape: str, size: str, cx: float, cy: float) -> np.ndarray:
     if shape == "circle":
         draw.ellipse([x - r, y - r, x + r, y + r], fill=255)
     else:
-        draw.polygon(shape_points(shape, x, y, r), fill=255)
+        points = shape_points(shape, x, y, r)
+        assert points is not None  # only circles have no polygon
+        draw.polygon(points, fill=255)
     arr = np.asarray(img, dtype=np.float32).reshape(IMAGE_SIZE, _SS, IMAGE_SIZE, _SS).mean(axis=(1, 3))
     return arr / 255.0
 

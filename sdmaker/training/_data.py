@@ -40,7 +40,7 @@ def _samples(cfg: dict[str, Any], step: int) -> list[tuple[Any, str, random.Rand
     return out
 
 
-class VaeBatches(torch.utils.data.Dataset):  # type: ignore[type-arg]
+class VaeBatches(torch.utils.data.Dataset):
     """Item ``step`` = the image batch of that training step."""
 
     def __init__(self, cfg: dict[str, Any]) -> None:
@@ -93,7 +93,7 @@ class TextEncoderCache:
         return torch.stack(out)
 
 
-class UnetBatches(torch.utils.data.Dataset):  # type: ignore[type-arg]
+class UnetBatches(torch.utils.data.Dataset):
     """Item ``step`` = (VAE latents x scaling factor, caption embeddings) of that step's batch.
 
     Frozen models are loaded lazily inside the worker process (they are not sent through pickling).
@@ -132,10 +132,10 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def make_loader(dataset: torch.utils.data.Dataset, start_step: int, num_workers: int) -> Any:  # type: ignore[type-arg]
+def make_loader(dataset: VaeBatches | UnetBatches, start_step: int, num_workers: int) -> Any:
     """Batches for steps ``start_step .. len-1`` in order (one item = one whole batch)."""
     return torch.utils.data.DataLoader(
-        dataset, batch_size=None, sampler=range(start_step, len(dataset)),  # type: ignore[arg-type]
+        dataset, batch_size=None, sampler=range(start_step, len(dataset)),
         num_workers=num_workers, worker_init_fn=_worker_init if num_workers else None,
         prefetch_factor=2 if num_workers else None, persistent_workers=False,
     )

@@ -73,7 +73,7 @@ def build_pipeline(unet: Any, vae: Any, text_model_dir: Path, max_length: int, s
         scheduler=build_scheduler(scheduler, prediction_type), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(disable=True)  # type: ignore[attr-defined]
     return pipe
 
 

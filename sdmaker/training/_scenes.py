@@ -150,7 +150,9 @@ def _draw(draw: ImageDraw.ImageDraw, spec: ShapeSpec, fill: tuple[int, ...] | in
     if spec.shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     else:
-        draw.polygon(shape_points(spec.shape, cx, cy, r), fill=fill)
+        points = shape_points(spec.shape, cx, cy, r)
+        assert points is not None  # only circles have no polygon
+        draw.polygon(points, fill=fill)
 
 
 def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:

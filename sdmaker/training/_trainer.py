@@ -308,7 +308,7 @@ def train(cfg: dict[str, Any], out_dir: Path, *, resume: bool = False, mlflow_di
         run.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, cfg["grad_clip"]))
-        lr = run.sched.get_last_lr()[0]
+        lr = float(run.sched.get_last_lr()[0])
         run.opt.step()
         run.sched.step()
         run.update_ema(step)
