@@ -48,7 +48,7 @@ from sdmaker.errors import (
 from sdmaker.serving._logs import rotate_if_large
 from sdmaker.serving._pool import WorkerPool
 from sdmaker.serving._standby import StandbyPool
-from sdmaker.serving._state import EndpointRecord, StateDB
+from sdmaker.serving._state import EndpointRecord, EndpointStats, StateDB
 from sdmaker.serving._variant import (
     DEFAULT_MAX_BATCH,
     FORBIDDEN_ENV,
@@ -88,6 +88,16 @@ class EndpointRuntime:
     invocations: int = 0
     errors: int = 0
     latencies: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=2048))
+    #: ``invocations`` when the stats were last saved (-1: never): only changed stats are written
+    saved_invocations: int = -1
+
+    def stats(self) -> EndpointStats:
+        return EndpointStats(self.invocations, self.errors, list(self.latencies))
+
+    def restore_stats(self, stats: EndpointStats) -> None:
+        self.invocations, self.errors = stats.invocations, stats.errors
+        self.latencies.extend(stats.latencies)
+        self.saved_invocations = stats.invocations
 
     @property
     def workers(self) -> int:
@@ -122,6 +132,7 @@ class EndpointManager:
                                     env=self._worker_env({}, 1), log_file=self.root / "standby.log")
         self._standby_task: asyncio.Task[None] | None = None
         self._rotate_task: asyncio.Task[None] | None = None
+        self._stats_task: asyncio.Task[None] | None = None
 
     # -- lifecycle of the manager ------------------------------------------------------------------
 
@@ -131,11 +142,27 @@ class EndpointManager:
             if rec.status in ("InService", "Creating", "Updating"):
                 logger.info("restoring endpoint %s", rec.name)
                 self.db.set_endpoint(rec.name, status="Creating", failure_reason=None)
-                self._launch(rec.name, rec.config_name)
+                self._launch(rec.name, rec.config_name, restore=True)
         restoring = [rt.task for rt in self.runtimes.values() if rt.task is not None]
         self._standby_task = asyncio.create_task(self._start_standbys(restoring), name="standby-start")
         if self.settings.log_max_bytes > 0:
             self._rotate_task = asyncio.create_task(self._rotate_logs(), name="log-rotation")
+        self._stats_task = asyncio.create_task(self._save_stats_periodically(), name="stats")
+
+    async def _save_stats_periodically(self) -> None:
+        """Request counts and latencies survive a restart (``endpoint describe``): saved every few seconds
+        off the event loop, only for endpoints that served requests since; a SIGKILL loses at most that."""
+        while True:
+            await asyncio.sleep(_ROTATE_EVERY_S)
+            for name, rt in list(self.runtimes.items()):
+                if rt.invocations != rt.saved_invocations:
+                    rt.saved_invocations = rt.invocations
+                    await asyncio.to_thread(self.db.save_stats, name, rt.stats())
+
+    def _save_all_stats(self) -> None:
+        for name, rt in self.runtimes.items():
+            if rt.invocations != rt.saved_invocations and self.db.endpoint(name) is not None:
+                self.db.save_stats(name, rt.stats())
 
     async def _rotate_logs(self) -> None:
         """Keep every endpoint log (and the standby log) under ``SDMAKER_LOG_MAX_BYTES``, checked every few
@@ -152,9 +179,10 @@ class EndpointManager:
 
     async def close(self) -> None:
         """Stop every worker; the database keeps the endpoints for the next start."""
-        for background in (self._standby_task, self._rotate_task):
+        for background in (self._standby_task, self._rotate_task, self._stats_task):
             if background is not None:
                 background.cancel()
+        self._save_all_stats()
         await self.standbys.close()
         tasks = [rt.task for rt in self.runtimes.values() if rt.task is not None]
         for task in tasks:
@@ -237,9 +265,12 @@ class EndpointManager:
         self.db.set_endpoint(name, model_digest=digest, model_path=str(model_dir))
         return pool
 
-    def _launch(self, name: str, config_name: str) -> EndpointRuntime:
+    def _launch(self, name: str, config_name: str, *, restore: bool = False) -> EndpointRuntime:
         rt = EndpointRuntime(name=name, timeout_s=self.settings.invocation_timeout_s,
                              max_queue=self.settings.max_queue)
+        saved = self.db.stats(name) if restore else None
+        if saved is not None:  # a daemon restart: the endpoint keeps its counts and recent latencies
+            rt.restore_stats(saved)
         self.runtimes[name] = rt
         rt.task = asyncio.create_task(self._bring_up(name, config_name, rt), name=f"create-{name}")
         return rt
@@ -269,6 +300,7 @@ class EndpointManager:
         self._variant(config_name)  # fail fast on a dangling config
         if not self.db.add_endpoint(name, config_name, "Creating"):
             raise FileExistsError(name)
+        self.db.delete("endpoint_stats", name)  # a save that raced the delete of an earlier endpoint of this name
         self._launch(name, config_name)
 
     def update(self, name: str, config_name: str) -> None:
@@ -308,6 +340,7 @@ class EndpointManager:
     async def delete(self, name: str) -> None:
         self.require(name)
         self.db.delete("endpoints", name)
+        self.db.delete("endpoint_stats", name)
         rt = self.runtimes.pop(name, None)
         if rt is None:
             return

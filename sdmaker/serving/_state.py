@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EndpointRecord", "Record", "StateDB"]
+__all__ = ["EndpointRecord", "EndpointStats", "Record", "StateDB"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -26,6 +26,9 @@ CREATE TABLE IF NOT EXISTS endpoint_configs (
 CREATE TABLE IF NOT EXISTS endpoints (
     name TEXT PRIMARY KEY, config_name TEXT NOT NULL, status TEXT NOT NULL, failure_reason TEXT,
     created REAL NOT NULL, modified REAL NOT NULL, model_digest TEXT, model_path TEXT);
+CREATE TABLE IF NOT EXISTS endpoint_stats (
+    name TEXT PRIMARY KEY, invocations INTEGER NOT NULL, errors INTEGER NOT NULL, latencies TEXT NOT NULL,
+    saved REAL NOT NULL);
 """
 
 
@@ -48,6 +51,15 @@ class EndpointRecord:
     modified: float
     model_digest: str | None
     model_path: str | None
+
+
+@dataclass(frozen=True)
+class EndpointStats:
+    """An endpoint's request counters and its recent latencies (seconds), as last saved."""
+
+    invocations: int
+    errors: int
+    latencies: list[float]
 
 
 class StateDB:
@@ -87,7 +99,7 @@ class StateDB:
         return Record(rows[0][0], json.loads(rows[0][1]), rows[0][2]) if rows else None
 
     def delete(self, table: str, name: str) -> bool:
-        assert table in ("models", "endpoint_configs", "endpoints")
+        assert table in ("models", "endpoint_configs", "endpoints", "endpoint_stats")
         with self._lock:
             cur = self._db.execute(f"DELETE FROM {table} WHERE name = ?", (name,))  # noqa: S608
             return cur.rowcount > 0
@@ -119,3 +131,17 @@ class StateDB:
         rows = self._run("SELECT name, config_name, status, failure_reason, created, modified, model_digest, "
                          "model_path FROM endpoints ORDER BY created")
         return [EndpointRecord(*r) for r in rows]
+
+    # -- endpoint statistics (saved every few seconds and at shutdown, so a restart keeps them) ---------
+
+    def save_stats(self, name: str, stats: EndpointStats) -> None:
+        self._run("INSERT OR REPLACE INTO endpoint_stats (name, invocations, errors, latencies, saved) "
+                  "VALUES (?, ?, ?, ?, ?)",
+                  (name, stats.invocations, stats.errors, json.dumps([round(x, 6) for x in stats.latencies]),
+                   time.time()))
+
+    def stats(self, name: str) -> EndpointStats | None:
+        rows = self._run("SELECT invocations, errors, latencies FROM endpoint_stats WHERE name = ?", (name,))
+        if not rows:
+            return None
+        return EndpointStats(int(rows[0][0]), int(rows[0][1]), [float(x) for x in json.loads(rows[0][2])])

@@ -97,7 +97,9 @@ def test_metrics_count_requests_errors_and_latency(own_daemon: DaemonProcess) ->
 
 
 def test_daemon_restart_brings_endpoints_back(own_daemon: DaemonProcess) -> None:
-    old_pid = _details(own_daemon, "dm-echo")["workers"][0]["pid"]
+    before = _details(own_daemon, "dm-echo")
+    old_pid = before["workers"][0]["pid"]
+    assert before["invocations"] >= 2  # the tests above invoked it
     own_daemon.stop()
     assert not _alive(old_pid), "a stopped daemon must stop its workers"
     own_daemon.start()
@@ -107,6 +109,10 @@ def test_daemon_restart_brings_endpoints_back(own_daemon: DaemonProcess) -> None
     answer = json.loads(rt.invoke_endpoint(EndpointName="dm-echo", Body=b'{"back": true}',
                                            ContentType="application/json")["Body"].read())
     assert answer["echo"] == {"back": True}
+    # request counts and recent latencies were saved at shutdown and restored with the endpoint
+    after = _details(own_daemon, "dm-echo")
+    assert after["invocations"] == before["invocations"] + 1 and after["errors"] == before["errors"]
+    assert after["latency_p50_s"] is not None
 
 
 def test_killed_daemon_leaves_no_orphan_workers(own_daemon: DaemonProcess) -> None:
