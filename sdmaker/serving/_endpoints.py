@@ -47,7 +47,7 @@ from sdmaker.serving._logs import rotate_if_large
 from sdmaker.serving._pool import WorkerPool
 from sdmaker.serving._runtime import EndpointRuntime
 from sdmaker.serving._standby import StandbyPool
-from sdmaker.serving._state import EndpointRecord, StateDB
+from sdmaker.serving._state import EndpointRecord, EndpointStats, StateDB
 from sdmaker.serving._variant import (
     DEFAULT_MAX_BATCH,
     FORBIDDEN_ENV,
@@ -65,8 +65,8 @@ __all__ = ["DEFAULT_MAX_BATCH", "FORBIDDEN_ENV", "EndpointManager", "EndpointRun
 
 logger = logging.getLogger(__name__)
 
-#: How often the daemon checks the size of endpoint logs.
-_ROTATE_EVERY_S = 5.0
+#: How often the daemon checks the size of endpoint logs and saves endpoint statistics.
+_HOUSEKEEPING_EVERY_S = 5.0
 #: Never handed to worker processes: they run the model's own code, which must not see the daemon's secrets.
 _DAEMON_SECRETS = ("SDMAKER_SECRET_ACCESS_KEY", "SDMAKER_API_TOKEN", "SDMAKER_ACCESS_KEY_ID")
 
@@ -105,22 +105,29 @@ class EndpointManager:
         """Request counts and latencies survive a restart (``endpoint describe``): saved every few seconds
         off the event loop, only for endpoints that served requests since; a SIGKILL loses at most that."""
         while True:
-            await asyncio.sleep(_ROTATE_EVERY_S)
-            for name, rt in list(self.runtimes.items()):
-                if rt.invocations != rt.saved_invocations:
-                    rt.saved_invocations = rt.invocations
-                    await asyncio.to_thread(self.db.save_stats, name, rt.stats())
+            await asyncio.sleep(_HOUSEKEEPING_EVERY_S)
+            changed = self._unsaved_stats()
+            if changed:
+                await asyncio.to_thread(self._save_stats, changed)
 
-    def _save_all_stats(self) -> None:
+    def _unsaved_stats(self) -> list[tuple[str, EndpointStats]]:
+        """Stats of the endpoints that served requests since their last save, marked as saved."""
+        out = []
         for name, rt in self.runtimes.items():
-            if rt.invocations != rt.saved_invocations and self.db.endpoint(name) is not None:
-                self.db.save_stats(name, rt.stats())
+            if rt.invocations != rt.saved_invocations:
+                rt.saved_invocations = rt.invocations
+                out.append((name, rt.stats()))
+        return out
+
+    def _save_stats(self, changed: list[tuple[str, EndpointStats]]) -> None:
+        for name, stats in changed:
+            self.db.save_stats(name, stats)
 
     async def _rotate_logs(self) -> None:
         """Keep every endpoint log (and the standby log) under ``SDMAKER_LOG_MAX_BYTES``, checked every few
         seconds: workers write to these files directly, so the daemon is the only one that can cap them."""
         while True:
-            await asyncio.sleep(_ROTATE_EVERY_S)
+            await asyncio.sleep(_HOUSEKEEPING_EVERY_S)
             for path in [self.root / "standby.log", *(self.log_file(name) for name in self.runtimes)]:
                 await asyncio.to_thread(rotate_if_large, path, self.settings.log_max_bytes)
 
@@ -134,7 +141,7 @@ class EndpointManager:
         for background in (self._standby_task, self._rotate_task, self._stats_task):
             if background is not None:
                 background.cancel()
-        self._save_all_stats()
+        self._save_stats(self._unsaved_stats())
         await self.standbys.close()
         tasks = [rt.task for rt in self.runtimes.values() if rt.task is not None]
         for task in tasks:

@@ -153,7 +153,7 @@ def data_for_step(cfg: dict[str, Any], step: int) -> dict[str, Any]:
 
 #: Keys added after checkpoints existed: left out of the digest at these values, so older checkpoints
 #: (which trained with exactly these) still resume.
-_LATER_KEYS = {"prediction_type": "epsilon", "loss_weighting": "min_snr"}
+_LATER_KEYS = {key: DEFAULTS[key] for key in ("prediction_type", "loss_weighting")}
 
 
 def config_digest(cfg: dict[str, Any]) -> str:
