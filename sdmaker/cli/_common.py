@@ -9,6 +9,7 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.text import Text
 
 # [compat] typer 0.29 vendors click as typer._click; its exception classes differ from the click package's.
 from typer._click import exceptions as click_exc
@@ -17,7 +18,8 @@ from typer.core import TyperGroup
 from sdmaker.config import Settings, load_settings, quiet_third_party_logs
 from sdmaker.errors import SdmakerError
 
-__all__ = ["SdmakerGroup", "console", "err_console", "get_settings", "load_model_ref", "run_app", "setup_logging"]
+__all__ = ["SdmakerGroup", "console", "err_console", "get_settings", "load_model_ref", "print_error", "run_app",
+           "setup_logging"]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -37,11 +39,32 @@ def get_settings() -> Settings:
     return load_settings()
 
 
+def print_error(message: str) -> None:
+    """Print ``Error: message`` on stderr as plain, unwrapped text.
+
+    Not typer's boxed panel: a box wraps long lines at the terminal's width, splitting the paths and names
+    a user copies out of an error ("missi│ng-folder"). ``soft_wrap`` leaves wrapping to the terminal, so a
+    copied path is whole, and ``Text`` keeps ``[...]`` in messages from being read as markup.
+    """
+    err_console.print(Text.assemble(("Error: ", "bold red"), message), soft_wrap=True, highlight=False)
+
+
+def _print_click_error(exc: click_exc.ClickException) -> None:
+    """A usage or parameter error: usage line, help hint, then the message (unboxed, see :func:`print_error`)."""
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        err_console.print(Text(ctx.get_usage()), soft_wrap=True, highlight=False)
+        if ctx.command.get_help_option(ctx) is not None:
+            err_console.print(Text(f"Try '{ctx.command_path} {ctx.help_option_names[0]}' for help."),
+                              soft_wrap=True, highlight=False)
+    print_error(exc.format_message())
+
+
 class SdmakerGroup(TyperGroup):
     """The root command group: the error table for every command lives here.
 
-    A known :class:`SdmakerError` becomes typer's one-line ``Error`` box with exit code 1 (usage errors
-    keep exit 2); anything unexpected is one line too unless ``SDMAKER_DEBUG=1``, which shows the traceback.
+    A known :class:`SdmakerError` prints one unwrapped ``Error: ...`` line and exits 1 (usage errors keep
+    exit 2); anything unexpected is one line too unless ``SDMAKER_DEBUG=1``, which shows the traceback.
     """
 
     def invoke(self, ctx: Any) -> object:  # click's Context (typer's own, vendored copy)
@@ -52,14 +75,20 @@ class SdmakerGroup(TyperGroup):
         except SdmakerError as exc:
             if _debug():
                 traceback.print_exc()
-            raise click_exc.ClickException(exc.message) from exc
-        except (click_exc.ClickException, typer.Exit, typer.Abort, KeyboardInterrupt, EOFError):
+            print_error(exc.message)
+            raise typer.Exit(1) from exc
+        except click_exc.ClickException as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # typer already printed the help
+                raise
+            _print_click_error(exc)
+            raise typer.Exit(exc.exit_code) from exc
+        except (typer.Exit, typer.Abort, KeyboardInterrupt, EOFError):
             raise
         except Exception as exc:
             if _debug():
                 raise
-            raise click_exc.ClickException(
-                f"unexpected {type(exc).__name__}: {exc} (set SDMAKER_DEBUG=1 for the traceback)") from exc
+            print_error(f"unexpected {type(exc).__name__}: {exc} (set SDMAKER_DEBUG=1 for the traceback)")
+            raise typer.Exit(1) from exc
 
 
 def _debug() -> bool:
