@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import traceback
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -19,7 +22,7 @@ from sdmaker.config import Settings, load_settings, quiet_third_party_logs
 from sdmaker.errors import SdmakerError
 
 __all__ = ["SdmakerGroup", "console", "err_console", "get_settings", "load_model_ref", "print_error", "run_app",
-           "setup_logging"]
+           "setup_logging", "write_new_file"]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -107,6 +110,41 @@ def load_model_ref(ref: str, settings: Settings, *, allow_pickle: bool = False, 
     resolved = resolve_model(ref, settings, allow_pickle=allow_pickle)
     return load_model(resolved.path, name=resolved.name, digest=resolved.digest, allow_pickle=allow_pickle,
                       device=device or settings.device, dtype=dtype or settings.dtype)
+
+
+def write_new_file(folder: Path, stem: str, suffix: str, data: bytes) -> Path:
+    """Write ``data`` to ``folder/stem.suffix``, or ``stem-2.suffix``, ``stem-3.suffix``... if taken; return it.
+
+    Earlier results are never overwritten: a second ``generate`` with the same seed, or a second ``invoke``,
+    adds files instead of silently replacing the first run's. The bytes go to a temp file that is then
+    hard-linked under the first free name (the link fails if the name exists, so two concurrent runs cannot
+    take the same one) -- a reader never sees a half-written image.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{stem}.{os.getpid()}.tmp"
+    tmp.write_bytes(data)
+    try:
+        n = 1
+        while True:
+            path = folder / (f"{stem}.{suffix}" if n == 1 else f"{stem}-{n}.{suffix}")
+            try:
+                os.link(tmp, path)
+                return path
+            except FileExistsError:
+                n += 1
+            except OSError as exc:  # a file system without hard links: reserve the name, then replace it
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                    raise
+                try:
+                    with open(path, "xb"):
+                        pass
+                except FileExistsError:
+                    n += 1
+                    continue
+                os.replace(tmp, path)
+                return path
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def run_app(app: typer.Typer, argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from sdmaker.cli._common import console, get_settings, setup_logging
+from sdmaker.cli._common import console, get_settings, setup_logging, write_new_file
 from sdmaker.config import Settings
 from sdmaker.errors import ConfigError, ServingError
 
@@ -293,13 +293,27 @@ def invoke_cmd(
     num_images: Annotated[int | None, typer.Option("--num-images", "--num-images-per-prompt")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
 ) -> None:
-    """Generate images on an endpoint and write them to --out."""
-    with _client(get_settings()) as client:
+    """Generate images on an endpoint and write them to --out (existing files are never overwritten)."""
+    with _client(get_settings()) as client:  # the client validates the request before anything is sent
         gen = client.generate(name, prompt=prompt[0] if len(prompt) == 1 else prompt, negative_prompt=negative_prompt,
                               height=height, width=width, num_inference_steps=steps, guidance_scale=guidance_scale,
                               num_images_per_prompt=num_images, seed=seed)
-    for path in gen.save(out):
-        console.print(str(path), highlight=False)
+    seeds = gen.raw.get("seeds") if isinstance(gen.raw.get("seeds"), list) else None
+    for i, data in enumerate(gen.images):
+        stem = f"{name}-{i:02d}" + (f"-seed{seeds[i]}" if seeds and i < len(seeds) else "")
+        path = write_new_file(out, stem, _image_suffix(data), data)
+        console.print(str(path), highlight=False, soft_wrap=True)
+
+
+def _image_suffix(data: bytes) -> str:
+    """File suffix from the image's magic bytes (an endpoint's handler may answer in any format)."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return "bin"
 
 
 def register(app: typer.Typer) -> None:
