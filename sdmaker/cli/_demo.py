@@ -192,7 +192,7 @@ def _deploy_and_invoke(settings: Settings, archive: Path, out: Path, steps: int)
                                 "num_inference_steps": steps}
         console.print(f"invoking with {steps} steps at 64x64 under a {DEMO_TIMEOUT_S} s invocation timeout "
                       f"(room for a busy 2-core machine; the seed's handler alone would run 50 steps)",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
         resp = rt.invoke_endpoint(EndpointName=_DEMO_NAME, ContentType="application/json",
                                   Accept="application/json", Body=json.dumps(data))
         payload = json.loads(resp["Body"].read())
