@@ -73,6 +73,14 @@ def test_endpoint_commands_and_invoke(cli_env: dict, sd1_dir: Path, scripted_mod
     assert res.exit_code == 0, res.output
     written = [Path(line.strip()) for line in res.output.splitlines() if line.strip().endswith(".jpg")]
     assert len(written) == 1 and Image.open(written[0]).size == (64, 64)
+    assert written[0].name == "cli-tiny-00-seed3.jpg"
+    first = written[0].read_bytes()
+    res = runner.invoke(app, ["invoke", "cli-tiny", "-p", "a red circle", "--height", "64", "--width", "64",
+                              "--steps", "2", "--seed", "3", "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    again = [Path(line.strip()) for line in res.output.splitlines() if line.strip().endswith(".jpg")]
+    assert [p.name for p in again] == ["cli-tiny-00-seed3-2.jpg"]  # the first result was not overwritten
+    assert written[0].read_bytes() == first
 
     res = runner.invoke(app, ["endpoint", "list"])
     assert res.exit_code == 0 and "cli-tiny" in res.output and "InService" in res.output
@@ -82,7 +90,7 @@ def test_endpoint_commands_and_invoke(cli_env: dict, sd1_dir: Path, scripted_mod
         assert label in res.output
     res = runner.invoke(app, ["endpoint", "describe", "cli-tiny", "--json"])
     info = json.loads(res.output)
-    assert info["invocations"] == 1 and info["timeout_s"] == 90 and info["model_digest"]
+    assert info["invocations"] == 2 and info["timeout_s"] == 90 and info["model_digest"]
     res = runner.invoke(app, ["endpoint", "logs", "cli-tiny"])
     assert res.exit_code == 0 and "starting worker 0" in res.output
 
