@@ -417,10 +417,10 @@ def parse_json_body(body: bytes | str, content_type: str | None = None) -> Any:
         try:
             text = bytes(body).decode(charset)
         except LookupError:
-            raise InvalidRequestError(f"Content-Type names an unknown charset {excerpt(charset, 40)}",
+            raise InvalidRequestError(f"Content-Type names an unknown charset {utf8_safe(charset[:40])!r}",
                                       field="Content-Type") from None
         except UnicodeDecodeError as exc:
-            raise InvalidRequestError(f"Request body is not valid {excerpt(charset, 40)} text: {exc.reason} at byte "
+            raise InvalidRequestError(f"Request body is not valid {utf8_safe(charset[:40])} text: {exc.reason} at byte "
                                       f"{exc.start}", field="Body") from None
     else:
         text = body
