@@ -114,7 +114,7 @@ def test_the_integer_fields_are_the_expected_ones() -> None:
 @pytest.mark.parametrize("field", INT_FIELDS)
 @pytest.mark.parametrize("raw", ['"64"', "true", "-0.0", "1e-400", "64.0", "[64]"])
 def test_integer_fields_take_json_integers_only(field: str, raw: str) -> None:
-    body = '{"prompt": "x", "%s": %s}' % (field, raw)
+    body = '{"prompt": "x", "' + field + '": ' + raw + "}"
     with pytest.raises(InvalidRequestError) as info:
         request_from_body(body.encode(), "application/json")
     err = info.value
@@ -132,7 +132,7 @@ def test_a_json_integer_is_still_accepted() -> None:
 
 @pytest.mark.parametrize("raw", ['"7.5"', "true", "null"])
 def test_guidance_scale_takes_numbers_only(raw: str) -> None:
-    body = ('{"prompt": "x", "guidance_scale": %s}' % raw).encode()
+    body = ('{"prompt": "x", "guidance_scale": ' + raw + "}").encode()
     if raw == "null":
         assert request_from_body(body).guidance_scale is None
         return
@@ -225,8 +225,8 @@ def test_an_unknown_field_named_with_a_surrogate_renders() -> None:
 @pytest.mark.parametrize("shape", ["array", "in_prompt", "in_parameters", "object"])
 def test_deep_nesting_is_a_validation_error(depth: int, shape: str) -> None:
     nested = "[" * depth + "]" * depth
-    body = {"array": nested, "in_prompt": '{"prompt": %s}' % nested,
-            "in_parameters": '{"inputs": "x", "parameters": {"seed": %s}}' % nested,
+    body = {"array": nested, "in_prompt": '{"prompt": ' + nested + "}",
+            "in_parameters": '{"inputs": "x", "parameters": {"seed": ' + nested + "}}",
             "object": '{"a":' * depth + "1" + "}" * depth}[shape]
     with pytest.raises(InvalidRequestError) as info:
         request_from_body(body.encode(), "application/json")
@@ -236,7 +236,7 @@ def test_deep_nesting_is_a_validation_error(depth: int, shape: str) -> None:
 def test_moderate_nesting_parses_then_fails_validation_cleanly() -> None:
     nested = "[" * 400 + "]" * 400
     with pytest.raises(InvalidRequestError) as info:
-        request_from_body(('{"prompt": "x", "seed": %s}' % nested).encode())
+        request_from_body(('{"prompt": "x", "seed": ' + nested + "}").encode())
     assert info.value.field == "seed"
 
 
