@@ -191,7 +191,11 @@ class GenerateRequest(BaseModel):
 
 
 class ResolvedRequest(GenerateRequest):
-    """A request with every numeric field set (what the engine runs and what a PNG recipe records)."""
+    """A request with every numeric field set (what the engine runs and what a PNG recipe records).
+
+    Not strict, unlike :class:`GenerateRequest`: it is built from an already validated request plus the
+    model's own defaults (``sdmaker.json``), never from a client's JSON.
+    """
 
     height: int = Field(ge=LIMITS["size_min"], le=LIMITS["size_max"], multiple_of=8)
     width: int = Field(ge=LIMITS["size_min"], le=LIMITS["size_max"], multiple_of=8)
@@ -326,7 +330,7 @@ def _describe_allowed(field: str) -> str | None:
 #: How many of pydantic's errors an :class:`InvalidRequestError` lists (a body may hold thousands).
 _ERRORS_LISTED = 10
 
-_JSON_TYPES = {bool: "a boolean", str: "a string", float: "a number with a fraction part", int: "an integer",
+_JSON_TYPES = {bool: "a boolean", str: "a string", float: "a float (64.0, 1e2 and -0.0 are floats)", int: "an integer",
                list: "an array", dict: "an object", type(None): "null"}
 
 
