@@ -23,11 +23,14 @@ from contextlib import asynccontextmanager
 from typing import Any, TypedDict
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from sdmaker import __version__
 from sdmaker.config import Settings
-from sdmaker.errors import AuthenticationError, EndpointNotFoundError, SdmakerError
+from sdmaker.errors import ERROR_CODE_HEADER, AuthenticationError, EndpointNotFoundError, SdmakerError, ServingError
 from sdmaker.serving._auth import auth_required, check_bind, verify_request
 from sdmaker.serving._control_plane import control_plane, control_plane_error
 from sdmaker.serving._endpoints import EndpointManager
@@ -110,10 +113,27 @@ def create_app(settings: Settings, *, host: str | None = None) -> FastAPI:
             name = request.url.path.split("/")[2] if request.url.path.count("/") >= 2 else None
             return runtime_error_response(exc, settings, name)
         if _is_control_plane(request):
-            code = {403: "InvalidSignatureException", 413: "ValidationException"}.get(exc.http_status,
-                                                                                      "ValidationException")
-            return control_plane_error(code, exc.message, 403 if exc.http_status == 403 else 400)
-        return JSONResponse(exc.to_dict(), status_code=exc.http_status, headers={"X-Sdmaker-Error-Code": exc.code})
+            status = 403 if exc.http_status == 403 else 500 if exc.http_status >= 500 else 400
+            code = {403: "InvalidSignatureException", 500: "InternalFailure"}.get(status, "ValidationException")
+            return control_plane_error(code, exc.message, status, error_code=exc.code)
+        return JSONResponse(exc.to_dict(), status_code=exc.http_status, headers={ERROR_CODE_HEADER: exc.code})
+
+    # Every error answer carries X-Sdmaker-Error-Code, including the framework's own and a crash's.
+    @app.exception_handler(HTTPException)
+    async def _on_http_error(request: Request, exc: HTTPException) -> Response:
+        response = await http_exception_handler(request, exc)
+        response.headers[ERROR_CODE_HEADER] = "InvalidRequestError" if exc.status_code < 500 else "ServingError"
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_bad_parameter(request: Request, exc: RequestValidationError) -> Response:
+        response = await request_validation_exception_handler(request, exc)
+        response.headers[ERROR_CODE_HEADER] = "InvalidRequestError"
+        return response
+
+    @app.exception_handler(Exception)
+    async def _on_crash(request: Request, exc: Exception) -> Response:  # starlette logs and re-raises it
+        return await _on_error(request, ServingError("An internal failure occurred."))
 
     @app.get("/ping")
     async def ping() -> dict[str, str]:

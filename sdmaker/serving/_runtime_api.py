@@ -43,8 +43,8 @@ from sdmaker.errors import (
     QueueFullError,
     SdmakerError,
 )
+from sdmaker.schema import request_from_body
 from sdmaker.serving._endpoints import EndpointManager
-from sdmaker.serving._handler import request_from_payload
 from sdmaker.serving._metrics import DaemonMetrics
 
 __all__ = ["invoke_endpoint", "read_body", "runtime_error_response", "validate_default_body"]
@@ -86,11 +86,7 @@ def validate_default_body(body: bytes, content_type: str | None) -> None:
     """
     if (content_type or "").split(";")[0].strip().lower() != "application/json":
         return
-    try:
-        data: Any = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"Request body is not valid JSON: {exc}", field="Body") from None
-    request_from_payload(data)  # the default handler's own parser: the daemon and the worker agree
+    request_from_body(body, content_type)  # the default handler's own parsers: the daemon and the worker agree
 
 
 def _error_body(exc: SdmakerError, settings: Settings, endpoint: str | None) -> tuple[int, str, dict[str, Any]]:
@@ -167,7 +163,8 @@ async def invoke_endpoint(request: Request, name: str) -> Response:
             metrics.errors.labels(endpoint=name, code=response.headers["x-amzn-ErrorType"]).inc()
             return response
     if reply.status >= 300:
-        original = reply.body.decode("utf-8", errors="replace")
+        # quote the model's answer, not megabytes of it (it may echo the whole request)
+        original = reply.body[:1024].decode("utf-8", errors="replace") + ("..." if len(reply.body) > 1024 else "")
         logger.info("endpoint %s: model answered %d", name, reply.status)
         metrics.requests.labels(endpoint=name, status="424").inc()
         metrics.errors.labels(endpoint=name, code="ModelError").inc()
