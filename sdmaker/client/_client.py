@@ -144,7 +144,7 @@ class Client:
         settings = settings or load_settings()
         self.url = (url or settings.client_url).rstrip("/")
         headers = {"User-Agent": "sdmaker-client"}
-        token = token or settings.auth_token
+        token = token or settings.auth_token or settings.local_token  # local_token: SDMAKER_LOCAL_KEY
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self._http = httpx.Client(base_url=self.url, headers=headers, transport=transport,

@@ -28,6 +28,7 @@ from sdmaker.errors import (
     SdmakerError,
 )
 from sdmaker.serving._endpoints import FORBIDDEN_ENV, EndpointManager
+from sdmaker.serving._limits import check_endpoint_config, check_model
 
 __all__ = ["OPERATIONS", "ControlPlaneError", "control_plane", "control_plane_error"]
 
@@ -75,6 +76,7 @@ async def _create_model(c: _Ctx) -> dict[str, Any]:
     container = c.body.get("PrimaryContainer") or (c.body.get("Containers") or [None])[0]
     if not isinstance(container, dict):
         raise ControlPlaneError("Either PrimaryContainer or Containers must be provided.")
+    check_model(c.body, c.settings)  # caps: environment size, numbers, string lengths (._limits)
     env = container.get("Environment") or {}
     if not isinstance(env, dict) or len(env) > 100:
         raise ControlPlaneError("Environment must be a map of at most 100 entries.")
@@ -122,13 +124,15 @@ async def _create_endpoint_config(c: _Ctx) -> dict[str, Any]:
     if not isinstance(variants, list) or not variants:
         raise ControlPlaneError("1 validation error detected: Value null at 'productionVariants' failed to satisfy "
                                 "constraint: Member must not be null")
+    models: dict[str, Any] = {}
     for variant in variants:
-        model = variant.get("ModelName")
-        if not model or c.manager.db.get("models", model) is None:
+        model = variant.get("ModelName") if isinstance(variant, dict) else None
+        record = c.manager.db.get("models", model) if model else None
+        if record is None:
             raise ControlPlaneError(f'Could not find model "{c.arn("model", str(model))}".', kind=EndpointNotFoundError)
-        count = variant.get("InitialInstanceCount", 1)
-        if not isinstance(count, int) or count < 1:
-            raise ControlPlaneError(f"InitialInstanceCount must be at least 1, got {count!r}.")
+        container = record.body.get("PrimaryContainer") or (record.body.get("Containers") or [{}])[0]
+        models[str(model)] = (container.get("Environment") or {}) if isinstance(container, dict) else {}
+    check_endpoint_config(c.body, c.settings, models)  # caps: instance counts, timeouts, variants (._limits)
     if len(variants) > 1:
         logger.warning("endpoint config %s has %d variants: sdmaker serves the first (%s) only", name,
                        len(variants), variants[0].get("VariantName"))

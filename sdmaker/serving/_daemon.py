@@ -20,6 +20,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any, TypedDict
 
 from fastapi import Depends, FastAPI, Request
@@ -29,11 +30,12 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from sdmaker import __version__
-from sdmaker.config import Settings
+from sdmaker.config import Settings, with_local_key
 from sdmaker.errors import ERROR_CODE_HEADER, AuthenticationError, EndpointNotFoundError, SdmakerError, ServingError
 from sdmaker.serving._auth import auth_required, check_bind, verify_request
 from sdmaker.serving._control_plane import control_plane, control_plane_error
 from sdmaker.serving._endpoints import EndpointManager
+from sdmaker.serving._hosts import HostGuard, HostPolicy
 from sdmaker.serving._metrics import CONTENT_TYPE_LATEST, DaemonMetrics
 from sdmaker.serving._runtime_api import invoke_endpoint, read_body, runtime_error_response
 
@@ -49,6 +51,7 @@ class DaemonState(TypedDict):
     manager: EndpointManager
     metrics: DaemonMetrics
     auth: bool
+    key_auth: bool
 
 
 def _is_runtime(request: Request) -> bool:
@@ -65,7 +68,8 @@ async def _guard(request: Request) -> None:
         return
     settings: Settings = request.state.settings
     body = await read_body(request, settings.max_body_bytes)
-    if not request.state.auth:
+    # the local key guards the control plane (it deploys code) even where nothing else is checked
+    if not (request.state.auth or (request.state.key_auth and request.url.path == "/")):
         return
     headers: dict[str, list[str]] = {}
     for key, value in request.headers.raw:
@@ -82,15 +86,24 @@ async def _guard(request: Request) -> None:
     logger.debug("authenticated %s %s as %s", request.method, request.url.path, who)
 
 
-def create_app(settings: Settings, *, host: str | None = None) -> FastAPI:
-    """Build the daemon app for ``settings``; ``host`` is the bind address (decides whether auth is required).
+def create_app(settings: Settings, *, host: str | None = None, port: int | None = None) -> FastAPI:
+    """Build the daemon app for ``settings``; ``host``/``port`` are the bind address (they decide whether auth
+    is required and which ``Host`` headers are answered). With ``settings.local_key`` the key is created here
+    (first start).
 
     Raises:
         ConfigError: a non-loopback ``host`` (or ``require_auth``) without configured credentials.
     """
     host = host or settings.daemon_host
+    if settings.local_key:
+        from sdmaker.local_key import ensure_local_key
+
+        ensure_local_key(settings.home)
+        settings = with_local_key(settings)
+        settings = replace(settings, auth_token=settings.auth_token or settings.local_token)
     check_bind(settings, host)
     need_auth = auth_required(settings, host)
+    key_auth = settings.local_key
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[DaemonState]:
@@ -100,12 +113,14 @@ def create_app(settings: Settings, *, host: str | None = None) -> FastAPI:
         await manager.start()
         logger.info("sdmaker daemon ready (home %s, auth %s)", settings.home, "on" if need_auth else "off")
         try:
-            yield {"settings": settings, "manager": manager, "metrics": metrics, "auth": need_auth}
+            yield {"settings": settings, "manager": manager, "metrics": metrics, "auth": need_auth,
+                   "key_auth": key_auth}
         finally:
             await manager.close()
 
     app = FastAPI(title="sdmaker daemon", version=__version__, lifespan=lifespan, dependencies=[Depends(_guard)],
                   docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(HostGuard, policy=HostPolicy(host, port or settings.daemon_port, settings.allowed_hosts))
 
     @app.exception_handler(SdmakerError)
     async def _on_error(request: Request, exc: SdmakerError) -> Response:
@@ -203,6 +218,6 @@ def run_daemon(settings: Settings, *, host: str | None = None, port: int | None 
 
     host = host or settings.daemon_host
     port = port or settings.daemon_port
-    app = create_app(settings, host=host)
+    app = create_app(settings, host=host, port=port)
     # The worker processes read no stdin; uvicorn's own signal handling stops the lifespan (and the workers).
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=10)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from sdmaker.errors import InvocationFailedError, InvocationTimeoutError, WorkerStartError
+from sdmaker.serving._worker_secret import auth_header
 from sdmaker.serving._workers import FORWARDED_HEADERS, Worker, WorkerReply, WorkerSpec, WorkerState
 
 if TYPE_CHECKING:
@@ -162,6 +163,7 @@ class WorkerPool:
             worker.inflight += 1
             worker.peak_inflight = max(worker.peak_inflight, worker.inflight)
             fwd = {k: v for k, v in headers.items() if k.lower() in FORWARDED_HEADERS}
+            fwd.update(auth_header(worker.secret))
             healthy = False
             try:
                 reply = await self._client.post(f"{worker.url}/invocations", content=body, headers=fwd,

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from sdmaker.errors import WorkerStartError
+from sdmaker.serving._worker_secret import WORKER_TOKEN_ENV, new_worker_secret
 
 if TYPE_CHECKING:
     from sdmaker.serving._standby import StandbyPool
@@ -138,6 +139,7 @@ class Worker:
         self.load_seconds: float | None = None
         self.log_path = spec.log_file
         self.status_file = spec.run_dir / f"{tag}-worker-{index}.status.json"
+        self.secret = ""  # this process's secret: it answers /invocations only with it (._worker_secret)
 
     @property
     def url(self) -> str:
@@ -175,6 +177,7 @@ class Worker:
         argv = self._argv()
         env = dict(self.spec.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        self.secret = env[WORKER_TOKEN_ENV] = new_worker_secret()
         standby, why = (None, "") if self.standbys is None else self.standbys.take(self.spec.python, env)
         stamp = f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} [{self.tag}] starting worker {self.index} on port {self.port}"
         self.from_standby = False

@@ -78,8 +78,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                              allow_pickle=args.allow_pickle, server_version=__version__, digest=args.model_digest,
                              max_batch=max(args.max_batch, 0))
     server = ModelServer(handler, status_file=args.status_file, threads=max(args.threads, args.max_batch),
-                         max_body_bytes=args.max_body_bytes, token=args.token, worker_id=args.worker_id)
-    return run_server(server, host=args.host, port=args.port, fail_grace_s=args.fail_grace_seconds)
+                         max_body_bytes=args.max_body_bytes, token=args.token or settings.worker_token,
+                         worker_id=args.worker_id)
+    return run_server(server, host=args.host, port=args.port, fail_grace_s=args.fail_grace_seconds,
+                      allowed_hosts=settings.allowed_hosts)
 
 
 def main(argv: list[str] | None = None, *, standby: dict[str, Any] | None = None) -> int:
