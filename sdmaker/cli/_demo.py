@@ -150,7 +150,10 @@ def _deploy_and_invoke(settings: Settings, archive: Path, out: Path, steps: int)
     home = out / "daemon-home"
     shutil.rmtree(home, ignore_errors=True)
     env = {**settings.env, "SDMAKER_HOME": str(home), "AWS_ACCESS_KEY_ID": "sdmaker", "AWS_SECRET_ACCESS_KEY":
-           "sdmaker", "AWS_DEFAULT_REGION": "us-east-1"}
+           "sdmaker", "AWS_DEFAULT_REGION": "us-east-1",
+           # the demo's private daemon trusts exactly the credentials the demo signs with, even when the
+           # user's environment turns the local key on (SDMAKER_LOCAL_KEY=1)
+           "SDMAKER_ACCESS_KEY_ID": "sdmaker", "SDMAKER_SECRET_ACCESS_KEY": "sdmaker"}
     log_path = out / "daemon.log"
     log = log_path.open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "sdmaker", "up", "--host", "127.0.0.1", "--port", str(port)],
