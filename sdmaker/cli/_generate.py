@@ -9,6 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from sdmaker.cli._common import console, err_console, get_settings, load_model_ref, setup_logging
+from sdmaker.files import atomic_write_bytes
 from sdmaker.schema import GenerateRequest, parse_request
 
 __all__ = ["DEFAULT_MODEL", "register"]
@@ -90,9 +91,7 @@ def generate_cmd(
     out.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(result.images):
         path = out / f"{i:02d}-seed{img.seed}.{_EXT[resolved.format]}"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(result.encode(i))
-        tmp.replace(path)
+        atomic_write_bytes(path, result.encode(i))
         console.print(str(path), highlight=False, soft_wrap=True)
 
 
