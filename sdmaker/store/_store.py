@@ -12,6 +12,9 @@ Layout under ``root`` (``settings.store_dir``)::
 Readers (``list``, ``get``, ``model_path``) take no lock: manifests are replaced atomically and a
 snapshot directory is renamed into place only once complete. A crash at any point before the manifest
 rename leaves at most unreferenced blobs and tmp files, which the next mutation cleans up.
+
+Nothing unverified becomes a blob: pickle weights are refused unless allowed, and every
+``.safetensors`` file's header is checked (``_safetensors.check_safetensors``) on the bytes stored.
 """
 
 from __future__ import annotations
