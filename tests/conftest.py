@@ -267,6 +267,15 @@ def s3_bucket(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
     return bucket
 
 
+def safetensors_bytes(payload: bytes, name: str = "weight") -> bytes:
+    """A valid safetensors file holding ``payload`` as one U8 tensor (the store checks headers at import)."""
+    import json
+    import struct
+
+    header = json.dumps({name: {"dtype": "U8", "shape": [len(payload)], "data_offsets": [0, len(payload)]}}).encode()
+    return struct.pack("<Q", len(header)) + header + payload
+
+
 def write_fake_model(root: Path, *, seed: int = 0, weight_bytes: int = 64 * 1024, extra: dict[str, bytes] | None = None
                      ) -> Path:
     """A diffusers-shaped folder (configs + random 'weights'), for store tests that never load the model."""
@@ -283,8 +292,8 @@ def write_fake_model(root: Path, *, seed: int = 0, weight_bytes: int = 64 * 1024
                                         "sample_size": 8, "in_channels": 4}).encode(),
         "vae/config.json": json.dumps({"block_out_channels": [32, 64]}).encode(),
         "scheduler/scheduler_config.json": json.dumps({"prediction_type": "v_prediction"}).encode(),
-        "unet/diffusion_pytorch_model.safetensors": rng.randbytes(weight_bytes),
-        "vae/diffusion_pytorch_model.safetensors": rng.randbytes(weight_bytes // 2),
+        "unet/diffusion_pytorch_model.safetensors": safetensors_bytes(rng.randbytes(weight_bytes)),
+        "vae/diffusion_pytorch_model.safetensors": safetensors_bytes(rng.randbytes(weight_bytes // 2)),
     }
     files.update(extra or {})
     for rel, data in files.items():

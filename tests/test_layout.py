@@ -1,7 +1,8 @@
 """Architecture rules that keep the codebase in shape (STYLE.md §2 items 1-2, 17).
 
-- imports point one way: engine/store never import HTTP or CLI libraries;
-- ``import sdmaker.client`` (and the schema) never imports torch, so clients and the CLI start fast;
+- imports point one way: engine/store (and sdmaker.files) never import HTTP or CLI libraries;
+- ``import sdmaker.client`` (and the schema, the store, sdmaker.files) never imports torch, so clients and the CLI
+  start fast;
 - each package's ``__all__`` lists exactly the public names it defines or re-exports;
 - only ``sdmaker/config.py`` reads the environment.
 """
@@ -31,18 +32,18 @@ def _imported_modules(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("package", ["engine", "store", "models"])
+@pytest.mark.parametrize("package", ["engine", "store", "models", "files.py"])
 def test_core_packages_do_not_import_http_or_cli(package: str) -> None:
     pkg = ROOT / package
     if not pkg.exists():
         pytest.skip(f"sdmaker.{package} not present")
-    for path in pkg.rglob("*.py"):
+    for path in [pkg] if pkg.is_file() else pkg.rglob("*.py"):
         bad = _imported_modules(path) & {"fastapi", "uvicorn", "starlette", "typer", "rich", "click"}
         assert not bad, f"{path.relative_to(ROOT.parent)} imports {bad}"
 
 
 @pytest.mark.parametrize("module", ["sdmaker.schema", "sdmaker.errors", "sdmaker.config", "sdmaker.client",
-                                    "sdmaker.store", "sdmaker.models"])
+                                    "sdmaker.store", "sdmaker.models", "sdmaker.files"])
 def test_light_modules_do_not_import_torch(module: str) -> None:
     if importlib.util.find_spec(module) is None:
         pytest.skip(f"{module} not present")
@@ -53,6 +54,15 @@ def test_light_modules_do_not_import_torch(module: str) -> None:
 
 @pytest.mark.parametrize("package", PACKAGES)
 def test_all_lists_the_public_names(package: str) -> None:
+    _check_all(package)
+
+
+@pytest.mark.parametrize("module", ["sdmaker.files"])
+def test_top_level_modules_list_their_public_names(module: str) -> None:
+    _check_all(module)
+
+
+def _check_all(package: str) -> None:
     mod = importlib.import_module(package)
     exported = getattr(mod, "__all__", None)
     assert exported is not None, f"{package} has no __all__"

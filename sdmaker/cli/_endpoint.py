@@ -21,6 +21,7 @@ from rich.table import Table
 from sdmaker.cli._common import console, get_settings, setup_logging, write_new_file
 from sdmaker.config import Settings
 from sdmaker.errors import ConfigError, ServingError
+from sdmaker.files import atomic_write_text
 
 __all__ = ["register"]
 
@@ -54,16 +55,6 @@ def _running_pid(settings: Settings) -> int | None:
     except PermissionError:
         return pid
     return pid
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _client(settings: Settings, url: str | None = None) -> Any:
@@ -113,7 +104,7 @@ def up_cmd(
         import logging
 
         logging.getLogger("sdmaker").setLevel(logging.INFO)
-    _write_atomic(_pid_file(settings), json.dumps({"pid": os.getpid(), "url": url}))
+    atomic_write_text(_pid_file(settings), json.dumps({"pid": os.getpid(), "url": url}))
     try:
         run_daemon(settings, host=host, port=port)
     finally:
@@ -215,7 +206,7 @@ def env_cmd(
     settings = get_settings()
     url = (url or settings.client_url).rstrip("/")
     config = settings.home / "sagemaker-config.yaml"
-    _write_atomic(config, _SDK_CONFIG.format(bucket=bucket))
+    atomic_write_text(config, _SDK_CONFIG.format(bucket=bucket))
     key = settings.auth_access_key_id
     secret = settings.auth_secret_access_key
     lines = [

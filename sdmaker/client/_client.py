@@ -35,6 +35,7 @@ from sdmaker.errors import (
     WorkerStartError,
     error_class_for_code,
 )
+from sdmaker.files import atomic_write_bytes
 from sdmaker.schema import GenerateRequest, parse_request, request_fields
 
 __all__ = ["Client", "Generation", "InvokeResult"]
@@ -79,9 +80,7 @@ class Generation:
         for i, data in enumerate(self.images):
             ext = _EXT.get(_sniff(data) or self.mime_type, "bin")
             path = out_dir / f"{prefix}-{i:02d}.{ext}"
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(path)
+            atomic_write_bytes(path, data)
             paths.append(path)
         return paths
 

@@ -15,17 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdmaker.digest import tree_digest
 from sdmaker.engine._device import Placement, resolve_placement
 from sdmaker.engine._schedulers import scheduler_name_of
 from sdmaker.errors import ModelFormatError, ModelNotFoundError, PickleRefusedError
+from sdmaker.files import PICKLE_SUFFIXES, find_pickle_weights, tree_digest  # the one pickle rule and digest
 
 __all__ = ["MODEL_CARD_FILE", "PICKLE_SUFFIXES", "LoadedModel", "find_pickle_weights", "load_model",
            "read_model_defaults"]
 
 logger = logging.getLogger(__name__)
 
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 #: Optional sdmaker metadata beside model_index.json: {"name": ..., "defaults": {height, width, ...}}.
 MODEL_CARD_FILE = "sdmaker.json"
 _COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -74,11 +73,6 @@ class LoadedModel:
             "text_encoder": type(self.pipeline.text_encoder).__name__,
             "defaults": self.defaults,
         }
-
-
-def find_pickle_weights(root: Path) -> list[Path]:
-    """Weight files in pickle formats under ``root`` (relative paths)."""
-    return sorted(p.relative_to(root) for p in root.rglob("*") if p.suffix in PICKLE_SUFFIXES and p.is_file())
 
 
 def read_model_defaults(root: Path) -> dict[str, Any]:

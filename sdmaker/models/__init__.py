@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from sdmaker.errors import ConfigError, ModelNotFoundError
+from sdmaker.files import staged_dir
 
 __all__ = ["BUILTIN_NAMES", "TOKENIZER_MAX_LENGTH", "assemble_builtin", "assemble_from", "builtin_dir", "is_builtin_ready"]
 
@@ -91,8 +90,7 @@ def assemble_from(src: Path, dest: Path) -> Path:
                                  model=str(src))
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
+    with staged_dir(dest) as tmp:
         for item in sorted(src.iterdir()):
             if item.name.startswith((".", "__")):
                 continue
@@ -101,15 +99,4 @@ def assemble_from(src: Path, dest: Path) -> Path:
             else:
                 shutil.copy2(item, tmp / item.name)
         _copy_text_parts(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the model folder is ordinary data
-        if dest.exists():
-            old = dest.parent / f".{dest.name}-old-{os.getpid()}"
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest

@@ -7,7 +7,7 @@ from sdmaker.store import _s3 as s3  # S3 transfers: s3.upload / download / down
 from sdmaker.store._archive import DEFAULT_MAX_MEMBERS, DEFAULT_MAX_TOTAL_BYTES, archive_format, safe_extract
 from sdmaker.store._manifest import Architecture, ManifestFile, ModelManifest, read_architecture, validate_name
 from sdmaker.store._package import PackageResult, format_for, package_model
-from sdmaker.store._resolve import ResolvedModel, folder_digest, resolve_model
+from sdmaker.store._resolve import ResolvedModel, resolve_model
 from sdmaker.store._s3 import S3Uri, is_s3_uri, parse_s3_uri
 from sdmaker.store._store import Store
 
@@ -22,7 +22,6 @@ __all__ = [
     "S3Uri",
     "Store",
     "archive_format",
-    "folder_digest",
     "format_for",
     "is_s3_uri",
     "package_model",

@@ -67,7 +67,7 @@ class Architecture(BaseModel):
 
 
 class ModelManifest(BaseModel):
-    """A stored model. ``digest`` equals :func:`sdmaker.digest.tree_digest` of its files."""
+    """A stored model. ``digest`` equals :func:`sdmaker.files.tree_digest` of its files."""
 
     name: str
     digest: str

@@ -2,8 +2,8 @@
 
 Layout is SageMaker's: model files at the archive root, the handler under ``code/``
 (``code/inference.py``, ``code/requirements.txt`` and anything in ``--code``); ``.git`` and the other
-:data:`sdmaker.digest.EXCLUDED_NAMES` are left out, and so are symlinks (SageMaker refuses archives
-containing them).
+:data:`sdmaker.files.EXCLUDED_NAMES` are left out, and file symlinks are archived as the files they
+point to (SageMaker refuses archives containing links; :func:`sdmaker.files.list_model_files` has the rule).
 
 Why it is faster than the seed's ``tar | pigz``: Stable Diffusion weights are fp16/fp32 noise that
 deflate shrinks by ~8 % at 30 MB/s per core. For ``.tar.gz`` each weight file is sampled; when a level-1
@@ -23,10 +23,10 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO, Literal, cast
 
 from sdmaker.errors import InvalidRequestError, ModelNotFoundError
-from sdmaker.store._files import Progress, fsync_dir, list_model_files, unique_tmp
+from sdmaker.files import Progress, atomic_open, is_weight_file, list_model_files
 from sdmaker.store._gzip import ParallelGzipWriter
 from sdmaker.store._s3 import is_s3_uri
 from sdmaker.store._templates import DEFAULT_INFERENCE_PY, default_requirements_txt
@@ -39,8 +39,6 @@ Compression = Literal["auto", "gzip", "none", "zstd"]
 
 _SUFFIXES: tuple[tuple[str, str], ...] = ((".tar.gz", "gzip"), (".tgz", "gzip"), (".tar.zst", "zstd"),
                                           (".tzst", "zstd"), (".tar", "none"))
-_WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".onnx", ".msgpack", ".h5", ".gguf",
-                              ".npz", ".npy"})
 _SAMPLE_BYTES = 256 * 1024
 _STORE_IF_RATIO_ABOVE = 0.90  # level-1 deflate saving < 10 % on the sample: not worth ~30x the CPU time
 _READ_BYTES = 8 * 1024 * 1024
@@ -143,7 +141,7 @@ def _header(name: str, size: int, mtime: float, *, is_dir: bool = False) -> byte
 
 def _gzip_level(entry: _Entry) -> int:
     """Level 0 (stored) for weight files that barely compress, level 6 for everything else."""
-    if entry.path is None or Path(entry.arcname).suffix.lower() not in _WEIGHT_SUFFIXES or entry.size < _SAMPLE_BYTES:
+    if entry.path is None or not is_weight_file(entry.arcname) or entry.size < _SAMPLE_BYTES:
         return _TEXT_LEVEL
     with open(entry.path, "rb") as fh:
         fh.seek(max(0, entry.size // 2 - _SAMPLE_BYTES // 2))  # the middle: past the safetensors JSON header
@@ -294,14 +292,9 @@ def package_model(src: Path, out: str | Path, *, code_dir: Path | None = None, s
         tmp_dir = None
         local = Path(out).expanduser()
         local.parent.mkdir(parents=True, exist_ok=True)
-    tmp = unique_tmp(local.parent, local.name + "-")
     try:
-        with open(tmp, "xb") as fh:
-            levels = _write_archive(entries, fh, fmt, progress, workers, gzip_level)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, local)
-        fsync_dir(local.parent)
+        with atomic_open(local, "wb") as fh:
+            levels = _write_archive(entries, cast(BinaryIO, fh), fmt, progress, workers, gzip_level)
         size = local.stat().st_size
         final = str(local)
         if upload_to is not None:
@@ -309,7 +302,6 @@ def package_model(src: Path, out: str | Path, *, code_dir: Path | None = None, s
 
             final = upload(local, upload_to)
     finally:
-        tmp.unlink(missing_ok=True)
         if tmp_dir is not None:
             import shutil
 

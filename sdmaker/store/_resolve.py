@@ -25,13 +25,13 @@ from pathlib import Path
 
 from sdmaker.config import Settings
 from sdmaker.errors import ModelNotFoundError
-from sdmaker.store._files import Progress, hash_file, list_model_files
+from sdmaker.files import Progress, tree_digest
 from sdmaker.store._manifest import NAME_PATTERN
 from sdmaker.store._s3 import is_s3_uri, parse_s3_uri
 from sdmaker.store._sources import HUB_ID, archive_stem, fetch_hub, is_archive_name
 from sdmaker.store._store import Store
 
-__all__ = ["ResolvedModel", "folder_digest", "resolve_model"]
+__all__ = ["ResolvedModel", "resolve_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +43,6 @@ class ResolvedModel:
     path: Path
     name: str
     digest: str
-
-
-def folder_digest(root: Path) -> str:
-    """:func:`sdmaker.digest.tree_digest` of ``root``, following file symlinks (HF cache snapshots)."""
-    from sdmaker.digest import tree_digest_of_hashes
-
-    return tree_digest_of_hashes((rel.as_posix(), hash_file(root / rel)[0]) for rel in list_model_files(root))
 
 
 def _derived_name(stem: str, key: str) -> str:
@@ -105,7 +98,7 @@ def _builtin(ref: str, store: Store, settings: Settings, *, progress: Progress |
         raise ModelNotFoundError(f"the weights of built-in model {ref!r} are not in this sdmaker install "
                                  f"({models.builtin_dir(ref)}); reinstall sdmaker or train them (sdmaker train)",
                                  model=ref)
-    source = f"builtin:{ref}@{folder_digest(models.builtin_dir(ref))}"
+    source = f"builtin:{ref}@{tree_digest(models.builtin_dir(ref))}"
     if store.exists(ref):
         current = store.get(ref).source or ""
         if current == source or not current.startswith("builtin:"):
@@ -139,7 +132,7 @@ def resolve_model(ref: str, settings: Settings, *, allow_pickle: bool = False,
         return _from_store(store, ref)
     path = Path(ref).expanduser()
     if path.is_dir():
-        return ResolvedModel(path=path, name=path.resolve().name, digest=folder_digest(path))
+        return ResolvedModel(path=path, name=path.resolve().name, digest=tree_digest(path))
     if path.is_file():
         st = path.stat()
         key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
@@ -147,7 +140,7 @@ def resolve_model(ref: str, settings: Settings, *, allow_pickle: bool = False,
                               allow_pickle=allow_pickle, progress=progress)
     if HUB_ID.match(ref):
         folder = fetch_hub(ref, settings)
-        return ResolvedModel(path=folder, name=ref, digest=folder_digest(folder))
+        return ResolvedModel(path=folder, name=ref, digest=tree_digest(folder))
     stored = [m.name for m in store.list()]
     raise ModelNotFoundError(
         f"model {ref!r} not found: it is not a store name (stored: {', '.join(stored) if stored else 'none'}), "

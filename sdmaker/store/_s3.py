@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sdmaker.errors import S3Error
-from sdmaker.store._files import Progress, fsync_dir
+from sdmaker.files import Progress, atomic_path, list_model_files, staged_dir
 
 __all__ = ["S3Uri", "copy", "download", "download_prefix", "head", "is_s3_uri", "list_keys", "make_client", "parse_s3_uri",
            "upload", "upload_dir"]
@@ -153,12 +150,12 @@ def upload(path: Path, uri: str, progress: Progress | None = None, *, client: An
 
 
 def upload_dir(folder: Path, uri: str, progress: Progress | None = None, *, client: Any = None) -> list[str]:
-    """Upload every regular file under ``folder`` below the prefix ``uri`` (relative paths kept)."""
+    """Upload the files of ``folder`` (:func:`sdmaker.files.list_model_files`) below the prefix ``uri``."""
     folder = Path(folder)
     bucket, prefix = parse_s3_uri(uri)
     if prefix and not prefix.endswith("/"):
         prefix += "/"
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+    files = [folder / rel for rel in list_model_files(folder)]
     client = client or make_client()
     counter = _Counter(sum(p.stat().st_size for p in files), progress)
     out = []
@@ -183,16 +180,8 @@ def copy(src_uri: str, dst_uri: str, *, client: Any = None) -> str:
 
 
 def _atomic_download(client: Any, bucket: str, key: str, dest: Path, counter: _Counter) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        with _mapped("download", bucket, key):
-            client.download_file(bucket, key, str(tmp), Config=_transfer_config(), Callback=counter)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(dest) as tmp, _mapped("download", bucket, key):
+        client.download_file(bucket, key, str(tmp), Config=_transfer_config(), Callback=counter)
 
 
 def download(uri: str, path: Path, progress: Progress | None = None, *, client: Any = None) -> Path:
@@ -248,17 +237,8 @@ def download_prefix(uri: str, dest: Path, progress: Progress | None = None, *, c
     dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise S3Error(f"download target {dest} exists and is not an empty folder", bucket=bucket, key=prefix)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     counter = _Counter(sum(s for _, s in objects), progress)
-    try:
+    with staged_dir(dest) as work:  # dest appears only when every object is down
         for rel, key in rels:
             _atomic_download(client, bucket, key, work / rel, counter)
-        if dest.exists():
-            dest.rmdir()
-        os.replace(work, dest)
-        fsync_dir(dest.parent)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return [dest / rel for rel, _ in rels]

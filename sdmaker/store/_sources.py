@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 
 from sdmaker.config import Settings, load_settings
 from sdmaker.errors import ModelNotFoundError, OfflineError
+from sdmaker.files import Progress
 from sdmaker.store._archive import safe_extract
-from sdmaker.store._files import Progress
 from sdmaker.store._s3 import is_s3_uri, parse_s3_uri
 
 if TYPE_CHECKING:

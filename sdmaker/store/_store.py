@@ -12,6 +12,9 @@ Layout under ``root`` (``settings.store_dir``)::
 Readers (``list``, ``get``, ``model_path``) take no lock: manifests are replaced atomically and a
 snapshot directory is renamed into place only once complete. A crash at any point before the manifest
 rename leaves at most unreferenced blobs and tmp files, which the next mutation cleans up.
+
+Nothing unverified becomes a blob: pickle weights are refused unless allowed, and every
+``.safetensors`` file's header is checked (``_safetensors.check_safetensors``) on the bytes stored.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from filelock import FileLock, Timeout
 
 from sdmaker import __version__
 from sdmaker.config import Settings
-from sdmaker.digest import tree_digest_of_hashes
 from sdmaker.errors import (
     ModelExistsError,
     ModelFormatError,
@@ -39,7 +41,7 @@ from sdmaker.errors import (
     StoreError,
     StoreIntegrityError,
 )
-from sdmaker.store._files import (
+from sdmaker.files import (
     Progress,
     atomic_write_text,
     copy_hashing,
@@ -48,9 +50,11 @@ from sdmaker.store._files import (
     hash_file,
     link_or_copy,
     list_model_files,
+    tree_digest_of_hashes,
     unique_tmp,
 )
 from sdmaker.store._manifest import ManifestFile, ModelManifest, read_architecture, validate_name
+from sdmaker.store._safetensors import check_safetensors
 
 __all__ = ["Store"]
 
@@ -210,6 +214,10 @@ class Store:
                 f"{', ...' if len(pickles) > 3 else ''}); unpickling can run arbitrary code. Convert them to "
                 "safetensors (or delete them if safetensors copies exist), or pass --allow-pickle if you trust "
                 "the source.", model=str(folder), files=[p.as_posix() for p in pickles])
+        where = source if source is not None else str(folder)
+        checked = {rel: f"{rel.as_posix()} (in {where})" for rel in files if rel.suffix.lower() == ".safetensors"}
+        for rel, label in checked.items():  # fail fast, before gigabytes are copied; re-checked as stored
+            check_safetensors(folder / rel, name=label)
         arch, prediction_type, defaults = read_architecture(folder)
         total = sum((folder / rel).stat().st_size for rel in files)
         done = 0
@@ -228,7 +236,8 @@ class Store:
             snap: Path | None = None
             new_snapshot = False
             try:
-                entries = [self._add_blob(folder / rel, on_bytes, move=move, created=created) for rel in files]
+                entries = [self._add_blob(folder / rel, on_bytes, move=move, created=created,
+                                          check_as=checked.get(rel)) for rel in files]
                 manifest_files = [ManifestFile(path=rel.as_posix(), sha256=sha, size=size)
                                   for rel, (sha, size) in zip(files, entries, strict=True)]
                 manifest = ModelManifest(
@@ -274,8 +283,11 @@ class Store:
     # --- internals (call with the lock held) ----------------------------------------------------
 
     def _add_blob(self, src: Path, callback: Callable[[int], None] | None, *, move: bool,
-                  created: builtins.list[Path]) -> tuple[str, int]:
+                  created: builtins.list[Path], check_as: str | None = None) -> tuple[str, int]:
+        """Store ``src`` as a blob; ``check_as``: verify the stored bytes as safetensors (named so)."""
         if move and not src.is_symlink():
+            if check_as is not None:
+                check_safetensors(src, name=check_as)
             sha, size = hash_file(src, callback)
             blob = self.blob_path(sha)
             if blob.exists():
@@ -286,7 +298,13 @@ class Store:
             os.replace(src, blob)
         else:
             tmp = unique_tmp(self.tmp, "blob-")
-            sha, size = copy_hashing(src, tmp, callback)
+            try:
+                sha, size = copy_hashing(src, tmp, callback)
+                if check_as is not None:  # the copy is what gets stored: the source may have changed since
+                    check_safetensors(tmp, name=check_as)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
             blob = self.blob_path(sha)
             if blob.exists():  # dedup: identical content is stored once
                 tmp.unlink()

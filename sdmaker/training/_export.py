@@ -8,11 +8,12 @@ and tokenizer, which :func:`sdmaker.models.assemble_builtin` copies from the ins
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from sdmaker.files import staged_dir
 
 __all__ = ["DEFAULT_SETTINGS", "check_export_dest", "export_builtin"]
 
@@ -74,11 +75,9 @@ def export_builtin(vae_dir: Path, unet_dir: Path, dest: Path, *, name: str = "mi
                           prediction_type=_prediction_type(Path(unet_dir)))
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".export-", dir=dest.parent) as work:
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=dest.parent) as work, staged_dir(dest) as staged:
         full = Path(work) / "full"
         pipe.save_pretrained(full, safe_serialization=True)
-        staged = Path(work) / "staged"
-        staged.mkdir()
         for item in _KEEP:
             src = full / item
             if src.is_dir():
@@ -90,8 +89,4 @@ def export_builtin(vae_dir: Path, unet_dir: Path, dest: Path, *, name: str = "mi
             (staged / "README.md").write_text(card)
         elif (dest / "README.md").is_file():
             shutil.copy2(dest / "README.md", staged / "README.md")
-        old = Path(work) / "old"
-        if dest.exists():
-            os.replace(dest, old)
-        os.replace(staged, dest)
     return dest

@@ -13,10 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +24,7 @@ import numpy as np
 import torch
 
 from sdmaker.errors import ConfigError
+from sdmaker.files import atomic_path, staged_dir
 from sdmaker.training._config import SCHEDULE_KEYS, config_digest, data_for_step, decay_start
 from sdmaker.training._data import UnetBatches, VaeBatches, make_loader
 from sdmaker.training._models import build_scheduler, build_unet, build_vae
@@ -122,14 +120,8 @@ def check_resumable(old_plan: dict[str, Any], cfg: dict[str, Any], step: int) ->
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class _Run:
@@ -237,15 +229,10 @@ def _export(run: _Run, out_dir: Path) -> Path:
         scale = vae_latent_scale(model, run.cfg)
         model.register_to_config(scaling_factor=scale)  # the pipeline multiplies latents by exactly this
     dest = out_dir / EXPORT_DIR
-    tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=out_dir))
-    model.save_pretrained(tmp, safe_serialization=True)
-    if run.cfg["kind"] == "unet":  # what the exported scheduler must say the UNet predicts
-        (tmp / TRAINING_FILE).write_text(json.dumps({"prediction_type": run.cfg["prediction_type"]}) + "\n")
-    old = out_dir / ".model-old"
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
+    with staged_dir(dest) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if run.cfg["kind"] == "unet":  # what the exported scheduler must say the UNet predicts
+            (tmp / TRAINING_FILE).write_text(json.dumps({"prediction_type": run.cfg["prediction_type"]}) + "\n")
     return dest
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from sdmaker.cli import app
-from sdmaker.digest import tree_digest
+from sdmaker.files import tree_digest
 
 runner = CliRunner()
 

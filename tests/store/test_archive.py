@@ -112,6 +112,10 @@ HOSTILE: dict[str, tuple[Callable[[], bytes], dict[str, int], str]] = {
     "file-then-child": (lambda: _tar_bytes([_file("unet"), _file("unet/config.json")]), {}, "parent"),
     "dir-then-file-same-name": (lambda: _tar_bytes([_dir("unet"), _file("unet")]), {}, "duplicate"),
     "dot-as-file": (lambda: _tar_bytes([_file("./")]), {}, "without a name"),
+    "long-component": (lambda: _tar_bytes([_file("unet/" + "a" * 300 + ".json")]), {}, "name too long"),
+    "long-component-gzip": (lambda: gzip.compress(_tar_bytes([_dir("d" * 300), _file("d" * 300 + "/x")])), {},
+                            "name too long"),
+    "long-component-multibyte": (lambda: _tar_bytes([_file("é" * 200)]), {}, "name too long"),  # 400 bytes
     "too-deep": (lambda: _tar_bytes([_file("/".join(["d"] * 40) + "/f")]), {}, "deeper"),
     "not-an-archive": (lambda: b"this is not a tar file at all" * 40, {}, "not a readable"),
     "truncated-gzip": (lambda: gzip.compress(_tar_bytes([_file("a.bin", os.urandom(50_000))]))[:20_000], {},

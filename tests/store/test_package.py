@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from sdmaker.digest import tree_digest
 from sdmaker.errors import InvalidRequestError, ModelNotFoundError
+from sdmaker.files import tree_digest
 from sdmaker.store import Store, format_for, package_model, safe_extract
 from sdmaker.store import _package as package_module
 from sdmaker.store._gzip import ParallelGzipWriter, crc32_combine

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from sdmaker.config import Settings
-from sdmaker.digest import tree_digest
 from sdmaker.errors import ModelNotFoundError, OfflineError
+from sdmaker.files import tree_digest
 from sdmaker.store import Store, package_model, resolve_model
 from sdmaker.store import _store as store_module
 

@@ -9,8 +9,8 @@ import boto3
 import pytest
 
 from sdmaker.config import load_settings
-from sdmaker.digest import tree_digest
 from sdmaker.errors import S3Error
+from sdmaker.files import tree_digest
 from sdmaker.store import Store, _s3, package_model, parse_s3_uri, resolve_model
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from sdmaker.config import Settings
-from sdmaker.digest import tree_digest
 from sdmaker.errors import (
     InvalidRequestError,
     ModelExistsError,
@@ -22,6 +21,7 @@ from sdmaker.errors import (
     PickleRefusedError,
     StoreIntegrityError,
 )
+from sdmaker.files import tree_digest
 from sdmaker.store import Store
 from sdmaker.store import _store as store_module
 
@@ -180,13 +180,34 @@ def test_pickle_refused_unless_allowed(tmp_path: Path, make_fake_model) -> None:
 
 def test_excluded_names_and_symlinks(tmp_path: Path, make_fake_model) -> None:
     src = make_fake_model(tmp_path / "s", extra={".git/config": b"[core]", "unet/.DS_Store": b"x"})
-    (tmp_path / "outside.dat").write_bytes(b"linked")
-    os.symlink(tmp_path / "outside.dat", src / "linked.dat")  # a file symlink is followed (cp -L)
-    os.symlink(tmp_path, src / "loop")  # a folder symlink is not walked
+    os.symlink("../model_index.json", src / "unet" / "linked.json")  # a link inside the folder is followed
+    os.symlink("unet", src / "also-unet")  # so is a folder link inside it
     m = Store(tmp_path / "store").import_model(src, name="s")
     paths = {f.path for f in m.files}
-    assert ".git/config" not in paths and "unet/.DS_Store" not in paths and "linked.dat" in paths
-    assert not any(p.startswith("loop") for p in paths)
+    assert ".git/config" not in paths and "unet/.DS_Store" not in paths
+    assert "unet/linked.json" in paths and "also-unet/config.json" in paths
+    assert m.digest == tree_digest(src)
+
+
+@pytest.mark.parametrize("make_link", [
+    lambda src, out: os.symlink(out / "secret.txt", src / "unet" / "stolen.txt"),  # a file outside the folder
+    lambda src, out: os.symlink(out, src / "outside-dir"),  # a folder outside it
+    lambda src, out: os.symlink("..", src / "unet" / "loop"),  # a loop back to an ancestor
+    lambda src, out: os.symlink("missing.json", src / "dangling.json"),  # a dangling link
+], ids=["file-outside", "dir-outside", "loop", "dangling"])
+def test_symlinks_that_leave_the_folder_are_refused(tmp_path: Path, make_fake_model, make_link) -> None:
+    src = make_fake_model(tmp_path / "s")
+    out = tmp_path / "elsewhere"
+    out.mkdir()
+    (out / "secret.txt").write_text("do not import me")
+    make_link(src, out)
+    store = Store(tmp_path / "store")
+    with pytest.raises(ModelFormatError, match="symlink") as info:
+        store.import_model(src, name="s")
+    assert info.value.fields["reason"] == "symlink"
+    assert store.list() == [] and not (store.blobs.exists() and any(store.blobs.iterdir()))
+    with pytest.raises(ModelFormatError, match="symlink"):  # the digest and the store follow one rule
+        tree_digest(src)
 
 
 def test_snapshot_rebuilt_and_verify(tmp_path: Path, fake_model_dir: Path) -> None:

@@ -1,0 +1,345 @@
+"""File and identity helpers: atomic writes, directory swaps, the one model-file walker and digest.
+
+Torch-free on purpose: the store, the client, the CLI, training and serving all write files and
+identify models, and none of them should pay for (or depend on) an engine import.
+
+**Writes.** Everything sdmaker stores is written to a temp file in the destination's folder, fsynced,
+then renamed over the destination (``os.replace``), so a reader sees the old or the new content and
+never a torn file, even after a crash. Folders are built beside their destination and swapped in whole.
+
+**Identity.** A model's digest is the sha256 of its sorted ``"<sha256>  <relative path>"`` lines
+(:func:`tree_digest`), so two copies of the same files (a folder, its store import, its extracted
+``model.tar.gz``, a Hugging Face cache snapshot) have one digest. Every caller lists a model's files
+with :func:`list_model_files`, which has the one symlink rule:
+
+- a symlink is followed when its target stays inside the model folder, or, for a Hugging Face cache
+  snapshot (``models--org--name/snapshots/<rev>/...``), inside that repository's cache folder (its
+  files are links into ``../../blobs/``);
+- any other symlink (one leaving the folder, or a dangling one) is refused with ``ModelFormatError``:
+  silently skipping it would make a model lose a file, and following it would let a folder pull
+  arbitrary files (``~/.ssh/...``) into the store and into uploaded artifacts;
+- a folder symlink that points at one of its own ancestors (a loop) is refused too.
+
+**Pickle policy.** Weight files with a :data:`PICKLE_SUFFIXES` suffix (compared case-insensitively:
+``MODEL.BIN`` is a pickle too) are unpickled on load, which runs arbitrary code; the store refuses them
+and the loader refuses them without ``allow_pickle``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from sdmaker.errors import ModelFormatError
+
+__all__ = [
+    "EXCLUDED_NAMES",
+    "PICKLE_SUFFIXES",
+    "WEIGHT_SUFFIXES",
+    "Progress",
+    "atomic_open",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "copy_hashing",
+    "find_pickle_weights",
+    "fsync_dir",
+    "hash_file",
+    "is_pickle_weight",
+    "is_weight_file",
+    "link_or_copy",
+    "list_model_files",
+    "replace_dir",
+    "staged_dir",
+    "tree_digest",
+    "tree_digest_of_hashes",
+    "unique_tmp",
+]
+
+#: (bytes done, bytes total) callback for long copies, archives and transfers.
+Progress = Callable[[int, int], None]
+
+#: Names never treated as part of a model (VCS metadata, OS clutter, Python caches).
+EXCLUDED_NAMES = frozenset({".git", ".gitattributes", ".DS_Store", "__pycache__", ".ipynb_checkpoints"})
+
+#: Suffixes of weight files that are unpickled on load (lower case; see :func:`is_pickle_weight`).
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+
+#: Suffixes of weight files of any format (lower case): large, incompressible, never text.
+WEIGHT_SUFFIXES = frozenset({".safetensors", ".onnx", ".msgpack", ".h5", ".gguf", ".npz", ".npy", *PICKLE_SUFFIXES})
+
+_CHUNK = 8 * 1024 * 1024
+
+
+# --- the pickle policy and weight suffixes ------------------------------------------------------
+
+
+def is_pickle_weight(path: str | Path) -> bool:
+    """Whether ``path`` names a pickle-format weight file (suffix in :data:`PICKLE_SUFFIXES`, any case)."""
+    return Path(path).suffix.lower() in PICKLE_SUFFIXES
+
+
+def is_weight_file(path: str | Path) -> bool:
+    """Whether ``path`` names a weight file of any format (suffix in :data:`WEIGHT_SUFFIXES`, any case)."""
+    return Path(path).suffix.lower() in WEIGHT_SUFFIXES
+
+
+def find_pickle_weights(root: Path, files: Iterable[Path] | None = None) -> list[Path]:
+    """Relative paths of pickle-format weight files under ``root`` (``files``: a listing already made)."""
+    return [p for p in (files if files is not None else list_model_files(root)) if is_pickle_weight(p)]
+
+
+# --- the walker ----------------------------------------------------------------------------------
+
+
+def _hf_repo_of(root: Path) -> Path | None:
+    """The cache folder of the Hugging Face repository ``root`` is a snapshot (or part of one) of.
+
+    The hub cache lays a repository out as ``models--org--name/{blobs,refs,snapshots/<rev>}``, and
+    snapshot files are relative links into ``blobs/``.
+    """
+    for parent in root.parents:
+        if parent.name == "snapshots" and (parent.parent / "blobs").is_dir():
+            return parent.parent
+    return None
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def list_model_files(root: Path) -> list[Path]:
+    """Files of the model folder ``root`` as sorted relative paths (the module docstring has the rules).
+
+    Skips :data:`EXCLUDED_NAMES`, sockets and FIFOs. Raises ``ModelFormatError`` naming the link for a
+    symlink that leaves ``root`` (and the Hugging Face cache), dangles or loops.
+    """
+    root = Path(root)
+    real_root = root.resolve()
+    allowed = [real_root]
+    repo = _hf_repo_of(real_root)
+    if repo is not None:
+        allowed.append(repo)
+    out: list[Path] = []
+
+    def refuse(path: Path, why: str) -> ModelFormatError:
+        rel = path.relative_to(root).as_posix()
+        return ModelFormatError(f"{root}: symlink {rel!r} {why}; replace it with the file itself "
+                                "(cp -L) or remove it", model=str(root), path=rel, reason="symlink")
+
+    def walk(folder: Path, real_folder: Path, ancestors: frozenset[Path]) -> None:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            if entry.name in EXCLUDED_NAMES:
+                continue
+            path = folder / entry.name
+            real = real_folder / entry.name
+            if entry.is_symlink():
+                real = Path(os.path.realpath(path))
+                if not real.exists():
+                    raise refuse(path, f"points to {os.readlink(path)!r}, which does not exist")
+                if not any(_inside(real, a) for a in allowed):
+                    raise refuse(path, f"points outside the model folder ({real})")
+            if real.is_dir():
+                if real in ancestors:
+                    raise refuse(path, f"points to one of its own parent folders ({real}): a loop")
+                walk(path, real, ancestors | {real})
+            elif real.is_file():
+                out.append(path.relative_to(root))
+
+    walk(root, real_root, frozenset({real_root}))
+    return sorted(out, key=lambda p: p.as_posix())
+
+
+# --- hashing and digests -------------------------------------------------------------------------
+
+
+def hash_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> tuple[str, int]:
+    """(sha256, size) of ``path`` read in 8 MiB chunks (constant memory for multi-GB weights)."""
+    h = hashlib.sha256()
+    size = 0
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb") as fh:
+        while n := fh.readinto(buf):
+            h.update(view[:n])
+            size += n
+            if on_bytes is not None:
+                on_bytes(n)
+    return h.hexdigest(), size
+
+
+def copy_hashing(src: Path, dest: Path, on_bytes: Callable[[int], None] | None = None) -> tuple[str, int]:
+    """Copy ``src`` to the new file ``dest`` while hashing it (one read pass); fsync. Returns (sha256, size)."""
+    h = hashlib.sha256()
+    size = 0
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(src, "rb") as fin, open(dest, "xb") as fout:
+        while n := fin.readinto(buf):
+            h.update(view[:n])
+            fout.write(view[:n])
+            size += n
+            if on_bytes is not None:
+                on_bytes(n)
+        fout.flush()
+        os.fsync(fout.fileno())
+    return h.hexdigest(), size
+
+
+def tree_digest_of_hashes(entries: Iterable[tuple[str, str]]) -> str:
+    """Digest from ``(relative_posix_path, sha256)`` pairs (see the module docstring)."""
+    h = hashlib.sha256()
+    for rel, sha in sorted(entries):
+        h.update(f"{sha}  {rel}\n".encode())
+    return h.hexdigest()
+
+
+def tree_digest(root: Path) -> str:
+    """Digest of the model folder ``root``: every file :func:`list_model_files` lists, links followed."""
+    root = Path(root)
+    return tree_digest_of_hashes((rel.as_posix(), hash_file(root / rel)[0]) for rel in list_model_files(root))
+
+
+# --- atomic writes -------------------------------------------------------------------------------
+
+
+def unique_tmp(directory: Path, stem: str = "") -> Path:
+    """A fresh temp path in ``directory``: pid + random suffix, so concurrent writers never share one
+    (file locks can silently succeed for every caller on NFS-like file systems)."""
+    return Path(directory) / f".tmp-{stem}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def fsync_dir(directory: Path) -> None:
+    """Persist a rename in ``directory`` (the entry, not only the file data, must reach the disk)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside ``path`` for a writer that wants a file name (``torch.save``, boto3).
+
+    When the block ends without an error the temp file is fsynced and renamed onto ``path``; on an
+    error it is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = unique_tmp(path.parent, path.name + "-")
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_open(path: Path, mode: str = "wb", *, encoding: str | None = None) -> Iterator[IO[Any]]:
+    """``open(path, mode)`` whose content appears at ``path`` all at once, when the block succeeds."""
+    if mode not in ("w", "wb", "wt"):
+        raise ValueError(f"atomic_open writes whole files: mode must be 'w', 'wt' or 'wb', not {mode!r}")
+    with atomic_path(path) as tmp, open(tmp, mode.replace("w", "x"),
+                                        encoding=encoding if "b" not in mode else None) as fh:
+        yield fh
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old or the new content, never a torn file."""
+    with atomic_open(path, "wb") as fh:
+        fh.write(data)
+
+
+def atomic_write_text(path: Path, text: str, *, encoding: str = "utf-8") -> None:
+    """:func:`atomic_write_bytes` for text."""
+    atomic_write_bytes(path, text.encode(encoding))
+
+
+def atomic_write_json(path: Path, data: Any, *, indent: int | None = None) -> None:
+    """:func:`atomic_write_bytes` of ``data`` as JSON (UTF-8)."""
+    atomic_write_text(path, json.dumps(data, indent=indent))
+
+
+def link_or_copy(src: Path, dest: Path) -> None:
+    """Hard-link ``src`` at ``dest``; copy when the file system refuses links (other device, no support)."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
+
+
+# --- folders -------------------------------------------------------------------------------------
+
+
+def _remove_tree(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def replace_dir(staged: Path, dest: Path) -> None:
+    """Put the complete folder ``staged`` at ``dest`` (same file system), replacing what was there.
+
+    Two renames (the old folder aside, the new one in), so ``dest`` is missing for an instant but never
+    half-written; if the second rename fails the old folder is put back. ``staged`` must not be inside
+    ``dest``.
+    """
+    staged, dest = Path(staged), Path(dest)
+    old: Path | None = None
+    if dest.exists() or dest.is_symlink():
+        old = unique_tmp(dest.parent, dest.name + "-old-")
+        os.replace(dest, old)
+    try:
+        os.replace(staged, dest)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dest)
+        raise
+    fsync_dir(dest.parent)
+    if old is not None:
+        _remove_tree(old)
+
+
+@contextlib.contextmanager
+def staged_dir(dest: Path, *, mode: int = 0o755) -> Iterator[Path]:
+    """Yield a fresh folder beside ``dest`` to build in; it replaces ``dest`` when the block succeeds.
+
+    On an error the staged folder is removed and ``dest`` is untouched (see :func:`replace_dir`).
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+    try:
+        os.chmod(work, mode)  # mkdtemp makes it private; a model folder is ordinary data
+        yield work
+        replace_dir(work, dest)
+    finally:
+        if work.exists():
+            _remove_tree(work)
