@@ -90,7 +90,7 @@ def _component_fns(model: Any, size: int, *, branch: int, only_unet: bool) -> di
 
     pipe = model.pipeline
     dtype = pipe.unet.dtype
-    device = pipe._execution_device
+    device = torch.device(model.placement.device)
     lat = size // pipe.vae_scale_factor
     gen = torch.Generator().manual_seed(0)
     sample = torch.randn(2, pipe.unet.config.in_channels, lat, lat, generator=gen).to(device, dtype)

@@ -19,7 +19,8 @@ resemble, so callers may catch either (``except FileNotFoundError`` still works)
     ├── ArchiveError (ValueError)                    unsafe or broken archive
     ├── S3Error (OSError)                            an S3 call failed (mapped from botocore)
     ├── EngineError                                  generation failed inside the engine
-    │   └── OutOfMemoryError (MemoryError)
+    │   ├── OutOfMemoryError (MemoryError)
+    │   └── GenerationCancelledError                 a queued or running generation was cancelled (503)
     └── ServingError                                 endpoint / server level failures
         ├── EndpointNotFoundError (LookupError)       no endpoint (endpoint config, SageMaker model) of that name
         ├── EndpointExistsError (FileExistsError)     an endpoint (endpoint config, SageMaker model) of that name exists
@@ -56,6 +57,7 @@ __all__ = [
     "AuthenticationError",
     "EndpointNotReadyError",
     "EngineError",
+    "GenerationCancelledError",
     "InvocationFailedError",
     "PayloadTooLargeError",
     "WorkerStartError",
@@ -254,6 +256,15 @@ class OutOfMemoryError(EngineError, MemoryError):
     """The device ran out of memory for this request (try fewer images or a smaller size)."""
 
     http_status = 507
+
+
+class GenerationCancelledError(EngineError):
+    """The generation was cancelled before it finished (its caller gave up, or the worker is draining).
+
+    Raised by :meth:`sdmaker.engine.BatchJob.cancel`'s job at the next step boundary; retrying is safe.
+    """
+
+    http_status = 503
 
 
 # --- serving errors -----------------------------------------------------------------------------

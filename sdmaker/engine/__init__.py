@@ -1,10 +1,13 @@
 """The generation engine: load diffusers Stable Diffusion folders and run requests on them.
 
+One denoising loop (``_loop``) serves everything: ``generate`` runs it for one request, ``StepBatcher``
+steps many requests through it together.
+
 Nothing here imports HTTP or CLI libraries; progress reaches callers through ``on_step`` callbacks.
 """
 
 from sdmaker.engine._device import Placement, cpu_has_native_bf16, resolve_placement
-from sdmaker.engine._generate import GeneratedImage, GenerationResult, StepCallback, generate
+from sdmaker.engine._generate import generate
 from sdmaker.engine._images import MIME_TYPES, encode_image, encode_image_base64, read_recipe
 from sdmaker.engine._loader import (
     MODEL_CARD_FILE,
@@ -15,6 +18,7 @@ from sdmaker.engine._loader import (
     read_model_defaults,
 )
 from sdmaker.engine._random_models import KINDS, build_random_pipeline, clip_bpe_path, minilm_dir
+from sdmaker.engine._result import GeneratedImage, GenerationResult, StepCallback
 from sdmaker.engine._schedulers import make_scheduler, scheduler_name_of
 from sdmaker.engine._sheet import contact_sheet
 
@@ -46,16 +50,17 @@ __all__ = [
 ]
 
 # Speed work (issue 5): own loop with DeepCache, step-level batching, speed options.
-from sdmaker.engine._batching import BatcherStats, StepBatcher  # noqa: E402
+from sdmaker.engine._batching import BatcherStats, BatchJob, StepBatcher  # noqa: E402
 from sdmaker.engine._fast import (  # noqa: E402
     SpeedOptions,
     apply_speed_options,
     recommended_dtype,
     recommended_options,
 )
-from sdmaker.engine._loop import generate_fast  # noqa: E402
+from sdmaker.engine._generate import generate_fast  # noqa: E402
 
 __all__ += [
+    "BatchJob",
     "BatcherStats",
     "SpeedOptions",
     "StepBatcher",

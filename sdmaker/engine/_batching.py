@@ -6,7 +6,8 @@ thread owns the model; at every step boundary it admits waiting requests (FIFO) 
 batch, runs one UNet call for the current step of every member (each at its own timestep, with its
 own text embeddings), hands each member its slice to its own scheduler, and retires members whose
 steps are done (VAE decode, result to the waiting caller). Each request keeps its seed/generators,
-scheduler instance and step count, so its images equal ``generate``'s (<= 1e-4 in fp32).
+scheduler instance and step count, so its images equal ``generate``'s (<= 1e-4 in fp32). The loop
+itself is ``sdmaker.engine._loop``'s, the same one ``generate`` runs with a single job.
 
 Compatibility: members of one batch share the latent size (the UNet input shape); guidance mode
 may differ (a CFG request just contributes two rows). Fairness: admission is strictly FIFO; when
@@ -14,6 +15,13 @@ the head of the queue does not fit (other size, or not enough room) nothing behi
 so the batch drains and the head runs next: no request waits behind later arrivals. Bounds:
 ``max_batch`` images per UNet call (a larger request runs alone) and ``max_queue`` waiting requests
 (``submit`` then raises :class:`QueueFullError`).
+
+Cancellation and deadlines: every submitted request is a :class:`BatchJob` (a ``Future``) with a
+``deadline`` and a ``cancel()``. At each step boundary the worker drops jobs that were cancelled
+(:class:`GenerationCancelledError`) or whose deadline has passed (:class:`InvocationTimeoutError`),
+whether still queued or running; their batch-mates carry on with the next step, unchanged. A job
+whose ``on_step`` callback raises fails alone the same way. Only a failure of the shared UNet call
+or VAE decode fails the whole batch.
 """
 
 from __future__ import annotations
@@ -22,27 +30,75 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from sdmaker.engine._generate import GenerationResult, StepCallback
 from sdmaker.engine._loader import LoadedModel
-from sdmaker.engine._loop import Job, decode_jobs, deep_cache_interval_for, prepare_jobs, run_unet, to_result
-from sdmaker.errors import ConfigError, EngineError, QueueFullError, SdmakerError
+from sdmaker.engine._loop import (
+    Job,
+    as_engine_error,
+    decode_jobs,
+    deep_cache_interval_for,
+    prepare_jobs,
+    resolve,
+    run_unet,
+    to_result,
+)
+from sdmaker.engine._result import GenerationResult, StepCallback
+from sdmaker.errors import (
+    ConfigError,
+    EngineError,
+    GenerationCancelledError,
+    InvocationTimeoutError,
+    QueueFullError,
+    SdmakerError,
+)
 from sdmaker.schema import GenerateRequest, ResolvedRequest
 
-__all__ = ["BatcherStats", "StepBatcher"]
+__all__ = ["BatchJob", "BatcherStats", "StepBatcher"]
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class _Pending:
-    request: ResolvedRequest
-    on_step: StepCallback | None
-    future: Future[GenerationResult]
-    enqueued: float = field(default_factory=time.perf_counter)
+class BatchJob(Future[GenerationResult]):
+    """One submitted request: a ``Future`` of its :class:`GenerationResult`, with a deadline and ``cancel()``.
+
+    Attributes:
+        request: the resolved request.
+        deadline: a ``time.monotonic()`` instant, or None. Once it has passed, the job leaves the queue or
+            its batch at the next step boundary and the future fails with :class:`InvocationTimeoutError`.
+            It may be changed while the job waits or runs (e.g. tightened when a client's own timeout is known).
+
+    ``cancel(reason)`` asks the job to stop: at the next step boundary it leaves the queue or its batch and
+    the future fails with :class:`GenerationCancelledError` (``cancelled()`` stays False: the answer is an
+    sdmaker error, so a waiter sees why). It returns False once the job has finished. ``asyncio.wrap_future``
+    calls ``cancel()`` when the awaiting task is cancelled, so a client that goes away frees its rows.
+    """
+
+    def __init__(self, request: ResolvedRequest, on_step: StepCallback | None, deadline: float | None,
+                 wake: Callable[[], None]) -> None:
+        super().__init__()
+        self.request = request
+        self.on_step = on_step
+        self.deadline = deadline
+        self.enqueued = time.perf_counter()
+        self._wake = wake
+        self._cancel_reason: str | None = None
+
+    def cancel(self, reason: str = "cancelled by the caller") -> bool:
+        """Ask the job to leave at the next step boundary; False if it has already finished."""
+        if self.done():
+            return False
+        if self._cancel_reason is None:
+            self._cancel_reason = reason
+        self._wake()
+        return True
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel_reason is not None
 
     @property
     def images(self) -> int:
@@ -51,6 +107,15 @@ class _Pending:
     @property
     def key(self) -> tuple[int, int]:
         return (self.request.height, self.request.width)
+
+    def stop_error(self, now: float, model: str) -> SdmakerError | None:
+        """Why this job must stop now (cancelled, or past its deadline), or None to go on."""
+        if self._cancel_reason is not None:
+            return GenerationCancelledError(f"generation cancelled: {self._cancel_reason}", model=model)
+        if self.deadline is not None and now >= self.deadline:
+            return InvocationTimeoutError("generation did not finish before its deadline; it was stopped at a "
+                                          "step boundary", model=model)
+        return None
 
 
 @dataclass
@@ -61,6 +126,8 @@ class BatcherStats:
     completed: int = 0
     failed: int = 0
     rejected: int = 0
+    cancelled: int = 0
+    timed_out: int = 0
     unet_calls: int = 0
     steps: int = 0
     max_rows: int = 0
@@ -90,19 +157,28 @@ class StepBatcher:
         self.deep_cache_interval = deep_cache_interval
         self.deep_cache_branch = deep_cache_branch
         self.stats = BatcherStats()
-        self._queue: collections.deque[_Pending] = collections.deque()
+        self._queue: collections.deque[BatchJob] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._active: list[tuple[Job, _Pending]] = []
+        self._active: list[tuple[Job, BatchJob]] = []
         self._thread = threading.Thread(target=self._run, name=f"step-batcher-{model.name}", daemon=True)
         self._thread.start()
 
     # -- public API ---------------------------------------------------------------------------------
-    def submit_async(self, request: GenerateRequest, on_step: StepCallback | None = None) -> Future[GenerationResult]:
-        """Queue ``request``; the future resolves to its :class:`GenerationResult` (or its error)."""
-        resolved = request if isinstance(request, ResolvedRequest) else request.resolve(self.model.defaults)
+    def submit_async(self, request: GenerateRequest, on_step: StepCallback | None = None, *,
+                     timeout_s: float | None = None, deadline: float | None = None) -> BatchJob:
+        """Queue ``request``; the returned :class:`BatchJob` resolves to its result (or its error).
+
+        ``timeout_s`` (seconds from now) and ``deadline`` (a ``time.monotonic()`` instant) bound the job's
+        life, queueing included; the earlier one wins. Past it, the job stops at the next step boundary
+        with :class:`InvocationTimeoutError`. ``job.cancel()`` stops it with :class:`GenerationCancelledError`.
+        """
+        resolved = resolve(self.model, request)
         deep_cache_interval_for(self.model, resolved, self.deep_cache_interval)  # refuse here, not in the batch
-        pending = _Pending(resolved, on_step, Future())
+        if timeout_s is not None:
+            by_timeout = time.monotonic() + timeout_s
+            deadline = by_timeout if deadline is None else min(deadline, by_timeout)
+        job = BatchJob(resolved, on_step, deadline, self._wake)
         with self._cond:
             if self._closed:
                 raise EngineError("the batcher is closed", model=self.model.name)
@@ -110,14 +186,15 @@ class StepBatcher:
                 self.stats.rejected += 1
                 raise QueueFullError(f"generation queue is full ({self.max_queue} waiting); retry later",
                                      limit=self.max_queue)
-            self._queue.append(pending)
+            self._queue.append(job)
             self.stats.submitted += 1
             self._cond.notify_all()
-        return pending.future
+        return job
 
-    def submit(self, request: GenerateRequest, on_step: StepCallback | None = None) -> GenerationResult:
+    def submit(self, request: GenerateRequest, on_step: StepCallback | None = None, *,
+               timeout_s: float | None = None) -> GenerationResult:
         """Generate ``request`` inside the shared batch; same result as ``generate(model, request)``."""
-        return self.submit_async(request, on_step).result()
+        return self.submit_async(request, on_step, timeout_s=timeout_s).result()
 
     @property
     def queued(self) -> int:
@@ -138,11 +215,48 @@ class StepBatcher:
         self.close()
 
     # -- worker -------------------------------------------------------------------------------------
-    def _admit(self) -> list[_Pending]:
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _reap(self) -> None:
+        """Drop cancelled and expired jobs, queued or running: the step boundary. Called with the condition held."""
+        now = time.monotonic()
+        name = self.model.name
+        keep: collections.deque[BatchJob] = collections.deque()
+        stopped: list[tuple[BatchJob, SdmakerError]] = []
+        for job in self._queue:
+            err = job.stop_error(now, name)
+            if err is None:
+                keep.append(job)
+            else:
+                stopped.append((job, err))
+        self._queue = keep
+        running: list[tuple[Job, BatchJob]] = []
+        for job_state, job in self._active:
+            err = job.stop_error(now, name)
+            if err is None:
+                running.append((job_state, job))
+            else:
+                stopped.append((job, err))
+                logger.info("request left its batch after step %d of %d: %s", job_state.step,
+                            len(job_state.timesteps), err.message)
+        self._active = running
+        for job, err in stopped:
+            if isinstance(err, InvocationTimeoutError):
+                self.stats.timed_out += 1
+            else:
+                self.stats.cancelled += 1
+            self._answer(job, err)
+
+    def _admit(self) -> list[BatchJob]:
         """FIFO admission at a step boundary; blocks while idle. Called with the condition held."""
-        while not self._queue and not self._active and not self._closed:
+        while True:
+            self._reap()
+            if self._queue or self._active or self._closed:
+                break
             self._cond.wait()
-        admitted: list[_Pending] = []
+        admitted: list[BatchJob] = []
         rows = sum(j.latents.shape[0] for j, _ in self._active)
         key = self._active[0][1].key if self._active else None
         while self._queue:
@@ -157,13 +271,20 @@ class StepBatcher:
             key = head.key
         return admitted
 
-    def _fail(self, pendings: list[_Pending], exc: BaseException) -> None:
-        err = exc if isinstance(exc, SdmakerError) else EngineError(f"generation failed: {exc}",
-                                                                   model=self.model.name)
-        for p in pendings:
+    @staticmethod
+    def _answer(job: BatchJob, outcome: GenerationResult | BaseException) -> None:
+        if job.done():
+            return
+        if isinstance(outcome, BaseException):
+            job.set_exception(outcome)
+        else:
+            job.set_result(outcome)
+
+    def _fail(self, jobs: list[BatchJob], exc: BaseException) -> None:
+        err = as_engine_error(exc, self.model, [j.request for j in jobs])
+        for job in jobs:
             self.stats.failed += 1
-            if not p.future.done():
-                p.future.set_exception(err)
+            self._answer(job, err)
 
     def _run(self) -> None:
         while True:
@@ -180,7 +301,7 @@ class StepBatcher:
                 self._active = []
                 self._fail(failed, exc)
 
-    def _step(self, admitted: list[_Pending]) -> None:
+    def _step(self, admitted: list[BatchJob]) -> None:
         model = self.model
         with model.lock:
             if admitted:
@@ -200,14 +321,17 @@ class StepBatcher:
             self.stats.max_rows = max(self.stats.max_rows, sum(j.rows for j in jobs))
             run_unet(model, jobs)
             self.stats.steps += 1
-            finished = [(j, p) for j, p in self._active if j.done]
+            broken = [(j, p) for j, p in self._active if j.failure is not None]
+            for j, p in broken:  # its own callback failed: it leaves, the batch goes on
+                self._fail([p], j.failure)  # type: ignore[arg-type]
+            finished = [(j, p) for j, p in self._active if j.done and j.failure is None]
+            self._active = [(j, p) for j, p in self._active if not j.done and j.failure is None]
             if not finished:
                 return
-            self._active = [(j, p) for j, p in self._active if not j.done]
             arrays = decode_jobs(model, [j for j, _ in finished])
         for (job, pending), arr in zip(finished, arrays, strict=True):
             try:
-                pending.future.set_result(to_result(model, job, arr))
+                self._answer(pending, to_result(model, job, arr))
                 self.stats.completed += 1
             except Exception as exc:  # noqa: BLE001
                 self._fail([pending], exc)

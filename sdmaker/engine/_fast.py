@@ -14,7 +14,7 @@ the defaults the benchmark numbers support on this kind of machine:
 * **torch.compile** – Inductor on the UNet; it costs minutes of compilation on 2 cores, so it only
   pays for long-lived servers; :func:`apply_speed_options` reports the compile time it spent.
 * **DeepCache** – reuse of deep UNet features across steps; lives in the loop
-  (:func:`~sdmaker.engine._loop.generate_fast`), configured here only as numbers.
+  (:mod:`sdmaker.engine._loop`; per request, or forced by :func:`~sdmaker.engine.generate_fast`), configured here only as numbers.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def _warm_up(model: LoadedModel) -> None:
     cfg = unet.config
     size = int(cfg.sample_size)
     dtype = pipe.text_encoder.dtype
-    device = pipe._execution_device
+    device = torch.device(model.placement.device)
     sample = torch.zeros(2, cfg.in_channels, size, size, dtype=dtype, device=device)
     seq = int(getattr(pipe.tokenizer, "model_max_length", 77))
     embeds = torch.zeros(2, seq, cfg.cross_attention_dim, dtype=dtype, device=device)

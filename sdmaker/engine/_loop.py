@@ -1,20 +1,26 @@
-"""sdmaker's own denoising loop, split into per-request state and shared UNet calls.
+"""sdmaker's one denoising loop, split into per-request state (:class:`Job`) and shared UNet calls.
 
-``generate`` runs the diffusers pipeline whole. Step-level batching and DeepCache need the loop
-opened up: each request becomes a :class:`Job` (its own generators, scheduler instance, step count,
-text embeddings, latents), and one UNet call may serve the current step of several jobs. Every
-per-request operation is the pipeline's own, in the pipeline's order (prompt encoding, latent
-noise from per-image CPU generators, ``scale_model_input``, guidance, ``scheduler.step`` with the
-request's generators, VAE decode, post-processing), so a job run alone reproduces ``generate``
-and a job run inside a batch differs only by the UNet's batch arithmetic (tests assert <= 1e-4).
+Every generation runs here: :func:`~sdmaker.engine.generate` is a one-job run of this loop and
+:class:`~sdmaker.engine.StepBatcher` steps many jobs through it, one UNet call per step for all of
+them. Each request becomes a :class:`Job` (its own generators, scheduler instance, step count, text
+embeddings, latents). The per-request operations are the diffusers ``StableDiffusionPipeline``'s,
+in its order (prompt encoding, latent noise from per-image CPU generators, ``scale_model_input``,
+guidance, ``scheduler.step`` with the request's generators, VAE decode, post-processing), so a job
+run alone matches the pipeline (fp32, <= 1e-4; the tests keep the pipeline as their reference) and a
+job run inside a batch differs only by the UNet's batch arithmetic (<= 1e-4).
+
+The one-of-each rules live here and nowhere else: :func:`scheduler_for` (scheduler setup),
+:func:`image_generators` (seeds to noise), :func:`to_result` (result building) and
+:func:`engine_errors` (torch failures, out-of-memory included, to sdmaker errors).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,13 +28,14 @@ import numpy as np
 import torch
 
 from sdmaker.engine._deepcache import UNetUnits, check_deepcache_support
-from sdmaker.engine._generate import GeneratedImage, GenerationResult, StepCallback, _negatives
 from sdmaker.engine._loader import LoadedModel
+from sdmaker.engine._result import GeneratedImage, GenerationResult, StepCallback, negatives_of
 from sdmaker.engine._schedulers import make_scheduler, scheduler_name_of
-from sdmaker.errors import ConfigError, InvalidRequestError
+from sdmaker.errors import ConfigError, EngineError, InvalidRequestError, OutOfMemoryError, SdmakerError
 from sdmaker.schema import GenerateRequest, ResolvedRequest
 
-__all__ = ["Job", "decode_jobs", "deep_cache_interval_for", "generate_fast", "prepare_jobs", "run_unet"]
+__all__ = ["Job", "as_engine_error", "decode_jobs", "deep_cache_interval_for", "engine_errors", "image_generators",
+           "prepare_jobs", "resolve", "run_unet", "scheduler_for", "to_result"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +54,15 @@ class Job:
     cfg: bool
     embeds: torch.Tensor  # (rows, seq, dim): [negatives; positives] under CFG
     latents: torch.Tensor  # (images, c, h, w)
+    timestep_cond: torch.Tensor | None = None  # guidance embedding of UNets with time_cond_proj_dim (LCM)
     on_step: StepCallback | None = None
     deep_cache_interval: int = 0
     deep_cache_branch: int = 2
     step: int = 0
     cache: torch.Tensor | None = None
     unet_calls: int = 0
+    #: what ``on_step`` raised: the job stops at the step boundary and fails alone, its batch-mates go on
+    failure: BaseException | None = None
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -82,15 +92,28 @@ class Job:
         self.latents = self.scheduler.step(noise_pred, t, self.latents, **self.extra_step_kwargs,
                                            return_dict=False)[0]
         self.step += 1
-        if self.on_step is not None:
-            self.on_step(self.step, len(self.timesteps))
+        if self.on_step is not None and self.failure is None:
+            try:
+                self.on_step(self.step, len(self.timesteps))
+            except Exception as exc:  # noqa: BLE001 - the caller's callback fails its own job only
+                self.failure = exc
 
 
-def _scheduler_for(model: LoadedModel, request: ResolvedRequest) -> Any:
+def scheduler_for(model: LoadedModel, request: ResolvedRequest) -> Any:
+    """A fresh scheduler for one request: the requested one, else the model's own class (schedulers are stateful)."""
     base = model.pipeline.scheduler
     if request.scheduler:
         return make_scheduler(request.scheduler, base.config)
     return type(base).from_config(base.config)
+
+
+def image_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per output image, seeded with that image's reported seed.
+
+    Noise drawn on the CPU is the same on every device, and one generator per image makes an image
+    independent of its position in a request or a batch: image ``i`` regenerates alone from its seed.
+    """
+    return [torch.Generator("cpu").manual_seed(s) for s in seeds]
 
 
 def _step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str, Any]:
@@ -101,6 +124,38 @@ def _step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str,
     if "generator" in params:
         kwargs["generator"] = generators
     return kwargs
+
+
+def as_engine_error(exc: BaseException, model: LoadedModel, requests: Sequence[ResolvedRequest] = ()) -> SdmakerError:
+    """The sdmaker error for a failure inside the engine: the one place torch errors are mapped.
+
+    sdmaker errors pass through; a device out-of-memory (``torch.OutOfMemoryError`` or a RuntimeError
+    saying so, as some backends raise) becomes :class:`OutOfMemoryError` naming what was asked for;
+    anything else becomes :class:`EngineError` (the original stays as ``__cause__``).
+    """
+    if isinstance(exc, SdmakerError):
+        return exc
+    if isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()):
+        images = sum(len(r.image_seeds()) for r in requests)
+        sizes = sorted({f"{r.width}x{r.height}" for r in requests})
+        asked = f" generating {images} image(s) at {', '.join(sizes)}" if requests else ""
+        err: SdmakerError = OutOfMemoryError(f"out of memory{asked}; ask for fewer images or a smaller size",
+                                             model=model.name)
+    else:
+        err = EngineError(f"generation failed: {exc}", model=model.name)
+    err.__cause__ = exc
+    return err
+
+
+@contextlib.contextmanager
+def engine_errors(model: LoadedModel, requests: Sequence[ResolvedRequest] = ()) -> Iterator[None]:
+    """Re-raise any failure inside the block as :func:`as_engine_error` maps it."""
+    try:
+        yield
+    except SdmakerError:
+        raise
+    except Exception as exc:
+        raise as_engine_error(exc, model, requests) from exc
 
 
 def deep_cache_interval_for(model: LoadedModel, request: ResolvedRequest, override: int | None = None) -> int:
@@ -120,6 +175,11 @@ def deep_cache_interval_for(model: LoadedModel, request: ResolvedRequest, overri
     return interval
 
 
+def resolve(model: LoadedModel, request: GenerateRequest) -> ResolvedRequest:
+    """``request`` with unset fields taken from the model's defaults, then the schema's."""
+    return request if isinstance(request, ResolvedRequest) else request.resolve(model.defaults)
+
+
 def prepare_jobs(model: LoadedModel, items: Sequence[tuple[GenerateRequest, StepCallback | None]], *,
                  deep_cache_interval: int | None = None, deep_cache_branch: int = 2) -> list[Job]:
     """Resolve, text-encode (one text-encoder call for all of ``items``) and noise each request.
@@ -131,40 +191,46 @@ def prepare_jobs(model: LoadedModel, items: Sequence[tuple[GenerateRequest, Step
     from diffusers.utils.torch_utils import randn_tensor
 
     pipe = model.pipeline
-    device = pipe._execution_device
-    resolved = [r if isinstance(r, ResolvedRequest) else r.resolve(model.defaults) for r, _ in items]
+    unet = pipe.unet
+    device = torch.device(model.placement.device)  # where load_model put every component
+    resolved = [resolve(model, r) for r, _ in items]
     intervals = [deep_cache_interval_for(model, r, deep_cache_interval) for r in resolved]
+    guided = unet.config.time_cond_proj_dim is None  # guidance-distilled UNets (LCM) take w as an input instead
+    cfgs = [guided and r.guidance_scale > 1.0 for r in resolved]
     prompts: list[str] = []
     negs: list[str] = []
     for req in resolved:
-        per = req.num_images_per_prompt
-        for prompt, neg in zip(req.prompts, _negatives(req), strict=True):
-            prompts += [prompt] * per
-            negs += [neg if neg is not None else ""] * per
+        prompts += req.prompts
+        negs += [n if n is not None else "" for n in negatives_of(req)]
+    # The pipeline's own prompt encoder (tokenizer limits, attention masks, textual-inversion and LoRA hooks),
+    # once for all prompts; each prompt's rows are then repeated per image, as the pipeline does.
     with torch.inference_mode():
-        pos, neg = pipe.encode_prompt(prompts, device, 1, True, negs)
+        pos, neg = pipe.encode_prompt(prompts, device, 1, any(cfgs), negs if any(cfgs) else None)
     jobs: list[Job] = []
     offset = 0
-    for req, (_, on_step), interval in zip(resolved, items, intervals, strict=True):
+    for req, (_, on_step), interval, cfg in zip(resolved, items, intervals, cfgs, strict=True):
         seeds = req.image_seeds()
-        n = len(seeds)
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        cfg = req.guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
-        embeds = pos[offset:offset + n]
+        n, per, count = len(seeds), req.num_images_per_prompt, len(req.prompts)
+        generators = image_generators(seeds)
+        embeds = pos[offset:offset + count].repeat_interleave(per, dim=0)
         if cfg:
-            embeds = torch.cat([neg[offset:offset + n], embeds])
-        offset += n
-        scheduler = _scheduler_for(model, req)
+            embeds = torch.cat([neg[offset:offset + count].repeat_interleave(per, dim=0), embeds])
+        offset += count
+        scheduler = scheduler_for(model, req)
         scheduler.set_timesteps(req.num_inference_steps, device=device)
-        shape = (n, pipe.unet.config.in_channels, req.height // pipe.vae_scale_factor,
-                 req.width // pipe.vae_scale_factor)
+        shape = (n, unet.config.in_channels, req.height // pipe.vae_scale_factor, req.width // pipe.vae_scale_factor)
         latents = randn_tensor(shape, generator=generators, device=device, dtype=pos.dtype)
         latents = latents * scheduler.init_noise_sigma
+        timestep_cond = None
+        if not guided:
+            w = torch.tensor(req.guidance_scale - 1).repeat(n)
+            timestep_cond = pipe.get_guidance_scale_embedding(w, embedding_dim=unet.config.time_cond_proj_dim).to(
+                device=device, dtype=latents.dtype)
         jobs.append(Job(
-            request=req, seeds=seeds, generators=generators, negatives=_negatives(req), scheduler=scheduler,
+            request=req, seeds=seeds, generators=generators, negatives=negatives_of(req), scheduler=scheduler,
             timesteps=list(scheduler.timesteps), extra_step_kwargs=_step_kwargs(scheduler, generators), cfg=cfg,
-            embeds=embeds, latents=latents, on_step=on_step, deep_cache_interval=interval,
-            deep_cache_branch=deep_cache_branch,
+            embeds=embeds, latents=latents, timestep_cond=timestep_cond, on_step=on_step,
+            deep_cache_interval=interval, deep_cache_branch=deep_cache_branch,
         ))
     return jobs
 
@@ -180,18 +246,24 @@ def _units(model: LoadedModel) -> UNetUnits:
     return units
 
 
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+
+
 def _unet_call(model: LoadedModel, jobs: list[Job], *, full: bool) -> list[torch.Tensor]:
     pipe = model.pipeline
     inputs = [j.model_input() for j in jobs]
-    sample = torch.cat(inputs) if len(inputs) > 1 else inputs[0]
+    sample = _cat(inputs)
     timestep = torch.cat([torch.full((x.shape[0],), float(j.timesteps[j.step]), dtype=torch.float32)
                           for j, x in zip(jobs, inputs, strict=True)]).to(sample.device)
-    embeds = torch.cat([j.embeds for j in jobs]) if len(jobs) > 1 else jobs[0].embeds
+    embeds = _cat([j.embeds for j in jobs])
     sizes = [x.shape[0] for x in inputs]
     if all(j.deep_cache_interval <= 1 for j in jobs):
-        out = pipe.unet(sample, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
+        conds = [j.timestep_cond for j in jobs if j.timestep_cond is not None]
+        out = pipe.unet(sample, timestep, encoder_hidden_states=embeds, timestep_cond=_cat(conds) if conds else None,
+                        return_dict=False)[0]
         return list(out.split(sizes))
-    units = _units(model)
+    units = _units(model)  # refuses time_cond_proj_dim UNets, so no timestep_cond below
     branch = jobs[0].deep_cache_branch
     if full:
         out, feature = units.forward(sample, timestep, embeds, branch=branch)
@@ -199,7 +271,7 @@ def _unet_call(model: LoadedModel, jobs: list[Job], *, full: bool) -> list[torch
             j.cache = f if j.deep_cache_interval > 1 else None
     else:
         # a shallow step follows a full one, which cached every job's features
-        cached = torch.cat([j.cache for j in jobs if j.cache is not None]) if len(jobs) > 1 else jobs[0].cache
+        cached = _cat([j.cache for j in jobs if j.cache is not None])
         out, _ = units.forward(sample, timestep, embeds, branch=branch, cached=cached)
     return list(out.split(sizes))
 
@@ -235,7 +307,7 @@ def decode_jobs(model: LoadedModel, jobs: list[Job]) -> list[np.ndarray]:
 
 
 def to_result(model: LoadedModel, job: Job, arrays: np.ndarray) -> GenerationResult:
-    """The :class:`GenerationResult` of a finished job (same type and fields as ``generate``'s)."""
+    """The :class:`GenerationResult` of a finished job: the one place results are built."""
     from diffusers.image_processor import VaeImageProcessor
 
     req = job.request
@@ -244,27 +316,11 @@ def to_result(model: LoadedModel, job: Job, arrays: np.ndarray) -> GenerationRes
     images = [GeneratedImage(image=img, seed=job.seeds[i], prompt=req.prompts[i // per],
                              negative_prompt=job.negatives[i // per], index=i) for i, img in enumerate(pils)]
     elapsed = time.perf_counter() - job.started
-    result = GenerationResult(
+    steps = len(job.timesteps)
+    logger.info("generated %d image(s) %dx%d, %d steps in %.2fs", len(images), req.width, req.height, steps, elapsed)
+    return GenerationResult(
         images=images, request=req, scheduler=req.scheduler or scheduler_name_of(job.scheduler),
         model_name=model.name, model_digest=model.digest,
-        timings={"total_s": elapsed, "per_step_s": elapsed / max(len(job.timesteps), 1),
-                 "unet_full_calls": float(job.unet_calls)},
+        timings={"total_s": elapsed, "per_step_s": elapsed / max(steps, 1), "unet_full_calls": float(job.unet_calls)},
+        arrays=arrays,
     )
-    result.arrays = arrays  # type: ignore[attr-defined]  # float images, for exactness checks
-    return result
-
-
-def generate_fast(model: LoadedModel, request: GenerateRequest, *, on_step: StepCallback | None = None,
-                  deep_cache_interval: int | None = None, deep_cache_branch: int = 2) -> GenerationResult:
-    """Like :func:`~sdmaker.engine.generate`, through sdmaker's own loop (which adds DeepCache).
-
-    ``deep_cache_interval`` None: the request's own; an int overrides it. With 0 or 1 the images equal the
-    diffusers pipeline's (<= 1e-4 in float).
-    """
-    with model.lock:
-        (job,) = prepare_jobs(model, [(request, on_step)], deep_cache_interval=deep_cache_interval,
-                              deep_cache_branch=deep_cache_branch)
-        while not job.done:
-            run_unet(model, [job])
-        (arrays,) = decode_jobs(model, [job])
-    return to_result(model, job, arrays)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from sdmaker.engine import StepBatcher, generate, generate_fast, load_model
-from sdmaker.errors import QueueFullError
+from sdmaker.errors import EngineError, GenerationCancelledError, InvocationTimeoutError, QueueFullError
 from sdmaker.schema import GenerateRequest
 
 
@@ -32,12 +33,12 @@ def _pixels(result) -> np.ndarray:  # type: ignore[no-untyped-def]
     return np.stack([np.asarray(img.image, dtype=np.int16) for img in result.images])
 
 
-def test_solo_loop_equals_generate(model) -> None:  # type: ignore[no-untyped-def]
+def test_generate_fast_without_overrides_is_generate(model) -> None:  # type: ignore[no-untyped-def]
     for i in range(3):
         req = _req(i, negative_prompt="blurry").resolve(model.defaults)
         ours, ref = generate_fast(model, req), generate(model, req)
         assert ours.seeds == ref.seeds and ours.scheduler == ref.scheduler
-        assert np.array_equal(_pixels(ours), _pixels(ref))
+        assert np.array_equal(ours.arrays, ref.arrays)  # type: ignore[arg-type]
 
 
 def test_concurrent_batched_equals_solo(model) -> None:  # type: ignore[no-untyped-def]
@@ -122,7 +123,9 @@ def test_worker_handler_uses_the_batcher(sd1_dir: Path) -> None:
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     answers = []
     for max_batch in (0, 4):
-        handler = HandlerService(sd1_dir, max_batch=max_batch)
+        # fp32: in bf16 a batch of two rounds differently from one request (2 levels seen), whether or not the
+        # two requests happen to share a batch; the exactness bar is fp32's
+        handler = HandlerService(sd1_dir, max_batch=max_batch, dtype="fp32")
         handler.load()
         assert ("<lambda>" in handler.model.runner.__qualname__) == (max_batch > 0)
         responses: list[object] = [None, None]
@@ -152,3 +155,79 @@ def test_batched_deepcache_equals_solo_deepcache(model) -> None:  # type: ignore
     for a, b in zip(solo, batched, strict=True):
         assert a.timings["unet_full_calls"] == b.timings["unet_full_calls"] < b.request.num_inference_steps
         assert float(np.abs(a.arrays - b.arrays).max()) <= 1e-4  # type: ignore[attr-defined]
+
+
+def _two_in_one_batch(model, stop) -> tuple[object, object, list[int], object]:  # type: ignore[no-untyped-def]
+    """A (6 steps) and B (5 steps) share a batch; ``stop(job_a)`` is called from A's callback after its step 2."""
+    a_req = _req(1, num_inference_steps=6, scheduler="euler_a", seed=5)
+    b_req = _req(2, num_inference_steps=5, scheduler="dpmpp_2m", seed=6)
+    a_steps: list[int] = []
+    holder: dict[str, object] = {}
+
+    def on_a(step: int, total: int) -> None:
+        a_steps.append(step)
+        if step == 2:
+            stop(holder["a"])
+
+    with StepBatcher(model, max_batch=8) as batcher:
+        with model.lock:  # neither starts before both are queued: they run side by side from their first steps
+            holder["a"] = batcher.submit_async(a_req, on_step=on_a)
+            b = batcher.submit_async(b_req)
+        b_result = b.result()
+        with pytest.raises(Exception) as info:
+            holder["a"].result()  # type: ignore[attr-defined]
+        stats = batcher.stats
+    assert stats.max_rows == 2 * 2 + 2 * 1  # both CFG jobs were in one UNet call (A has 2 images, B one)
+    return info.value, b_result, a_steps, stats
+
+
+def test_cancelled_job_leaves_its_batch_and_the_others_carry_on(model) -> None:  # type: ignore[no-untyped-def]
+    err, b_result, a_steps, stats = _two_in_one_batch(model, lambda job: job.cancel("client went away"))
+    assert isinstance(err, GenerationCancelledError) and "client went away" in str(err)
+    assert a_steps == [1, 2]  # it left at the step boundary right after the cancel
+    assert stats.cancelled == 1 and stats.completed == 1
+    solo = generate(model, _req(2, num_inference_steps=5, scheduler="dpmpp_2m", seed=6))
+    assert float(np.abs(solo.arrays - b_result.arrays).max()) <= 1e-4  # type: ignore[attr-defined,operator]
+
+
+def test_job_past_its_deadline_leaves_its_batch(model) -> None:  # type: ignore[no-untyped-def]
+    def expire(job) -> None:  # type: ignore[no-untyped-def]
+        job.deadline = time.monotonic() - 1.0  # as if its time ran out during step 2
+
+    err, b_result, a_steps, stats = _two_in_one_batch(model, expire)
+    assert isinstance(err, InvocationTimeoutError) and "deadline" in str(err)
+    assert a_steps == [1, 2] and stats.timed_out == 1
+    solo = generate(model, _req(2, num_inference_steps=5, scheduler="dpmpp_2m", seed=6))
+    assert float(np.abs(solo.arrays - b_result.arrays).max()) <= 1e-4  # type: ignore[attr-defined,operator]
+
+
+def test_queued_job_can_be_cancelled_or_expire_before_it_runs(model) -> None:  # type: ignore[no-untyped-def]
+    gate = threading.Event()
+    with StepBatcher(model, max_batch=1) as batcher:
+        first = batcher.submit_async(_req(1, num_inference_steps=3), on_step=lambda s, t: gate.wait(10))
+        waiting = batcher.submit_async(_req(2))  # 2 images > max_batch room left: waits in the queue
+        expired = batcher.submit_async(_req(3), timeout_s=0.0)
+        assert waiting.cancel() is True
+        gate.set()
+        with pytest.raises(GenerationCancelledError):
+            waiting.result()
+        with pytest.raises(InvocationTimeoutError):
+            expired.result()
+        assert len(first.result().images) == 2
+        assert first.cancel() is False  # finished: nothing left to cancel
+        assert not waiting.cancelled()  # the answer is an sdmaker error, not concurrent.futures' CancelledError
+        assert (batcher.stats.cancelled, batcher.stats.timed_out, batcher.stats.completed) == (1, 1, 1)
+
+
+def test_a_failing_callback_fails_its_own_job_only(model) -> None:  # type: ignore[no-untyped-def]
+    def boom(step: int, total: int) -> None:
+        if step == 2:
+            raise RuntimeError("callback exploded")
+
+    with StepBatcher(model, max_batch=8) as batcher:
+        with model.lock:
+            bad = batcher.submit_async(_req(1, num_inference_steps=4), on_step=boom)
+            good = batcher.submit_async(_req(2, num_inference_steps=4))
+        with pytest.raises(EngineError, match="callback exploded"):
+            bad.result()
+        assert len(good.result().images) == 1

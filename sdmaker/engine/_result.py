@@ -1,0 +1,92 @@
+"""What a generation returns: :class:`GenerationResult` (images, seeds, recipe, encoding).
+
+Kept apart from the loop so that the loop, ``generate`` and the step batcher all build and return
+the same type without importing one another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from sdmaker import __version__
+from sdmaker.engine._images import MIME_TYPES, encode_image
+from sdmaker.schema import ResolvedRequest
+
+__all__ = ["GeneratedImage", "GenerationResult", "StepCallback", "negatives_of"]
+
+#: ``on_step(step, total)`` is called after each denoising step (1-based ``step``).
+StepCallback = Callable[[int, int], None]
+
+
+@dataclass
+class GeneratedImage:
+    """One output image and the single-image request that regenerates it."""
+
+    image: Image.Image
+    seed: int
+    prompt: str
+    negative_prompt: str | None
+    index: int
+
+
+@dataclass
+class GenerationResult:
+    """Images of one request, in output order (prompt-major), plus what produced them.
+
+    ``arrays`` holds the same images as floats in [0, 1] (NHWC) before 8-bit rounding, so tests and
+    benchmarks can compare runs more finely than one pixel level.
+    """
+
+    images: list[GeneratedImage]
+    request: ResolvedRequest
+    scheduler: str | None
+    model_name: str
+    model_digest: str
+    timings: dict[str, float] = field(default_factory=dict)
+    arrays: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def seeds(self) -> list[int]:
+        return [img.seed for img in self.images]
+
+    def recipe(self, index: int) -> dict[str, Any]:
+        """JSON recipe of image ``index``: a one-image request with that image's own seed."""
+        img = self.images[index]
+        single = self.request.model_copy(update={
+            "prompt": img.prompt,
+            "negative_prompt": img.negative_prompt,
+            "num_images_per_prompt": 1,
+            "seed": img.seed,
+            "scheduler": self.scheduler,
+        })
+        return {
+            "sdmaker_version": __version__,
+            "model": self.model_name,
+            "model_digest": self.model_digest,
+            "request": single.model_dump(mode="json"),
+        }
+
+    def encode(self, index: int) -> bytes:
+        """Image ``index`` in the request's format (PNG with its recipe embedded)."""
+        return encode_image(self.images[index].image, fmt=self.request.format, quality=self.request.quality,
+                            recipe=self.recipe(index))
+
+    @property
+    def mime_type(self) -> str:
+        return MIME_TYPES[self.request.format]
+
+
+def negatives_of(request: ResolvedRequest) -> list[str | None]:
+    """The negative prompt of each of ``request``'s prompts (None where there is none)."""
+    prompts = request.prompts
+    neg = request.negative_prompt
+    if neg is None:
+        return [None] * len(prompts)
+    if isinstance(neg, str):
+        return [neg] * len(prompts)
+    return list(neg)
