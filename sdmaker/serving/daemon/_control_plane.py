@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 
 from sdmaker.config import Settings
 from sdmaker.errors import EndpointNotReadyError, SdmakerError
-from sdmaker.serving._endpoints import FORBIDDEN_ENV, EndpointManager
+from sdmaker.serving.daemon._endpoints import FORBIDDEN_ENV, EndpointManager
 
 __all__ = ["OPERATIONS", "ControlPlaneError", "control_plane", "control_plane_error"]
 
@@ -183,7 +183,7 @@ def _endpoint_name(c: _Ctx) -> str:
 async def _describe_endpoint(c: _Ctx) -> dict[str, Any]:
     rec = c.manager.require(_endpoint_name(c))
     config = c.manager.db.get("endpoint_configs", rec.config_name)
-    rt = c.manager.runtimes.get(rec.name)
+    rt = c.manager.live.get(rec.name)
     out: dict[str, Any] = {"EndpointName": rec.name, "EndpointArn": c.arn("endpoint", rec.name),
                            "EndpointConfigName": rec.config_name, "EndpointStatus": rec.status,
                            "CreationTime": rec.created, "LastModifiedTime": rec.modified}
