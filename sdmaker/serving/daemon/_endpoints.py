@@ -186,10 +186,10 @@ class EndpointManager:
         container = model.get("PrimaryContainer") or (model.get("Containers") or [{}])[0]
         ref = model_ref(container)
         self._log(name, f"resolving model data {ref}")
-        model_dir, digest = await asyncio.to_thread(resolve_model_dir, ref, self.settings)
+        model_dir, digest, display_name = await asyncio.to_thread(resolve_model_dir, ref, self.settings)
         python = await asyncio.to_thread(python_for, model_dir, self.settings)
-        plan = plan_variant(variant, model, model_dir=model_dir, digest=digest, log_file=self.log_file(name),
-                            settings=self.settings)
+        plan = plan_variant(variant, model, model_dir=model_dir, digest=digest, display_name=display_name,
+                            log_file=self.log_file(name), settings=self.settings)
         self._generation += 1
         if plan.warning:
             logger.warning("endpoint %s: %s", name, plan.warning)

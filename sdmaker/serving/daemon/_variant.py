@@ -66,8 +66,12 @@ def model_ref(container: dict[str, Any]) -> str:
     return str(ref).removeprefix("file://")
 
 
-def resolve_model_dir(ref: str, settings: Settings) -> tuple[Path, str | None]:
-    """Turn a model reference into a local folder (and its digest), via the store when available."""
+def resolve_model_dir(ref: str, settings: Settings) -> tuple[Path, str | None, str | None]:
+    """Turn a model reference into a local folder, its digest and its name, via the store when available.
+
+    The worker is handed the digest and name (:class:`~sdmaker.serving._protocol.WorkerConfig`), so it
+    neither hashes the weights again nor names the model differently from ``sdmaker serve``.
+    """
     try:
         from sdmaker.store import resolve_model
     except ImportError:  # the store is optional for plain folders
@@ -75,9 +79,9 @@ def resolve_model_dir(ref: str, settings: Settings) -> tuple[Path, str | None]:
         if not path.is_dir():
             raise ConfigError(f"model {ref!r} is not a folder and the store is unavailable", field="ModelDataUrl",
                               value=ref) from None
-        return path, None
+        return path, None, None
     resolved = resolve_model(ref, settings)
-    return Path(resolved.path), getattr(resolved, "digest", None)
+    return Path(resolved.path), resolved.digest, resolved.name
 
 
 def python_for(model_dir: Path, settings: Settings) -> str:
@@ -135,7 +139,7 @@ class VariantPlan:
 
 
 def plan_variant(variant: Mapping[str, Any], model: Mapping[str, Any], *, model_dir: Path, digest: str | None,
-                 log_file: Path, settings: Settings) -> VariantPlan:
+                 display_name: str | None, log_file: Path, settings: Settings) -> VariantPlan:
     """Read ``variant`` (a ProductionVariant) and ``model`` (a CreateModel body) served from ``model_dir``."""
     container = model.get("PrimaryContainer") or (model.get("Containers") or [{}])[0]
     env = {str(k): str(v) for k, v in (container.get("Environment") or {}).items()}
@@ -144,7 +148,7 @@ def plan_variant(variant: Mapping[str, Any], model: Mapping[str, Any], *, model_
     count = max(1, int(variant.get("InitialInstanceCount") or 1)) * max(1, per_instance)
     device, warning = instance_profile(variant.get("InstanceType"))
     environment = worker_environment(settings, env, count)
-    config = WorkerConfig(model_dir=model_dir, port=0, model_digest=digest, device=device,
+    config = WorkerConfig(model_dir=model_dir, port=0, model_name=display_name, model_digest=digest, device=device,
                           dtype=load_settings(environment).dtype,  # SDMAKER_DTYPE, the model's Environment first
                           max_batch=max_batch_for(env, default_handler), max_body_bytes=settings.max_body_bytes,
                           trust_daemon_validation=True, environment=environment, log_file=log_file)
