@@ -190,7 +190,13 @@ def _serving_overhead(d: _Daemon, name: str, model_dir: Path, repeat: int) -> di
 
     import httpx
 
-    port = httpx.get(f"{d.url}/sdmaker/v1/endpoints/{name}", timeout=10).json()["workers"][0]["port"]
+    # the daemon's workers answer /invocations only to the daemon (per-worker secret): time the same worker
+    # code started standalone, as `sdmaker serve` runs it (open on loopback), with the endpoint's settings
+    port = _free_port()
+    worker = subprocess.Popen([sys.executable, "-m", "sdmaker.serving.worker", "--model-dir", str(model_dir),
+                               "--port", str(port)], env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                          "MKL_NUM_THREADS": "1", "SDMAKER_MAX_BATCH": "0"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def direct_to_worker() -> None:
         reply = httpx.post(f"http://127.0.0.1:{port}/invocations", content=body, timeout=900,
@@ -199,13 +205,25 @@ def _serving_overhead(d: _Daemon, name: str, model_dir: Path, repeat: int) -> di
 
     times: dict[str, list[float]] = {"daemon": [], "engine": [], "worker": []}
     paths = {"daemon": via_daemon, "engine": in_process, "worker": direct_to_worker}
-    for fn in paths.values():  # warm every path
-        fn()
-    for _ in range(repeat):  # interleaved, so background load hits every path alike
-        for key, fn in paths.items():
-            t = time.perf_counter()
+    try:
+        deadline = time.monotonic() + 600
+        while worker.poll() is None and time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ping", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        for fn in paths.values():  # warm every path
             fn()
-            times[key].append(time.perf_counter() - t)
+        for _ in range(repeat):  # interleaved, so background load hits every path alike
+            for key, fn in paths.items():
+                t = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - t)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
     out = {}
     for key, values in times.items():
         out[f"{key}_min"] = min(values) * 1000

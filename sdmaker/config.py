@@ -14,7 +14,8 @@ from pathlib import Path
 
 from sdmaker.errors import ConfigError
 
-__all__ = ["Settings", "allow_mlflow_file_store", "load_settings", "quiet_third_party_logs", "replace_environment"]
+__all__ = ["Settings", "allow_mlflow_file_store", "load_settings", "quiet_third_party_logs", "replace_environment",
+           "with_local_key"]
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -52,6 +53,19 @@ class Settings:
             worker only loads its model (cold start about 1 s instead of 5-10 s of imports).
         log_max_bytes: size at which an endpoint log is rotated to ``.1`` (two copies kept;
             ``SDMAKER_LOG_MAX_BYTES``, default 32 MiB; 0 = never rotate).
+        allowed_hosts: extra ``Host`` names the daemon and workers answer besides their bind address and,
+            on loopback, ``localhost``/``127.0.0.1``/``[::1]`` (``SDMAKER_ALLOWED_HOSTS``, comma separated;
+            ``*`` = any). Stops DNS-rebinding web pages: see :mod:`sdmaker.serving._hosts`.
+        local_key: require the local key (``$SDMAKER_HOME/local-key.json``, created 0600 by ``sdmaker up``)
+            for control-plane calls on loopback too (``SDMAKER_LOCAL_KEY``). Stops other users of this
+            machine. When the file exists it also fills in ``auth_*`` unless those are set explicitly,
+            which is how the CLI, :class:`sdmaker.client.Client` and ``sdmaker env`` pick it up;
+            ``local_token`` is then the key's secret (the client's bearer token).
+        worker_token: the per-worker secret a daemon-spawned worker requires on ``/invocations``
+            (``SDMAKER_WORKER_TOKEN``, set by the daemon; never set it by hand).
+        max_instances: the most worker processes one endpoint variant may ask for
+            (``InitialInstanceCount`` x ``SAGEMAKER_MODEL_SERVER_WORKERS``; ``SDMAKER_MAX_INSTANCES``,
+            default: 4 per CPU core, at least 8).
     """
 
     home: Path
@@ -78,6 +92,11 @@ class Settings:
     bind_port: int = 8080
     standby_workers: int = 1
     log_max_bytes: int = 32 * 1024 * 1024
+    allowed_hosts: tuple[str, ...] = ()
+    local_key: bool = False
+    worker_token: str | None = field(default=None, repr=False)
+    local_token: str | None = field(default=None, repr=False)
+    max_instances: int = field(default_factory=lambda: max(8, 4 * (os.cpu_count() or 1)))
 
     @property
     def store_dir(self) -> Path:
@@ -142,7 +161,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Build :class:`Settings` from ``env`` (default: the process environment)."""
     env = dict(os.environ if env is None else env)
     home = Path(env.get("SDMAKER_HOME") or Path.home() / ".sdmaker").expanduser()
-    return Settings(
+    settings = Settings(
         home=home,
         offline=_flag(env, "SDMAKER_OFFLINE", "HF_HUB_OFFLINE"),
         debug=_flag(env, "SDMAKER_DEBUG"),
@@ -167,7 +186,32 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         bind_port=_port(env, "SAGEMAKER_BIND_TO_PORT", 8080),
         standby_workers=int(_number(env, "SDMAKER_STANDBY_WORKERS", 1, minimum=0)),
         log_max_bytes=int(_number(env, "SDMAKER_LOG_MAX_BYTES", 32 * 1024 * 1024, minimum=0)),
+        allowed_hosts=tuple(h.strip() for h in env.get("SDMAKER_ALLOWED_HOSTS", "").split(",") if h.strip()),
+        local_key=_flag(env, "SDMAKER_LOCAL_KEY"),
+        worker_token=env.get("SDMAKER_WORKER_TOKEN") or None,
+        max_instances=int(_number(env, "SDMAKER_MAX_INSTANCES", max(8, 4 * (os.cpu_count() or 1)), minimum=1)),
     )
+    return with_local_key(settings) if settings.local_key else settings
+
+
+def with_local_key(settings: Settings) -> Settings:
+    """``settings`` with the local key (if its file exists) as the SigV4 key pair and ``local_token``.
+
+    ``local_token`` (the key's secret) is the bearer token of the Python client and CLI; it is not
+    ``auth_token``, which would also lock ``sdmaker serve``'s open loopback ``/invocations``.
+
+    Explicit ``SDMAKER_ACCESS_KEY_ID``/``SDMAKER_SECRET_ACCESS_KEY``/``SDMAKER_API_TOKEN`` win: a user whose
+    AWS credentials serve real S3 sets the daemon's SigV4 pair to those and keeps them in the shell.
+    """
+    from sdmaker.local_key import read_local_key
+
+    key = read_local_key(settings.home)
+    if key is None:
+        return settings
+    if settings.auth_access_key_id and settings.auth_secret_access_key:
+        return replace(settings, local_token=key.secret_access_key)
+    return replace(settings, auth_access_key_id=key.access_key_id, auth_secret_access_key=key.secret_access_key,
+                   local_token=key.secret_access_key)
 
 
 def quiet_third_party_logs() -> None:

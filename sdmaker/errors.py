@@ -21,8 +21,9 @@ resemble, so callers may catch either (``except FileNotFoundError`` still works)
     ├── EngineError                                  generation failed inside the engine
     │   └── OutOfMemoryError (MemoryError)
     └── ServingError                                 endpoint / server level failures
-        ├── EndpointNotFoundError (LookupError)
-        ├── EndpointExistsError (FileExistsError)
+        ├── EndpointNotFoundError (LookupError)       no endpoint (endpoint config, SageMaker model) of that name
+        ├── EndpointExistsError (FileExistsError)     an endpoint (endpoint config, SageMaker model) of that name exists
+        ├── ControlPlaneError                        a SageMaker control-plane refusal in AWS's shape (``__type``)
         ├── QueueFullError                           backpressure: retry later (HTTP 503)
         ├── InvocationTimeoutError (TimeoutError)
         ├── EndpointNotReadyError                    endpoint exists but is not InService
@@ -32,16 +33,24 @@ resemble, so callers may catch either (``except FileNotFoundError`` still works)
         └── AuthenticationError (PermissionError)    missing or bad SigV4 signature / bearer token
 
 Errors carry structured fields as well as a message, so the server can put them in a JSON
-body and the client can rebuild the same class from its ``code``.
+body and the client can rebuild the same class from its ``code``: every error response of the daemon
+carries the header ``X-Sdmaker-Error-Code: <code>`` (:data:`ERROR_CODE_HEADER`) beside AWS's own error
+type, and :func:`error_class_for_code` maps it back. Clients never read the message text to decide.
+
+Messages quote user input through :func:`excerpt`: a few hundred characters at most, never a lone
+surrogate, so an error about a 6 MiB prompt stays small and always encodes as UTF-8.
 """
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
 
 __all__ = [
+    "ERROR_CODE_HEADER",
     "ArchiveError",
     "ConfigError",
+    "ControlPlaneError",
     "EndpointExistsError",
     "EndpointNotFoundError",
     "AuthenticationError",
@@ -68,7 +77,46 @@ __all__ = [
     "StoreIntegrityError",
     "UnsupportedFormatError",
     "error_class_for_code",
+    "excerpt",
+    "utf8_safe",
 ]
+
+#: The response header naming the :mod:`sdmaker.errors` class of a daemon error (its ``code``).
+ERROR_CODE_HEADER = "X-Sdmaker-Error-Code"
+
+#: Longest quote of user input in an error message (the input itself may be megabytes).
+EXCERPT_CHARS = 200
+
+
+def utf8_safe(text: str) -> str:
+    """``text`` with lone surrogates written as ``\\udXXX`` escapes, so it always encodes as UTF-8.
+
+    JSON allows ``"\\ud800"``; Python decodes it to a str that UTF-8 refuses, which would turn an
+    error answer into a 500 while it is being rendered.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = EXCERPT_CHARS
+_REPR.maxother = EXCERPT_CHARS
+_REPR.maxlevel = 3
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8
+
+
+def excerpt(value: Any, limit: int = EXCERPT_CHARS) -> str:
+    """A short ``repr`` of user input for an error message: at most ``limit`` characters, UTF-8 safe.
+
+    Bounded in time and depth as well (``reprlib``), so deeply nested or huge inputs cost nothing.
+    """
+    text = _REPR.repr(value)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return utf8_safe(text)
 
 
 class SdmakerError(Exception):
@@ -81,6 +129,7 @@ class SdmakerError(Exception):
     http_status: int = 500
 
     def __init__(self, message: str, **fields: Any) -> None:
+        message = utf8_safe(message)
         super().__init__(message)
         self.message = message
         self.fields: dict[str, Any] = fields
@@ -215,15 +264,40 @@ class ServingError(SdmakerError):
 
 
 class EndpointNotFoundError(ServingError, LookupError):
-    """No endpoint of that name."""
+    """No endpoint of that name (the control plane also uses it for a missing endpoint config or SageMaker model)."""
 
     http_status = 404
 
 
 class EndpointExistsError(ServingError, FileExistsError):
-    """An endpoint of that name exists already."""
+    """An endpoint of that name exists already (or, from the control plane, an endpoint config or SageMaker model)."""
 
     http_status = 409
+
+
+class ControlPlaneError(ServingError):
+    """A SageMaker control-plane refusal, answered as ``{"__type": aws_code, "message": ...}``.
+
+    The message keeps AWS's own wording, because the SageMaker SDK matches on it ("Could not find
+    endpoint" means absent). ``kind`` is the :mod:`sdmaker.errors` class the refusal stands for; its name
+    is this error's wire :attr:`code` (``X-Sdmaker-Error-Code``), so :mod:`sdmaker.client` raises e.g.
+    :class:`EndpointNotFoundError` without reading the text. Without a ``kind``, a 4xx refusal is bad
+    input (:class:`InvalidRequestError`).
+
+    Example: ``ControlPlaneError('Could not find endpoint "arn:..".', kind=EndpointNotFoundError)``
+    """
+
+    def __init__(self, message: str, aws_code: str = "ValidationException", status: int = 400, *,
+                 kind: type[SdmakerError] | None = None, **fields: Any) -> None:
+        super().__init__(message, aws_code=aws_code, **fields)
+        self.aws_code = aws_code
+        self.status = self.http_status = status
+        self.kind: type[SdmakerError] = kind or (InvalidRequestError if 400 <= status < 500 else ServingError)
+
+    @property
+    def code(self) -> str:
+        kind = getattr(self, "kind", None)  # absent on an instance rebuilt from its fields
+        return kind.__name__ if kind is not None else type(self).__name__
 
 
 class QueueFullError(ServingError):

@@ -3,6 +3,14 @@
 This module imports pydantic only (no torch), so ``sdmaker.client`` and the CLI load it cheaply.
 Constraints are declared once, on the fields; :func:`parse_request` turns pydantic's errors into an
 :class:`~sdmaker.errors.InvalidRequestError` that names the field, the value and the allowed range.
+Numbers are strict: an integer field takes a JSON integer only (not ``"64"``, ``true`` or ``64.0``), and
+an error quotes at most a few hundred characters of the input, however large it was.
+
+Everything else that lists request fields derives from :attr:`GenerateRequest.model_fields` through
+:func:`request_fields` (the client's ``generate``, the CLI's options), so a new field appears everywhere
+at once. The wire forms the daemon and the worker accept are parsed here too, by one function each:
+:func:`parse_json_body` (bytes to JSON, as the worker decodes them) and :func:`request_from_payload`
+(the seed's JSON, a GenerateRequest, or the toolkit's ``{"inputs", "parameters"}``).
 
 Field defaults equal the seed article's (512×512, 50 steps, guidance 7.5, one image). Fields left
 unset (``None``) may instead take the model's own recommended defaults (a model trained at 64×64
@@ -11,22 +19,31 @@ declares so in its store manifest); :meth:`GenerateRequest.resolve` applies them
 
 from __future__ import annotations
 
+import json
 import math
+import types
+import typing
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sdmaker.errors import InvalidRequestError
+from sdmaker.errors import EXCERPT_CHARS, InvalidRequestError, excerpt, utf8_safe
 
 __all__ = [
     "FORMATS",
     "LIMITS",
     "SCHEDULERS",
+    "FieldSpec",
     "GenerateRequest",
     "ImageFormat",
     "ResolvedRequest",
     "SchedulerName",
+    "parse_json_body",
     "parse_request",
+    "request_fields",
+    "request_from_body",
+    "request_from_payload",
 ]
 
 SchedulerName = Literal["ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "unipc", "lms", "heun", "ddpm"]
@@ -62,7 +79,11 @@ _Prompt = str | list[str]
 
 
 class GenerateRequest(BaseModel):
-    """A text-to-image request. Unknown fields are rejected (a typo must not be silently ignored)."""
+    """A text-to-image request. Unknown fields are rejected (a typo must not be silently ignored).
+
+    Numeric fields are strict (``strict=True``): JSON integers for integer fields, JSON numbers for
+    ``guidance_scale``; strings, booleans and (for integers) floats are refused, not coerced.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -71,35 +92,35 @@ class GenerateRequest(BaseModel):
         default=None, description="What to avoid; a string for all prompts or a list of the same length."
     )
     height: int | None = Field(
-        default=None, ge=LIMITS["size_min"], le=LIMITS["size_max"], multiple_of=8,
+        default=None, ge=LIMITS["size_min"], le=LIMITS["size_max"], multiple_of=8, strict=True,
         description="Image height in pixels (multiple of 8). Default: the model's, else 512.",
     )
     width: int | None = Field(
-        default=None, ge=LIMITS["size_min"], le=LIMITS["size_max"], multiple_of=8,
+        default=None, ge=LIMITS["size_min"], le=LIMITS["size_max"], multiple_of=8, strict=True,
         description="Image width in pixels (multiple of 8). Default: the model's, else 512.",
     )
     num_inference_steps: int | None = Field(
-        default=None, ge=1, le=LIMITS["steps_max"], description="Denoising steps. Default: the model's, else 50."
+        default=None, ge=1, le=LIMITS["steps_max"], strict=True, description="Denoising steps. Default: the model's, else 50."
     )
     guidance_scale: float | None = Field(
-        default=None, ge=0.0, le=LIMITS["guidance_max"],
+        default=None, ge=0.0, le=LIMITS["guidance_max"], strict=True,
         description="Classifier-free guidance scale; <= 1 disables guidance. Default: the model's, else 7.5.",
     )
     num_images_per_prompt: int | None = Field(
-        default=None, ge=1, le=LIMITS["images_per_prompt_max"], description="Images per prompt. Default 1."
+        default=None, ge=1, le=LIMITS["images_per_prompt_max"], strict=True, description="Images per prompt. Default 1."
     )
     seed: int | None = Field(
-        default=None, ge=0, le=LIMITS["seed_max"],
+        default=None, ge=0, le=LIMITS["seed_max"], strict=True,
         description="Base seed; image i gets seed+i. Random when unset (the seeds used are reported back).",
     )
     scheduler: SchedulerName | None = Field(default=None, description="Sampler; default: the model's own.")
     deep_cache_interval: int | None = Field(
-        default=None, ge=0, le=LIMITS["deep_cache_max"],
+        default=None, ge=0, le=LIMITS["deep_cache_max"], strict=True,
         description="DeepCache: run the full UNet every N steps and reuse its deep features in between "
                     "(0 or 1 = off). Default: the model's (on only where its eval showed no loss), else off.",
     )
     format: ImageFormat = Field(default="jpeg", description="Output image format (the seed returns JPEG).")
-    quality: int = Field(default=90, ge=1, le=100, description="JPEG/WebP quality.")
+    quality: int = Field(default=90, ge=1, le=100, strict=True, description="JPEG/WebP quality.")
 
     @field_validator("prompt", "negative_prompt", mode="before")
     @classmethod
@@ -116,8 +137,11 @@ class GenerateRequest(BaseModel):
                     raise ValueError(f"list items must be strings, got {type(item).__name__}")
                 if len(item) > LIMITS["prompt_chars_max"]:
                     raise ValueError(f"each prompt must be at most {LIMITS['prompt_chars_max']} characters")
-        elif isinstance(value, str) and len(value) > LIMITS["prompt_chars_max"]:
-            raise ValueError(f"must be at most {LIMITS['prompt_chars_max']} characters, got {len(value)}")
+                _check_text(item)
+        elif isinstance(value, str):
+            if len(value) > LIMITS["prompt_chars_max"]:
+                raise ValueError(f"must be at most {LIMITS['prompt_chars_max']} characters, got {len(value)}")
+            _check_text(value)
         return value
 
     @field_validator("guidance_scale")
@@ -167,7 +191,11 @@ class GenerateRequest(BaseModel):
 
 
 class ResolvedRequest(GenerateRequest):
-    """A request with every numeric field set (what the engine runs and what a PNG recipe records)."""
+    """A request with every numeric field set (what the engine runs and what a PNG recipe records).
+
+    Not strict, unlike :class:`GenerateRequest`: it is built from an already validated request plus the
+    model's own defaults (``sdmaker.json``), never from a client's JSON.
+    """
 
     height: int = Field(ge=LIMITS["size_min"], le=LIMITS["size_max"], multiple_of=8)
     width: int = Field(ge=LIMITS["size_min"], le=LIMITS["size_max"], multiple_of=8)
@@ -192,31 +220,159 @@ def _random_seed() -> int:
     return secrets.randbelow(2**32)
 
 
+def _check_text(text: str) -> None:
+    """Refuse text that is not valid Unicode (JSON's ``"\\ud800"`` decodes to a lone surrogate).
+
+    The tokenizer and every UTF-8 encoder downstream would fail on it much later, as a model error.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"must be valid Unicode text: lone surrogate {text[exc.start]!r} at index {exc.start}; "
+                         "send UTF-8 text (in JSON, a \\ud800-\\udfff escape must be one half of a pair)") from None
+
+
+# --- the fields, for the CLI and the client ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One request field as the CLI and the client present it, derived from :attr:`GenerateRequest.model_fields`.
+
+    ``type`` is the scalar Python type (``str``, ``int`` or ``float``); ``multiple`` says a list of them
+    is also accepted (``prompt``, ``negative_prompt``); ``choices`` lists a closed set (``scheduler``).
+    ``default`` is the schema's (``None``: the model's own default applies); ``minimum``/``maximum``/
+    ``multiple_of`` are the limits a value is checked against, ``allowed`` says them in words.
+
+    Example, a typer option per field::
+
+        for spec in request_fields():
+            print(spec.option, spec.type.__name__, spec.default, spec.allowed, spec.description)
+    """
+
+    name: str
+    type: type
+    required: bool
+    default: Any
+    description: str
+    multiple: bool = False
+    choices: tuple[str, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    multiple_of: int | None = None
+
+    @property
+    def option(self) -> str:
+        """The CLI option name: ``--num-inference-steps``."""
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def allowed(self) -> str | None:
+        """The limits in words, as error messages quote them: ``"64..2048, multiple of 8"``."""
+        parts: list[str] = []
+        if self.minimum is not None or self.maximum is not None:
+            lo = self.minimum if self.minimum is not None else "-inf"
+            hi = self.maximum if self.maximum is not None else "inf"
+            parts.append(f"{lo}..{hi}")
+        if self.multiple_of is not None:
+            parts.append(f"multiple of {self.multiple_of}")
+        if self.choices:
+            parts.append("one of " + ", ".join(self.choices))
+        if self.multiple:
+            parts.append(f"a string or a list of up to {LIMITS['prompts_max']} strings")
+        return ", ".join(parts) or None
+
+
+def _field_spec(name: str, info: Any) -> FieldSpec:
+    scalar: type = str
+    multiple = False
+    choices: tuple[str, ...] | None = None
+    for arg in _flatten(info.annotation):
+        if arg is type(None):
+            continue
+        if typing.get_origin(arg) is Literal:
+            choices = tuple(str(c) for c in typing.get_args(arg))
+        elif typing.get_origin(arg) is list:
+            multiple = True
+        elif isinstance(arg, type):
+            scalar = arg
+    limits: dict[str, Any] = {}
+    for meta in info.metadata:
+        for key in ("ge", "le", "multiple_of"):
+            if getattr(meta, key, None) is not None:
+                limits[key] = getattr(meta, key)
+    required = info.is_required()
+    return FieldSpec(name=name, type=scalar, required=required, default=None if required else info.default,
+                     description=info.description or "", multiple=multiple, choices=choices,
+                     minimum=limits.get("ge"), maximum=limits.get("le"), multiple_of=limits.get("multiple_of"))
+
+
+def _flatten(annotation: Any) -> list[Any]:
+    """``int | None`` -> ``[int, None]``; ``Literal[...] | None`` -> ``[Literal[...], None]``."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [a for arg in typing.get_args(annotation) for a in _flatten(arg)]
+    return [annotation]
+
+
+def request_fields(cls: type[GenerateRequest] | None = None) -> list[FieldSpec]:
+    """Every field of the request schema, in declaration order (``prompt`` first): one source for options."""
+    model = cls or GenerateRequest
+    return [_field_spec(name, info) for name, info in model.model_fields.items()]
+
+
 def _describe_allowed(field: str) -> str | None:
     info = GenerateRequest.model_fields.get(field)
-    if info is None:
-        return None
-    parts: list[str] = []
-    lo = hi = mult = None
-    for meta in info.metadata:
-        lo = getattr(meta, "ge", lo)
-        hi = getattr(meta, "le", hi)
-        mult = getattr(meta, "multiple_of", mult)
-    if lo is not None or hi is not None:
-        parts.append(f"{lo if lo is not None else '-inf'}..{hi if hi is not None else 'inf'}")
-    if mult is not None:
-        parts.append(f"multiple of {mult}")
-    if field == "scheduler":
-        parts.append("one of " + ", ".join(SCHEDULERS))
-    if field == "format":
-        parts.append("one of " + ", ".join(FORMATS))
-    if field in ("prompt", "negative_prompt"):
-        parts.append(f"a string or a list of up to {LIMITS['prompts_max']} strings")
-    return ", ".join(parts) or None
+    return _field_spec(field, info).allowed if info is not None else None
+
+
+# --- validation ------------------------------------------------------------------------------------
+
+#: How many of pydantic's errors an :class:`InvalidRequestError` lists (a body may hold thousands).
+_ERRORS_LISTED = 10
+
+_JSON_TYPES = {bool: "a boolean", str: "a string", float: "a float (64.0, 1e2 and -0.0 are floats)", int: "an integer",
+               list: "an array", dict: "an object", type(None): "null"}
+
+
+def _json_type(value: Any) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _field_name(part: Any) -> str:
+    """A field name from an error location, short and printable (an unknown key may be megabytes long)."""
+    text = utf8_safe(str(part))
+    return text if len(text) <= 100 else text[:100] + "..."
+
+
+def _message(error: Any) -> str:
+    kind = error.get("type")
+    if kind == "int_type":
+        return f"must be an integer, got {_json_type(error.get('input'))}"
+    if kind == "float_type":
+        return f"must be a number, got {_json_type(error.get('input'))}"
+    if kind == "extra_forbidden":
+        return "unknown field; allowed fields: " + ", ".join(GenerateRequest.model_fields)
+    msg = utf8_safe(str(error.get("msg", "invalid value")))
+    return msg if len(msg) <= 2 * EXCERPT_CHARS else msg[:2 * EXCERPT_CHARS] + "..."
+
+
+def _echo(value: Any) -> Any:
+    """The offending value for an error's JSON fields: itself when small and JSON-safe, else an excerpt."""
+    if value is None or isinstance(value, (bool, int)) and abs(value) < 2**64:
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    if isinstance(value, str) and len(value) <= EXCERPT_CHARS and utf8_safe(value) == value:
+        return value
+    return excerpt(value)
 
 
 def parse_request(data: Any, *, cls: type[GenerateRequest] = GenerateRequest) -> Any:
-    """Validate ``data`` (a dict) into ``cls``; raise :class:`InvalidRequestError` naming the first bad field."""
+    """Validate ``data`` (a dict) into ``cls``; raise :class:`InvalidRequestError` naming the first bad field.
+
+    The error quotes the value (at most a few hundred characters of it) and the allowed range, and lists
+    up to ten of pydantic's errors under ``errors``.
+    """
     if not isinstance(data, dict):
         raise InvalidRequestError(
             f"request body must be a JSON object, got {type(data).__name__}", field=None, value=None
@@ -226,26 +382,85 @@ def parse_request(data: Any, *, cls: type[GenerateRequest] = GenerateRequest) ->
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         first = errors[0]
-        loc = [str(p) for p in first.get("loc", ())]
+        loc = list(first.get("loc", ()))
         # pydantic reports union members as extra loc parts (e.g. "prompt.str"); the field is the first.
-        field = loc[0] if loc else None
+        field = _field_name(loc[0]) if loc else None
         value = first.get("input")
         allowed = _describe_allowed(field) if field else None
-        msg = first.get("msg", "invalid value")
-        if first.get("type") == "extra_forbidden":
-            msg = "unknown field; allowed fields: " + ", ".join(GenerateRequest.model_fields)
-        shown = repr(value) if not isinstance(value, (dict, list)) or len(repr(value)) < 80 else "<...>"
-        text = f"{field}={shown}: {msg}" if field else msg
+        msg = _message(first)
+        text = f"{field}={excerpt(value)}: {msg}" if field else msg
         if allowed:
             text += f" (allowed: {allowed})"
-        simple = [
-            {"field": ".".join(str(p) for p in e.get("loc", ())), "message": e.get("msg", "")} for e in errors
-        ]
-        raise InvalidRequestError(text, field=field, value=value if _jsonable(value) else repr(value),
-                                  allowed=allowed, errors=simple) from None
+        listed = [{"field": ".".join(_field_name(p) for p in e.get("loc", ())), "message": _message(e)}
+                  for e in errors[:_ERRORS_LISTED]]
+        if len(errors) > _ERRORS_LISTED:
+            listed.append({"field": "", "message": f"... and {len(errors) - _ERRORS_LISTED} more errors"})
+        raise InvalidRequestError(text, field=field, value=_echo(value), allowed=allowed, errors=listed) from None
 
 
-def _jsonable(value: Any) -> bool:
-    return isinstance(value, (str, int, float, bool, type(None))) and not (
-        isinstance(value, float) and not math.isfinite(value)
-    )
+# --- wire forms: the daemon and the worker parse bodies with these ---------------------------------
+
+
+def _charset(content_type: str | None) -> str:
+    for part in (content_type or "").split(";")[1:]:
+        key, _, val = part.partition("=")
+        if key.strip().lower() == "charset" and val.strip():
+            return val.strip().strip('"')
+    return "utf-8"
+
+
+def parse_json_body(body: bytes | str, content_type: str | None = None) -> Any:
+    """Decode a JSON request body as the worker does (the Content-Type's charset, UTF-8 by default).
+
+    Every failure is an :class:`InvalidRequestError` on ``Body`` (HTTP 400): bytes that are not text in
+    that charset, an unknown charset, invalid JSON, and JSON nested too deeply for the parser (which
+    would otherwise raise ``RecursionError`` and take the connection down).
+    """
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        charset = _charset(content_type)
+        try:
+            text = bytes(body).decode(charset)
+        except LookupError:
+            raise InvalidRequestError(f"Content-Type names an unknown charset {utf8_safe(charset[:40])!r}",
+                                      field="Content-Type") from None
+        except UnicodeDecodeError as exc:
+            raise InvalidRequestError(f"Request body is not valid {utf8_safe(charset[:40])} text: {exc.reason} at byte "
+                                      f"{exc.start}", field="Body") from None
+    else:
+        text = body
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise InvalidRequestError("Request body is not valid JSON: nested too deeply", field="Body") from None
+    except ValueError as exc:
+        raise InvalidRequestError(f"Request body is not valid JSON: {exc}", field="Body") from None
+
+
+def request_from_payload(data: Any) -> GenerateRequest:
+    """Validate a decoded body into a request: the seed's JSON, a GenerateRequest, or ``{"inputs", "parameters"}``."""
+    if not isinstance(data, dict):
+        raise InvalidRequestError(f"request body must be a JSON object, got {type(data).__name__}", field=None)
+    data = dict(data)
+    if "inputs" in data:
+        if "prompt" in data:
+            raise InvalidRequestError("give the prompt as 'inputs' (HF toolkit) or 'prompt', not both",
+                                      field="inputs", value=None)
+        params = data.pop("parameters", None)
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise InvalidRequestError(f"parameters must be a JSON object, got {type(params).__name__}",
+                                      field="parameters", value=None)
+        both = sorted(set(params) & set(data))
+        if both:
+            name = _field_name(both[0])
+            raise InvalidRequestError(f"{name} is given both at the top level and in parameters",
+                                      field=name, value=None)
+        data = {"prompt": data.pop("inputs"), **data, **params}
+    request: GenerateRequest = parse_request(data)
+    return request
+
+
+def request_from_body(body: bytes | str, content_type: str | None = None) -> GenerateRequest:
+    """:func:`parse_json_body` then :func:`request_from_payload`: a raw JSON body to a validated request."""
+    return request_from_payload(parse_json_body(body, content_type))

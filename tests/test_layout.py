@@ -82,9 +82,9 @@ def test_only_config_reads_the_environment() -> None:
 
 SERVING = ROOT / "serving"
 #: Shared by the daemon and the worker process: light modules that import neither side.
-SERVING_SHARED = {"_protocol.py", "_http.py", "_requirements.py"}
-#: Until ``request_from_payload`` lives in ``sdmaker.schema`` (issue 18), the daemon validates with the handler's.
-SERVING_CROSSING_ALLOWED = {("daemon/_invoke_api.py", "sdmaker.serving.container")}
+SERVING_SHARED = {"_protocol.py", "_http.py", "_requirements.py", "_hosts.py", "_worker_secret.py"}
+#: (module, imported prefix) pairs allowed to cross the boundary: none.
+SERVING_CROSSING_ALLOWED: set[tuple[str, str]] = set()
 
 
 def _all_imports(path: Path) -> set[str]:

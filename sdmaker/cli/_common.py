@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import traceback
+from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.text import Text
 
 # [compat] typer 0.29 vendors click as typer._click; its exception classes differ from the click package's.
 from typer._click import exceptions as click_exc
@@ -17,7 +21,8 @@ from typer.core import TyperGroup
 from sdmaker.config import Settings, load_settings, quiet_third_party_logs
 from sdmaker.errors import SdmakerError
 
-__all__ = ["SdmakerGroup", "console", "err_console", "get_settings", "load_model_ref", "run_app", "setup_logging"]
+__all__ = ["SdmakerGroup", "console", "err_console", "get_settings", "load_model_ref", "print_error", "run_app",
+           "setup_logging", "write_new_file"]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -37,11 +42,32 @@ def get_settings() -> Settings:
     return load_settings()
 
 
+def print_error(message: str) -> None:
+    """Print ``Error: message`` on stderr as plain, unwrapped text.
+
+    Not typer's boxed panel: a box wraps long lines at the terminal's width, splitting the paths and names
+    a user copies out of an error ("missi│ng-folder"). ``soft_wrap`` leaves wrapping to the terminal, so a
+    copied path is whole, and ``Text`` keeps ``[...]`` in messages from being read as markup.
+    """
+    err_console.print(Text.assemble(("Error: ", "bold red"), message), soft_wrap=True, highlight=False)
+
+
+def _print_click_error(exc: click_exc.ClickException) -> None:
+    """A usage or parameter error: usage line, help hint, then the message (unboxed, see :func:`print_error`)."""
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        err_console.print(Text(ctx.get_usage()), soft_wrap=True, highlight=False)
+        if ctx.command.get_help_option(ctx) is not None:
+            err_console.print(Text(f"Try '{ctx.command_path} {ctx.help_option_names[0]}' for help."),
+                              soft_wrap=True, highlight=False)
+    print_error(exc.format_message())
+
+
 class SdmakerGroup(TyperGroup):
     """The root command group: the error table for every command lives here.
 
-    A known :class:`SdmakerError` becomes typer's one-line ``Error`` box with exit code 1 (usage errors
-    keep exit 2); anything unexpected is one line too unless ``SDMAKER_DEBUG=1``, which shows the traceback.
+    A known :class:`SdmakerError` prints one unwrapped ``Error: ...`` line and exits 1 (usage errors keep
+    exit 2); anything unexpected is one line too unless ``SDMAKER_DEBUG=1``, which shows the traceback.
     """
 
     def invoke(self, ctx: Any) -> object:  # click's Context (typer's own, vendored copy)
@@ -52,14 +78,20 @@ class SdmakerGroup(TyperGroup):
         except SdmakerError as exc:
             if _debug():
                 traceback.print_exc()
-            raise click_exc.ClickException(exc.message) from exc
-        except (click_exc.ClickException, typer.Exit, typer.Abort, KeyboardInterrupt, EOFError):
+            print_error(exc.message)
+            raise typer.Exit(1) from exc
+        except click_exc.ClickException as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # typer already printed the help
+                raise
+            _print_click_error(exc)
+            raise typer.Exit(exc.exit_code) from exc
+        except (typer.Exit, typer.Abort, KeyboardInterrupt, EOFError):
             raise
         except Exception as exc:
             if _debug():
                 raise
-            raise click_exc.ClickException(
-                f"unexpected {type(exc).__name__}: {exc} (set SDMAKER_DEBUG=1 for the traceback)") from exc
+            print_error(f"unexpected {type(exc).__name__}: {exc} (set SDMAKER_DEBUG=1 for the traceback)")
+            raise typer.Exit(1) from exc
 
 
 def _debug() -> bool:
@@ -78,6 +110,41 @@ def load_model_ref(ref: str, settings: Settings, *, allow_pickle: bool = False, 
     resolved = resolve_model(ref, settings, allow_pickle=allow_pickle)
     return load_model(resolved.path, name=resolved.name, digest=resolved.digest, allow_pickle=allow_pickle,
                       device=device or settings.device, dtype=dtype or settings.dtype)
+
+
+def write_new_file(folder: Path, stem: str, suffix: str, data: bytes) -> Path:
+    """Write ``data`` to ``folder/stem.suffix``, or ``stem-2.suffix``, ``stem-3.suffix``... if taken; return it.
+
+    Earlier results are never overwritten: a second ``generate`` with the same seed, or a second ``invoke``,
+    adds files instead of silently replacing the first run's. The bytes go to a temp file that is then
+    hard-linked under the first free name (the link fails if the name exists, so two concurrent runs cannot
+    take the same one) -- a reader never sees a half-written image.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{stem}.{os.getpid()}.tmp"
+    tmp.write_bytes(data)
+    try:
+        n = 1
+        while True:
+            path = folder / (f"{stem}.{suffix}" if n == 1 else f"{stem}-{n}.{suffix}")
+            try:
+                os.link(tmp, path)
+                return path
+            except FileExistsError:
+                n += 1
+            except OSError as exc:  # a file system without hard links: reserve the name, then replace it
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                    raise
+                try:
+                    with open(path, "xb"):
+                        pass
+                except FileExistsError:
+                    n += 1
+                    continue
+                os.replace(tmp, path)
+                return path
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def run_app(app: typer.Typer, argv: list[str] | None = None) -> int:

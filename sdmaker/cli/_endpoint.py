@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +18,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from sdmaker.cli._common import console, get_settings, setup_logging
+from sdmaker.cli._common import console, get_settings, setup_logging, write_new_file
 from sdmaker.config import Settings
 from sdmaker.errors import ConfigError, ServingError
 
@@ -92,12 +94,16 @@ def up_cmd(
     settings.home.mkdir(parents=True, exist_ok=True)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     if detach:
+        if _port_in_use(host, port):  # another daemon (another SDMAKER_HOME) or program: say so, start nothing
+            raise ServingError(f"port {port} on {host} is already in use (another sdmaker daemon, perhaps with "
+                               "another SDMAKER_HOME, or another program): stop it, or pick a free port with "
+                               "--port / SDMAKER_PORT", field="port")
         log = settings.home / "daemon.log"
         with open(log, "ab") as fh:
             proc = subprocess.Popen([sys.executable, "-m", "sdmaker", "up", "--host", host, "--port", str(port)],
                                     stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
                                     start_new_session=True)
-        _wait_up(url, proc, log)
+        _wait_up(url, proc, log, port)
         console.print(f"sdmaker daemon running at {url} (pid {proc.pid}, log {log})", highlight=False)
         return
     from sdmaker.serving import run_daemon
@@ -116,18 +122,69 @@ def up_cmd(
                 _pid_file(settings).unlink()
 
 
-def _wait_up(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 60.0) -> None:
+def _port_in_use(host: str, port: int) -> bool:
+    """Whether something already listens on ``host:port`` (a bind with SO_REUSEADDR, as uvicorn does, fails)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
+def _listens_on(pid: int, port: int) -> bool | None:
+    """Whether process ``pid`` holds a listening TCP socket on ``port``; None where this cannot be told.
+
+    Linux only (``/proc/net/tcp*`` for the listening sockets' inodes, ``/proc/PID/fd`` for the process's).
+    """
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(cols[9])
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return None
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) in {f"socket:[{inode}]" for inode in inodes}:
+                return True
+    return False
+
+
+def _wait_up(url: str, proc: subprocess.Popen[bytes], log: Path, port: int, timeout_s: float = 60.0) -> None:
+    """Wait until the daemon ``proc`` -- this one, not whatever else answers on ``url`` -- serves ``/ping``.
+
+    A 200 from ``/ping`` alone proves nothing: another daemon may own the port while ours fails to bind
+    and exits. So success also needs ``proc`` alive and, where the OS tells, holding the listening socket.
+    """
     import httpx
 
     deadline = time.monotonic() + timeout_s
+    answered_by_other = False
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             tail = log.read_text(errors="replace").strip().splitlines()[-5:]
-            raise ServingError("the daemon exited during startup: " + " | ".join(tail), log=str(log))
+            other = f" (another process answers on {url})" if answered_by_other else ""
+            raise ServingError(f"the daemon exited during startup{other}: " + " | ".join(tail), log=str(log))
         with contextlib.suppress(httpx.TransportError):
             if httpx.get(f"{url}/ping", timeout=1.0).status_code == 200:
-                return
+                if _listens_on(proc.pid, port) is not False and proc.poll() is None:
+                    return
+                answered_by_other = True
         time.sleep(0.2)
+    proc.terminate()  # never leave a daemon behind that this command reported as failed
+    if answered_by_other:
+        raise ServingError(f"another process answers on {url}, not the daemon started here (pid {proc.pid}); "
+                           f"see {log}", log=str(log))
     raise ServingError(f"the daemon did not answer {url}/ping within {timeout_s:g} s; see {log}", log=str(log))
 
 
@@ -293,13 +350,27 @@ def invoke_cmd(
     num_images: Annotated[int | None, typer.Option("--num-images", "--num-images-per-prompt")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
 ) -> None:
-    """Generate images on an endpoint and write them to --out."""
-    with _client(get_settings()) as client:
+    """Generate images on an endpoint and write them to --out (existing files are never overwritten)."""
+    with _client(get_settings()) as client:  # the client validates the request before anything is sent
         gen = client.generate(name, prompt=prompt[0] if len(prompt) == 1 else prompt, negative_prompt=negative_prompt,
                               height=height, width=width, num_inference_steps=steps, guidance_scale=guidance_scale,
                               num_images_per_prompt=num_images, seed=seed)
-    for path in gen.save(out):
-        console.print(str(path), highlight=False)
+    seeds = gen.raw.get("seeds") if isinstance(gen.raw.get("seeds"), list) else None
+    for i, data in enumerate(gen.images):
+        stem = f"{name}-{i:02d}" + (f"-seed{seeds[i]}" if seeds and i < len(seeds) else "")
+        path = write_new_file(out, stem, _image_suffix(data), data)
+        console.print(str(path), highlight=False, soft_wrap=True)
+
+
+def _image_suffix(data: bytes) -> str:
+    """File suffix from the image's magic bytes (an endpoint's handler may answer in any format)."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return "bin"
 
 
 def register(app: typer.Typer) -> None:

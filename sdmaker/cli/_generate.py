@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from sdmaker.cli._common import console, err_console, get_settings, load_model_ref, setup_logging
+from sdmaker.cli._common import console, err_console, get_settings, load_model_ref, setup_logging, write_new_file
 from sdmaker.schema import GenerateRequest, parse_request
 
 __all__ = ["DEFAULT_MODEL", "register"]
@@ -59,15 +59,17 @@ def generate_cmd(
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.ckpt weights.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Generate images from a prompt and print the written paths.
+    """Generate images from a prompt and print the written paths (existing files are never overwritten).
 
     Example: sdmaker generate -p "a large red circle on a white background" --seed 1 -o out/
     """
     setup_logging(verbose)  # first: it quiets third-party logs before they are imported
-    from sdmaker.engine import generate, read_recipe
-
     settings = get_settings()
-    recipe = read_recipe(from_image) if from_image is not None else None
+    recipe = None
+    if from_image is not None:
+        from sdmaker.engine import read_recipe
+
+        recipe = read_recipe(from_image)
     options: dict[str, Any] = {
         "prompt": prompt, "negative_prompt": negative_prompt, "height": height, "width": width,
         "num_inference_steps": steps, "guidance_scale": guidance_scale, "num_images_per_prompt": num_images,
@@ -75,7 +77,10 @@ def generate_cmd(
     }
     if fmt is None and recipe is None:
         options["format"] = "png"
+    # validated before torch is imported (sdmaker.engine): a bad --height fails at once, not 10 s later
     request = _request_from_options(options, recipe["request"] if recipe else None)
+    from sdmaker.engine import generate
+
     ref = model or (recipe["model"] if recipe else DEFAULT_MODEL)
     loaded = load_model_ref(ref, settings, allow_pickle=allow_pickle, device=device, dtype=dtype)
     if recipe and recipe.get("model_digest") and recipe["model_digest"] != loaded.digest:
@@ -87,12 +92,8 @@ def generate_cmd(
         task = progress.add_task("steps", total=resolved.num_inference_steps)
         result = generate(loaded, resolved,
                           on_step=lambda step, total: progress.update(task, completed=step, total=total))
-    out.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(result.images):
-        path = out / f"{i:02d}-seed{img.seed}.{_EXT[resolved.format]}"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(result.encode(i))
-        tmp.replace(path)
+        path = write_new_file(out, f"{i:02d}-seed{img.seed}", _EXT[resolved.format], result.encode(i))
         console.print(str(path), highlight=False, soft_wrap=True)
 
 

@@ -77,14 +77,17 @@ def train_unet(config: _Config, resume: _Resume = False, quick: _Quick = False, 
 def train_export(
     vae: Annotated[Path, typer.Option(help="Trained VAE folder (runs/<vae>/model).", exists=True)],
     unet: Annotated[Path, typer.Option(help="Trained UNet folder (runs/<unet>/model).", exists=True)],
-    dest: Annotated[Path, typer.Option(help="Where to write the built-in model files.")] = Path("sdmaker/models/mini"),
+    dest: Annotated[Path, typer.Option(help=(
+        "Where to write the model files (the built-in one is sdmaker/models/mini: needs --force)."))],
     name: Annotated[str, typer.Option()] = "mini",
+    force: Annotated[bool, typer.Option("--force", help="Replace --dest if it exists.")] = False,
 ) -> None:
     """Package a trained VAE + UNet as built-in model files (fp16 safetensors, configs, defaults)."""
-    from sdmaker.training._export import export_builtin
+    from sdmaker.training._export import check_export_dest, export_builtin
 
     setup_logging(False)
-    path = export_builtin(vae, unet, dest, name=name)
+    check_export_dest(dest, overwrite=force)  # before torch and the weights are loaded
+    path = export_builtin(vae, unet, dest, name=name, overwrite=force)
     console.print(str(path), highlight=False)
 
 

@@ -2,7 +2,11 @@
 
 It speaks the daemon's SageMaker-compatible wire APIs (the same ones boto3 uses) plus sdmaker's own
 ``/sdmaker/v1`` view, and raises :mod:`sdmaker.errors` classes, never raw httpx errors: the daemon tags
-every error with ``X-Sdmaker-Error-Code`` and :func:`_raise_for_status` maps it back (one boundary).
+every error with ``X-Sdmaker-Error-Code`` and :func:`_raise_for_status` maps that code back (one
+boundary). Message texts are for people: they may change, and the client never reads them to decide.
+
+:meth:`Client.generate` takes the request fields of :class:`~sdmaker.schema.GenerateRequest` as keyword
+arguments; its signature and docs are generated from the schema, so a new field needs no change here.
 
 Timeouts are finite: a short connect timeout and a long, per-client read timeout for generation
 (CPU generation is slow; the daemon's own invocation budget answers first).
@@ -11,6 +15,7 @@ Timeouts are finite: a short connect timeout and a long, per-client read timeout
 from __future__ import annotations
 
 import base64
+import inspect
 import json
 import time
 from dataclasses import dataclass, field
@@ -21,15 +26,16 @@ import httpx
 
 from sdmaker.config import Settings, load_settings
 from sdmaker.errors import (
-    EndpointExistsError,
+    ERROR_CODE_HEADER,
     EndpointNotFoundError,
+    InvalidRequestError,
     InvocationTimeoutError,
     SdmakerError,
     ServingError,
     WorkerStartError,
     error_class_for_code,
 )
-from sdmaker.schema import GenerateRequest, parse_request
+from sdmaker.schema import GenerateRequest, parse_request, request_fields
 
 __all__ = ["Client", "Generation", "InvokeResult"]
 
@@ -99,23 +105,20 @@ def _raise_for_status(response: httpx.Response) -> None:
     except ValueError:
         body = {}
     body = body if isinstance(body, dict) else {}
-    message = str(body.get("message") or body.get("Message") or response.text or response.reason_phrase)
-    code = response.headers.get("x-sdmaker-error-code")
+    message = str(body.get("message") or body.get("Message") or body.get("detail") or response.text
+                  or response.reason_phrase)
+    code = response.headers.get(ERROR_CODE_HEADER)
     if code:
         cls = error_class_for_code(code)
-    elif "already existing" in message:
-        cls = EndpointExistsError
-    elif "Could not find" in message or "not found" in message:
-        cls = EndpointNotFoundError
-    else:
-        cls = ServingError
-    fields = {k: v for k, v in body.items() if k not in ("message", "Message", "error")}
-    error = cls.__new__(cls)
-    SdmakerError.__init__(error, message, **fields, http_status=response.status_code,
-                          aws_code=response.headers.get("x-amzn-errortype") or body.get("__type"))
+    else:  # not an sdmaker daemon (or a proxy in front of it answered): classify by status only
+        cls = InvalidRequestError if 400 <= response.status_code < 500 else ServingError
+    fields: dict[str, Any] = {k: v for k, v in body.items() if k not in ("message", "Message", "error")}
+    fields["http_status"] = response.status_code
+    fields["aws_code"] = response.headers.get("x-amzn-errortype") or body.get("__type")
+    error = cls.__new__(cls)  # the classes' own __init__ take different arguments; the fields are on the wire
+    SdmakerError.__init__(error, message, **fields)
     for attr in ("field", "value", "allowed"):  # InvalidRequestError's structured attributes
-        if attr in fields:
-            setattr(error, attr, fields[attr])
+        setattr(error, attr, fields.get(attr))
     raise error
 
 
@@ -141,7 +144,7 @@ class Client:
         settings = settings or load_settings()
         self.url = (url or settings.client_url).rstrip("/")
         headers = {"User-Agent": "sdmaker-client"}
-        token = token or settings.auth_token
+        token = token or settings.auth_token or settings.local_token  # local_token: SDMAKER_LOCAL_KEY
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self._http = httpx.Client(base_url=self.url, headers=headers, transport=transport,
@@ -190,16 +193,15 @@ class Client:
                             request_id=response.headers.get("x-amzn-requestid"),
                             custom_attributes=response.headers.get("x-amzn-sagemaker-custom-attributes"))
 
-    def generate(self, endpoint: str, *, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
-                 height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
-                 guidance_scale: float | None = None, num_images_per_prompt: int | None = None,
-                 seed: int | None = None, scheduler: str | None = None, format: str = "jpeg",
-                 quality: int = 90) -> Generation:
-        """Text-to-image with the shared request schema (validated here before anything is sent)."""
-        fields = {"prompt": prompt, "negative_prompt": negative_prompt, "height": height, "width": width,
-                  "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-                  "num_images_per_prompt": num_images_per_prompt, "seed": seed, "scheduler": scheduler,
-                  "format": format, "quality": quality}
+    def generate(self, endpoint: str, prompt: str | list[str] | None = None, **fields: Any) -> Generation:
+        """Text-to-image with the shared request schema (validated here before anything is sent).
+
+        ``fields`` are :class:`~sdmaker.schema.GenerateRequest`'s; a field given as ``None`` is left unset
+        (the endpoint's model default applies). An unknown or out-of-range field raises
+        :class:`~sdmaker.errors.InvalidRequestError` naming it.
+        """
+        if prompt is not None:
+            fields["prompt"] = prompt
         request: GenerateRequest = parse_request({k: v for k, v in fields.items() if v is not None})
         result = self.invoke(endpoint, request.model_dump(mode="json", exclude_none=True))
         data = result.json()
@@ -285,3 +287,23 @@ class Client:
 
     def metrics(self) -> str:
         return self._send("GET", "/metrics").text
+
+
+def _document_generate() -> None:
+    """Give ``Client.generate`` the schema's fields as its signature and docs (``help()``, IDEs, ``inspect``)."""
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+              inspect.Parameter("endpoint", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str)]
+    lines = ["", "Request fields (from :class:`~sdmaker.schema.GenerateRequest`):", ""]
+    for spec in request_fields():
+        annotation = GenerateRequest.model_fields[spec.name].annotation
+        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD if spec.name == "prompt" else inspect.Parameter.KEYWORD_ONLY
+        params.append(inspect.Parameter(spec.name, kind, annotation=annotation,
+                                        default=inspect.Parameter.empty if spec.required else spec.default))
+        allowed = f" Allowed: {spec.allowed}." if spec.allowed else ""
+        lines.append(f"- ``{spec.name}``: {spec.description}{allowed}")
+    function = Client.generate
+    function.__signature__ = inspect.Signature(params, return_annotation=Generation)  # type: ignore[attr-defined]
+    function.__doc__ = (function.__doc__ or "") + "\n        ".join(lines) + "\n"
+
+
+_document_generate()

@@ -91,8 +91,9 @@ class WorkerConfig(BaseModel):
 def trusts_validation(config: WorkerConfig, headers: Mapping[str, str]) -> bool:
     """True when this request's body was validated by the daemon that spawned this worker.
 
-    Workers bind loopback; until workers get a per-worker secret (issue 12), the header is believed only
-    by workers the daemon started (``trust_daemon_validation``), never by ``sdmaker serve``.
+    Believed only by workers the daemon started (``trust_daemon_validation``), never by ``sdmaker serve``;
+    such a worker answers ``/invocations`` only to holders of its per-worker secret
+    (:mod:`sdmaker.serving._worker_secret`), so the header cannot come from anyone but its daemon.
     """
     if not config.trust_daemon_validation:
         return False

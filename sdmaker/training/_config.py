@@ -121,9 +121,26 @@ def load_config(path: Path, *, quick: bool = False, kind: str | None = None,
         if not cfg["vae"]:
             raise ConfigError("a unet config needs 'vae': the folder of the trained VAE", field="vae")
         vae = Path(cfg["vae"])
+        if not (vae / "config.json").is_file():
+            # otherwise diffusers takes the missing folder for a hub id and fails with "couldn't connect to
+            # huggingface.co", which says nothing about the real cause: the VAE was not trained yet
+            raise ConfigError(f"the trained VAE {vae} does not exist (no config.json there): the UNet trains "
+                              f"on its latents, so train the VAE first: {_vae_command(vae)}, or pass --vae FOLDER",
+                              field="vae", value=str(vae))
         cfg["vae"] = str(vae.resolve())
     cfg["config_path"] = str(path.resolve())
     return cfg
+
+
+def _vae_command(vae: Path) -> str:
+    """The ``sdmaker train vae`` command that writes ``vae`` (a run's ``model`` folder), as far as it can tell."""
+    if vae.name != "model" or not vae.parent.name:
+        return "`sdmaker train vae --config configs/train/mini-vae.json --out RUN` (the VAE is RUN/model)"
+    run = vae.parent.name
+    quick = run.endswith("-quick")
+    name = run.removesuffix("-quick")
+    return (f"`sdmaker train vae --config configs/train/{name}.json{' --quick' if quick else ''} "
+            f"--out {vae.parent}`")
 
 
 #: Left out of the digest: a resume checks the schedule itself, step by step (``check_resumable``).

@@ -14,12 +14,26 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_SETTINGS", "export_builtin"]
+__all__ = ["DEFAULT_SETTINGS", "check_export_dest", "export_builtin"]
 
 #: Recommended request defaults of the built-in model (what ``sdmaker eval`` measures by default).
 DEFAULT_SETTINGS: dict[str, Any] = {"height": 64, "width": 64, "num_inference_steps": 10, "guidance_scale": 2.5,
                                     "scheduler": "dpmpp_2m", "deep_cache_interval": 2}
 _KEEP = ("model_index.json", "unet", "vae", "scheduler")
+
+
+def check_export_dest(dest: Path, *, overwrite: bool) -> None:
+    """Refuse to replace an existing, non-empty ``dest`` unless ``overwrite`` (before any weights are loaded)."""
+    from sdmaker.errors import ConfigError
+    from sdmaker.models import BUILTIN_NAMES, builtin_dir
+
+    if overwrite or not dest.exists() or (dest.is_dir() and not any(dest.iterdir())):
+        return
+    resolved = dest.resolve()
+    builtin = next((n for n in BUILTIN_NAMES if builtin_dir(n).resolve() == resolved), None)
+    what = f"the built-in model {builtin!r} ({dest})" if builtin else f"{dest}, which exists"
+    raise ConfigError(f"refusing to overwrite {what}: export to a new --dest folder, or pass --force to "
+                      "replace it", field="dest", value=str(dest))
 
 
 def _prediction_type(unet_dir: Path) -> str:
@@ -34,8 +48,13 @@ def _prediction_type(unet_dir: Path) -> str:
 
 def export_builtin(vae_dir: Path, unet_dir: Path, dest: Path, *, name: str = "mini",
                    defaults: dict[str, Any] | None = None, card: str | None = None,
-                   text_model_dir: Path | None = None) -> Path:
-    """Write the committed part of a built-in model to ``dest`` (replaced atomically); return ``dest``."""
+                   text_model_dir: Path | None = None, overwrite: bool = False) -> Path:
+    """Write the committed part of a built-in model to ``dest`` (replaced atomically); return ``dest``.
+
+    An existing ``dest`` is replaced only with ``overwrite``: it may be the committed built-in model itself,
+    whose weights took hours to train, and an export is one mistyped flag away from it.
+    """
+    check_export_dest(Path(dest), overwrite=overwrite)
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +87,47 @@ def test_help() -> None:
     res = runner.invoke(app, ["generate", "--help"])
     assert res.exit_code == 0
     assert "--from" in res.output
+
+
+def test_a_second_run_never_overwrites_the_first(sd1_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["generate", "-m", str(sd1_dir), "-p", "a cat", "--seed", "5", "-o", str(out), *SMALL]
+    first = runner.invoke(app, [*args, "--format", "png"])
+    assert first.exit_code == 0, first.output
+    (a,) = _paths(first.stdout)
+    before = a.read_bytes()
+    second = runner.invoke(app, [*args, "--format", "png", "--guidance-scale", "1.5"])
+    assert second.exit_code == 0, second.output
+    (b,) = _paths(second.stdout)
+    assert (a.name, b.name) == ("00-seed5.png", "00-seed5-2.png")
+    assert a.read_bytes() == before and b.read_bytes() != before
+    assert sorted(p.name for p in out.iterdir()) == ["00-seed5-2.png", "00-seed5.png"]  # no temp files left
+
+
+def test_write_new_file_numbers_taken_names(tmp_path: Path) -> None:
+    from sdmaker.cli._common import write_new_file
+
+    paths = [write_new_file(tmp_path, "image-00", "jpg", bytes([i])) for i in range(3)]
+    assert [p.name for p in paths] == ["image-00.jpg", "image-00-2.jpg", "image-00-3.jpg"]
+    assert [p.read_bytes() for p in paths] == [b"\x00", b"\x01", b"\x02"]
+
+
+_NO_TORCH = """
+import sys
+from sdmaker.cli import app
+from sdmaker.cli._common import run_app
+code = run_app(app, sys.argv[1:])
+print("TORCH" if "torch" in sys.modules else "NO-TORCH", code)
+"""
+
+
+@pytest.mark.parametrize("command", [
+    ["generate", "-p", "x", "--height", "13"],
+    ["invoke", "some-endpoint", "-p", "x", "--height", "13"],
+])
+def test_an_invalid_request_is_rejected_before_torch_is_imported(command: list[str], sdmaker_home: Path) -> None:
+    # its own process: this one has imported torch long ago
+    res = subprocess.run([sys.executable, "-c", _NO_TORCH, *command], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "SDMAKER_PORT": "1"})  # nothing answers there: never contacted
+    assert res.stdout.split() == ["NO-TORCH", "1"], res.stdout + res.stderr
+    assert "height=13" in res.stderr

@@ -85,6 +85,9 @@ def test_predictor_and_model_errors(client: Client, scripted_model_dir: Path) ->
         predictor.predict({"fail": "broken model code"})
     assert info.value.fields["OriginalStatusCode"] == 400
     assert "broken model code" in info.value.message
+    with pytest.raises(InvocationFailedError) as info:  # the model's error echoes 4 MiB: the daemon quotes 1 KiB
+        predictor.predict({"fail": "z" * (4 * 1024 * 1024)})
+    assert len(info.value.message) < 4096 and len(info.value.fields["OriginalMessage"]) < 2048
     predictor.delete_endpoint()
     with pytest.raises(EndpointNotFoundError):
         client.describe_endpoint("cl-echo")
@@ -95,3 +98,37 @@ def test_failed_endpoint_raises_with_the_worker_error(client: Client, scripted_m
         client.create_endpoint("cl-broken", model=str(scripted_model_dir),
                                environment={"SCRIPTED_LOAD_FAIL": "out of unicorns"})
     client.delete_endpoint("cl-broken")
+
+
+def test_generate_with_deep_cache_interval(client: Client, tiny: str) -> None:
+    """A schema field the old hand-written signature lacked reaches the endpoint (issue 18, item 7)."""
+    gen = client.generate(tiny, "a cat", height=64, width=64, num_inference_steps=4, deep_cache_interval=2, seed=5)
+    assert len(gen.images) == 1 and gen.raw["seeds"] == [5]
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    (b'{"prompt": "x", "height": "64"}', "height"),
+    (b'{"prompt": "x", "num_inference_steps": true}', "num_inference_steps"),
+    (b'{"prompt": "x", "seed": -0.0}', "seed"),
+    (b'{"prompt": "x", "width": 1e-400}', "width"),
+    (b'{"prompt": "\\ud800"}', "prompt"),
+    (b'{"prompt": ' + b"[" * 1000 + b"]" * 1000 + b"}", "Body"),
+    (b"[" * 1000 + b"]" * 1000, "Body"),
+    (b'{"prompt": "' + b"x" * (5 * 1024 * 1024) + b'"}', "prompt"),
+])
+def test_bad_bodies_are_short_validation_errors_at_the_daemon(daemon, tiny: str, body: bytes,  # type: ignore[no-untyped-def]
+                                                             field: str) -> None:
+    """Issue 11: 400 ValidationError with the code header, never 424/500; the body quotes an excerpt only;
+    the keep-alive connection stays usable."""
+    import httpx
+
+    with httpx.Client(base_url=daemon.url, timeout=60) as http:
+        reply = http.post(f"/endpoints/{tiny}/invocations", content=body, headers={"Content-Type": "application/json"})
+        assert reply.status_code == 400, reply.text[:500]
+        assert reply.headers["x-amzn-ErrorType"] == "ValidationError"
+        assert reply.headers["X-Sdmaker-Error-Code"] == "InvalidRequestError"
+        assert len(reply.content) < 2000
+        message = reply.json()["message"]
+        assert message.startswith(f"{field}=") or (field == "Body" and "not valid JSON" in message), message
+        again = http.get("/ping")  # same connection
+        assert again.status_code == 200

@@ -28,7 +28,7 @@ def _server(name: str, **kwargs: object) -> ModelServer:
 def test_ping_loading_then_healthy_and_status_file(tmp_path: Path) -> None:
     status = tmp_path / "run" / "w.status.json"
     server = _server("all_hooks", status_file=status, worker_id="ep-0")
-    client = TestClient(create_app(server))
+    client = TestClient(create_app(server), base_url="http://127.0.0.1:8080")
     ping = client.get("/ping")
     assert (ping.status_code, ping.json()) == (503, {"status": "Loading"})
     loading = json.loads(status.read_text())
@@ -46,7 +46,7 @@ def test_failed_load_reports_the_model_error(tmp_path: Path) -> None:
     status = tmp_path / "status.json"
     server = _server("model_fn_raises", status_file=status)
     assert not server.load()
-    ping = TestClient(create_app(server)).get("/ping")
+    ping = TestClient(create_app(server), base_url="http://127.0.0.1:8080").get("/ping")
     assert ping.status_code == 500
     assert ping.json() == {"status": "Failed",
                            "error": "RuntimeError: weights are corrupt: unet shard 3 of 4 is missing"}
@@ -58,7 +58,7 @@ def test_failed_load_reports_the_model_error(tmp_path: Path) -> None:
 def hooks_client() -> TestClient:
     server = _server("all_hooks_context", max_body_bytes=64)
     assert server.load()
-    return TestClient(create_app(server))
+    return TestClient(create_app(server), base_url="http://127.0.0.1:8080")
 
 
 def test_invocations_pass_raw_headers_and_answer_with_accept(hooks_client: TestClient) -> None:
@@ -90,7 +90,7 @@ def test_unknown_route_is_mms_404(hooks_client: TestClient) -> None:
 def test_bearer_token_guards_everything_but_ping() -> None:
     server = _server("all_hooks", token="s3cret")
     assert server.load()
-    client = TestClient(create_app(server))
+    client = TestClient(create_app(server), base_url="http://127.0.0.1:8080")
     assert client.get("/ping").status_code == 200
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
         reply = client.post("/invocations", json={"a": 1}, headers=headers)

@@ -70,3 +70,33 @@ def test_exported_model_loads_with_engine_and_generates(quick_model: Path) -> No
     a = generate(model, req).images[0].image
     b = generate(model, req).images[0].image
     assert a.size == (64, 64) and a.tobytes() == b.tobytes()
+
+
+def test_unet_before_vae_names_the_missing_vae_and_the_command(tmp_path: Path, sdmaker_home: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)  # the config's "vae": "runs/mini-vae/model" is relative to here: absent
+    assert run_app(app, ["train", "unet", "--config", str(CONFIGS / "mini-unet.json"), "--quick", "--no-track",
+                         "--out", str(tmp_path / "u")]) == 1
+    err = capsys.readouterr().err
+    assert "the trained VAE runs/mini-vae/model does not exist" in err
+    assert "`sdmaker train vae --config configs/train/mini-vae.json --out runs/mini-vae`" in err
+    assert "huggingface" not in err
+
+
+def test_export_needs_dest_and_force_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sdmaker.models import builtin_dir
+
+    parts = ["train", "export", "--vae", str(tmp_path), "--unet", str(tmp_path)]  # never read: refused first
+    assert run_app(app, parts) == 2  # no default --dest: it used to be the built-in model itself
+    builtin = builtin_dir("mini")
+    before = {p: p.stat().st_mtime_ns for p in builtin.rglob("*")}
+    capsys.readouterr()
+    assert run_app(app, [*parts, "--dest", str(builtin)]) == 1
+    assert "refusing to overwrite the built-in model 'mini'" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in builtin.rglob("*")} == before
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "model_index.json").write_text("{}")
+    assert run_app(app, [*parts, "--dest", str(taken)]) == 1
+    assert "--force" in capsys.readouterr().err and (taken / "model_index.json").read_text() == "{}"

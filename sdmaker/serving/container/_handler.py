@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sdmaker.errors import InvalidRequestError, SdmakerError
-from sdmaker.schema import GenerateRequest, parse_request
+from sdmaker.schema import GenerateRequest, request_from_payload  # request_from_payload: re-exported
 from sdmaker.serving._protocol import SEEDS_HEADER
 from sdmaker.serving.container._codecs import (
     JSON,
@@ -105,29 +105,6 @@ class SdModel:
         if name == "loaded":  # not yet set (copy/pickle): avoid recursion
             raise AttributeError(name)
         return getattr(self.loaded.pipeline, name)
-
-
-def request_from_payload(data: Any) -> GenerateRequest:
-    """Validate a decoded body into a request: the seed's JSON, a GenerateRequest, or ``{"inputs", "parameters"}``."""
-    if not isinstance(data, dict):
-        raise InvalidRequestError(f"request body must be a JSON object, got {type(data).__name__}", field=None)
-    data = dict(data)
-    if "inputs" in data:
-        if "prompt" in data:
-            raise InvalidRequestError("give the prompt as 'inputs' (HF toolkit) or 'prompt', not both",
-                                      field="inputs", value=None)
-        params = data.pop("parameters", None)
-        if params is None:
-            params = {}
-        if not isinstance(params, dict):
-            raise InvalidRequestError(f"parameters must be a JSON object, got {type(params).__name__}",
-                                      field="parameters", value=None)
-        both = sorted(set(params) & set(data))
-        if both:
-            raise InvalidRequestError(f"{both[0]} is given both at the top level and in parameters",
-                                      field=both[0], value=None)
-        data = {"prompt": data.pop("inputs"), **data, **params}
-    return parse_request(data)
 
 
 def model_display_name(model_dir: Path) -> str:

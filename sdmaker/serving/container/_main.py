@@ -70,8 +70,10 @@ def serve(config: WorkerConfig, settings: Settings) -> int:
                              server_version=__version__, digest=config.model_digest, max_batch=config.max_batch,
                              validated_by=validated_by)
     server = ModelServer(handler, status_file=config.status_file, threads=config.handler_threads,
-                         max_body_bytes=config.max_body_bytes, token=config.token, worker_id=config.worker_id)
-    return run_server(server, host=config.host, port=config.port, fail_grace_s=config.fail_grace_s)
+                         max_body_bytes=config.max_body_bytes, token=config.token or settings.worker_token,
+                         worker_id=config.worker_id)
+    return run_server(server, host=config.host, port=config.port, fail_grace_s=config.fail_grace_s,
+                      allowed_hosts=settings.allowed_hosts)
 
 
 def _setup_logging(tag: str, debug: bool) -> None:

@@ -12,7 +12,6 @@ annotations, imported inside :func:`create_app`.)
 """
 
 import asyncio
-import hmac
 import json
 import logging
 import math
@@ -28,8 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from sdmaker.errors import AuthenticationError, ConfigError, PayloadTooLargeError
+from sdmaker.serving._hosts import HostGuard, HostPolicy
 from sdmaker.serving._http import is_loopback, read_body
 from sdmaker.serving._protocol import EXIT_BIND_FAILED, EXIT_LOAD_FAILED, ServerState
+from sdmaker.serving._worker_secret import token_matches
 from sdmaker.serving.container._handler import HandlerService, error_body
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "EXIT_BIND_FAILED", "EXIT_LOAD_FAILED", "ModelServer", "create_app",
@@ -155,8 +156,9 @@ def _raw_error(status: int, message: str, type_: str, **extra: Any) -> Any:
                     media_type="application/json")
 
 
-def create_app(server: ModelServer) -> Any:
-    """The FastAPI app of the container contract for ``server``."""
+def create_app(server: ModelServer, policy: HostPolicy | None = None) -> Any:
+    """The FastAPI app of the container contract for ``server``; ``policy``: the ``Host`` values it answers
+    (default: loopback names, any port)."""
     from fastapi import FastAPI, Request
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.responses import Response
@@ -165,19 +167,18 @@ def create_app(server: ModelServer) -> Any:
     app.state.server = server
 
     async def _auth(request: Request, call_next: Any) -> Any:
-        if server.token and request.url.path != "/ping":
-            header = request.headers.get("authorization", "")
-            scheme, _, value = header.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), server.token.encode()):
-                client = request.client.host if request.client else "?"
-                logger.warning("refused %s %s from %s: missing or invalid bearer token", request.method,
-                               request.url.path, client)
-                err = AuthenticationError("missing or invalid bearer token (send Authorization: Bearer <token>)")
-                return _raw_error(403, err.message, "AccessDeniedException", error=err.code)
+        if (server.token and request.url.path != "/ping"
+                and not token_matches(request.headers.get("authorization", ""), server.token)):
+            client = request.client.host if request.client else "?"
+            logger.warning("refused %s %s from %s: missing or invalid bearer token", request.method,
+                           request.url.path, client)
+            err = AuthenticationError("missing or invalid bearer token (send Authorization: Bearer <token>)")
+            return _raw_error(403, err.message, "AccessDeniedException", error=err.code)
         return await call_next(request)
 
-    if server.token:  # no middleware (and its per-request cost) on the daemon's loopback workers
+    if server.token:  # a daemon's worker (per-worker secret) or ``sdmaker serve --token``
         app.middleware("http")(_auth)
+    app.add_middleware(HostGuard, policy=policy or HostPolicy("127.0.0.1"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> Any:
@@ -233,7 +234,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def run_server(server: ModelServer, *, host: str, port: int, fail_grace_s: float = 2.0,
-               graceful_shutdown_s: float = 30.0) -> int:
+               graceful_shutdown_s: float = 30.0, allowed_hosts: tuple[str, ...] = ()) -> int:
     """Bind ``host:port`` now, load in the background, serve until stopped; return the exit code.
 
     0 after a normal stop (SIGTERM/SIGINT), :data:`EXIT_LOAD_FAILED` ``fail_grace_s`` seconds after a
@@ -252,7 +253,7 @@ def run_server(server: ModelServer, *, host: str, port: int, fail_grace_s: float
         server.fail(f"cannot listen on {host}:{port}: {exc}")
         return EXIT_BIND_FAILED
     logger.info("listening on http://%s:%d (pid %d)", host, port, os.getpid())
-    config = uvicorn.Config(create_app(server), log_config=None, access_log=False, lifespan="off",
+    config = uvicorn.Config(create_app(server, HostPolicy(host, port, allowed_hosts)), log_config=None, access_log=False, lifespan="off",
                             timeout_graceful_shutdown=math.ceil(graceful_shutdown_s))
     uv = uvicorn.Server(config)
     exit_code = 0

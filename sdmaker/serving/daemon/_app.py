@@ -20,14 +20,19 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any, TypedDict
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from sdmaker import __version__
-from sdmaker.config import Settings
-from sdmaker.errors import AuthenticationError, EndpointNotFoundError, SdmakerError
+from sdmaker.config import Settings, with_local_key
+from sdmaker.errors import ERROR_CODE_HEADER, AuthenticationError, EndpointNotFoundError, SdmakerError, ServingError
+from sdmaker.serving._hosts import HostGuard, HostPolicy
 from sdmaker.serving._http import read_body
 from sdmaker.serving.daemon._auth import auth_required, check_bind, verify_request
 from sdmaker.serving.daemon._control_plane import control_plane, control_plane_error
@@ -47,6 +52,7 @@ class DaemonState(TypedDict):
     manager: EndpointManager
     metrics: DaemonMetrics
     auth: bool
+    key_auth: bool
 
 
 def _is_runtime(request: Request) -> bool:
@@ -63,7 +69,8 @@ async def _guard(request: Request) -> None:
         return
     settings: Settings = request.state.settings
     body = await read_body(request, settings.max_body_bytes)
-    if not request.state.auth:
+    # the local key guards the control plane (it deploys code) even where nothing else is checked
+    if not (request.state.auth or (request.state.key_auth and request.url.path == "/")):
         return
     headers: dict[str, list[str]] = {}
     for key, value in request.headers.raw:
@@ -80,15 +87,24 @@ async def _guard(request: Request) -> None:
     logger.debug("authenticated %s %s as %s", request.method, request.url.path, who)
 
 
-def create_app(settings: Settings, *, host: str | None = None) -> FastAPI:
-    """Build the daemon app for ``settings``; ``host`` is the bind address (decides whether auth is required).
+def create_app(settings: Settings, *, host: str | None = None, port: int | None = None) -> FastAPI:
+    """Build the daemon app for ``settings``; ``host``/``port`` are the bind address (they decide whether auth
+    is required and which ``Host`` headers are answered). With ``settings.local_key`` the key is created here
+    (first start).
 
     Raises:
         ConfigError: a non-loopback ``host`` (or ``require_auth``) without configured credentials.
     """
     host = host or settings.daemon_host
+    if settings.local_key:
+        from sdmaker.local_key import ensure_local_key
+
+        ensure_local_key(settings.home)
+        settings = with_local_key(settings)
+        settings = replace(settings, auth_token=settings.auth_token or settings.local_token)
     check_bind(settings, host)
     need_auth = auth_required(settings, host)
+    key_auth = settings.local_key
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[DaemonState]:
@@ -98,12 +114,14 @@ def create_app(settings: Settings, *, host: str | None = None) -> FastAPI:
         await manager.start()
         logger.info("sdmaker daemon ready (home %s, auth %s)", settings.home, "on" if need_auth else "off")
         try:
-            yield {"settings": settings, "manager": manager, "metrics": metrics, "auth": need_auth}
+            yield {"settings": settings, "manager": manager, "metrics": metrics, "auth": need_auth,
+                   "key_auth": key_auth}
         finally:
             await manager.close()
 
     app = FastAPI(title="sdmaker daemon", version=__version__, lifespan=lifespan, dependencies=[Depends(_guard)],
                   docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(HostGuard, policy=HostPolicy(host, port or settings.daemon_port, settings.allowed_hosts))
 
     @app.exception_handler(SdmakerError)
     async def _on_error(request: Request, exc: SdmakerError) -> Response:
@@ -111,10 +129,27 @@ def create_app(settings: Settings, *, host: str | None = None) -> FastAPI:
             name = request.url.path.split("/")[2] if request.url.path.count("/") >= 2 else None
             return runtime_error_response(exc, settings, name)
         if _is_control_plane(request):
-            code = {403: "InvalidSignatureException", 413: "ValidationException"}.get(exc.http_status,
-                                                                                      "ValidationException")
-            return control_plane_error(code, exc.message, 403 if exc.http_status == 403 else 400)
-        return JSONResponse(exc.to_dict(), status_code=exc.http_status, headers={"X-Sdmaker-Error-Code": exc.code})
+            status = 403 if exc.http_status == 403 else 500 if exc.http_status >= 500 else 400
+            code = {403: "InvalidSignatureException", 500: "InternalFailure"}.get(status, "ValidationException")
+            return control_plane_error(code, exc.message, status, error_code=exc.code)
+        return JSONResponse(exc.to_dict(), status_code=exc.http_status, headers={ERROR_CODE_HEADER: exc.code})
+
+    # Every error answer carries X-Sdmaker-Error-Code, including the framework's own and a crash's.
+    @app.exception_handler(HTTPException)
+    async def _on_http_error(request: Request, exc: HTTPException) -> Response:
+        response = await http_exception_handler(request, exc)
+        response.headers[ERROR_CODE_HEADER] = "InvalidRequestError" if exc.status_code < 500 else "ServingError"
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_bad_parameter(request: Request, exc: RequestValidationError) -> Response:
+        response = await request_validation_exception_handler(request, exc)
+        response.headers[ERROR_CODE_HEADER] = "InvalidRequestError"
+        return response
+
+    @app.exception_handler(Exception)
+    async def _on_crash(request: Request, exc: Exception) -> Response:  # starlette logs and re-raises it
+        return await _on_error(request, ServingError("An internal failure occurred."))
 
     @app.get("/ping")
     async def ping() -> dict[str, str]:
@@ -184,6 +219,6 @@ def run_daemon(settings: Settings, *, host: str | None = None, port: int | None 
 
     host = host or settings.daemon_host
     port = port or settings.daemon_port
-    app = create_app(settings, host=host)
+    app = create_app(settings, host=host, port=port)
     # The worker processes read no stdin; uvicorn's own signal handling stops the lifespan (and the workers).
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=10)

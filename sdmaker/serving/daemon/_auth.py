@@ -119,6 +119,11 @@ def verify_request(settings: Settings, *, method: str, path: str, query: str,
         raise AuthenticationError("SigV4 SignedHeaders must include host")
     body_hash = hashlib.sha256(body).hexdigest()
     declared = (headers.get("x-amz-content-sha256") or [""])[0]
+    if declared in _UNSIGNED and body:
+        # the signature would not cover the body: a captured request could be replayed with another payload
+        # (botocore signs the payload of these APIs, always over http: nothing legitimate sends this)
+        raise AuthenticationError("X-Amz-Content-SHA256: UNSIGNED-PAYLOAD is refused for requests with a body; "
+                                  "sign the payload (SigV4 with the body's SHA-256)")
     if declared and declared not in _UNSIGNED and declared != body_hash:
         raise AuthenticationError("X-Amz-Content-SHA256 does not match the body")
     expected = _signature(settings.auth_secret_access_key, method=method, path=path, query=query, headers=headers,

@@ -19,8 +19,16 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from sdmaker.config import Settings
-from sdmaker.errors import EndpointNotReadyError, SdmakerError
+from sdmaker.errors import (
+    ERROR_CODE_HEADER,
+    ControlPlaneError,
+    EndpointExistsError,
+    EndpointNotFoundError,
+    EndpointNotReadyError,
+    SdmakerError,
+)
 from sdmaker.serving.daemon._endpoints import FORBIDDEN_ENV, EndpointManager
+from sdmaker.serving.daemon._limits import check_endpoint_config, check_model
 
 __all__ = ["OPERATIONS", "ControlPlaneError", "control_plane", "control_plane_error"]
 
@@ -31,16 +39,11 @@ _NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 _IMAGE = "sdmaker/local-worker:latest"
 
 
-class ControlPlaneError(Exception):
-    """An AWS-style control-plane error (``__type`` + message)."""
-
-    def __init__(self, message: str, code: str = "ValidationException", status: int = 400) -> None:
-        super().__init__(message)
-        self.message, self.code, self.status = message, code, status
-
-
-def control_plane_error(code: str, message: str, status: int = 400) -> JSONResponse:
-    return JSONResponse({"__type": code, "message": message}, status_code=status, media_type=_JSON11)
+def control_plane_error(code: str, message: str, status: int = 400, *,
+                        error_code: str = "InvalidRequestError") -> JSONResponse:
+    """AWS's error shape (``__type`` + message) plus ``X-Sdmaker-Error-Code: <error_code>`` for sdmaker.client."""
+    return JSONResponse({"__type": code, "message": message}, status_code=status, media_type=_JSON11,
+                        headers={ERROR_CODE_HEADER: error_code})
 
 
 class _Ctx:
@@ -73,6 +76,7 @@ async def _create_model(c: _Ctx) -> dict[str, Any]:
     container = c.body.get("PrimaryContainer") or (c.body.get("Containers") or [None])[0]
     if not isinstance(container, dict):
         raise ControlPlaneError("Either PrimaryContainer or Containers must be provided.")
+    check_model(c.body, c.settings)  # caps: environment size, numbers, string lengths (._limits)
     env = container.get("Environment") or {}
     if not isinstance(env, dict) or len(env) > 100:
         raise ControlPlaneError("Environment must be a map of at most 100 entries.")
@@ -82,7 +86,7 @@ async def _create_model(c: _Ctx) -> dict[str, Any]:
         raise ControlPlaneError(f"Environment variable(s) {', '.join(refused)} are not allowed: they would load "
                                 "code from outside the model artifact; put code in the model's code/ folder.")
     if not c.manager.db.put("models", name, c.body):
-        raise ControlPlaneError(f'Cannot create already existing model "{c.arn("model", name)}".')
+        raise ControlPlaneError(f'Cannot create already existing model "{c.arn("model", name)}".', kind=EndpointExistsError)
     return {"ModelArn": c.arn("model", name)}
 
 
@@ -90,7 +94,7 @@ def _model(c: _Ctx) -> tuple[str, dict[str, Any], float]:
     name = c.name("ModelName", "modelName")
     rec = c.manager.db.get("models", name)
     if rec is None:
-        raise ControlPlaneError(f'Could not find model "{c.arn("model", name)}".')
+        raise ControlPlaneError(f'Could not find model "{c.arn("model", name)}".', kind=EndpointNotFoundError)
     return name, rec.body, rec.created
 
 
@@ -120,19 +124,22 @@ async def _create_endpoint_config(c: _Ctx) -> dict[str, Any]:
     if not isinstance(variants, list) or not variants:
         raise ControlPlaneError("1 validation error detected: Value null at 'productionVariants' failed to satisfy "
                                 "constraint: Member must not be null")
+    models: dict[str, Any] = {}
     for variant in variants:
-        model = variant.get("ModelName")
-        if not model or c.manager.db.get("models", model) is None:
-            raise ControlPlaneError(f'Could not find model "{c.arn("model", str(model))}".')
-        count = variant.get("InitialInstanceCount", 1)
-        if not isinstance(count, int) or count < 1:
-            raise ControlPlaneError(f"InitialInstanceCount must be at least 1, got {count!r}.")
+        model = variant.get("ModelName") if isinstance(variant, dict) else None
+        record = c.manager.db.get("models", model) if model else None
+        if record is None:
+            raise ControlPlaneError(f'Could not find model "{c.arn("model", str(model))}".', kind=EndpointNotFoundError)
+        container = record.body.get("PrimaryContainer") or (record.body.get("Containers") or [{}])[0]
+        models[str(model)] = (container.get("Environment") or {}) if isinstance(container, dict) else {}
+    check_endpoint_config(c.body, c.settings, models)  # caps: instance counts, timeouts, variants (._limits)
     if len(variants) > 1:
         logger.warning("endpoint config %s has %d variants: sdmaker serves the first (%s) only", name,
                        len(variants), variants[0].get("VariantName"))
     if not c.manager.db.put("endpoint_configs", name, c.body):
         raise ControlPlaneError(
-            f'Cannot create already existing endpoint configuration "{c.arn("endpoint-config", name)}".')
+            f'Cannot create already existing endpoint configuration "{c.arn("endpoint-config", name)}".',
+            kind=EndpointExistsError)
     return {"EndpointConfigArn": c.arn("endpoint-config", name)}
 
 
@@ -140,7 +147,8 @@ def _config(c: _Ctx) -> tuple[str, dict[str, Any], float]:
     name = c.name("EndpointConfigName", "endpointConfigName")
     rec = c.manager.db.get("endpoint_configs", name)
     if rec is None:
-        raise ControlPlaneError(f'Could not find endpoint configuration "{c.arn("endpoint-config", name)}".')
+        raise ControlPlaneError(f'Could not find endpoint configuration "{c.arn("endpoint-config", name)}".',
+                                kind=EndpointNotFoundError)
     return name, rec.body, rec.created
 
 
@@ -168,15 +176,16 @@ async def _create_endpoint(c: _Ctx) -> dict[str, Any]:
     config, _, _ = _config(c)
     try:
         c.manager.create(name, config)
-    except FileExistsError:
-        raise ControlPlaneError(f'Cannot create already existing endpoint "{c.arn("endpoint", name)}".') from None
+    except EndpointExistsError:
+        raise ControlPlaneError(f'Cannot create already existing endpoint "{c.arn("endpoint", name)}".',
+                                kind=EndpointExistsError) from None
     return {"EndpointArn": c.arn("endpoint", name)}
 
 
 def _endpoint_name(c: _Ctx) -> str:
     name = c.name("EndpointName", "endpointName")
     if c.manager.db.endpoint(name) is None:
-        raise ControlPlaneError(f'Could not find endpoint "{c.arn("endpoint", name)}".')
+        raise ControlPlaneError(f'Could not find endpoint "{c.arn("endpoint", name)}".', kind=EndpointNotFoundError)
     return name
 
 
@@ -229,7 +238,8 @@ async def _update_endpoint(c: _Ctx) -> dict[str, Any]:
     try:
         c.manager.update(name, config)
     except EndpointNotReadyError:
-        raise ControlPlaneError(f'Cannot update in-progress endpoint "{c.arn("endpoint", name)}".') from None
+        raise ControlPlaneError(f'Cannot update in-progress endpoint "{c.arn("endpoint", name)}".',
+                                kind=EndpointNotReadyError) from None
     return {"EndpointArn": c.arn("endpoint", name)}
 
 
@@ -268,9 +278,9 @@ async def control_plane(request: Request, body: dict[str, Any]) -> JSONResponse:
         result = await handler(ctx)
     except ControlPlaneError as exc:
         metrics.control.labels(operation=operation, status=str(exc.status)).inc()
-        return control_plane_error(exc.code, exc.message, exc.status)
+        return control_plane_error(exc.aws_code, exc.message, exc.status, error_code=exc.code)
     except SdmakerError as exc:
         metrics.control.labels(operation=operation, status="400").inc()
-        return control_plane_error("ValidationException", exc.message)
+        return control_plane_error("ValidationException", exc.message, error_code=exc.code)
     metrics.control.labels(operation=operation, status="200").inc()
     return JSONResponse(result, media_type=_JSON11)

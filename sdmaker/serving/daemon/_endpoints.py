@@ -38,6 +38,7 @@ from typing import Any
 from sdmaker.config import Settings
 from sdmaker.errors import (
     ConfigError,
+    EndpointExistsError,
     EndpointNotFoundError,
     EndpointNotReadyError,
     QueueFullError,
@@ -239,7 +240,7 @@ class EndpointManager:
         """Register the endpoint (``Creating``) and start its workers in the background."""
         self._variant(config_name)  # fail fast on a dangling config
         if not self.db.add_endpoint(name, config_name, EndpointStatus.CREATING):
-            raise FileExistsError(name)
+            raise EndpointExistsError(f"endpoint {name} exists already", endpoint=name)
         self.db.delete("endpoint_stats", name)  # a save that raced the delete of an earlier endpoint of this name
         self._launch(name, config_name)
 

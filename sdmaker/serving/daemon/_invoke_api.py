@@ -24,7 +24,6 @@ Each error also carries ``X-Sdmaker-Error-Code`` (the :mod:`sdmaker.errors` clas
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from typing import Any
@@ -43,9 +42,9 @@ from sdmaker.errors import (
     QueueFullError,
     SdmakerError,
 )
+from sdmaker.schema import request_from_body
 from sdmaker.serving._http import read_body
 from sdmaker.serving._protocol import SEEDS_HEADER
-from sdmaker.serving.container._handler import request_from_payload
 from sdmaker.serving.daemon._endpoints import EndpointManager
 from sdmaker.serving.daemon._metrics import DaemonMetrics
 
@@ -68,11 +67,7 @@ def validate_default_body(body: bytes, content_type: str | None) -> bytes | None
     """
     if (content_type or "").split(";")[0].strip().lower() != "application/json":
         return None
-    try:
-        data: Any = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"Request body is not valid JSON: {exc}", field="Body") from None
-    request = request_from_payload(data)  # the default handler's own parser: the daemon and the worker agree
+    request = request_from_body(body, content_type)  # the default handler's own parsers: daemon and worker agree
     return request.model_dump_json(exclude_unset=True).encode()
 
 
@@ -145,7 +140,8 @@ async def invoke_endpoint(request: Request, name: str) -> Response:
             metrics.errors.labels(endpoint=name, code=response.headers["x-amzn-ErrorType"]).inc()
             return response
     if reply.status >= 300:
-        original = reply.body.decode("utf-8", errors="replace")
+        # quote the model's answer, not megabytes of it (it may echo the whole request)
+        original = reply.body[:1024].decode("utf-8", errors="replace") + ("..." if len(reply.body) > 1024 else "")
         logger.info("endpoint %s: model answered %d", name, reply.status)
         metrics.requests.labels(endpoint=name, status="424").inc()
         metrics.errors.labels(endpoint=name, code="ModelError").inc()

@@ -17,6 +17,7 @@ import httpx
 
 from sdmaker.errors import InvocationFailedError, InvocationTimeoutError, WorkerStartError
 from sdmaker.serving._protocol import VALIDATED_HEADER
+from sdmaker.serving._worker_secret import auth_header
 from sdmaker.serving.daemon._standby import StandbyPool
 from sdmaker.serving.daemon._worker_process import FORWARDED_HEADERS, Worker, WorkerReply, WorkerSpec, WorkerState
 
@@ -159,6 +160,7 @@ class WorkerPool:
                     timeout_s=timeout_s) from None
             worker.take_slot()
             fwd = {k: v for k, v in headers.items() if k.lower() in FORWARDED_HEADERS}
+            fwd.update(auth_header(worker.secret))
             if validated:
                 fwd[VALIDATED_HEADER] = "1"
             healthy = False

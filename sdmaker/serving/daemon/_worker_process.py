@@ -36,6 +36,7 @@ import httpx
 
 from sdmaker.errors import WorkerStartError
 from sdmaker.serving._protocol import ServerState, WorkerConfig
+from sdmaker.serving._worker_secret import WORKER_TOKEN_ENV, new_worker_secret
 from sdmaker.serving.daemon._spawn import free_port, spawn_worker_process
 from sdmaker.serving.daemon._standby import StandbyPool
 
@@ -133,6 +134,7 @@ class Worker:
         self.load_seconds: float | None = None
         self.log_path = spec.log_file
         self.status_file = spec.run_dir / f"{tag}-worker-{index}.status.json"
+        self.secret = ""  # this process's secret: it answers /invocations only with it (._worker_secret)
 
     @property
     def url(self) -> str:
@@ -157,6 +159,7 @@ class Worker:
     def _config(self) -> WorkerConfig:
         env = self.spec.env
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env[WORKER_TOKEN_ENV] = self.secret  # read through sdmaker.config as Settings.worker_token
         return self.spec.config.model_copy(update={
             "port": self.port, "host": "127.0.0.1", "status_file": self.status_file,
             "worker_id": f"{self.tag}-{self.index}", "environment": env})
@@ -204,6 +207,7 @@ class Worker:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.status_file.unlink(missing_ok=True)
         self.port = free_port()
+        self.secret = new_worker_secret()
         config = self._config()
         env = config.environment or {}
         standby, why = (None, "") if self.standbys is None else self.standbys.take(self.spec.python, env)
