@@ -44,7 +44,8 @@ def app_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]
 
     settings = Settings(home=tmp_path_factory.mktemp("codes-home"), standby_workers=0, require_auth=True,
                         auth_token=TOKEN, log_max_bytes=0)
-    with TestClient(create_app(settings, host="127.0.0.1"), raise_server_exceptions=False) as tc:
+    with TestClient(create_app(settings, host="127.0.0.1"), raise_server_exceptions=False,
+                    base_url="http://127.0.0.1:8765") as tc:
         yield tc
 
 
@@ -64,7 +65,7 @@ def _client(tc: TestClient, token: str | None = TOKEN) -> Client:
         reply = tc.request(request.method, str(request.url), headers=dict(request.headers), content=request.content)
         return httpx.Response(reply.status_code, headers=reply.headers, content=reply.content)
 
-    return Client("http://testserver", token=token or "", transport=httpx.MockTransport(forward),
+    return Client("http://127.0.0.1:8765", token=token or "", transport=httpx.MockTransport(forward),
                   settings=Settings(home=Path("/nonexistent")))
 
 
