@@ -193,7 +193,7 @@ def _serving_overhead(d: _Daemon, name: str, model_dir: Path, repeat: int) -> di
     # the daemon's workers answer /invocations only to the daemon (per-worker secret): time the same worker
     # code started standalone, as `sdmaker serve` runs it (open on loopback), with the endpoint's settings
     port = _free_port()
-    worker = subprocess.Popen([sys.executable, "-m", "sdmaker.serving.worker", "--model-dir", str(model_dir),
+    worker = subprocess.Popen([sys.executable, "-m", "sdmaker", "serve", str(model_dir),
                                "--port", str(port)], env={**os.environ, "OMP_NUM_THREADS": "1",
                                                           "MKL_NUM_THREADS": "1", "SDMAKER_MAX_BATCH": "0"},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -74,7 +74,7 @@ def up_cmd(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Start the platform daemon: SageMaker control plane + runtime API on one port."""
-    from sdmaker.serving._auth import check_bind
+    from sdmaker.serving import check_bind
 
     settings = get_settings()
     host = host or settings.daemon_host
@@ -97,7 +97,7 @@ def up_cmd(
         _wait_up(url, proc, log, port)
         console.print(f"sdmaker daemon running at {url} (pid {proc.pid}, log {log})", highlight=False)
         return
-    from sdmaker.serving._daemon import run_daemon
+    from sdmaker.serving import run_daemon
 
     setup_logging(verbose)
     if not verbose:

@@ -38,7 +38,7 @@ def serve_cmd(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Serve MODEL on /ping and /invocations until Ctrl-C (exit 3 when the model fails to load)."""
-    from sdmaker.serving._auth import is_loopback
+    from sdmaker.serving import is_loopback
 
     settings = get_settings()
     token = token or settings.auth_token
@@ -48,32 +48,32 @@ def serve_cmd(
     port = port or settings.bind_port
     max_body = max_body_bytes or settings.max_body_bytes
 
-    from sdmaker.serving import prepare_model_environment
+    from sdmaker.serving import WorkerConfig, prepare_model_environment
     from sdmaker.store import resolve_model
 
     resolved = resolve_model(model, settings, allow_pickle=allow_pickle)
     python = prepare_model_environment(resolved.path, settings, allow_install=install)
-    argv = ["--model-dir", str(resolved.path), "--port", str(port), "--host", host,
-            "--max-body-bytes", str(max_body), "--threads", str(threads), "--model-name", resolved.name,
-            "--model-digest", resolved.digest, "--device", device or settings.device,
-            "--dtype", dtype or settings.dtype, "--fail-grace-seconds", "0.5"]
-    if token:
-        argv += ["--token", token]
-    if allow_pickle:
-        argv.append("--allow-pickle")
+    config = WorkerConfig(model_dir=resolved.path, port=port, host=host, max_body_bytes=max_body, threads=threads,
+                          model_name=resolved.name, model_digest=resolved.digest, device=device or settings.device,
+                          dtype=dtype or settings.dtype, fail_grace_s=0.5, token=token, allow_pickle=allow_pickle)
     scheme_host = f"http://{host}:{port}"
     console.print(f"serving {resolved.name} at {scheme_host} (GET /ping, POST /invocations); Ctrl-C stops",
                   highlight=False)
     if python != sys.executable:  # code/requirements.txt needed packages: run in the model's own env
         console.print(f"using the model's environment {python}", highlight=False)
         sys.stdout.flush()
-        os.execv(python, [python, "-m", "sdmaker.serving.worker", *argv])
+        read, write = os.pipe()  # the worker reads its configuration on stdin, as the daemon's workers do
+        os.write(write, config.to_line())
+        os.close(write)
+        os.dup2(read, 0)
+        os.close(read)
+        os.execv(python, [python, "-m", "sdmaker.serving.container"])
 
-    from sdmaker.serving import worker
+    from sdmaker.serving import serve_worker
 
     setup_logging(verbose)
     logging.getLogger("sdmaker").setLevel(logging.DEBUG if verbose else logging.INFO)
-    code = worker.run(worker.build_parser(settings).parse_args(argv), settings)
+    code = serve_worker(config, settings)
     if code:
         raise typer.Exit(code)
 

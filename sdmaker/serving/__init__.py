@@ -1,54 +1,74 @@
-"""Serving: the SageMaker-compatible model server (worker) and the platform daemon.
+"""Serving: the SageMaker-compatible model server (worker) and the platform daemon, one sub-package each.
 
-The model server (``sdmaker serve``, ``python -m sdmaker.serving.worker``) obeys the SageMaker inference
-container contract with the Hugging Face inference toolkit's handler semantics; the daemon spawns its
-workers and proxies to them.
+- :mod:`sdmaker.serving.container`: the worker process (``sdmaker serve``, ``python -m
+  sdmaker.serving.container``) obeying the SageMaker inference container contract with the Hugging Face
+  inference toolkit's handler semantics;
+- :mod:`sdmaker.serving.daemon`: the daemon (``sdmaker up``) that spawns workers and proxies to them;
+- shared by both, and light: :mod:`._protocol` (the :class:`WorkerConfig` a worker is started with, status,
+  headers, exit codes), :mod:`._http` (body-size check, loopback rule), :mod:`._requirements` (a model's
+  own Python environment, prepared before its worker starts).
 """
 
-from sdmaker.serving._container import (
-    DEFAULT_MAX_BODY_BYTES,
-    EXIT_BIND_FAILED,
-    EXIT_LOAD_FAILED,
-    ModelServer,
-    create_app,
-    run_server,
-    write_status,
-)
-from sdmaker.serving._handler import HandlerResponse, HandlerService, SdModel, request_from_payload
+from sdmaker.serving._http import is_loopback
+from sdmaker.serving._protocol import EXIT_BIND_FAILED, EXIT_LOAD_FAILED, WorkerConfig
 from sdmaker.serving._requirements import (
     EnvironmentPlan,
     check_requirements,
     plan_model_environment,
     prepare_model_environment,
 )
-from sdmaker.serving._user_module import Context, load_user_module
+from sdmaker.serving.container import (
+    DEFAULT_MAX_BODY_BYTES,
+    Context,
+    HandlerResponse,
+    HandlerService,
+    ModelServer,
+    SdModel,
+    create_app,
+    load_user_module,
+    request_from_payload,
+    run_server,
+    write_status,
+)
+from sdmaker.serving.container import serve as serve_worker
+from sdmaker.serving.daemon import (
+    EndpointManager,
+    LiveEndpoint,
+    WorkerPool,
+    WorkerSpec,
+    WorkerState,
+    check_bind,
+    run_daemon,
+)
+from sdmaker.serving.daemon import create_app as create_daemon_app
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "EXIT_BIND_FAILED",
     "EXIT_LOAD_FAILED",
     "Context",
+    "EndpointManager",
     "EnvironmentPlan",
     "HandlerResponse",
     "HandlerService",
+    "LiveEndpoint",
     "ModelServer",
     "SdModel",
+    "WorkerConfig",
+    "WorkerPool",
+    "WorkerSpec",
+    "WorkerState",
+    "check_bind",
     "check_requirements",
     "create_app",
+    "create_daemon_app",
+    "is_loopback",
     "load_user_module",
     "plan_model_environment",
     "prepare_model_environment",
     "request_from_payload",
+    "run_daemon",
     "run_server",
+    "serve_worker",
     "write_status",
 ]
-
-# The platform daemon (``sdmaker up``): SageMaker control plane + runtime API, endpoint manager, worker pools.
-from sdmaker.serving._daemon import create_app as create_daemon_app  # noqa: E402
-from sdmaker.serving._daemon import run_daemon  # noqa: E402
-from sdmaker.serving._endpoints import EndpointManager, EndpointRuntime  # noqa: E402
-from sdmaker.serving._pool import WorkerPool  # noqa: E402
-from sdmaker.serving._workers import WorkerSpec, WorkerState  # noqa: E402
-
-__all__ += ["EndpointManager", "EndpointRuntime", "WorkerPool", "WorkerSpec", "WorkerState", "create_daemon_app",
-            "run_daemon"]

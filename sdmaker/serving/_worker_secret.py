@@ -4,7 +4,7 @@ Why: worker ports are plain loopback TCP ports, so without a secret any local pr
 through DNS rebinding, which :mod:`._hosts` also stops) could call a model directly, around the daemon's
 authentication, queue and limits. Each worker process gets a fresh random secret when it is (re)started;
 the worker's container server then requires ``Authorization: Bearer <secret>`` on every route but
-``/ping`` (:func:`sdmaker.serving._container.create_app`), and the pool sends it with each request.
+``/ping`` (:func:`sdmaker.serving.container._server.create_app`), and the pool sends it with each request.
 
 Today the secret travels in the worker's environment (``SDMAKER_WORKER_TOKEN``, read through
 :mod:`sdmaker.config` as ``Settings.worker_token``): an environment is readable only by the worker's own

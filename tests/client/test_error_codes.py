@@ -40,7 +40,7 @@ _JSON11 = "application/x-amz-json-1.1"
 
 @pytest.fixture(scope="module")
 def app_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    from sdmaker.serving._daemon import create_app
+    from sdmaker.serving.daemon._app import create_app
 
     settings = Settings(home=tmp_path_factory.mktemp("codes-home"), standby_workers=0, require_auth=True,
                         auth_token=TOKEN, log_max_bytes=0)

@@ -116,7 +116,7 @@ def test_worker_handler_uses_the_batcher(sd1_dir: Path) -> None:
 
     from PIL import Image
 
-    from sdmaker.serving._handler import HandlerService
+    from sdmaker.serving import HandlerService
 
     body = json.dumps({"prompt": "a red circle", "height": 64, "width": 64, "num_inference_steps": 2,
                        "seed": 9, "format": "png"}).encode()

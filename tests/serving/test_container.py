@@ -10,12 +10,13 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
 from fastapi.testclient import TestClient
 
-from sdmaker.serving import EXIT_LOAD_FAILED, HandlerService, ModelServer, create_app
+from sdmaker.serving import EXIT_LOAD_FAILED, HandlerService, ModelServer, WorkerConfig, create_app
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -106,10 +107,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(model_dir: Path, port: int, status: Path, *extra: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "sdmaker.serving.worker", "--model-dir", str(model_dir),
-                             "--port", str(port), "--status-file", str(status), "--workers-id", "t-0", *extra],
+def _spawn(model_dir: Path, port: int, status: Path, **extra: Any) -> subprocess.Popen[bytes]:
+    """A worker process as the daemon starts one: its configuration is one JSON line on stdin."""
+    config = WorkerConfig(model_dir=model_dir, port=port, status_file=status, worker_id="t-0", **extra)
+    proc = subprocess.Popen([sys.executable, "-m", "sdmaker.serving.container"], stdin=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert proc.stdin is not None
+    proc.stdin.write(config.to_line())
+    proc.stdin.close()
+    return proc
 
 
 def _first_answer(url: str, proc: subprocess.Popen[bytes], *, skip: tuple[int, ...] = ()) -> requests.Response:
@@ -133,7 +139,7 @@ def test_worker_process_lifecycle(tmp_path: Path) -> None:
     model_dir = tmp_path / "gated"
     shutil.copytree(FIXTURES / "gated_load", model_dir)
     port, status = _free_port(), tmp_path / "status.json"
-    proc = _spawn(model_dir, port, status, "--device", "cpu", "--max-body-bytes", "1000")
+    proc = _spawn(model_dir, port, status, device="cpu", max_body_bytes=1000)
     base = f"http://127.0.0.1:{port}"
     try:
         loading = _first_answer(f"{base}/ping", proc)  # model_fn waits for release-load: must be Loading
@@ -178,7 +184,7 @@ def test_worker_whose_model_fn_needs_cuda_fails_with_its_own_error(sd1_dir: Path
     shutil.copytree(sd1_dir, model_dir)
     shutil.copytree(FIXTURES / "cuda_required" / "code", model_dir / "code")
     port, status = _free_port(), tmp_path / "status.json"
-    proc = _spawn(model_dir, port, status, "--fail-grace-seconds", "5")
+    proc = _spawn(model_dir, port, status, fail_grace_s=5)
     try:
         ping = _first_answer(f"http://127.0.0.1:{port}/ping", proc, skip=(503,))
         assert ping.status_code == 500 and ping.json()["status"] == "Failed"

@@ -12,8 +12,8 @@ from botocore.credentials import Credentials
 
 from sdmaker.config import Settings
 from sdmaker.errors import AuthenticationError, ConfigError
-from sdmaker.serving._auth import auth_required, check_bind, verify_request
-from sdmaker.serving._endpoints import instance_profile
+from sdmaker.serving.daemon._auth import auth_required, check_bind, verify_request
+from sdmaker.serving.daemon._variant import instance_profile
 
 SETTINGS = Settings(home=Path("/nonexistent"), auth_access_key_id="AKIDTEST", auth_secret_access_key="secret-1",
                     auth_token="tok")

@@ -14,9 +14,11 @@ from PIL import Image
 
 from sdmaker.engine import read_recipe
 from sdmaker.errors import InvalidRequestError, UnsupportedFormatError
-from sdmaker.serving import HandlerService, SdModel, load_user_module, request_from_payload
-from sdmaker.serving._codecs import decode, encode, encode_json, resolve_accept, to_text
-from sdmaker.serving._user_module import module_name
+from sdmaker.schema import GenerateRequest
+from sdmaker.serving import HandlerService, SdModel, WorkerConfig, load_user_module, request_from_payload
+from sdmaker.serving._protocol import module_name, trusts_validation
+from sdmaker.serving.container._codecs import decode, encode, encode_json, resolve_accept, to_text
+from sdmaker.serving.daemon._invoke_api import validate_default_body
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SEED_PROMPTS = ["A bird is flying in space", "Photos of horseback riding under the sea"]
@@ -283,6 +285,37 @@ def test_default_handler_validates_before_generating(default_handler: HandlerSer
         assert calls == []  # nothing reached generation
     finally:
         model.runner = original
+
+
+def test_daemon_validation_is_trusted_only_from_the_spawning_daemon(default_handler: HandlerService) -> None:
+    """One validation on the hot path: a worker the daemon started takes the daemon's canonical body as is;
+    any other call (``sdmaker serve``, a direct POST, a forged header) is validated by the worker."""
+    model = default_handler.model
+    assert isinstance(model, SdModel)
+    calls: list[GenerateRequest] = []
+
+    def record(_loaded: object, request: GenerateRequest) -> None:
+        calls.append(request)
+        raise RuntimeError("recorded")
+
+    original = model.runner
+    model.runner = record  # type: ignore[assignment]
+    bad = {"prompt": "a", "height": 65}
+    forged = {"x_sdmaker_validated": "1"}
+    try:
+        assert _call(default_handler, bad, **forged).status == 400 and calls == []  # not trusted: validated
+        daemon = WorkerConfig(model_dir=default_handler.model_dir, port=0, trust_daemon_validation=True)
+        default_handler.validated_by = lambda headers: trusts_validation(daemon, headers)
+        assert _call(default_handler, bad).status == 400 and calls == []  # trusted, but no header: validated
+        payload = {"inputs": "a fox", "parameters": {"num_inference_steps": 3, "seed": 7}}
+        canonical = validate_default_body(json.dumps(payload).encode(), "application/json")
+        assert canonical is not None and json.loads(canonical) == {"prompt": "a fox", "num_inference_steps": 3,
+                                                                   "seed": 7}
+        _call(default_handler, canonical, **forged)
+        assert [r.model_dump() for r in calls] == [request_from_payload(payload).model_dump()]
+    finally:
+        model.runner = original
+        default_handler.validated_by = None
 
 
 def test_runner_is_the_single_generation_call_site(default_handler: HandlerService) -> None:

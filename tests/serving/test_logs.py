@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from sdmaker.serving._logs import rotate_if_large
+from sdmaker.serving.daemon._logs import rotate_if_large
 
 
 def test_rotation_keeps_the_old_text_and_the_writer_goes_on_at_the_start(tmp_path: Path) -> None:

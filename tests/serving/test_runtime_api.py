@@ -48,6 +48,11 @@ def test_invoke_returns_base64_jpeg_and_sagemaker_headers(daemon, tiny_endpoint)
     for b64 in images:
         image = Image.open(io.BytesIO(base64.b64decode(b64)))
         assert image.format == "JPEG" and image.size == (64, 64)
+    # the daemon counts images from the worker's X-Sdmaker-Seeds header, without parsing the reply
+    metrics = httpx.get(f"{daemon.url}/metrics").text
+    line = next(x for x in metrics.splitlines()
+                if x.startswith(f'sdmaker_images_generated_total{{endpoint="{tiny_endpoint}"}}'))
+    assert float(line.split()[-1]) >= 2
 
 
 @pytest.mark.parametrize(("body", "field"), [

@@ -20,9 +20,9 @@ from botocore.exceptions import ClientError
 from sdmaker.config import Settings, load_settings
 from sdmaker.errors import AuthenticationError, ConfigError, InvalidRequestError
 from sdmaker.local_key import ensure_local_key, local_key_path, read_local_key
-from sdmaker.serving._auth import verify_request
 from sdmaker.serving._hosts import HostPolicy, split_host
-from sdmaker.serving._limits import check_endpoint_config, check_model
+from sdmaker.serving.daemon._auth import verify_request
+from sdmaker.serving.daemon._limits import check_endpoint_config, check_model
 
 _JSON11 = "application/x-amz-json-1.1"
 FOREIGN = "rebind.attacker.example"

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from conftest import DaemonProcess
 
-from sdmaker.serving._standby import incompatible_env
+from sdmaker.serving.daemon._standby import incompatible_env
 
 
 def _wait(predicate, what: str, timeout_s: float = 180.0):  # type: ignore[no-untyped-def]
@@ -155,7 +155,7 @@ def test_import_time_variable_starts_a_fresh_worker(standby_daemon: DaemonProces
 
 def test_max_batch_default_and_validation() -> None:
     from sdmaker.errors import ConfigError
-    from sdmaker.serving._variant import DEFAULT_MAX_BATCH, max_batch_for
+    from sdmaker.serving.daemon._variant import DEFAULT_MAX_BATCH, max_batch_for
 
     assert max_batch_for({}, default_handler=True) == DEFAULT_MAX_BATCH == 8
     assert max_batch_for({}, default_handler=False) == 0

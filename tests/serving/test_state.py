@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sdmaker.serving._state import EndpointStats, StateDB
+from sdmaker.serving.daemon._state import EndpointStats, StateDB
 
 
 def test_endpoint_stats_round_trip_replace_and_delete(tmp_path: Path) -> None:

@@ -1,4 +1,8 @@
-"""One endpoint's live side in the daemon: its worker pool, in-flight count and request statistics."""
+"""One endpoint's live side in the daemon: its status, worker pool, in-flight count and request statistics.
+
+The daemon's in-memory view of an endpoint, so that an invocation reads no SQLite: the endpoint manager
+changes ``status`` together with the stored record (:meth:`~._endpoints.EndpointManager` ``_set_status``).
+"""
 
 from __future__ import annotations
 
@@ -6,20 +10,22 @@ import asyncio
 import collections
 from dataclasses import dataclass, field
 
-from sdmaker.serving._pool import WorkerPool
-from sdmaker.serving._state import EndpointStats
+from sdmaker.serving.daemon._pool import WorkerPool
+from sdmaker.serving.daemon._state import EndpointStats, EndpointStatus
+from sdmaker.serving.daemon._variant import VariantPlan
 
-__all__ = ["EndpointRuntime"]
+__all__ = ["LiveEndpoint"]
 
 
 @dataclass
-class EndpointRuntime:
+class LiveEndpoint:
     """In-memory side of one endpoint: its worker pool and live statistics (saved to the daemon's state
     every few seconds, restored by a daemon restart)."""
 
     name: str
     timeout_s: float
     max_queue: int
+    status: EndpointStatus = EndpointStatus.CREATING
     pool: WorkerPool | None = None
     task: asyncio.Task[None] | None = None
     default_handler: bool = False
@@ -31,6 +37,20 @@ class EndpointRuntime:
     latencies: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=2048))
     #: ``invocations`` when the stats were last saved (-1: never): only changed stats are written
     saved_invocations: int = -1
+
+    def install(self, pool: WorkerPool, plan: VariantPlan) -> WorkerPool | None:
+        """Serve from ``pool`` (started from ``plan``) from now on; returns the pool it replaces, to drain.
+
+        Limits the model's Environment does not set keep their current values (the daemon's defaults).
+        """
+        old, self.pool = self.pool, pool
+        self.default_handler, self.instance_type, self.model_name = (plan.default_handler, plan.instance_type,
+                                                                     plan.model_name)
+        if plan.timeout_s is not None:
+            self.timeout_s = plan.timeout_s
+        if plan.max_queue is not None:
+            self.max_queue = plan.max_queue
+        return old
 
     def stats(self) -> EndpointStats:
         return EndpointStats(self.invocations, self.errors, list(self.latencies))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
-import ipaddress
 import logging
 import re
 from collections.abc import Mapping
@@ -28,6 +27,7 @@ from urllib.parse import quote
 
 from sdmaker.config import Settings
 from sdmaker.errors import AuthenticationError, ConfigError
+from sdmaker.serving._http import is_loopback
 
 __all__ = ["auth_required", "check_bind", "is_loopback", "verify_request"]
 
@@ -37,16 +37,6 @@ _SIGV4 = re.compile(r"AWS4-HMAC-SHA256\s+Credential=(?P<cred>[^,\s]+),\s*SignedH
                     r"Signature=(?P<sig>[0-9a-fA-F]+)")
 _MAX_SKEW = dt.timedelta(minutes=15)
 _UNSIGNED = ("UNSIGNED-PAYLOAD", "STREAMING-UNSIGNED-PAYLOAD-TRAILER")
-
-
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and ``localhost``."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def auth_required(settings: Settings, host: str | None = None) -> bool:

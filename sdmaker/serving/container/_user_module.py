@@ -23,6 +23,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from sdmaker.serving._protocol import module_name
+
 __all__ = ["HOOK_ARITY", "Context", "Hook", "UserHooks", "load_user_module", "module_name"]
 
 logger = logging.getLogger(__name__)
@@ -154,12 +156,6 @@ class UserHooks:
     @property
     def defined(self) -> list[str]:
         return [n for n in HOOK_ARITY if getattr(self, n) is not None]
-
-
-def module_name(program: str | None) -> str:
-    """``SAGEMAKER_PROGRAM`` -> module name: ``.py`` stripped; unset or empty -> ``inference``."""
-    program = (program or "").strip() or "inference.py"
-    return program[:-3] if program.endswith(".py") else program
 
 
 def _bind(name: str, fn: Any) -> Hook:

@@ -8,6 +8,7 @@ with what the caller sent.
 
 from __future__ import annotations
 
+import enum
 import json
 import sqlite3
 import threading
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EndpointRecord", "EndpointStats", "Record", "StateDB"]
+__all__ = ["EndpointRecord", "EndpointStats", "EndpointStatus", "Record", "StateDB"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -32,6 +33,27 @@ CREATE TABLE IF NOT EXISTS endpoint_stats (
 """
 
 
+class EndpointStatus(str, enum.Enum):
+    """SageMaker's ``EndpointStatus`` values sdmaker uses (the wire strings, stored as such).
+
+    Changed only by :class:`~._endpoints.EndpointManager`, which keeps the stored and the in-memory copy
+    in step.
+    """
+
+    CREATING = "Creating"
+    IN_SERVICE = "InService"
+    UPDATING = "Updating"
+    FAILED = "Failed"
+
+    def __str__(self) -> str:  # f-strings and messages show the wire string on every Python version
+        return str(self.value)
+
+    @property
+    def serving(self) -> bool:
+        """Whether an endpoint in this state takes invocations (an update serves from the old workers)."""
+        return self in (EndpointStatus.IN_SERVICE, EndpointStatus.UPDATING)
+
+
 @dataclass(frozen=True)
 class Record:
     """A stored model or endpoint config: its name, the request body it was created with, and when."""
@@ -45,7 +67,7 @@ class Record:
 class EndpointRecord:
     name: str
     config_name: str
-    status: str
+    status: EndpointStatus
     failure_reason: str | None
     created: float
     modified: float
@@ -106,11 +128,11 @@ class StateDB:
 
     # -- endpoints ---------------------------------------------------------------------------------
 
-    def add_endpoint(self, name: str, config_name: str, status: str) -> bool:
+    def add_endpoint(self, name: str, config_name: str, status: EndpointStatus) -> bool:
         now = time.time()
         try:
             self._run("INSERT INTO endpoints (name, config_name, status, created, modified) VALUES (?, ?, ?, ?, ?)",
-                      (name, config_name, status, now, now))
+                      (name, config_name, status.value, now, now))
         except sqlite3.IntegrityError:
             return False
         return True
@@ -119,18 +141,19 @@ class StateDB:
         allowed = {"config_name", "status", "failure_reason", "model_digest", "model_path"}
         assert set(fields) <= allowed, fields
         sets = ", ".join(f"{k} = ?" for k in fields)
+        values = [v.value if isinstance(v, EndpointStatus) else v for v in fields.values()]
         self._run(f"UPDATE endpoints SET {sets}, modified = ? WHERE name = ?",  # noqa: S608 - keys checked
-                  (*fields.values(), time.time(), name))
+                  (*values, time.time(), name))
 
     def endpoint(self, name: str) -> EndpointRecord | None:
         rows = self._run("SELECT name, config_name, status, failure_reason, created, modified, model_digest, "
                          "model_path FROM endpoints WHERE name = ?", (name,))
-        return EndpointRecord(*rows[0]) if rows else None
+        return _endpoint_record(rows[0]) if rows else None
 
     def endpoints(self) -> list[EndpointRecord]:
         rows = self._run("SELECT name, config_name, status, failure_reason, created, modified, model_digest, "
                          "model_path FROM endpoints ORDER BY created")
-        return [EndpointRecord(*r) for r in rows]
+        return [_endpoint_record(r) for r in rows]
 
     # -- endpoint statistics (saved every few seconds and at shutdown, so a restart keeps them) ---------
 
@@ -145,3 +168,7 @@ class StateDB:
         if not rows:
             return None
         return EndpointStats(int(rows[0][0]), int(rows[0][1]), [float(x) for x in json.loads(rows[0][2])])
+
+
+def _endpoint_record(row: tuple[Any, ...]) -> EndpointRecord:
+    return EndpointRecord(row[0], row[1], EndpointStatus(row[2]), *row[3:])

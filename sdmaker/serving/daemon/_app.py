@@ -3,7 +3,7 @@
 Routes:
 
 * ``POST /`` with ``X-Amz-Target: SageMaker.*`` -- the control plane (:mod:`._control_plane`);
-* ``POST /endpoints/{name}/invocations`` -- InvokeEndpoint (:mod:`._runtime_api`);
+* ``POST /endpoints/{name}/invocations`` -- InvokeEndpoint (:mod:`._invoke_api`);
 * ``GET /metrics`` -- Prometheus (:mod:`._metrics`); ``GET /ping`` -- daemon liveness (no auth);
 * ``GET /sdmaker/v1/endpoints[/{name}[/logs]]`` -- sdmaker's own view for the CLI (workers, digest,
   request counts, latency percentiles, worker logs); ``GET /sdmaker/v1/standby`` -- the warm standby
@@ -32,12 +32,13 @@ from starlette.exceptions import HTTPException
 from sdmaker import __version__
 from sdmaker.config import Settings, with_local_key
 from sdmaker.errors import ERROR_CODE_HEADER, AuthenticationError, EndpointNotFoundError, SdmakerError, ServingError
-from sdmaker.serving._auth import auth_required, check_bind, verify_request
-from sdmaker.serving._control_plane import control_plane, control_plane_error
-from sdmaker.serving._endpoints import EndpointManager
 from sdmaker.serving._hosts import HostGuard, HostPolicy
-from sdmaker.serving._metrics import CONTENT_TYPE_LATEST, DaemonMetrics
-from sdmaker.serving._runtime_api import invoke_endpoint, read_body, runtime_error_response
+from sdmaker.serving._http import read_body
+from sdmaker.serving.daemon._auth import auth_required, check_bind, verify_request
+from sdmaker.serving.daemon._control_plane import control_plane, control_plane_error
+from sdmaker.serving.daemon._endpoints import EndpointManager
+from sdmaker.serving.daemon._invoke_api import invoke_endpoint, runtime_error_response
+from sdmaker.serving.daemon._metrics import CONTENT_TYPE_LATEST, DaemonMetrics
 
 __all__ = ["create_app", "run_daemon"]
 
@@ -109,7 +110,7 @@ def create_app(settings: Settings, *, host: str | None = None, port: int | None 
     async def lifespan(_app: FastAPI) -> AsyncIterator[DaemonState]:
         manager = EndpointManager(settings)
         metrics = DaemonMetrics()
-        metrics.set_queue_depth_source(lambda: {n: rt.queue_depth for n, rt in manager.runtimes.items()})
+        metrics.set_queue_depth_source(lambda: {n: rt.queue_depth for n, rt in manager.live.items()})
         await manager.start()
         logger.info("sdmaker daemon ready (home %s, auth %s)", settings.home, "on" if need_auth else "off")
         try:

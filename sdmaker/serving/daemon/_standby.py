@@ -1,17 +1,16 @@
-"""Warm standby workers: a worker process with torch/diffusers already imported, waiting for its endpoint.
+"""Warm standby workers, the daemon side: which standby may become which worker, and keeping them stocked.
 
 Why: a fresh worker spends 5-10 s (35 s on a loaded 2-core machine) importing torch, diffusers and
 transformers before it reads an 11 MB model in a fraction of a second. The daemon therefore keeps
 ``SDMAKER_STANDBY_WORKERS`` (default 1) processes started ahead of time with
-``python -m sdmaker.serving.worker --standby``: each imports the heavy modules, prints one ready line
-on stdout, then blocks reading ONE JSON assignment line on stdin::
+``python -m sdmaker.serving.container --standby`` (the child side: :mod:`sdmaker.serving.container._standby`):
+each imports the heavy modules, prints one ready line on stdout, then blocks reading its
+:class:`~sdmaker.serving._protocol.WorkerConfig` on stdin, the same line a fresh worker reads.
 
-    {"argv": [worker arguments], "env": {the worker's environment}, "log": "/path/endpoint.log"}
-
-On assignment it makes the process environment exactly ``env`` (so :func:`sdmaker.config.load_settings` sees the
-endpoint's settings), applies the torch thread count (``OMP_NUM_THREADS``), points fds 1/2 at the
-endpoint's log and continues as :func:`sdmaker.serving.worker.main` would for a fresh process: same
-status file, same ``/ping`` contract, same exit codes. The daemon then starts a replacement once the
+On assignment it makes the process environment exactly the config's (so :func:`sdmaker.config.load_settings`
+sees the endpoint's settings), applies the torch thread count (``OMP_NUM_THREADS``), points fds 1/2 at the
+endpoint's log and continues as a fresh worker would: same status file, same ``/ping`` contract, same
+exit codes. The daemon then starts a replacement once the
 assigned worker finished loading, so the replacement's imports do not compete with that load.
 
 Compatibility (:func:`incompatible_env`): a standby is only used when the worker would run the same
@@ -29,37 +28,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import json
 import logging
-import os
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["IMPORT_TIME_PREFIXES", "READY_MARK", "RUNTIME_KEYS", "Standby", "StandbyPool", "incompatible_env",
-           "serve_standby"]
+from sdmaker.serving._protocol import READY_MARK, WorkerConfig
+from sdmaker.serving.daemon._spawn import spawn_worker_process
+
+__all__ = ["IMPORT_TIME_PREFIXES", "RUNTIME_KEYS", "Standby", "StandbyPool", "incompatible_env"]
 
 logger = logging.getLogger(__name__)
 
-#: First word of the line a standby prints once its imports are done.
-READY_MARK = "sdmaker-standby-ready"
 #: Environment prefixes (and exact names) read when a library loads or the interpreter starts.
 IMPORT_TIME_PREFIXES = ("OMP_", "GOMP_", "KMP_", "MKL_", "DNNL_", "ONEDNN_", "OPENBLAS_", "CUDA_", "NVIDIA_",
                         "PYTORCH_", "TORCH", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DIFFUSERS_", "TOKENIZERS_",
                         "XDG_", "PYTHON", "LD_", "MALLOC_", "GLIBC_", "LC_", "LANG", "PATH", "HOME", "TMPDIR")
 #: Read at run time after all: ``torch.set_num_threads`` re-sizes the OpenMP and MKL pools.
 RUNTIME_KEYS = frozenset({"OMP_NUM_THREADS", "MKL_NUM_THREADS"})
-#: Imported by a standby before it waits (a missing optional one is skipped; the worker reports it later).
-_PRELOAD = ("torch", "diffusers", "transformers", "sdmaker.engine", "sdmaker.serving._handler",
-            "sdmaker.serving._container", "sdmaker.serving.worker", "uvicorn", "fastapi", "starlette.responses",
-            "uvicorn.protocols.http.h11_impl", "uvicorn.protocols.http.httptools_impl", "uvicorn.lifespan.off")
-#: Lazily resolved attributes that a model load touches (diffusers/transformers import these on first use).
-_PRELOAD_ATTRS = (("diffusers", "StableDiffusionPipeline"), ("diffusers", "AutoencoderKL"),
-                  ("diffusers", "UNet2DConditionModel"), ("transformers", "CLIPTextModel"),
-                  ("transformers", "CLIPTokenizer"), ("transformers", "BertModel"), ("transformers", "BertTokenizer"))
 #: Give up replacing standbys after this many died in a row before becoming ready (broken interpreter).
 _MAX_FAILURES = 5
 
@@ -68,63 +56,6 @@ def incompatible_env(standby: Mapping[str, str], wanted: Mapping[str, str]) -> l
     """Names of variables whose difference rules out a standby started with ``standby`` (sorted; empty = fine)."""
     differing = {k for k in set(standby) | set(wanted) if standby.get(k) != wanted.get(k)}
     return sorted(k for k in differing if k not in RUNTIME_KEYS and k.startswith(IMPORT_TIME_PREFIXES))
-
-
-# -- the standby process ---------------------------------------------------------------------------------
-
-
-def _preload() -> None:
-    for name in _PRELOAD:
-        try:
-            importlib.import_module(name)
-        except Exception as exc:  # noqa: BLE001 - an optional extra; the worker itself reports real problems
-            logger.debug("standby: could not preload %s: %s", name, exc)
-    for module, attr in _PRELOAD_ATTRS:
-        with contextlib.suppress(Exception):
-            getattr(importlib.import_module(module), attr)
-
-
-def _apply(assignment: Mapping[str, Any]) -> list[str]:
-    """Become the assigned worker: environment, output, stdin, torch threads; returns the worker argv."""
-    from sdmaker.config import replace_environment
-
-    env = {str(k): str(v) for k, v in dict(assignment["env"]).items()}
-    replace_environment(env)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    fd = os.open(str(assignment["log"]), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.dup2(fd, 1)  # closes our end of the daemon's stdout pipe: the daemon sees EOF
-    os.dup2(fd, 2)
-    os.close(fd)
-    null = os.open(os.devnull, os.O_RDONLY)  # a fresh worker's stdin is /dev/null too
-    os.dup2(null, 0)
-    os.close(null)
-    threads = env.get("OMP_NUM_THREADS") or env.get("MKL_NUM_THREADS") or ""
-    if threads.isdigit() and int(threads) > 0 and "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(int(threads))
-    argv = [str(a) for a in assignment["argv"]]
-    sys.argv = [str(Path(__file__).with_name("worker.py")), *argv]
-    return argv
-
-
-def serve_standby() -> int:
-    """``python -m sdmaker.serving.worker --standby``: import, announce, wait for one assignment, serve it."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s [standby] %(name)s: %(message)s")
-    started = time.perf_counter()
-    _preload()
-    import_s = time.perf_counter() - started
-    print(f"{READY_MARK} {json.dumps({'pid': os.getpid(), 'import_seconds': round(import_s, 3)})}", flush=True)
-    line = sys.stdin.readline()
-    if not line.strip():
-        return 0  # the daemon closed our stdin without work: it is stopping
-    waited = time.perf_counter() - started - import_s
-    argv = _apply(json.loads(line))
-    for handler in list(logging.root.handlers):  # the worker configures logging with its own tag
-        logging.root.removeHandler(handler)
-    from sdmaker.serving.worker import main
-
-    return main(argv, standby={"pid": os.getpid(), "import_seconds": import_s, "waited_seconds": waited})
 
 
 # -- the daemon side -------------------------------------------------------------------------------------
@@ -150,13 +81,12 @@ class Standby:
         return {"pid": self.proc.pid, "state": "ready" if self.ready else "importing", "python": self.python,
                 "import_seconds": self.import_seconds}
 
-    async def assign(self, argv: list[str], env: Mapping[str, str], log: Path) -> None:
-        """Hand this standby its worker arguments; raises ``OSError`` when it died meanwhile."""
+    async def assign(self, config: WorkerConfig) -> None:
+        """Hand this standby its worker configuration; raises ``OSError`` when it died meanwhile."""
         assert self.proc.stdin is not None
-        line = json.dumps({"argv": argv, "env": dict(env), "log": str(log)}) + "\n"
         self.assigned = True
         try:
-            self.proc.stdin.write(line.encode())
+            self.proc.stdin.write(config.to_line())
             await self.proc.stdin.drain()
         finally:
             self.proc.stdin.close()
@@ -218,16 +148,12 @@ class StandbyPool:
                     return
 
     async def _spawn(self) -> None:
-        from sdmaker.serving._workers import die_with_parent
-
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:
             log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} starting a standby worker\n".encode())
             log.flush()
-            proc = await asyncio.create_subprocess_exec(
-                self.python, "-m", "sdmaker.serving.worker", "--standby", stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, stderr=log, env=self.env,
-                preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
+            proc = await spawn_worker_process(self.python, env=self.env, standby=True,
+                                              stdout=asyncio.subprocess.PIPE, stderr=log)
         standby = Standby(proc, self.python, self.env)
         self.standbys.append(standby)
         self.spawned += 1

@@ -1,13 +1,14 @@
-"""Worker processes behind one endpoint: spawn, health-check, dispatch, restart.
+"""One worker process as the daemon sees it: spawn, health-check, state, stop.
 
-Each worker is ``python -m sdmaker.serving.worker`` (the SageMaker container contract: ``GET /ping``,
+Each worker is ``python -m sdmaker.serving.container`` (the SageMaker container contract: ``GET /ping``,
 ``POST /invocations``) on a free loopback port. It loads the model once and answers one request at a
 time, so a :class:`~._pool.WorkerPool` hands each request to an idle worker and concurrency equals the worker
 count (SageMaker: ``InitialInstanceCount``). With step batching (``WorkerSpec.max_batch`` > 1) a worker
 takes up to ``max_batch`` requests at once, which its :class:`~sdmaker.engine.StepBatcher` runs together.
 
-A worker may start from a warm standby process (:mod:`._standby`) that already imported torch and
-diffusers: it then only loads its model. ``describe()["standby"]`` says which path a worker took and the
+A worker is told what to serve by one :class:`~sdmaker.serving._protocol.WorkerConfig` on its stdin; it
+may start from a warm standby process (:mod:`._standby`) that already imported torch and diffusers and
+reads the same line: it then only loads its model. ``describe()["standby"]`` says which path a worker took and the
 endpoint log says why a fresh process was started instead.
 
 Failure handling, so that no request ever hangs:
@@ -27,30 +28,26 @@ import enum
 import json
 import logging
 import os
-import signal
-import socket
-import sys
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import httpx
 
 from sdmaker.errors import WorkerStartError
+from sdmaker.serving._protocol import ServerState, WorkerConfig
 from sdmaker.serving._worker_secret import WORKER_TOKEN_ENV, new_worker_secret
+from sdmaker.serving.daemon._spawn import free_port, spawn_worker_process
+from sdmaker.serving.daemon._standby import StandbyPool
 
-if TYPE_CHECKING:
-    from sdmaker.serving._standby import StandbyPool
-
-__all__ = ["FORWARDED_HEADERS", "Worker", "WorkerReply", "WorkerSpec", "WorkerState", "die_with_parent", "free_port"]
+__all__ = ["FORWARDED_HEADERS", "Worker", "WorkerReply", "WorkerSpec", "WorkerState"]
 
 logger = logging.getLogger(__name__)
 
 #: How often readiness is polled while a worker loads.
 _POLL_S = 0.1
-#: Headers forwarded to the worker (SageMaker strips everything else, contract 1.4/1.5).
+#: Headers forwarded to the worker (SageMaker strips everything else, contract 1.4/1.5); the pool adds the daemon's
+#: validation mark (:data:`~sdmaker.serving._protocol.VALIDATED_HEADER`), which the daemon sets itself.
 FORWARDED_HEADERS = ("content-type", "accept", "x-amzn-sagemaker-custom-attributes",
                      "x-amzn-sagemaker-inference-id", "x-amzn-sagemaker-target-variant")
 
@@ -68,24 +65,35 @@ class WorkerState(str, enum.Enum):
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """Everything needed to (re)start a worker of one endpoint variant."""
+    """Everything needed to (re)start a worker of one endpoint variant.
 
-    model_dir: Path
+    ``config`` is what every worker of the variant is told; each (re)start fills in its own port, status
+    file and id. Its ``environment`` is also the process environment a fresh worker starts with (the
+    interpreter and native libraries read some variables before any Python code runs).
+    """
+
+    config: WorkerConfig
     python: str
     run_dir: Path
-    log_file: Path
-    env: Mapping[str, str] = field(default_factory=dict)
-    max_body_bytes: int = 6 * 1024 * 1024
-    device: str | None = None
-    dtype: str | None = None
     startup_timeout_s: float = 600.0
-    #: > 1: the worker batches UNet steps of up to this many concurrent requests (``--max-batch``)
-    max_batch: int = 0
+
+    @property
+    def log_file(self) -> Path:
+        assert self.config.log_file is not None
+        return self.config.log_file
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(self.config.environment or {})
+
+    @property
+    def max_batch(self) -> int:
+        return self.config.max_batch
 
     @property
     def slots(self) -> int:
         """Requests one worker takes at a time: 1, or ``max_batch`` when it batches steps."""
-        return max(1, self.max_batch)
+        return max(1, self.config.max_batch)
 
 
 @dataclass
@@ -98,26 +106,13 @@ class WorkerReply:
     worker: int
 
 
-def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1 (the worker binds it right after; a lost race means a restart)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Ask Linux to SIGTERM the worker when the daemon dies, so a killed daemon leaves no orphans."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 class Worker:
-    """One worker process; restarted in place (same index, new pid and port)."""
+    """One worker process; restarted in place (same index, new pid and port).
+
+    Its state, request slots and last error change only through its own methods: :meth:`spawn`,
+    :meth:`wait_ready`, :meth:`take_slot` / :meth:`release_slot` (dispatch), :meth:`restarting`,
+    :meth:`start_failed`, :meth:`give_up` and :meth:`stop` (its pool's monitor).
+    """
 
     def __init__(self, spec: WorkerSpec, index: int, tag: str, standbys: StandbyPool | None = None) -> None:
         self.spec = spec
@@ -156,17 +151,55 @@ class Worker:
                 "standby": self.from_standby, "max_batch": self.spec.max_batch, "peak_in_flight": self.peak_inflight,
                 "log": str(self.log_path)}
 
-    def _argv(self) -> list[str]:
-        argv = ["--model-dir", str(self.spec.model_dir), "--port", str(self.port), "--host", "127.0.0.1",
-                "--status-file", str(self.status_file), "--workers-id", f"{self.tag}-{self.index}",
-                "--max-body-bytes", str(self.spec.max_body_bytes)]
-        if self.spec.device:
-            argv += ["--device", self.spec.device]
-        if self.spec.dtype:
-            argv += ["--dtype", self.spec.dtype]
-        if self.spec.max_batch > 0:
-            argv += ["--max-batch", str(self.spec.max_batch)]
-        return argv
+    @property
+    def serving(self) -> bool:
+        """Alive and ready for requests (idle or with requests in flight)."""
+        return self.alive and self.state in (WorkerState.READY, WorkerState.BUSY)
+
+    def _config(self) -> WorkerConfig:
+        env = self.spec.env
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env[WORKER_TOKEN_ENV] = self.secret  # read through sdmaker.config as Settings.worker_token
+        return self.spec.config.model_copy(update={
+            "port": self.port, "host": "127.0.0.1", "status_file": self.status_file,
+            "worker_id": f"{self.tag}-{self.index}", "environment": env})
+
+    # -- transitions (dispatch and the pool's monitor) ---------------------------------------------
+
+    def take_slot(self) -> None:
+        """A request goes to this worker."""
+        self.state = WorkerState.BUSY
+        self.inflight += 1
+        self.peak_inflight = max(self.peak_inflight, self.inflight)
+
+    def release_slot(self, generation: int, *, healthy: bool) -> bool:
+        """A request of process ``generation`` ended; True when its slot may take the next request.
+
+        A slot of an earlier process died with it; an unhealthy end (timeout, broken connection) returns
+        no slot: the worker is being killed and its monitor offers fresh ones after the restart.
+        """
+        if generation != self.generation:
+            return False
+        self.inflight -= 1
+        if not (healthy and self.alive and self.state == WorkerState.BUSY):
+            return False
+        if self.inflight == 0:
+            self.state = WorkerState.READY
+        return True
+
+    def restarting(self) -> None:
+        """The process exited while its pool was open; a restart follows."""
+        self.state = WorkerState.RESTARTING
+        self.restarts += 1
+
+    def start_failed(self, error: str) -> None:
+        """A (re)start did not reach ready: keep the error for ``describe`` and kill what is left."""
+        self.error = error
+        self.kill()
+
+    def give_up(self) -> None:
+        """Too many failed restarts in a row: the worker stays down."""
+        self.state = WorkerState.FAILED
 
     async def spawn(self) -> None:
         """Start the process, from a warm standby when one fits (does not wait for the model to load)."""
@@ -174,10 +207,9 @@ class Worker:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.status_file.unlink(missing_ok=True)
         self.port = free_port()
-        argv = self._argv()
-        env = dict(self.spec.env)
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        self.secret = env[WORKER_TOKEN_ENV] = new_worker_secret()
+        self.secret = new_worker_secret()
+        config = self._config()
+        env = config.environment or {}
         standby, why = (None, "") if self.standbys is None else self.standbys.take(self.spec.python, env)
         stamp = f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} [{self.tag}] starting worker {self.index} on port {self.port}"
         self.from_standby = False
@@ -187,7 +219,7 @@ class Worker:
                           .encode())
             self._refill_standby = True
             try:
-                await standby.assign(argv, env, self.log_path)
+                await standby.assign(config)
                 self.proc, self.from_standby = standby.proc, True
             except OSError as exc:  # it died between take() and now: start fresh instead
                 why = f"the standby died before its assignment ({type(exc).__name__})"
@@ -196,10 +228,13 @@ class Worker:
             with open(self.log_path, "ab") as log:
                 log.write(f"{stamp} as a fresh process{f' ({why})' if why else ''}\n".encode())
                 log.flush()
-                preexec = die_with_parent if sys.platform.startswith("linux") else None
-                self.proc = await asyncio.create_subprocess_exec(
-                    self.spec.python, "-m", "sdmaker.serving.worker", *argv, stdin=asyncio.subprocess.DEVNULL,
-                    stdout=log, stderr=asyncio.subprocess.STDOUT, env=env, preexec_fn=preexec)
+                self.proc = await spawn_worker_process(self.spec.python, env=env, standby=False, stdout=log,
+                                                       stderr=asyncio.subprocess.STDOUT)
+            assert self.proc.stdin is not None
+            with contextlib.suppress(OSError):  # it died at once: the monitor sees the exit code
+                self.proc.stdin.write(config.to_line())
+                await self.proc.stdin.drain()
+            self.proc.stdin.close()
         assert self.proc is not None
         self.started_at = time.monotonic()
         self.state = WorkerState.STARTING
@@ -249,7 +284,7 @@ class Worker:
         while True:
             if self.proc.returncode is not None:
                 raise WorkerStartError(self._failure_text(), worker=self.index)
-            if self._read_status().get("state") == "failed":
+            if self._read_status().get("state") == ServerState.FAILED.value:
                 raise WorkerStartError(self._failure_text(), worker=self.index)
             try:
                 reply = await client.get(f"{self.url}/ping", timeout=2.0)

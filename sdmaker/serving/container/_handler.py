@@ -28,8 +28,18 @@ from typing import Any
 
 from sdmaker.errors import InvalidRequestError, SdmakerError
 from sdmaker.schema import GenerateRequest, request_from_payload  # request_from_payload: re-exported
-from sdmaker.serving._codecs import JSON, decode, encode, encode_json, media_type, resolve_accept, to_text, unsupported
-from sdmaker.serving._user_module import Context, UserHooks, load_user_module
+from sdmaker.serving._protocol import SEEDS_HEADER
+from sdmaker.serving.container._codecs import (
+    JSON,
+    decode,
+    encode,
+    encode_json,
+    media_type,
+    resolve_accept,
+    to_text,
+    unsupported,
+)
+from sdmaker.serving.container._user_module import Context, UserHooks, load_user_module
 
 __all__ = ["RAW_IMAGE_TYPES", "HandlerResponse", "HandlerService", "SdModel", "error_body",
            "model_display_name", "request_from_payload", "result_json"]
@@ -127,12 +137,17 @@ class HandlerService:
         model_name: display name of the model (recipes, JSON answers).
         allow_pickle: let the default loader read ``.bin``/``.ckpt`` weights.
         digest: the model's content digest when already known (store models); computed otherwise.
+        validated_by: ``validated_by(headers)`` is True when the spawning daemon already validated this body
+            (:func:`sdmaker.serving._protocol.trusts_validation`); the default handler then skips its own
+            validation. ``None``: every body is validated here (``sdmaker serve``, direct calls).
     """
 
     def __init__(self, model_dir: Path, *, program: str | None = None, device: str = "auto", dtype: str = "auto",
                  model_name: str | None = None, allow_pickle: bool = False, server_version: str = "",
-                 digest: str | None = None, max_batch: int = 0) -> None:
+                 digest: str | None = None, max_batch: int = 0,
+                 validated_by: Callable[[Mapping[str, str]], bool] | None = None) -> None:
         self.model_dir = Path(model_dir).resolve()
+        self.validated_by = validated_by
         #: > 0: the default model runs requests through a step-level batcher of this many images
         self.max_batch = max_batch
         self.program = program
@@ -201,7 +216,12 @@ class HandlerService:
             inputs = data.pop("inputs", data)
             parameters = data.pop("parameters", None)
             return model(inputs, **parameters) if parameters is not None else model(inputs)
-        request = request_from_payload(data)
+        if (self.validated_by is not None and isinstance(data, dict)
+                and self.validated_by(context.request_headers)):
+            # the daemon parsed this body with request_from_payload and forwarded the canonical fields
+            request = GenerateRequest.model_construct(**data)
+        else:
+            request = request_from_payload(data)
         if self.hooks.output_fn is None:  # we know how the answer will be encoded: refuse early
             accept = resolve_accept(context.get_request_header("Accept"))
             mt = media_type(accept)
@@ -216,7 +236,7 @@ class HandlerService:
             elif mt != JSON:
                 raise unsupported(accept, field="Accept")
         result = sd.run(request)
-        context.set_response_header("X-Sdmaker-Seeds", ",".join(str(s) for s in result.seeds))
+        context.set_response_header(SEEDS_HEADER, ",".join(str(s) for s in result.seeds))
         return result
 
     def default_output_fn(self, prediction: Any, accept: str, context: Context) -> Any:

@@ -1,4 +1,4 @@
-"""The dispatcher of one endpoint variant: N :class:`~._workers.Worker` processes, their restarts, and
+"""The dispatcher of one endpoint variant: N :class:`~._worker_process.Worker` processes, their restarts, and
 one request per free slot.
 
 A request waits (bounded by its invocation budget) for a free slot, is forwarded to that worker with the
@@ -12,16 +12,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
 
 import httpx
 
 from sdmaker.errors import InvocationFailedError, InvocationTimeoutError, WorkerStartError
+from sdmaker.serving._protocol import VALIDATED_HEADER
 from sdmaker.serving._worker_secret import auth_header
-from sdmaker.serving._workers import FORWARDED_HEADERS, Worker, WorkerReply, WorkerSpec, WorkerState
-
-if TYPE_CHECKING:
-    from sdmaker.serving._standby import StandbyPool
+from sdmaker.serving.daemon._standby import StandbyPool
+from sdmaker.serving.daemon._worker_process import FORWARDED_HEADERS, Worker, WorkerReply, WorkerSpec, WorkerState
 
 __all__ = ["WorkerPool"]
 
@@ -84,20 +82,18 @@ class WorkerPool:
                 return
             logger.warning("endpoint worker %s-%d (pid %d) exited with code %s; restarting", self.tag,
                            worker.index, worker.proc.pid, code)
-            worker.state = WorkerState.RESTARTING
             self._changed()
             while not self._closing:
+                worker.restarting()
                 await asyncio.sleep(min(0.5 * 2 ** failures, 10.0))
-                worker.restarts += 1
                 try:
                     await worker.spawn()
                     await worker.wait_ready(self._client)
                 except WorkerStartError as exc:
                     failures += 1
-                    worker.error = exc.message
-                    worker.kill()
+                    worker.start_failed(exc.message)
                     if failures >= _MAX_RESTARTS_IN_A_ROW:
-                        worker.state = WorkerState.FAILED
+                        worker.give_up()
                         logger.error("endpoint worker %s-%d failed %d restarts in a row: %s", self.tag,
                                      worker.index, failures, exc.message)
                         self._changed()
@@ -121,7 +117,7 @@ class WorkerPool:
 
     @property
     def ready_count(self) -> int:
-        return sum(1 for w in self.workers if w.state in (WorkerState.READY, WorkerState.BUSY))
+        return sum(1 for w in self.workers if w.serving)
 
     @property
     def capacity(self) -> int:
@@ -137,13 +133,16 @@ class WorkerPool:
             if remaining <= 0:
                 raise asyncio.TimeoutError
             worker, generation = await asyncio.wait_for(self._idle.get(), remaining)
-            if (generation == worker.generation and worker.alive
-                    and worker.state in (WorkerState.READY, WorkerState.BUSY)):
+            if generation == worker.generation and worker.serving:
                 return worker, generation
             # a slot of a worker that died: its monitor offers fresh slots once restarted
 
-    async def invoke(self, body: bytes, headers: Mapping[str, str], *, timeout_s: float) -> WorkerReply:
+    async def invoke(self, body: bytes, headers: Mapping[str, str], *, timeout_s: float,
+                     validated: bool = False) -> WorkerReply:
         """Send one invocation to an idle worker and return its reply (any status).
+
+        Only the headers SageMaker forwards reach the worker, plus :data:`VALIDATED_HEADER` when ``validated``
+        (a caller's own copy of that header is dropped like any other).
 
         Raises:
             InvocationTimeoutError: no reply within ``timeout_s`` (waiting included); the worker is restarted.
@@ -159,11 +158,11 @@ class WorkerPool:
                 raise InvocationTimeoutError(
                     f"no worker became free within the invocation timeout of {timeout_s:g} s",
                     timeout_s=timeout_s) from None
-            worker.state = WorkerState.BUSY
-            worker.inflight += 1
-            worker.peak_inflight = max(worker.peak_inflight, worker.inflight)
+            worker.take_slot()
             fwd = {k: v for k, v in headers.items() if k.lower() in FORWARDED_HEADERS}
             fwd.update(auth_header(worker.secret))
+            if validated:
+                fwd[VALIDATED_HEADER] = "1"
             healthy = False
             try:
                 reply = await self._client.post(f"{worker.url}/invocations", content=body, headers=fwd,
@@ -184,12 +183,8 @@ class WorkerPool:
             else:
                 healthy = True
             finally:
-                if generation == worker.generation:  # else the slot died with the previous process
-                    worker.inflight -= 1
-                    if healthy and worker.alive and worker.state == WorkerState.BUSY:
-                        if worker.inflight == 0:
-                            worker.state = WorkerState.READY
-                        self._idle.put_nowait((worker, generation))
+                if worker.release_slot(generation, healthy=healthy):
+                    self._idle.put_nowait((worker, generation))
             return WorkerReply(status=reply.status_code, headers=dict(reply.headers), body=reply.content,
                                worker=worker.index)
         finally:

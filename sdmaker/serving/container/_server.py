@@ -6,10 +6,10 @@ background thread while ``/ping`` answers 503 ``{"status": "Loading"}``, then 20
 run in a thread pool so ``/ping`` stays responsive during generation and concurrent requests can reach
 a step-level batcher. A status file (JSON, written atomically) tells a supervising daemon the same.
 
-Both ``sdmaker serve`` (foreground) and ``python -m sdmaker.serving.worker`` (spawned by the daemon)
-run :func:`run_server`.
+Both ``sdmaker serve`` (foreground) and ``python -m sdmaker.serving.container`` (spawned by the daemon)
+run :func:`run_server`. (No ``from __future__ import annotations`` here: FastAPI must resolve the route
+annotations, imported inside :func:`create_app`.)
 """
-
 
 import asyncio
 import json
@@ -26,11 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdmaker.errors import AuthenticationError, ConfigError
-from sdmaker.serving._auth import is_loopback
-from sdmaker.serving._handler import HandlerService, error_body
+from sdmaker.errors import AuthenticationError, ConfigError, PayloadTooLargeError
 from sdmaker.serving._hosts import HostGuard, HostPolicy
+from sdmaker.serving._http import is_loopback, read_body
+from sdmaker.serving._protocol import EXIT_BIND_FAILED, EXIT_LOAD_FAILED, ServerState
 from sdmaker.serving._worker_secret import token_matches
+from sdmaker.serving.container._handler import HandlerService, error_body
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "EXIT_BIND_FAILED", "EXIT_LOAD_FAILED", "ModelServer", "create_app",
            "run_server", "write_status"]
@@ -39,9 +40,6 @@ logger = logging.getLogger(__name__)
 
 #: SageMaker's real-time body limit (runtime model ``BodyBlob.max``).
 DEFAULT_MAX_BODY_BYTES = 6 * 1024 * 1024
-#: Exit code after a failed model load (status file says why), and when the port cannot be bound.
-EXIT_LOAD_FAILED = 3
-EXIT_BIND_FAILED = 4
 _NOT_FOUND = "Requested resource is not found, please refer to API document."
 
 
@@ -59,9 +57,9 @@ def write_status(path: Path, data: dict[str, Any]) -> None:
         raise
 
 
-@dataclass
+@dataclass(frozen=True)
 class _State:
-    state: str = "loading"          # loading | ready | failed
+    state: ServerState = ServerState.LOADING
     error: str | None = None
     load_seconds: float | None = None
 
@@ -95,7 +93,7 @@ class ModelServer:
         self._write_status()
 
     @property
-    def state(self) -> str:
+    def state(self) -> ServerState:
         return self._state.state
 
     @property
@@ -106,7 +104,7 @@ class ModelServer:
         if self.status_file is None:
             return
         s = self._state
-        write_status(self.status_file, {"state": s.state, "error": s.error, "pid": os.getpid(),
+        write_status(self.status_file, {"state": s.state.value, "error": s.error, "pid": os.getpid(),
                                         "load_seconds": s.load_seconds, "worker_id": self.worker_id,
                                         "model_dir": str(self.handler.model_dir), "time": time.time()})
 
@@ -118,17 +116,22 @@ class ModelServer:
         except BaseException as exc:  # noqa: BLE001 - the model's own error, whatever it is
             text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             logger.error("model load failed: %s", text, exc_info=exc)
-            with self._lock:
-                self._state = _State("failed", text, time.perf_counter() - started)
-                self._write_status()
+            self.fail(text, time.perf_counter() - started)
             self.loaded.set()
             return False
-        with self._lock:
-            self._state = _State("ready", None, time.perf_counter() - started)
-            self._write_status()
+        self._become(_State(ServerState.READY, None, time.perf_counter() - started))
         logger.info("model loaded in %.2f s; ready", self._state.load_seconds)
         self.loaded.set()
         return True
+
+    def fail(self, error: str, load_seconds: float | None = None) -> None:
+        """Record that this server cannot serve (model load or bind failed); ``/ping`` answers 500 from now on."""
+        self._become(_State(ServerState.FAILED, error, load_seconds))
+
+    def _become(self, state: _State) -> None:
+        with self._lock:
+            self._state = state
+            self._write_status()
 
     def start_loading(self) -> threading.Thread:
         """Load in a daemon thread (a hung ``model_fn`` must not keep the process alive at shutdown)."""
@@ -186,32 +189,26 @@ def create_app(server: ModelServer, policy: HostPolicy | None = None) -> Any:
     @app.get("/ping")
     async def ping() -> Any:
         state = server.state
-        if state == "ready":
+        if state is ServerState.READY:
             return _json(200, {"status": "Healthy"})
-        if state == "failed":
+        if state is ServerState.FAILED:
             return _json(500, {"status": "Failed", "error": server.error})
         return _json(503, {"status": "Loading"})
 
     @app.post("/invocations")
     async def invocations(request: Request) -> Any:
-        limit = server.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            return _too_large(int(declared), limit)
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                return _too_large(size, limit)
-            chunks.append(chunk)
-        if server.state != "ready":
-            message = "model is still loading" if server.state == "loading" else f"model failed to load: {server.error}"
+        try:
+            body = await read_body(request, server.max_body_bytes)
+        except PayloadTooLargeError as exc:
+            return _too_large(int(exc.fields["size"]), int(exc.fields["limit"]))
+        if server.state is not ServerState.READY:
+            message = ("model is still loading" if server.state is ServerState.LOADING
+                       else f"model failed to load: {server.error}")
             return _raw_error(503, message, "ServiceUnavailableException")
         headers = dict(request.headers.items())
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        reply = await loop.run_in_executor(server.executor, server.handler.handle, b"".join(chunks), headers)
+        reply = await loop.run_in_executor(server.executor, server.handler.handle, body, headers)
         logger.info("POST /invocations %d %d bytes in %.3f s", reply.status, len(reply.body),
                     time.perf_counter() - started)
         out_headers = dict(reply.headers)
@@ -253,9 +250,7 @@ def run_server(server: ModelServer, *, host: str, port: int, fail_grace_s: float
         sock = _bind(host, port)
     except OSError as exc:
         logger.error("cannot listen on %s:%d: %s", host, port, exc)
-        with server._lock:
-            server._state = _State("failed", f"cannot listen on {host}:{port}: {exc}")
-            server._write_status()
+        server.fail(f"cannot listen on {host}:{port}: {exc}")
         return EXIT_BIND_FAILED
     logger.info("listening on http://%s:%d (pid %d)", host, port, os.getpid())
     config = uvicorn.Config(create_app(server, HostPolicy(host, port, allowed_hosts)), log_config=None, access_log=False, lifespan="off",
@@ -266,7 +261,7 @@ def run_server(server: ModelServer, *, host: str, port: int, fail_grace_s: float
     def _watch_load() -> None:
         nonlocal exit_code
         server.loaded.wait()
-        if server.state == "failed":
+        if server.state is ServerState.FAILED:
             time.sleep(fail_grace_s)  # let the daemon read /ping or the status file
             exit_code = EXIT_LOAD_FAILED
             uv.should_exit = True

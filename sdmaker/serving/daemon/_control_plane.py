@@ -27,8 +27,8 @@ from sdmaker.errors import (
     EndpointNotReadyError,
     SdmakerError,
 )
-from sdmaker.serving._endpoints import FORBIDDEN_ENV, EndpointManager
-from sdmaker.serving._limits import check_endpoint_config, check_model
+from sdmaker.serving.daemon._endpoints import FORBIDDEN_ENV, EndpointManager
+from sdmaker.serving.daemon._limits import check_endpoint_config, check_model
 
 __all__ = ["OPERATIONS", "ControlPlaneError", "control_plane", "control_plane_error"]
 
@@ -192,7 +192,7 @@ def _endpoint_name(c: _Ctx) -> str:
 async def _describe_endpoint(c: _Ctx) -> dict[str, Any]:
     rec = c.manager.require(_endpoint_name(c))
     config = c.manager.db.get("endpoint_configs", rec.config_name)
-    rt = c.manager.runtimes.get(rec.name)
+    rt = c.manager.live.get(rec.name)
     out: dict[str, Any] = {"EndpointName": rec.name, "EndpointArn": c.arn("endpoint", rec.name),
                            "EndpointConfigName": rec.config_name, "EndpointStatus": rec.status,
                            "CreationTime": rec.created, "LastModifiedTime": rec.modified}

@@ -24,7 +24,6 @@ Each error also carries ``X-Sdmaker-Error-Code`` (the :mod:`sdmaker.errors` clas
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from typing import Any
@@ -44,10 +43,12 @@ from sdmaker.errors import (
     SdmakerError,
 )
 from sdmaker.schema import request_from_body
-from sdmaker.serving._endpoints import EndpointManager
-from sdmaker.serving._metrics import DaemonMetrics
+from sdmaker.serving._http import read_body
+from sdmaker.serving._protocol import SEEDS_HEADER
+from sdmaker.serving.daemon._endpoints import EndpointManager
+from sdmaker.serving.daemon._metrics import DaemonMetrics
 
-__all__ = ["invoke_endpoint", "read_body", "runtime_error_response", "validate_default_body"]
+__all__ = ["invoke_endpoint", "runtime_error_response", "validate_default_body"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,38 +56,19 @@ _TIMEOUT_TEXT = ("Your invocation timed out while waiting for a response from co
                  "latency metrics for each container in Amazon CloudWatch, resolve the issue, and try again.")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, read once and cached on ``request.state``; refuses more than ``limit`` bytes early."""
-    cached = getattr(request.state, "body", None)
-    if isinstance(cached, bytes):
-        return cached
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLargeError(f"Request payload of {declared} bytes exceeds the maximum of {limit} bytes "
-                                   "(SageMaker real-time limit 6 MiB).", size=int(declared), limit=limit)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError(f"Request payload exceeds the maximum of {limit} bytes (SageMaker real-time "
-                                       "limit 6 MiB).", size=size, limit=limit)
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    request.state.body = body
-    return body
-
-
-def validate_default_body(body: bytes, content_type: str | None) -> None:
+def validate_default_body(body: bytes, content_type: str | None) -> bytes | None:
     """Check a JSON body for sdmaker's default handler before it is queued (a 400, not a model error).
 
     Accepts the seed's shape (``{"prompt": ..., "height": ...}``) and the Hugging Face toolkit's
-    (``{"inputs": prompt, "parameters": {...}}``). Endpoints with their own ``inference.py`` decide for
-    themselves: their bodies are passed through untouched.
+    (``{"inputs": prompt, "parameters": {...}}``). Returns the request as canonical JSON (the fields the
+    caller set), which the worker takes without validating it again (:data:`~sdmaker.serving._protocol.VALIDATED_HEADER`), or
+    ``None`` for a non-JSON body (the worker decides). Endpoints with their own ``inference.py`` decide
+    for themselves: their bodies are passed through untouched and this is not called.
     """
     if (content_type or "").split(";")[0].strip().lower() != "application/json":
-        return
-    request_from_body(body, content_type)  # the default handler's own parsers: the daemon and the worker agree
+        return None
+    request = request_from_body(body, content_type)  # the default handler's own parsers: daemon and worker agree
+    return request.model_dump_json(exclude_unset=True).encode()
 
 
 def _error_body(exc: SdmakerError, settings: Settings, endpoint: str | None) -> tuple[int, str, dict[str, Any]]:
@@ -131,17 +113,12 @@ def runtime_error_response(exc: SdmakerError, settings: Settings, endpoint: str 
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _count_images(content_type: str, body: bytes) -> int:
-    if content_type.startswith("image/"):
-        return 1
-    if content_type.startswith("application/json"):
-        try:
-            data = json.loads(body)
-        except ValueError:
-            return 0
-        if isinstance(data, dict) and isinstance(data.get("generated_images"), list):
-            return len(data["generated_images"])
-    return 0
+def _count_images(content_type: str, headers: dict[str, str]) -> int:
+    """Images in a reply, from the default handler's seeds header (one seed per image); never the body."""
+    seeds = headers.get(SEEDS_HEADER.lower(), "").strip()
+    if seeds:
+        return seeds.count(",") + 1
+    return 1 if content_type.startswith("image/") else 0
 
 
 async def invoke_endpoint(request: Request, name: str) -> Response:
@@ -153,10 +130,10 @@ async def invoke_endpoint(request: Request, name: str) -> Response:
     with metrics.latency.labels(endpoint=name).time():
         try:
             body = await read_body(request, settings.max_body_bytes)
-            rt = manager.runtime_for_invoke(name)
-            if rt.default_handler:
-                validate_default_body(body, request.headers.get("content-type"))
-            reply = await manager.invoke(rt, body, dict(request.headers))
+            rt = manager.live_for_invoke(name)
+            canonical = validate_default_body(body, request.headers.get("content-type")) if rt.default_handler else None
+            reply = await manager.invoke(rt, canonical if canonical is not None else body, dict(request.headers),
+                                         validated=canonical is not None)
         except SdmakerError as exc:
             response = runtime_error_response(exc, settings, name, request_id)
             metrics.requests.labels(endpoint=name, status=str(response.status_code)).inc()
@@ -173,7 +150,7 @@ async def invoke_endpoint(request: Request, name: str) -> Response:
                                      "X-Sdmaker-Error-Code": "InvocationFailedError"})
     content_type = reply.headers.get("content-type", "application/json")
     metrics.requests.labels(endpoint=name, status="200").inc()
-    images = _count_images(content_type, reply.body)
+    images = _count_images(content_type, reply.headers)
     if images:
         metrics.images.labels(endpoint=name).inc(images)
     headers = {"x-Amzn-Invoked-Production-Variant": "AllTraffic", "x-amzn-RequestId": request_id}

@@ -7,13 +7,13 @@ drains) -> ``InService``; ``DeleteEndpoint`` -> gone. State lives in SQLite (:mo
 restarted daemon brings its endpoints back (status ``Creating`` until their workers are ready again).
 
 Instance types map to a local profile: ``ml.g*``/``ml.p*``/``ml.inf*``/``ml.trn*`` (accelerated) run with
-``--device auto`` (CUDA when present, else CPU with a warning); every other type (``ml.m5.*``, ``ml.c5.*``,
+device ``auto`` (CUDA when present, else CPU with a warning); every other type (``ml.m5.*``, ``ml.c5.*``,
 ``local``) runs on the CPU. ``InitialInstanceCount`` (times ``SAGEMAKER_MODEL_SERVER_WORKERS``, default 1)
 is the number of worker processes; each gets ``cores / workers`` torch threads (``OMP_NUM_THREADS``, unless the
 model's Environment or the daemon's environment sets it). Per-endpoint limits come from the model's ``Environment``:
 ``SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS`` (invocation timeout) and ``SDMAKER_MAX_QUEUE``.
 
-Step batching: ``SDMAKER_MAX_BATCH`` in the model's Environment starts workers with ``--max-batch N``
+Step batching: ``SDMAKER_MAX_BATCH`` in the model's Environment starts workers with ``max_batch=N``
 (concurrent requests share UNet steps, and the pool sends each worker up to N requests at once). The
 default is :data:`DEFAULT_MAX_BATCH` for the default handler (measured in bench/results.json, "batching
 mini": 2.7x images/s with 8 clients; 1.14x on the SD 2.1 architecture) and 0 (off) for models with a
@@ -44,32 +44,30 @@ from sdmaker.errors import (
     QueueFullError,
     SdmakerError,
 )
-from sdmaker.serving._logs import rotate_if_large
-from sdmaker.serving._pool import WorkerPool
-from sdmaker.serving._runtime import EndpointRuntime
-from sdmaker.serving._standby import StandbyPool
-from sdmaker.serving._state import EndpointRecord, EndpointStats, StateDB
-from sdmaker.serving._variant import (
+from sdmaker.serving.daemon._live import LiveEndpoint
+from sdmaker.serving.daemon._logs import rotate_if_large
+from sdmaker.serving.daemon._pool import WorkerPool
+from sdmaker.serving.daemon._standby import StandbyPool
+from sdmaker.serving.daemon._state import EndpointRecord, EndpointStats, EndpointStatus, StateDB
+from sdmaker.serving.daemon._variant import (
     DEFAULT_MAX_BATCH,
     FORBIDDEN_ENV,
-    cpu_count,
+    VariantPlan,
     instance_profile,
-    max_batch_for,
     model_ref,
-    program_name,
+    plan_variant,
     python_for,
     resolve_model_dir,
+    worker_environment,
 )
-from sdmaker.serving._workers import WorkerReply, WorkerSpec
+from sdmaker.serving.daemon._worker_process import WorkerReply, WorkerSpec
 
-__all__ = ["DEFAULT_MAX_BATCH", "FORBIDDEN_ENV", "EndpointManager", "EndpointRuntime", "instance_profile"]
+__all__ = ["DEFAULT_MAX_BATCH", "FORBIDDEN_ENV", "EndpointManager", "LiveEndpoint", "instance_profile"]
 
 logger = logging.getLogger(__name__)
 
 #: How often the daemon checks the size of endpoint logs and saves endpoint statistics.
 _HOUSEKEEPING_EVERY_S = 5.0
-#: Never handed to worker processes: they run the model's own code, which must not see the daemon's secrets.
-_DAEMON_SECRETS = ("SDMAKER_SECRET_ACCESS_KEY", "SDMAKER_API_TOKEN", "SDMAKER_ACCESS_KEY_ID")
 
 
 class EndpointManager:
@@ -79,10 +77,10 @@ class EndpointManager:
         self.settings = settings
         self.root = settings.endpoints_dir
         self.db = StateDB(self.root / "state.sqlite3")
-        self.runtimes: dict[str, EndpointRuntime] = {}
+        self.live: dict[str, LiveEndpoint] = {}
         self._generation = 0
         self.standbys = StandbyPool(count=settings.standby_workers, python=sys.executable,
-                                    env=self._worker_env({}, 1), log_file=self.root / "standby.log")
+                                    env=worker_environment(settings, {}, 1), log_file=self.root / "standby.log")
         self._standby_task: asyncio.Task[None] | None = None
         self._rotate_task: asyncio.Task[None] | None = None
         self._stats_task: asyncio.Task[None] | None = None
@@ -92,11 +90,11 @@ class EndpointManager:
     async def start(self) -> None:
         """Bring back every endpoint that was serving (or starting) when the daemon last stopped."""
         for rec in self.db.endpoints():
-            if rec.status in ("InService", "Creating", "Updating"):
+            if rec.status is not EndpointStatus.FAILED:
                 logger.info("restoring endpoint %s", rec.name)
-                self.db.set_endpoint(rec.name, status="Creating", failure_reason=None)
                 self._launch(rec.name, rec.config_name, restore=True)
-        restoring = [rt.task for rt in self.runtimes.values() if rt.task is not None]
+                self._set_status(rec.name, EndpointStatus.CREATING, failure_reason=None)
+        restoring = [rt.task for rt in self.live.values() if rt.task is not None]
         self._standby_task = asyncio.create_task(self._start_standbys(restoring), name="standby-start")
         if self.settings.log_max_bytes > 0:
             self._rotate_task = asyncio.create_task(self._rotate_logs(), name="log-rotation")
@@ -114,7 +112,7 @@ class EndpointManager:
     def _unsaved_stats(self) -> list[tuple[str, EndpointStats]]:
         """Stats of the endpoints that served requests since their last save, marked as saved."""
         out = []
-        for name, rt in self.runtimes.items():
+        for name, rt in self.live.items():
             if rt.invocations != rt.saved_invocations:
                 rt.saved_invocations = rt.invocations
                 out.append((name, rt.stats()))
@@ -129,7 +127,7 @@ class EndpointManager:
         seconds: workers write to these files directly, so the daemon is the only one that can cap them."""
         while True:
             await asyncio.sleep(_HOUSEKEEPING_EVERY_S)
-            for path in [self.root / "standby.log", *(self.log_file(name) for name in self.runtimes)]:
+            for path in [self.root / "standby.log", *(self.log_file(name) for name in self.live)]:
                 await asyncio.to_thread(rotate_if_large, path, self.settings.log_max_bytes)
 
     async def _start_standbys(self, restoring: list[asyncio.Task[None]]) -> None:
@@ -144,13 +142,13 @@ class EndpointManager:
                 background.cancel()
         self._save_stats(self._unsaved_stats())
         await self.standbys.close()
-        tasks = [rt.task for rt in self.runtimes.values() if rt.task is not None]
+        tasks = [rt.task for rt in self.live.values() if rt.task is not None]
         for task in tasks:
             task.cancel()  # a pool still starting stops its own workers when cancelled
         await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(*(rt.pool.close() for rt in self.runtimes.values() if rt.pool),
+        await asyncio.gather(*(rt.pool.close() for rt in self.live.values() if rt.pool),
                              return_exceptions=True)
-        self.runtimes.clear()
+        self.live.clear()
         self.db.close()
 
     # -- helpers -----------------------------------------------------------------------------------
@@ -158,24 +156,18 @@ class EndpointManager:
     def log_file(self, name: str) -> Path:
         return self.root / name / "endpoint.log"
 
+    def _set_status(self, name: str, status: EndpointStatus, **fields: Any) -> None:
+        """The one way an endpoint's status changes: stored record and live copy together."""
+        self.db.set_endpoint(name, status=status, **fields)
+        live = self.live.get(name)
+        if live is not None:
+            live.status = status
+
     def _log(self, name: str, text: str) -> None:
         path = self.log_file(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as fh:
             fh.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
-
-    def _worker_env(self, model_env: dict[str, str], count: int) -> dict[str, str]:
-        """A worker's environment: the daemon's (minus its secrets), the model's, and a torch thread count."""
-        base_env = {k: v for k, v in self.settings.env.items() if k not in _DAEMON_SECRETS}
-        worker_env = {**base_env, **{k: v for k, v in model_env.items() if k not in FORBIDDEN_ENV},
-                      "SDMAKER_HOME": str(self.settings.home)}
-        # N workers x all-cores torch threads oversubscribe the CPU: OpenMP threads then spin-wait on each
-        # other (measured here: sd1-tiny 0.25 s/request with 1 thread, 1.6-13 s with 2 on 2 busy cores).
-        # Split the cores between the workers unless the model or the user chose a thread count.
-        threads = worker_env.get("OMP_NUM_THREADS") or str(max(1, cpu_count() // count))
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            worker_env.setdefault(var, threads)
-        return worker_env
 
     def _variant(self, config_name: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """(production variant, model body) of a config; raises ConfigError when either is gone."""
@@ -189,56 +181,45 @@ class EndpointManager:
                               "exist", field="ModelName")
         return variant, model.body
 
-    async def _build_pool(self, name: str, config_name: str, rt: EndpointRuntime) -> WorkerPool:
-        """Resolve the model, prepare its environment, start its workers; returns a ready pool."""
+    async def _build_pool(self, name: str, config_name: str) -> tuple[WorkerPool, VariantPlan]:
+        """Resolve the model, prepare its environment, start its workers; a ready pool and the plan it follows."""
         variant, model = self._variant(config_name)
         container = model.get("PrimaryContainer") or (model.get("Containers") or [{}])[0]
-        env = {str(k): str(v) for k, v in (container.get("Environment") or {}).items()}
         ref = model_ref(container)
         self._log(name, f"resolving model data {ref}")
-        model_dir, digest = await asyncio.to_thread(resolve_model_dir, ref, self.settings)
+        model_dir, digest, display_name = await asyncio.to_thread(resolve_model_dir, ref, self.settings)
         python = await asyncio.to_thread(python_for, model_dir, self.settings)
-        rt.default_handler = not (model_dir / "code" / program_name(env)).is_file()
-        rt.instance_type = variant.get("InstanceType")
-        rt.model_name = variant["ModelName"]
-        if env.get("SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS"):
-            rt.timeout_s = float(env["SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS"])
-        if env.get("SDMAKER_MAX_QUEUE"):
-            rt.max_queue = int(env["SDMAKER_MAX_QUEUE"])
-        per_instance = int(env.get("SAGEMAKER_MODEL_SERVER_WORKERS") or 1)
-        count = max(1, int(variant.get("InitialInstanceCount") or 1)) * max(1, per_instance)
-        startup = float(variant.get("ContainerStartupHealthCheckTimeoutInSeconds") or self.settings.startup_timeout_s)
-        worker_env = self._worker_env(env, count)
-        max_batch = max_batch_for(env, rt.default_handler)
+        plan = plan_variant(variant, model, model_dir=model_dir, digest=digest, display_name=display_name,
+                            log_file=self.log_file(name), settings=self.settings)
         self._generation += 1
-        device, warning = instance_profile(rt.instance_type)
-        if warning:
-            logger.warning("endpoint %s: %s", name, warning)
-            self._log(name, f"warning: {warning}")
-        spec = WorkerSpec(model_dir=model_dir, python=python, run_dir=self.root / name / "run",
-                          log_file=self.log_file(name), env=worker_env, max_body_bytes=self.settings.max_body_bytes,
-                          device=device, startup_timeout_s=startup, max_batch=max_batch)
-        pool = WorkerPool(spec, count, tag=f"v{self._generation}", standbys=self.standbys)
+        if plan.warning:
+            logger.warning("endpoint %s: %s", name, plan.warning)
+            self._log(name, f"warning: {plan.warning}")
+        spec = WorkerSpec(config=plan.config, python=python, run_dir=self.root / name / "run",
+                          startup_timeout_s=plan.startup_timeout_s)
+        pool = WorkerPool(spec, plan.count, tag=f"v{self._generation}", standbys=self.standbys)
+        max_batch = plan.config.max_batch
         batching = f", step batching up to {max_batch} requests per worker" if max_batch else ""
-        self._log(name, f"starting {count} worker(s) for model {rt.model_name} ({model_dir}){batching}")
+        self._log(name, f"starting {plan.count} worker(s) for model {plan.model_name} ({model_dir}){batching}")
         await pool.start()
         self.db.set_endpoint(name, model_digest=digest, model_path=str(model_dir))
-        return pool
+        return pool, plan
 
-    def _launch(self, name: str, config_name: str, *, restore: bool = False) -> EndpointRuntime:
-        rt = EndpointRuntime(name=name, timeout_s=self.settings.invocation_timeout_s,
-                             max_queue=self.settings.max_queue)
+    def _launch(self, name: str, config_name: str, *, restore: bool = False) -> LiveEndpoint:
+        rt = LiveEndpoint(name=name, timeout_s=self.settings.invocation_timeout_s,
+                          max_queue=self.settings.max_queue)
         saved = self.db.stats(name) if restore else None
         if saved is not None:  # a daemon restart: the endpoint keeps its counts and recent latencies
             rt.restore_stats(saved)
-        self.runtimes[name] = rt
+        self.live[name] = rt
         rt.task = asyncio.create_task(self._bring_up(name, config_name, rt), name=f"create-{name}")
         return rt
 
-    async def _bring_up(self, name: str, config_name: str, rt: EndpointRuntime) -> None:
+    async def _bring_up(self, name: str, config_name: str, rt: LiveEndpoint) -> None:
         started = time.monotonic()
         try:
-            rt.pool = await self._build_pool(name, config_name, rt)
+            pool, plan = await self._build_pool(name, config_name)
+            rt.install(pool, plan)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure becomes the endpoint's FailureReason
@@ -246,19 +227,19 @@ class EndpointManager:
             if not isinstance(exc, SdmakerError):
                 logger.exception("endpoint %s failed to start", name)
             self._log(name, f"endpoint failed: {reason}")
-            self.db.set_endpoint(name, status="Failed", failure_reason=reason[:2048])
+            self._set_status(name, EndpointStatus.FAILED, failure_reason=reason[:2048])
             return
         finally:
             rt.task = None
         self._log(name, f"endpoint in service after {time.monotonic() - started:.1f} s")
-        self.db.set_endpoint(name, status="InService", failure_reason=None)
+        self._set_status(name, EndpointStatus.IN_SERVICE, failure_reason=None)
 
     # -- public operations (called by the control plane) -----------------------------------------
 
     def create(self, name: str, config_name: str) -> None:
         """Register the endpoint (``Creating``) and start its workers in the background."""
         self._variant(config_name)  # fail fast on a dangling config
-        if not self.db.add_endpoint(name, config_name, "Creating"):
+        if not self.db.add_endpoint(name, config_name, EndpointStatus.CREATING):
             raise EndpointExistsError(f"endpoint {name} exists already", endpoint=name)
         self.db.delete("endpoint_stats", name)  # a save that raced the delete of an earlier endpoint of this name
         self._launch(name, config_name)
@@ -266,32 +247,29 @@ class EndpointManager:
     def update(self, name: str, config_name: str) -> None:
         """Blue/green: start the new pool; swap when ready; the old pool drains then stops."""
         rec = self.require(name)
-        rt = self.runtimes.get(name)
-        if rec.status != "InService" or rt is None or rt.pool is None:
+        rt = self.live.get(name)
+        if rec.status is not EndpointStatus.IN_SERVICE or rt is None or rt.pool is None:
             raise EndpointNotReadyError(f"endpoint {name} is {rec.status}; only an InService endpoint can be "
-                                        "updated", status=rec.status)
+                                        "updated", status=rec.status.value)
         self._variant(config_name)
-        self.db.set_endpoint(name, status="Updating")
+        self._set_status(name, EndpointStatus.UPDATING)
         rt.task = asyncio.create_task(self._swap(name, config_name, rt), name=f"update-{name}")
 
-    async def _swap(self, name: str, config_name: str, rt: EndpointRuntime) -> None:
-        staging = EndpointRuntime(name=name, timeout_s=self.settings.invocation_timeout_s,
-                                  max_queue=self.settings.max_queue)
+    async def _swap(self, name: str, config_name: str, rt: LiveEndpoint) -> None:
         try:
-            new_pool = await self._build_pool(name, config_name, staging)
+            new_pool, plan = await self._build_pool(name, config_name)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a failed update keeps the old pool serving
             reason = exc.message if isinstance(exc, SdmakerError) else f"{type(exc).__name__}: {exc}"
             self._log(name, f"update failed, old workers keep serving: {reason}")
-            self.db.set_endpoint(name, status="InService", failure_reason=f"UpdateEndpoint failed: {reason}"[:2048])
+            self._set_status(name, EndpointStatus.IN_SERVICE,
+                             failure_reason=f"UpdateEndpoint failed: {reason}"[:2048])
             rt.task = None
             return
-        old, rt.pool = rt.pool, new_pool
-        rt.default_handler, rt.instance_type, rt.model_name = (staging.default_handler, staging.instance_type,
-                                                               staging.model_name)
-        rt.timeout_s, rt.max_queue = staging.timeout_s, staging.max_queue
-        self.db.set_endpoint(name, status="InService", config_name=config_name, failure_reason=None)
+        rt.timeout_s, rt.max_queue = self.settings.invocation_timeout_s, self.settings.max_queue
+        old = rt.install(new_pool, plan)
+        self._set_status(name, EndpointStatus.IN_SERVICE, config_name=config_name, failure_reason=None)
         rt.task = None
         self._log(name, "update done; draining the previous workers")
         if old is not None:
@@ -301,7 +279,7 @@ class EndpointManager:
         self.require(name)
         self.db.delete("endpoints", name)
         self.db.delete("endpoint_stats", name)
-        rt = self.runtimes.pop(name, None)
+        rt = self.live.pop(name, None)
         if rt is None:
             return
         if rt.task is not None:
@@ -320,25 +298,32 @@ class EndpointManager:
 
     # -- invocation (called by the runtime API) ----------------------------------------------------
 
-    def runtime_for_invoke(self, name: str) -> EndpointRuntime:
-        """The endpoint's runtime if it can take a request now; raises the matching error otherwise."""
-        rec = self.require(name)
-        rt = self.runtimes.get(name)
-        if rt is None or rt.pool is None or rec.status not in ("InService", "Updating"):
-            raise EndpointNotReadyError(f"Endpoint {name} is not in service (status {rec.status}).",
-                                        endpoint=name, status=rec.status)
+    def live_for_invoke(self, name: str) -> LiveEndpoint:
+        """The live endpoint if it can take a request now; raises the matching error otherwise.
+
+        Reads memory only on the way to a worker (the manager keeps ``live`` in step with every create,
+        update and delete); the stored record is read only to word an error.
+        """
+        rt = self.live.get(name)
+        if rt is None or rt.pool is None or not rt.status.serving:
+            status = rt.status if rt is not None else self.require(name).status
+            raise EndpointNotReadyError(f"Endpoint {name} is not in service (status {status}).",
+                                        endpoint=name, status=status.value)
         if rt.pending >= rt.capacity + rt.max_queue:
             raise QueueFullError(f"Endpoint {name} has {rt.queue_depth} queued request(s), the limit is "
                                  f"{rt.max_queue}; retry later", endpoint=name, retry_after=1)
         return rt
 
-    async def invoke(self, rt: EndpointRuntime, body: bytes, headers: dict[str, str]) -> WorkerReply:
+    async def invoke(self, rt: LiveEndpoint, body: bytes, headers: dict[str, str], *,
+                     validated: bool = False) -> WorkerReply:
+        """Send one request to ``rt``'s workers, counting it; ``validated``: the body is canonical JSON the
+        daemon already validated (the worker skips its own validation)."""
         pool = rt.pool  # read the pool and enter it without awaiting in between (see WorkerPool.close)
         assert pool is not None
         rt.pending += 1
         started = time.monotonic()
         try:
-            reply = await pool.invoke(body, headers, timeout_s=rt.timeout_s)
+            reply = await pool.invoke(body, headers, timeout_s=rt.timeout_s, validated=validated)
         except SdmakerError:
             rt.errors += 1
             raise
@@ -354,7 +339,7 @@ class EndpointManager:
 
     def details(self, name: str) -> dict[str, Any]:
         rec = self.require(name)
-        rt = self.runtimes.get(name)
+        rt = self.live.get(name)
         out: dict[str, Any] = {"name": name, "status": rec.status, "failure_reason": rec.failure_reason,
                                "config_name": rec.config_name, "model_digest": rec.model_digest,
                                "model_path": rec.model_path, "created": rec.created, "modified": rec.modified,
