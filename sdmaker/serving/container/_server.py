@@ -18,7 +18,6 @@ import math
 import os
 import signal
 import socket
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sdmaker.errors import AuthenticationError, ConfigError, PayloadTooLargeError
+from sdmaker.files import atomic_write_json
 from sdmaker.serving._hosts import HostGuard, HostPolicy
 from sdmaker.serving._http import is_loopback, read_body
 from sdmaker.serving._protocol import EXIT_BIND_FAILED, EXIT_LOAD_FAILED, ServerState
@@ -47,14 +47,7 @@ def write_status(path: Path, data: dict[str, Any]) -> None:
     """Write ``data`` as JSON to ``path`` atomically (temp file in the same folder + ``os.replace``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_json(path, data)
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from sdmaker.files import atomic_open
 
 __all__ = ["BACKUPS", "rotate_if_large"]
 
@@ -40,14 +41,8 @@ def rotate_if_large(path: Path, max_bytes: int, backups: int = BACKUPS) -> bool:
             older = path.with_name(f"{path.name}.{i}")
             if older.exists():
                 os.replace(older, path.with_name(f"{path.name}.{i + 1}"))
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
-                shutil.copyfileobj(src, out)
-            os.replace(tmp, path.with_name(f"{path.name}.1"))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_open(path.with_name(f"{path.name}.1"), "wb") as out, open(path, "rb") as src:
+            shutil.copyfileobj(src, out)
         os.truncate(path, 0)
         return True
     except FileNotFoundError:
