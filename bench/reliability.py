@@ -468,6 +468,15 @@ class Daemon:
                 return
             time.sleep(0.2)
 
+    def wait_ready(self, endpoint: str, timeout_s: float = 300.0) -> None:
+        """Until every worker of ``endpoint`` is Ready (after a restart, a phase starts from a healthy endpoint)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            workers = self.details(endpoint).get("workers", [])
+            if workers and all(w.get("state") == "Ready" for w in workers):
+                return
+            time.sleep(0.2)
+
     def invoke(self, endpoint: str, payload: dict[str, Any], *, timeout: float) -> Reply:
         import httpx
 
@@ -489,6 +498,11 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+def _load_note() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.1f}/{five:.1f} on {os.cpu_count()} cores"
 
 
 def _p(values: list[float], q: float) -> float:
@@ -537,7 +551,7 @@ def _malformed(d: Daemon, endpoint: str, quick: bool) -> list[dict[str, Any]]:
     return [
         row(f"reliability: malformed requests, 5xx of {len(cases)}", float(len(five) + len(none)), 0.0, "count",
             f"target 0 x 5xx; {len(five)} x 5xx, {len(none)} unanswered, {len(m424)} x 424 (reached the worker), "
-            f"{len(ok2)} accepted (2xx), {len(shape)} not a clean AWS-shaped 4xx in all; {examples}",
+            f"{len(ok2)} accepted (2xx), {len(shape)} not a clean AWS-shaped 4xx in all; {_load_note()}; {examples}",
             lower_is_better=True),
         row("reliability: malformed requests, p99 rejection time", p99, TARGET_P99_MS, "ms",
             f"target <= {TARGET_P99_MS:g} ms (ratio >= 1 meets it); median {statistics.median(times):.1f} ms; slowest: "
@@ -576,7 +590,7 @@ def _flood(d: Daemon, endpoint: str, payload: dict[str, Any], clients: int = 64)
             f"is ~8x what the endpoint finishes alone in its {ENDPOINT_TIMEOUT_S:g} s timeout), default queue/batch; "
             f"served {served}, 503+Retry-After {shed}, 503 without it {shed_bare}, lost {len(lost)} ({kinds}), "
             f"other {other}; {late} answers after the {ENDPOINT_TIMEOUT_S:g} s timeout; flood wall {wall:.0f} s. "
-            "Targets: 503s with Retry-After, 0 answers over the timeout, 0 accepted requests lost")
+            f"Targets: 503s with Retry-After, 0 answers over the timeout, 0 accepted requests lost; {_load_note()}")
     return [
         row(f"reliability: flood of {clients}, requests lost", float(len(lost)), 0.0, "count", note, lower_is_better=True),
         row(f"reliability: flood of {clients}, served", float(served), None, "count", "", lower_is_better=False),
@@ -612,7 +626,7 @@ def _huge_beside_small(d: Daemon, endpoint: str, normal_s: float, quick: bool) -
     note = (f"one {side}x{side} x {steps}-step request running; 3 small ({SMALL_REQUEST['height']}x"
             f"{SMALL_REQUEST['width']}) requests sent one after another, each given {patience:.0f} s: "
             f"{len(answered)}/3 answered ({statistics_of([r for r in smalls if r.status != 200])} failed); small alone "
-            f"{normal_s:.2f} s. Target: the small ones in their normal time (ratio ~1)")
+            f"{normal_s:.2f} s. Target: the small ones in their normal time (ratio ~1); {_load_note()}")
     d.delete_endpoint(endpoint)  # frees the worker the huge request holds
     t.join(timeout=120)
     return [row("reliability: small request latency beside a huge one", worst if worst is not None else patience,
@@ -672,7 +686,7 @@ def _kills(d: Daemon, endpoint: str, kills: int, clients: int = 4) -> list[dict[
     note = (f"{done} x kill -9 of a busy worker of a 2-worker mini endpoint (timeout 120 s) under {clients} clients "
             f"sending 64x64 requests back to back: {len(lost)} of {len(replies)} requests failed "
             f"({statistics_of(lost)}); recovery median {statistics.median(recoveries) if recoveries else 0:.1f} s, "
-            f"max {max(recoveries) if recoveries else 0:.1f} s. Target 0 lost")
+            f"max {max(recoveries) if recoveries else 0:.1f} s. Target 0 lost; {_load_note()}")
     return [row(f"reliability: worker kills ({done} x kill -9), requests lost", float(len(lost)), 0.0, "count", note,
                 lower_is_better=True)]
 
@@ -720,7 +734,7 @@ def _sigterm(d: Daemon, endpoint: str, payload: dict[str, Any], inflight: int) -
             f"{clean} clean AWS-shaped errors, {len(bare)} bare 500 / dropped ({statistics_of(bare)}); a request sent "
             f"0.5 s after SIGTERM got: {during_text}; pid file {'left behind' if pid_left else 'removed'}"
             f"{'' if had_pid_file else ' (none was written)'}. Target drain <= {TARGET_DRAIN_S:g} s, 0 bare 500s, "
-            "new requests 503, pid file removed")
+            f"new requests 503, pid file removed; {_load_note()}")
     return [
         row("reliability: SIGTERM drain time", drain, TARGET_DRAIN_S, "s", note + " (ratio >= 1 meets the target)"),
         row("reliability: SIGTERM, in-flight requests without a clean answer", float(len(bare)), 0.0, "count", "",
@@ -738,6 +752,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
         d.create_endpoint("rel-mini")
         payload, small_s = _calibrate(d, "rel-mini")
         rows += _malformed(d, "rel-mini", quick)
+        d.wait_ready("rel-mini")
         rows += _flood(d, "rel-mini", payload)
         d.delete_endpoint("rel-mini")
         d.wait_standby()
@@ -747,6 +762,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
         d.wait_standby()
         d.create_endpoint("rel-kill", workers=2, timeout_s=120)
         rows += _kills(d, "rel-kill", 3 if quick else 10)
+        d.wait_ready("rel-kill")
         rows += _sigterm(d, "rel-kill", payload, 8 if quick else 12)
     finally:
         if d is not None:
