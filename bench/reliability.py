@@ -142,7 +142,7 @@ def seen_cases(*, big: bool = True) -> list[Case]:
         Case("runtime: JSON string", "runtime", b'"a cat"'),
         Case("runtime: NaN guidance", "runtime", b'{"prompt": "a", "guidance_scale": NaN}'),
         Case("runtime: height \"64\"", "runtime", _j({**ok, "height": "64"})),
-        Case("runtime: height true", "runtime", _j({**ok, "num_images_per_prompt": True})),
+        Case("runtime: num_images_per_prompt true", "runtime", _j({**ok, "num_images_per_prompt": True})),
         Case("runtime: steps -0.0", "runtime", b'{"prompt": "a", "height": 64, "width": 64, "num_inference_steps": -0.0}'),
         Case("runtime: seed 1e-400", "runtime", b'{"prompt": "a", "height": 64, "width": 64, "seed": 1e-400}'),
         Case("runtime: height 64.0", "runtime", b'{"prompt": "a", "height": 64.0, "width": 64}'),

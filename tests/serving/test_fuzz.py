@@ -393,8 +393,7 @@ def _run_corpus(strategy: st.SearchStrategy[Case], examples: int, check: Callabl
     failures: list[str] = []
     seen: list[int] = [0]
 
-    @_FUZZ
-    @settings(max_examples=examples)
+    @settings(_FUZZ, max_examples=examples)
     @given(case=strategy)
     def one(case: Case) -> None:
         seen[0] += 1
