@@ -79,7 +79,7 @@ def fuzz_worker(tmp_path_factory: pytest.TempPathFactory, sd1_dir: Path) -> Iter
             proc.wait()
 
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 180.0) -> None:
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 600.0) -> None:
     import time
 
     import httpx
