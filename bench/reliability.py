@@ -561,10 +561,16 @@ def _malformed(d: Daemon, endpoint: str, quick: bool) -> list[dict[str, Any]]:
     ]
 
 
-def _calibrate(d: Daemon, endpoint: str) -> tuple[dict[str, Any], float]:
-    """A request sized so one costs about timeout/8 alone (from a measured 64x64 one), and the 64x64 latency."""
+def _calibrate(d: Daemon, endpoint: str) -> tuple[dict[str, Any], float | None]:
+    """A request sized so one costs about timeout/8 alone (from measured 64x64 ones), and the 64x64 latency.
+
+    The latency is None when no 64x64 request was answered (a saturated machine): the flood then uses 64x64.
+    """
     d.invoke(endpoint, SMALL_REQUEST, timeout=120)  # warm
-    small = statistics.median(d.invoke(endpoint, SMALL_REQUEST, timeout=120).seconds for _ in range(3))
+    answered = [r.seconds for r in (d.invoke(endpoint, SMALL_REQUEST, timeout=120) for _ in range(3)) if r.status == 200]
+    if not answered:
+        return dict(SMALL_REQUEST), None
+    small = statistics.median(answered)
     scale = max(1.0, ENDPOINT_TIMEOUT_S / 8 / small)
     side = int(min(1024, 64 * math.sqrt(scale)) // 8 * 8)
     return {**SMALL_REQUEST, "height": side, "width": side}, small
@@ -610,14 +616,17 @@ def statistics_of(replies: list[Reply]) -> str:
     return ", ".join(f"{k} x {v}" for k, v in sorted(counts.items())) or "none"
 
 
-def _huge_beside_small(d: Daemon, endpoint: str, normal_s: float, quick: bool) -> list[dict[str, Any]]:
+def _huge_beside_small(d: Daemon, endpoint: str, normal_s: float | None, quick: bool) -> list[dict[str, Any]]:
     side, steps = (1024, 50) if quick else (1536, 500)
     huge = {**SMALL_REQUEST, "height": side, "width": side, "num_inference_steps": steps}
     box: dict[str, Reply] = {}
     t = threading.Thread(target=lambda: box.setdefault("huge", d.invoke(endpoint, huge, timeout=ENDPOINT_TIMEOUT_S * 2)))
     t.start()
     time.sleep(2.0)  # the huge one is running
-    patience = max(15.0, 10 * normal_s)
+    if normal_s is None:  # measure it here: the calibration's small requests all failed
+        alone = d.invoke(endpoint, SMALL_REQUEST, timeout=ENDPOINT_TIMEOUT_S + 5)
+        normal_s = alone.seconds if alone.status == 200 else ENDPOINT_TIMEOUT_S
+    patience = min(ENDPOINT_TIMEOUT_S, max(15.0, 10 * normal_s))
     smalls: list[Reply] = []
     for i in range(3):
         smalls.append(d.invoke(endpoint, {**SMALL_REQUEST, "seed": 7 + i}, timeout=patience))
