@@ -97,3 +97,36 @@ def test_runner_writes_results_and_readme(tmp_path: Path, monkeypatch: pytest.Mo
     assert "| UNet step | 0.5 | 3 | s/step | **6x** |" in table and data["metadata"]["cpu_model"] in table
     readme = replace_block("# x\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\nafter\n", table)
     assert "old" not in readme and readme.endswith("after\n")
+
+
+def test_reliability_corpus_and_shape_checks() -> None:
+    """bench.reliability's corpus is deterministic and its verdicts say what a clean AWS error is."""
+    import io
+
+    from PIL import Image
+
+    from bench.reliability import Case, Reply, error_shape_problems, generated_cases, huge_png, seen_cases
+
+    assert [c.body for c in generated_cases(50)] == [c.body for c in generated_cases(50)]
+    assert {c.surface for c in generated_cases(200)} == {"runtime", "control"}
+    labels = " ".join(c.label for c in seen_cases(big=False))
+    for seen in ("depth 1000", "lone surrogate", "utf-16", "[\"x\"]", "[null]", "MaxResults", "SortBy", "NextToken",
+                 '"64"', "-0.0", "1e-400", "true"):
+        assert seen in labels
+    with Image.open(io.BytesIO(huge_png(1700, 1000))) as im:  # same builder, smaller: a valid PNG header
+        assert im.size == (1700, 1000)
+    rt = Case("x", "runtime", b"{}")
+    clean = Reply(400, {"x-amzn-errortype": "ValidationError"}, b'{"message": "height: bad"}', connection_reusable=True)
+    assert error_shape_problems(rt, clean) == []
+    assert error_shape_problems(rt, Reply(500, {}, b"Internal Server Error", connection_reusable=True))
+    assert any("424" in p for p in error_shape_problems(rt, Reply(424, {"x-amzn-errortype": "ModelError"},
+                                                                   b'{"message": "m"}', connection_reusable=True)))
+    assert error_shape_problems(rt, Reply(None, error="reset"))
+    assert error_shape_problems(rt, Reply(400, {"x-amzn-errortype": "ValidationError"}, b'{"message": "m"}',
+                                          connection_reusable=False))
+    cp = Case("x", "control", b"{}", target="ListEndpoints")
+    assert error_shape_problems(cp, Reply(400, {}, b'{"__type": "ValidationException", "message": "m"}',
+                                          connection_reusable=True)) == []
+    wk = Case("x", "worker", b"{}")
+    assert error_shape_problems(wk, Reply(400, {}, b'{"code": 400, "type": "BadRequest", "message": "m"}',
+                                          connection_reusable=True)) == []
