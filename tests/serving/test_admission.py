@@ -9,9 +9,12 @@ import struct
 import time
 import types
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
+from botocore.exceptions import ClientError
 from fastapi.testclient import TestClient
 
 from sdmaker.errors import InvalidRequestError, QueueFullError
@@ -174,3 +177,80 @@ def test_sequential_requests_alternate_between_idle_workers() -> None:
         picks.append(w.index)
         w.release_slot(w.generation, healthy=True)
     assert picks.count(0) == 3 and picks.count(1) == 3
+
+
+# -- a real daemon -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def adm_daemon(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from conftest import DaemonProcess
+
+    d = DaemonProcess(tmp_path_factory.mktemp("admission-home"), env={"SDMAKER_STANDBY_WORKERS": "0"}).start()
+    yield d
+    d.stop()
+
+
+def _details(d, name: str) -> dict:  # type: ignore[no-untyped-def]
+    return httpx.get(f"{d.url}/sdmaker/v1/endpoints/{name}").json()
+
+
+def _invoke_all(d, name: str, bodies: list[bytes]) -> list[dict]:  # type: ignore[no-untyped-def]
+    """Send ``bodies`` at once; each outcome: {"status": HTTP status, "headers": ..., "code": AWS code}."""
+    rt = d.boto("sagemaker-runtime")
+
+    def one(body: bytes) -> dict:
+        try:
+            reply = rt.invoke_endpoint(EndpointName=name, Body=body, ContentType="application/json")
+            reply["Body"].read()
+            return {"status": 200, "headers": reply["ResponseMetadata"]["HTTPHeaders"], "code": None}
+        except ClientError as exc:
+            meta = exc.response["ResponseMetadata"]
+            return {"status": meta["HTTPStatusCode"], "headers": meta["HTTPHeaders"],
+                    "code": exc.response["Error"]["Code"], "message": exc.response["Error"].get("Message", "")}
+
+    with ThreadPoolExecutor(len(bodies)) as ex:
+        return list(ex.map(one, bodies))
+
+
+def test_two_workers_both_get_work(adm_daemon, scripted_model_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    desc = adm_daemon.deploy("adm-spread", scripted_model_dir, count=2)
+    assert desc["EndpointStatus"] == "InService", desc.get("FailureReason")
+    outcomes = _invoke_all(adm_daemon, "adm-spread", [b'{"sleep": 0.2}'] * 8)
+    assert [o["status"] for o in outcomes] == [200] * 8
+    served = [w["served"] for w in _details(adm_daemon, "adm-spread")["workers"]]
+    assert sum(served) == 8 and min(served) >= 2, served
+
+
+def test_overload_is_an_immediate_503_with_retry_after(adm_daemon, scripted_model_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    desc = adm_daemon.deploy("adm-busy", scripted_model_dir, env={"SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS": "5"})
+    assert desc["EndpointStatus"] == "InService", desc.get("FailureReason")
+    assert _invoke_all(adm_daemon, "adm-busy", [b'{"sleep": 2}'])[0]["status"] == 200  # measures >= 2 s each
+    outcomes = _invoke_all(adm_daemon, "adm-busy", [b'{"sleep": 2}'] * 6)
+    statuses = sorted(o["status"] for o in outcomes)
+    assert 424 not in statuses, outcomes  # nobody waited out the timeout
+    refused = [o for o in outcomes if o["status"] == 503]
+    assert refused and statuses.count(200) >= 1, statuses
+    for o in refused:
+        assert o["code"] == "ServiceUnavailable" and int(o["headers"]["retry-after"]) >= 1
+    info = _details(adm_daemon, "adm-busy")
+    assert info["expected_wait_s"] == 0 and info["queue_depth"] == 0 and info["seconds_per_unit"] >= 2
+    text = httpx.get(adm_daemon.url + "/metrics").text
+    assert 'sdmaker_expected_wait_seconds{endpoint="adm-busy"}' in text
+
+
+def test_memory_budget_refuses_the_huge_and_serialises_what_does_not_fit_together(  # type: ignore[no-untyped-def]
+        adm_daemon, sd1_dir: Path) -> None:
+    desc = adm_daemon.deploy("adm-mem", sd1_dir, env={"SDMAKER_MEMORY_BUDGET_PIXELS": "12288",
+                                                      "SDMAKER_MAX_BATCH": "8"})
+    assert desc["EndpointStatus"] == "InService", desc.get("FailureReason")
+    assert _details(adm_daemon, "adm-mem")["memory_budget_pixels"] == 12288
+    huge = json.dumps({"prompt": ["a", "b"], "height": 1536, "width": 1536, "num_images_per_prompt": 16,
+                       "num_inference_steps": 2}).encode()
+    [refused] = _invoke_all(adm_daemon, "adm-mem", [huge])
+    assert refused["status"] == 400 and refused["code"] == "ValidationError" and "12288" in refused["message"]
+    pair = json.dumps({"prompt": "a", "height": 64, "width": 64, "num_images_per_prompt": 2,
+                       "num_inference_steps": 4}).encode()  # 8192 pixels each: one fits, two do not
+    assert [o["status"] for o in _invoke_all(adm_daemon, "adm-mem", [pair, pair, pair])] == [200] * 3
+    [worker] = _details(adm_daemon, "adm-mem")["workers"]
+    assert worker["peak_in_flight"] == 1  # batching of 8 is on, but the budget let only one in at a time
