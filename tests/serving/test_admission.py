@@ -111,9 +111,14 @@ def test_a_request_too_large_for_the_timeout_is_refused_only_from_a_measured_rat
     adm = Admission(prior_s_per_unit=1000.0)
     huge = work_of_body(b'{"prompt": "a", "height": 1536, "width": 1536, "num_inference_steps": 500}')
     adm.check(huge, name="e", timeout_s=60, workers=1, free_slots=1, budget_pixels=None)  # prior: never refuses
-    small = work_of_body(b'{"prompt": "a", "height": 64, "width": 64, "num_inference_steps": 10}')
+    small = work_of_body(b'{"prompt": "a", "height": 64, "width": 64, "num_inference_steps": 1}')
     adm.taken(small)
-    adm.done(small, service_s=small.units * 0.5, concurrency=1)  # 0.5 s per megapixel-step
+    adm.done(small, service_s=1.0, concurrency=1)  # a tiny request: its time is fixed cost, not a rate
+    adm.check(huge, name="e", timeout_s=60, workers=1, free_slots=1, budget_pixels=None)
+    real = work_of_body(b'{"prompt": "a", "height": 512, "width": 512, "num_inference_steps": 20}')
+    adm.taken(real)
+    adm.done(real, service_s=1.0 + real.units * 0.5, concurrency=1)  # 0.5 s per megapixel-step beyond it
+    assert adm.fastest == pytest.approx(0.5)
     with pytest.raises(InvalidRequestError) as info:
         adm.check(huge, name="e", timeout_s=60, workers=1, free_slots=1, budget_pixels=None)
     text = info.value.message

@@ -12,12 +12,14 @@ same time, so step batching's higher throughput is measured, not guessed), smoot
 first sample a deliberately slow prior is used, and requests beyond the workers' free slots are judged by it.
 
 A request is refused with ``400`` when it cannot finish on an idle worker either (only from a measured rate,
-the fastest one seen, so a bad prior never refuses a reasonable request), or when its pixels exceed what a
+the fastest one seen with a request's fixed cost taken off, so neither a bad prior nor a small request's
+overhead ever refuses a reasonable request), or when its pixels exceed what a
 worker may hold at once (:func:`memory_budget_pixels`).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
@@ -148,13 +150,24 @@ class Admission:
         self.prior_s_per_unit = prior_s_per_unit
         #: EWMA of worker-seconds per unit, measured; ``None`` before the first completed request
         self.s_per_unit: float | None = None
-        #: the fastest single-request rate seen (seconds per unit when alone on its worker): the idle estimate
-        self.fastest_alone: float | None = None
-        #: the fastest per-unit sample of any concurrency (lower still): the idle estimate until one ran alone
-        self.fastest_any: float | None = None
+        #: recent (units, seconds beyond the fixed cost) samples: the fixed cost is the fastest answer seen,
+        #: about what any request costs however small (text encoder, VAE, HTTP)
+        self._recent: collections.deque[tuple[float, float]] = collections.deque(maxlen=64)
+        self.overhead_s: float | None = None
         self.samples = 0
         self.backlog_units = 0.0
         self.opaque = False
+
+    @property
+    def fastest(self) -> float | None:
+        """The idle estimate in seconds per unit: the fastest rate among the largest recent requests (at least
+        a quarter of the largest one's units, where the fixed cost weighs least), beyond the fixed cost.
+        ``None`` until such a request took measurably longer than the fixed cost: it errs towards taking."""
+        if not self._recent:
+            return None
+        largest = max(units for units, _ in self._recent)
+        rates = [beyond / units for units, beyond in self._recent if units >= largest / 4 and beyond > 0]
+        return min(rates) if rates else None
 
     @property
     def rate(self) -> float:
@@ -178,8 +191,8 @@ class Admission:
                 f"this request needs {work.pixels} pixels at once (height x width x images); a worker of endpoint "
                 f"{name} may hold at most {budget_pixels} (its memory budget): ask for fewer or smaller images",
                 field="num_images_per_prompt", allowed=f"height x width x images <= {budget_pixels}")
-        fastest = self.fastest_alone if self.fastest_alone is not None else self.fastest_any
-        if not work.opaque and fastest is not None:
+        fastest = self.fastest
+        if not work.opaque and fastest:
             alone = work.units * fastest
             if alone > timeout_s:
                 raise InvalidRequestError(
@@ -215,7 +228,6 @@ class Admission:
         self.s_per_unit = sample if self.s_per_unit is None else (
             _EWMA_ALPHA * sample + (1 - _EWMA_ALPHA) * self.s_per_unit)
         self.samples += 1
-        self.fastest_any = sample if self.fastest_any is None else min(self.fastest_any, sample)
-        if concurrency <= 1.0:
-            alone = service_s / work.units
-            self.fastest_alone = alone if self.fastest_alone is None else min(self.fastest_alone, alone)
+        per_request = service_s / max(1.0, concurrency)
+        self.overhead_s = per_request if self.overhead_s is None else min(self.overhead_s, per_request)
+        self._recent.append((work.units, max(0.0, per_request - self.overhead_s)))
