@@ -247,7 +247,8 @@ def test_overload_is_an_immediate_503_with_retry_after(adm_daemon, scripted_mode
 def test_memory_budget_refuses_the_huge_and_serialises_what_does_not_fit_together(  # type: ignore[no-untyped-def]
         adm_daemon, sd1_dir: Path) -> None:
     desc = adm_daemon.deploy("adm-mem", sd1_dir, env={"SDMAKER_MEMORY_BUDGET_PIXELS": "12288",
-                                                      "SDMAKER_MAX_BATCH": "8"})
+                                                      "SDMAKER_MAX_BATCH": "8",
+                                                      "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS": "600"})
     assert desc["EndpointStatus"] == "InService", desc.get("FailureReason")
     assert _details(adm_daemon, "adm-mem")["memory_budget_pixels"] == 12288
     huge = json.dumps({"prompt": ["a", "b"], "height": 1536, "width": 1536, "num_images_per_prompt": 16,
@@ -256,6 +257,7 @@ def test_memory_budget_refuses_the_huge_and_serialises_what_does_not_fit_togethe
     assert refused["status"] == 400 and refused["code"] == "ValidationError" and "12288" in refused["message"]
     pair = json.dumps({"prompt": "a", "height": 64, "width": 64, "num_images_per_prompt": 2,
                        "num_inference_steps": 4}).encode()  # 8192 pixels each: one fits, two do not
-    assert [o["status"] for o in _invoke_all(adm_daemon, "adm-mem", [pair, pair, pair])] == [200] * 3
+    outcomes = _invoke_all(adm_daemon, "adm-mem", [pair, pair, pair])
+    assert [o["status"] for o in outcomes] == [200] * 3, outcomes
     [worker] = _details(adm_daemon, "adm-mem")["workers"]
     assert worker["peak_in_flight"] == 1  # batching of 8 is on, but the budget let only one in at a time
