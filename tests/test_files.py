@@ -6,8 +6,8 @@ import errno
 import hashlib
 import itertools
 import os
-import stat
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
