@@ -343,19 +343,8 @@ def invoke_cmd(
     seeds = gen.raw.get("seeds") if isinstance(gen.raw.get("seeds"), list) else None
     for i, data in enumerate(gen.images):
         stem = f"{name}-{i:02d}" + (f"-seed{seeds[i]}" if seeds and i < len(seeds) else "")
-        path = write_new_file(out, stem, _image_suffix(data), data)
+        path = write_new_file(out, stem, gen.extension(i), data)
         console.print(str(path), highlight=False, soft_wrap=True)
-
-
-def _image_suffix(data: bytes) -> str:
-    """File suffix from the image's magic bytes (an endpoint's handler may answer in any format)."""
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpg"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return "bin"
 
 
 def register(app: typer.Typer) -> None:
