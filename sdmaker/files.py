@@ -178,37 +178,37 @@ def list_model_files(root: Path) -> list[Path]:
 # --- hashing and digests -------------------------------------------------------------------------
 
 
-def hash_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> tuple[str, int]:
-    """(sha256, size) of ``path`` read in 8 MiB chunks (constant memory for multi-GB weights)."""
+def _hash_stream(fin: IO[bytes], on_bytes: Callable[[int], None] | None,
+                 sink: Callable[[memoryview], object] | None = None) -> tuple[str, int]:
+    """(sha256, size) of ``fin`` read in 8 MiB chunks (constant memory for multi-GB weights), each chunk
+    also handed to ``sink`` (a copy's destination) and its length to ``on_bytes`` (progress)."""
     h = hashlib.sha256()
     size = 0
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
-    with open(path, "rb") as fh:
-        while n := fh.readinto(buf):
-            h.update(view[:n])
-            size += n
-            if on_bytes is not None:
-                on_bytes(n)
+    while n := fin.readinto(buf):  # type: ignore[attr-defined]
+        h.update(view[:n])
+        if sink is not None:
+            sink(view[:n])
+        size += n
+        if on_bytes is not None:
+            on_bytes(n)
     return h.hexdigest(), size
+
+
+def hash_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> tuple[str, int]:
+    """(sha256, size) of ``path``, read in chunks."""
+    with open(path, "rb") as fh:
+        return _hash_stream(fh, on_bytes)
 
 
 def copy_hashing(src: Path, dest: Path, on_bytes: Callable[[int], None] | None = None) -> tuple[str, int]:
     """Copy ``src`` to the new file ``dest`` while hashing it (one read pass); fsync. Returns (sha256, size)."""
-    h = hashlib.sha256()
-    size = 0
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
     with open(src, "rb") as fin, open(dest, "xb") as fout:
-        while n := fin.readinto(buf):
-            h.update(view[:n])
-            fout.write(view[:n])
-            size += n
-            if on_bytes is not None:
-                on_bytes(n)
+        result = _hash_stream(fin, on_bytes, fout.write)
         fout.flush()
         os.fsync(fout.fileno())
-    return h.hexdigest(), size
+    return result
 
 
 def tree_digest_of_hashes(entries: Iterable[tuple[str, str]]) -> str:
