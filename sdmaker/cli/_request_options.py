@@ -23,7 +23,8 @@ from sdmaker.schema import FieldSpec, GenerateRequest, parse_request, request_fi
 
 __all__ = ["ALIASES", "request_from_options", "request_options"]
 
-#: Extra option names per field, listed before the derived ``--field-name`` (kept for the README and scripts).
+#: Extra option names per field (kept for the README and scripts). A long alias is what ``--help`` shows; the
+#: derived ``--field-name`` stays accepted as a hidden twin (two long names in one row are cut off at 80 columns).
 ALIASES: dict[str, tuple[str, ...]] = {
     "prompt": ("-p",),
     "negative_prompt": ("-n",),
@@ -34,9 +35,12 @@ ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 #: The help panel the request options are listed under (apart from the command's own options).
-PANEL = "Request (the schema's fields; unset ones take the model's defaults)"
+_PANEL = "Request (the schema's fields; unset ones take the model's defaults)"
 
-F = TypeVar("F", bound=Callable[..., Any])
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+#: Parameter-name prefix of the hidden twin option (the derived name of a field shown under an alias).
+_TWIN = "full_name_of_"
 
 
 def _help(spec: FieldSpec, override: str | None, also: str | None) -> str:
@@ -49,15 +53,12 @@ def _help(spec: FieldSpec, override: str | None, also: str | None) -> str:
 
 
 def _options(spec: FieldSpec, override: str | None) -> list[inspect.Parameter]:
-    """The field's option; with a long alias, the alias is shown and the derived name is a hidden twin.
-
-    Two long names in one row (``--steps,--num-inference-steps``) are cut off in an 80-column help.
-    """
+    """The field's option (and its hidden twin under the derived name when :data:`ALIASES` has a long one)."""
     scalar = list[spec.type] if spec.multiple else spec.type  # type: ignore[name-defined]
     aliases = ALIASES.get(spec.name, ())
     long_alias = any(a.startswith("--") for a in aliases)
     shown = aliases if long_alias else (*aliases, spec.option)
-    common: dict[str, Any] = {"show_default": False, "rich_help_panel": PANEL}
+    common: dict[str, Any] = {"show_default": False, "rich_help_panel": _PANEL}
     if spec.multiple:
         common["metavar"] = "<str>"
     params = [inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
@@ -70,10 +71,6 @@ def _options(spec: FieldSpec, override: str | None) -> list[inspect.Parameter]:
     return params
 
 
-#: Parameter-name prefix of the hidden twin option (the derived name of a field shown under an alias).
-_TWIN = "full_name_of_"
-
-
 def _merge_twin(kwargs: dict[str, Any], spec: FieldSpec) -> Any:
     value, twin = kwargs.pop(spec.name, None), kwargs.pop(_TWIN + spec.name, None)
     if value is not None and twin is not None:
@@ -83,16 +80,16 @@ def _merge_twin(kwargs: dict[str, Any], spec: FieldSpec) -> Any:
 
 
 def request_options(*, schema: type[GenerateRequest] = GenerateRequest,
-                    descriptions: Mapping[str, str] | None = None) -> Callable[[F], F]:
+                    descriptions: Mapping[str, str] | None = None) -> Callable[[_F], _F]:
     """Decorate a command: one option per field of ``schema``, handed to it as ``request_values``.
 
     The command declares a ``request_values: dict[str, Any]`` parameter; it receives every field's value
     (None where the option was not given). ``descriptions`` replaces a field's description where the command's
-    behaviour differs (``generate`` writes PNG by default). The command's own parameters keep their order
-    and come after the request options; their names must not be field names.
+    behaviour differs (``generate`` writes PNG by default). The command's own parameters keep their order:
+    its arguments, then the request options, then its other options; their names must not be field names.
     """
 
-    def decorate(command: F) -> F:
+    def decorate(command: _F) -> _F:
         own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "request_values"]
         specs = request_fields(schema)
         clash = {p.name for p in own} & {s.name for s in specs}
