@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sdmaker.errors import InvalidRequestError, UnsupportedFormatError
+from sdmaker.schema import content_charset
 
 __all__ = [
     "ANY",
@@ -58,14 +59,6 @@ def media_type(value: str | None) -> str | None:
     return value.split(";", 1)[0].strip().lower() or None
 
 
-def _charset(value: str | None) -> str:
-    for part in (value or "").split(";")[1:]:
-        key, _, val = part.partition("=")
-        if key.strip().lower() == "charset" and val.strip():
-            return val.strip().strip('"')
-    return "utf-8"
-
-
 def resolve_accept(accept: str | None) -> str:
     """Missing or ``*/*`` Accept means JSON (toolkit ``handle()``); any other value is kept verbatim."""
     if not accept or accept.strip() == ANY:
@@ -78,9 +71,9 @@ def to_text(body: bytes, content_type: str | None) -> bytes | str:
     if media_type(content_type) not in TEXT_TYPES:
         return body
     try:
-        return body.decode(_charset(content_type))
+        return body.decode(content_charset(content_type))
     except (UnicodeDecodeError, LookupError) as exc:
-        raise InvalidRequestError(f"request body is not valid {_charset(content_type)} text: {exc}",
+        raise InvalidRequestError(f"request body is not valid {content_charset(content_type)} text: {exc}",
                                   field="body") from None
 
 
