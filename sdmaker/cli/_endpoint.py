@@ -282,13 +282,14 @@ def describe_cmd(name: str, as_json: Annotated[bool, typer.Option("--json")] = F
             ("latency p50 / p95", f"{_ms(info.get('latency_p50_s'))} / {_ms(info.get('latency_p95_s'))}"),
             ("timeout", f"{info.get('timeout_s', '-')} s"), ("queue", f"{info.get('queue_depth', 0)} / "
                                                               f"{info.get('max_queue', '-')}"),
+            ("expected wait", f"{info.get('expected_wait_s') or 0:.1f} s"),
             ("step batching", f"up to {info['max_batch']} requests per worker" if info.get("max_batch") else "off")]
     for key, value in rows:
         console.print(f"[bold]{key:>18}[/bold]  {value}", highlight=False)
     for w in info.get("workers", []):
         started = "warm standby" if w.get("standby") else "fresh process"
         console.print(f"{'worker ' + str(w['index']):>18}  {w['state']} pid {w['pid']} port {w['port']} "
-                      f"restarts {w['restarts']} ({started}, ready {w.get('startup_seconds') or '-'} s after start)",
+                      f"restarts {w['restarts']} served {w.get('served', 0)} ({started}, ready {w.get('startup_seconds') or '-'} s after start)",
                       highlight=False)
 
 
