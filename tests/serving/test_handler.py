@@ -321,6 +321,25 @@ def test_daemon_validation_is_trusted_only_from_the_spawning_daemon(default_hand
         default_handler.validated_by = None
 
 
+def test_the_daemon_refuses_what_the_default_handler_cannot_take() -> None:
+    """Issue 11: a body the default handler would refuse is a 400 at the daemon, never a 424 from a worker."""
+    ok = json.dumps({"prompt": "a", "height": 64, "width": 64}).encode()
+    for content_type in (None, "", "text/plain", "image/png", "application/x-www-form-urlencoded",
+                         "application/octet-stream", "application/x-npy", "audio/x-flac"):
+        with pytest.raises(UnsupportedFormatError, match="is not supported by this endpoint's default handler"):
+            validate_default_body(ok, content_type)
+    for charset in ("utf-16", "utf-32"):
+        with pytest.raises(InvalidRequestError, match=f"charset '{charset}' is not supported"):
+            validate_default_body(json.dumps({"prompt": "a"}).encode(charset), f"application/json; charset={charset}")
+    with pytest.raises(InvalidRequestError, match="nested too deeply"):
+        validate_default_body(b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", "application/json")
+    with pytest.raises(InvalidRequestError, match="correct CSV"):
+        validate_default_body(b"a,b\n1,2", "text/csv")
+    # the toolkit's CSV form (an inputs column) is a request, forwarded as canonical JSON
+    assert json.loads(validate_default_body(b"inputs\na fox\n", "text/csv")) == {"prompt": ["a fox"]}
+    assert json.loads(validate_default_body(ok, "application/json; charset=utf-8")) == json.loads(ok)
+
+
 def test_runner_is_the_single_generation_call_site(default_handler: HandlerService) -> None:
     """The batching helper swaps ``SdModel.runner``; every default-handler generation goes through it."""
     model = default_handler.model
