@@ -42,6 +42,7 @@ __all__ = [
     "ResolvedRequest",
     "SchedulerName",
     "body_text",
+    "content_charset",
     "parse_json_body",
     "parse_request",
     "payload_from_csv",
@@ -405,7 +406,8 @@ def parse_request(data: Any, *, cls: type[GenerateRequest] = GenerateRequest) ->
 # --- wire forms: the daemon and the worker parse bodies with these ---------------------------------
 
 
-def _charset(content_type: str | None) -> str:
+def content_charset(content_type: str | None) -> str:
+    """The ``charset`` parameter of a Content-Type header (``text/plain; charset="latin-1"``), else UTF-8."""
     for part in (content_type or "").split(";")[1:]:
         key, _, val = part.partition("=")
         if key.strip().lower() == "charset" and val.strip():
@@ -429,7 +431,7 @@ def body_text(body: bytes | str, content_type: str | None = None) -> str:
     """
     if not isinstance(body, (bytes, bytearray, memoryview)):
         return body
-    charset = _charset(content_type)
+    charset = content_charset(content_type)
     if charset.lower() not in TEXT_CHARSETS:
         raise InvalidRequestError(f"Content-Type charset {utf8_safe(charset[:40])!r} is not supported: send the body "
                                   "as UTF-8 (application/json or application/json; charset=utf-8)",

@@ -15,7 +15,10 @@ body over the limit (6 MiB)            ValidationError      413
 model code answered non-2xx            ModelError           424
 worker died mid-request                ModelError           424
 invocation timeout                     ModelError           424
-queue full                             ServiceUnavailable   503 + Retry-After
+queue full, or the work ahead would     ServiceUnavailable   503 + Retry-After
+make it miss its timeout (admission)
+over the memory budget, or too large   ValidationError      400
+for the timeout even when idle
 =====================================  ===================  ======
 
 Each error also carries ``X-Sdmaker-Error-Code`` (the :mod:`sdmaker.errors` class name) so
@@ -47,6 +50,7 @@ from sdmaker.errors import (
 from sdmaker.schema import body_text, parse_json_body, payload_from_csv, request_from_payload
 from sdmaker.serving._http import read_body
 from sdmaker.serving._protocol import SEEDS_HEADER
+from sdmaker.serving.daemon._admission import OPAQUE_WORK, work_of_body
 from sdmaker.serving.daemon._endpoints import EndpointManager
 from sdmaker.serving.daemon._metrics import DaemonMetrics
 
@@ -160,8 +164,9 @@ async def invoke_endpoint(request: Request, name: str) -> Response:
             canonical = validate_default_body(body, headers.get("content-type")) if rt.default_handler else None
             if canonical is not None:
                 headers["content-type"] = "application/json"  # what the canonical body is, whatever came in
+            work = work_of_body(canonical) if rt.default_handler else OPAQUE_WORK
             reply = await manager.invoke(rt, canonical if canonical is not None else body, headers,
-                                         validated=canonical is not None)
+                                         validated=canonical is not None, work=work)
         except SdmakerError as exc:
             response = runtime_error_response(exc, settings, name, request_id)
             metrics.requests.labels(endpoint=name, status=str(response.status_code)).inc()
