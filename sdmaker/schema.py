@@ -19,6 +19,8 @@ declares so in its store manifest); :meth:`GenerateRequest.resolve` applies them
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import types
@@ -39,9 +41,11 @@ __all__ = [
     "ImageFormat",
     "ResolvedRequest",
     "SchedulerName",
+    "body_text",
     "content_charset",
     "parse_json_body",
     "parse_request",
+    "payload_from_csv",
     "request_fields",
     "request_from_body",
     "request_from_payload",
@@ -411,31 +415,68 @@ def content_charset(content_type: str | None) -> str:
     return "utf-8"
 
 
-def parse_json_body(body: bytes | str, content_type: str | None = None) -> Any:
-    """Decode a JSON request body as the worker does (the Content-Type's charset, UTF-8 by default).
+#: Charsets a JSON or CSV body may declare: UTF-8 and its subset ASCII. The Hugging Face toolkit decodes
+#: these bodies as UTF-8 whatever they declare (and refuses any ``; charset=`` parameter); sdmaker takes
+#: a declared UTF-8 and refuses every other charset with a 400, the same at the daemon and the worker,
+#: rather than guessing what UTF-16 or Latin-1 text a caller meant.
+TEXT_CHARSETS = ("utf-8", "utf8", "us-ascii", "ascii")
 
-    Every failure is an :class:`InvalidRequestError` on ``Body`` (HTTP 400): bytes that are not text in
-    that charset, an unknown charset, invalid JSON, and JSON nested too deeply for the parser (which
-    would otherwise raise ``RecursionError`` and take the connection down).
+
+def body_text(body: bytes | str, content_type: str | None = None) -> str:
+    """A JSON or CSV request body as text: UTF-8, the only charset taken (:data:`TEXT_CHARSETS`).
+
+    Raises:
+        InvalidRequestError: another declared charset (field ``Content-Type``), or bytes that are not
+            UTF-8 (field ``Body``, naming the first bad byte's offset).
     """
-    if isinstance(body, (bytes, bytearray, memoryview)):
-        charset = content_charset(content_type)
-        try:
-            text = bytes(body).decode(charset)
-        except LookupError:
-            raise InvalidRequestError(f"Content-Type names an unknown charset {utf8_safe(charset[:40])!r}",
-                                      field="Content-Type") from None
-        except UnicodeDecodeError as exc:
-            raise InvalidRequestError(f"Request body is not valid {utf8_safe(charset[:40])} text: {exc.reason} at byte "
-                                      f"{exc.start}", field="Body") from None
-    else:
-        text = body
+    if not isinstance(body, (bytes, bytearray, memoryview)):
+        return body
+    charset = content_charset(content_type)
+    if charset.lower() not in TEXT_CHARSETS:
+        raise InvalidRequestError(f"Content-Type charset {utf8_safe(charset[:40])!r} is not supported: send the body "
+                                  "as UTF-8 (application/json or application/json; charset=utf-8)",
+                                  field="Content-Type", value=utf8_safe(charset[:40]), allowed="utf-8")
+    try:
+        return bytes(body).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(f"Request body is not valid UTF-8 text: {exc.reason} at byte {exc.start}",
+                                  field="Body") from None
+
+
+def parse_json_body(body: bytes | str, content_type: str | None = None) -> Any:
+    """Decode a JSON request body as the worker does (UTF-8, see :func:`body_text`).
+
+    Every failure is an :class:`InvalidRequestError` (HTTP 400): a charset other than UTF-8, bytes that
+    are not UTF-8, invalid JSON, and JSON nested too deeply for the parser (which would otherwise raise
+    ``RecursionError`` and take the connection down).
+    """
+    text = body_text(body, content_type)
     try:
         return json.loads(text)
     except RecursionError:
         raise InvalidRequestError("Request body is not valid JSON: nested too deeply", field="Body") from None
     except ValueError as exc:
         raise InvalidRequestError(f"Request body is not valid JSON: {exc}", field="Body") from None
+
+
+def payload_from_csv(text: str) -> dict[str, Any]:
+    """A ``text/csv`` body as the Hugging Face toolkit decodes it (contract 2.6).
+
+    The header row must name ``question``, ``context`` or ``inputs``; an ``inputs`` column becomes
+    ``{"inputs": [...]}``, other columns ``{"inputs": [row dicts]}``.
+    """
+    lines = text.splitlines()
+    if not lines or not any(h in lines[0].lower() for h in ("question", "context", "inputs")):
+        raise InvalidRequestError(
+            "You need to provide the correct CSV with Header columns to use it with the inference toolkit "
+            "default handler.", field="Body")
+    try:
+        rows = list(csv.DictReader(io.StringIO(text)))
+    except csv.Error as exc:
+        raise InvalidRequestError(f"Request body is not valid CSV: {exc}", field="Body") from None
+    if rows and "inputs" in rows[0]:
+        return {"inputs": [row["inputs"] for row in rows]}
+    return {"inputs": rows}
 
 
 def request_from_payload(data: Any) -> GenerateRequest:

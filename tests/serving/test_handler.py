@@ -175,13 +175,16 @@ def test_unsupported_types_use_the_toolkit_wording() -> None:
 
 
 def test_charset_parameter_leniency() -> None:
-    """Documented deviation: ``application/json; charset=...`` decodes as JSON (the toolkit answers 400)."""
-    text = to_text('{"p": "café"}'.encode("latin-1"), "application/json; charset=latin-1")
+    """Documented deviation: ``application/json; charset=utf-8`` decodes as JSON (the toolkit answers 400);
+    any other charset is refused with a 400, as the daemon refuses it."""
+    text = to_text('{"p": "café"}'.encode(), "application/json; charset=utf-8")
     assert text == '{"p": "café"}'
-    assert decode(text, "application/json; charset=latin-1") == {"p": "café"}
+    assert decode(text, "application/json; charset=utf-8") == {"p": "café"}
     assert to_text(b"\x00raw", "application/octet-stream") == b"\x00raw"  # other bodies stay bytes
-    with pytest.raises(InvalidRequestError, match="not valid utf-8"):
+    with pytest.raises(InvalidRequestError, match="not valid UTF-8"):
         to_text(b"\xff\xfe", "application/json")
+    with pytest.raises(InvalidRequestError, match="charset 'latin-1' is not supported"):
+        to_text('{"p": "café"}'.encode("latin-1"), "application/json; charset=latin-1")
 
 
 def test_encoders() -> None:
@@ -316,6 +319,25 @@ def test_daemon_validation_is_trusted_only_from_the_spawning_daemon(default_hand
     finally:
         model.runner = original
         default_handler.validated_by = None
+
+
+def test_the_daemon_refuses_what_the_default_handler_cannot_take() -> None:
+    """Issue 11: a body the default handler would refuse is a 400 at the daemon, never a 424 from a worker."""
+    ok = json.dumps({"prompt": "a", "height": 64, "width": 64}).encode()
+    for content_type in (None, "", "text/plain", "image/png", "application/x-www-form-urlencoded",
+                         "application/octet-stream", "application/x-npy", "audio/x-flac"):
+        with pytest.raises(UnsupportedFormatError, match="is not supported by this endpoint's default handler"):
+            validate_default_body(ok, content_type)
+    for charset in ("utf-16", "utf-32"):
+        with pytest.raises(InvalidRequestError, match=f"charset '{charset}' is not supported"):
+            validate_default_body(json.dumps({"prompt": "a"}).encode(charset), f"application/json; charset={charset}")
+    with pytest.raises(InvalidRequestError, match="nested too deeply"):
+        validate_default_body(b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", "application/json")
+    with pytest.raises(InvalidRequestError, match="correct CSV"):
+        validate_default_body(b"a,b\n1,2", "text/csv")
+    # the toolkit's CSV form (an inputs column) is a request, forwarded as canonical JSON
+    assert json.loads(validate_default_body(b"inputs\na fox\n", "text/csv")) == {"prompt": ["a fox"]}
+    assert json.loads(validate_default_body(ok, "application/json; charset=utf-8")) == json.loads(ok)
 
 
 def test_runner_is_the_single_generation_call_site(default_handler: HandlerService) -> None:

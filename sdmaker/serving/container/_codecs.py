@@ -6,8 +6,10 @@ header), NPY, images (decoded to ``{"inputs": PIL.Image}``) and audio (``{"input
 JSON (numpy, datetime and PIL images made serialisable), CSV, NPY and images out.
 
 One documented leniency: media-type *parameters* are ignored when choosing a codec, so
-``application/json; charset=utf-8`` decodes as JSON (using its charset) instead of failing with
-"Content type ... is not supported" as the toolkit does. Everything else the toolkit refuses is
+``application/json; charset=utf-8`` decodes as JSON instead of failing with "Content type ... is not
+supported" as the toolkit does. Text bodies are UTF-8 (the toolkit decodes them so whatever they
+declare); a declared charset other than UTF-8 is refused with a 400, exactly as the daemon refuses it
+(:func:`sdmaker.schema.body_text`). Everything else the toolkit refuses is
 refused here too, with its wording (:class:`~sdmaker.errors.UnsupportedFormatError`, HTTP 400).
 """
 
@@ -22,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sdmaker.errors import InvalidRequestError, UnsupportedFormatError
-from sdmaker.schema import content_charset
+from sdmaker.schema import body_text, payload_from_csv
 
 __all__ = [
     "ANY",
@@ -67,14 +69,10 @@ def resolve_accept(accept: str | None) -> str:
 
 
 def to_text(body: bytes, content_type: str | None) -> bytes | str:
-    """Decode JSON/CSV bodies to ``str`` before the handler sees them, as the toolkit does."""
+    """Decode JSON/CSV bodies to ``str`` before the handler sees them, as the toolkit does (UTF-8 only)."""
     if media_type(content_type) not in TEXT_TYPES:
         return body
-    try:
-        return body.decode(content_charset(content_type))
-    except (UnicodeDecodeError, LookupError) as exc:
-        raise InvalidRequestError(f"request body is not valid {content_charset(content_type)} text: {exc}",
-                                  field="body") from None
+    return body_text(body, content_type)
 
 
 def unsupported(content_type: str | None, field: str = "ContentType") -> UnsupportedFormatError:
@@ -93,21 +91,14 @@ def unsupported(content_type: str | None, field: str = "ContentType") -> Unsuppo
 def _decode_json(content: bytes | str) -> Any:
     try:
         return json.loads(content)
-    except json.JSONDecodeError as exc:
+    except RecursionError:
+        raise InvalidRequestError("request body is not valid JSON: nested too deeply", field="body") from None
+    except ValueError as exc:  # JSONDecodeError, and UnicodeDecodeError for bytes
         raise InvalidRequestError(f"request body is not valid JSON: {exc}", field="body") from None
 
 
 def _decode_csv(content: bytes | str) -> dict[str, Any]:
-    text = content.decode("utf-8") if isinstance(content, bytes) else content
-    lines = text.splitlines()
-    if not lines or not any(h in lines[0].lower() for h in ("question", "context", "inputs")):
-        raise InvalidRequestError(
-            "You need to provide the correct CSV with Header columns to use it with the inference toolkit "
-            "default handler.", field="body")
-    rows = list(csv.DictReader(io.StringIO(text)))
-    if rows and "inputs" in rows[0]:
-        return {"inputs": [row["inputs"] for row in rows]}
-    return {"inputs": rows}
+    return payload_from_csv(body_text(content))
 
 
 def _decode_npy(content: bytes | str) -> Any:

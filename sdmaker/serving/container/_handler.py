@@ -60,9 +60,19 @@ class HandlerResponse:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+#: longest error message a worker answers with (characters)
+MAX_ERROR_MESSAGE = 1024
+
+
 def error_body(status: int, message: str, *, type_: str = "InternalServerException",
                extra: Mapping[str, Any] | None = None) -> bytes:
-    """MMS's error JSON (Gson pretty-print: 2-space indent, ``'`` as ``\\u0027``, trailing newline)."""
+    """MMS's error JSON (Gson pretty-print: 2-space indent, ``'`` as ``\\u0027``, trailing newline).
+
+    The message is cut at :data:`MAX_ERROR_MESSAGE` characters: model code may put a whole request into
+    an exception, and an error answer never echoes megabytes back.
+    """
+    if len(message) > MAX_ERROR_MESSAGE:
+        message = message[:MAX_ERROR_MESSAGE] + f"... ({len(message)} characters)"
     payload: dict[str, Any] = {"code": status, "type": type_, "message": message}
     for key, value in (extra or {}).items():
         payload.setdefault(key, value)

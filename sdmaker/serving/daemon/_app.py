@@ -39,6 +39,7 @@ from sdmaker.serving.daemon._control_plane import control_plane, control_plane_e
 from sdmaker.serving.daemon._endpoints import EndpointManager
 from sdmaker.serving.daemon._invoke_api import invoke_endpoint, runtime_error_response
 from sdmaker.serving.daemon._metrics import CONTENT_TYPE_LATEST, DaemonMetrics
+from sdmaker.serving.daemon._shapes import input_shape
 
 __all__ = ["create_app", "run_daemon"]
 
@@ -113,6 +114,7 @@ def create_app(settings: Settings, *, host: str | None = None, port: int | None 
         metrics.set_queue_depth_source(lambda: {n: (rt.queue_depth, rt.expected_wait_s)
                                                  for n, rt in manager.live.items()})
         await manager.start()
+        input_shape("CreateModel")  # load botocore's SageMaker model now, not in the first control-plane call
         logger.info("sdmaker daemon ready (home %s, auth %s)", settings.home, "on" if need_auth else "off")
         try:
             yield {"settings": settings, "manager": manager, "metrics": metrics, "auth": need_auth,
@@ -161,7 +163,9 @@ def create_app(settings: Settings, *, host: str | None = None, port: int | None 
         raw = await read_body(request, settings.max_body_bytes)
         try:
             body = json.loads(raw or b"{}")
-        except ValueError:
+        except RecursionError:
+            return control_plane_error("SerializationException", "request body is nested too deeply")
+        except ValueError:  # includes UnicodeDecodeError: JSON 1.1 bodies are UTF-8
             return control_plane_error("SerializationException", "request body is not valid JSON")
         if not isinstance(body, dict):
             return control_plane_error("SerializationException", "request body must be a JSON object")

@@ -11,7 +11,6 @@ them (e.g. "Could not find endpoint" means "absent").
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -26,22 +25,31 @@ from sdmaker.errors import (
     EndpointNotFoundError,
     EndpointNotReadyError,
     SdmakerError,
+    excerpt,
+    utf8_safe,
 )
 from sdmaker.serving.daemon._endpoints import FORBIDDEN_ENV, EndpointManager
 from sdmaker.serving.daemon._limits import check_endpoint_config, check_model
+from sdmaker.serving.daemon._shapes import check_input
 
 __all__ = ["OPERATIONS", "ControlPlaneError", "control_plane", "control_plane_error"]
 
 logger = logging.getLogger(__name__)
 
 _JSON11 = "application/x-amz-json-1.1"
-_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 _IMAGE = "sdmaker/local-worker:latest"
+#: an error message longer than this is cut (messages quote inputs; AWS's own are a few hundred bytes)
+_MAX_MESSAGE = 1024
 
 
 def control_plane_error(code: str, message: str, status: int = 400, *,
                         error_code: str = "InvalidRequestError") -> JSONResponse:
-    """AWS's error shape (``__type`` + message) plus ``X-Sdmaker-Error-Code: <error_code>`` for sdmaker.client."""
+    """AWS's error shape (``__type`` + message) plus ``X-Sdmaker-Error-Code: <error_code>`` for sdmaker.client.
+
+    The message is made UTF-8 safe (a lone surrogate from the request is written as an escape) and bounded,
+    so rendering an error never fails and never echoes a large input.
+    """
+    message = utf8_safe(message if len(message) <= _MAX_MESSAGE else message[:_MAX_MESSAGE] + "...")
     return JSONResponse({"__type": code, "message": message}, status_code=status, media_type=_JSON11,
                         headers={ERROR_CODE_HEADER: error_code})
 
@@ -56,23 +64,16 @@ class _Ctx:
         # AWS shows names lower-cased in ARNs (contract section 5).
         return f"arn:aws:sagemaker:{self.settings.region}:{self.settings.account_id}:{kind}/{name.lower()}"
 
-    def name(self, field: str, member: str) -> str:
-        value = self.body.get(field)
-        if not isinstance(value, str) or not value:
-            raise ControlPlaneError(f"1 validation error detected: Value null at '{member}' failed to satisfy "
-                                    "constraint: Member must not be null")
-        if not _NAME.match(value):
-            raise ControlPlaneError(f"1 validation error detected: Value '{value}' at '{member}' failed to satisfy "
-                                    "constraint: Member must satisfy regular expression pattern: "
-                                    "^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")
-        return value
+    def name(self, field: str) -> str:
+        """A name member; present and well formed, because :func:`check_input` ran first."""
+        return str(self.body[field])
 
 
 # -- models ------------------------------------------------------------------------------------------
 
 
 async def _create_model(c: _Ctx) -> dict[str, Any]:
-    name = c.name("ModelName", "modelName")
+    name = c.name("ModelName")
     container = c.body.get("PrimaryContainer") or (c.body.get("Containers") or [None])[0]
     if not isinstance(container, dict):
         raise ControlPlaneError("Either PrimaryContainer or Containers must be provided.")
@@ -91,7 +92,7 @@ async def _create_model(c: _Ctx) -> dict[str, Any]:
 
 
 def _model(c: _Ctx) -> tuple[str, dict[str, Any], float]:
-    name = c.name("ModelName", "modelName")
+    name = c.name("ModelName")
     rec = c.manager.db.get("models", name)
     if rec is None:
         raise ControlPlaneError(f'Could not find model "{c.arn("model", name)}".', kind=EndpointNotFoundError)
@@ -119,14 +120,11 @@ async def _delete_model(c: _Ctx) -> dict[str, Any]:
 
 
 async def _create_endpoint_config(c: _Ctx) -> dict[str, Any]:
-    name = c.name("EndpointConfigName", "endpointConfigName")
-    variants = c.body.get("ProductionVariants")
-    if not isinstance(variants, list) or not variants:
-        raise ControlPlaneError("1 validation error detected: Value null at 'productionVariants' failed to satisfy "
-                                "constraint: Member must not be null")
+    name = c.name("EndpointConfigName")
+    variants: list[dict[str, Any]] = c.body["ProductionVariants"]  # 1..10 structures (check_input)
     models: dict[str, Any] = {}
     for variant in variants:
-        model = variant.get("ModelName") if isinstance(variant, dict) else None
+        model = variant.get("ModelName")
         record = c.manager.db.get("models", model) if model else None
         if record is None:
             raise ControlPlaneError(f'Could not find model "{c.arn("model", str(model))}".', kind=EndpointNotFoundError)
@@ -144,7 +142,7 @@ async def _create_endpoint_config(c: _Ctx) -> dict[str, Any]:
 
 
 def _config(c: _Ctx) -> tuple[str, dict[str, Any], float]:
-    name = c.name("EndpointConfigName", "endpointConfigName")
+    name = c.name("EndpointConfigName")
     rec = c.manager.db.get("endpoint_configs", name)
     if rec is None:
         raise ControlPlaneError(f'Could not find endpoint configuration "{c.arn("endpoint-config", name)}".',
@@ -172,7 +170,7 @@ async def _delete_endpoint_config(c: _Ctx) -> dict[str, Any]:
 
 
 async def _create_endpoint(c: _Ctx) -> dict[str, Any]:
-    name = c.name("EndpointName", "endpointName")
+    name = c.name("EndpointName")
     config, _, _ = _config(c)
     try:
         c.manager.create(name, config)
@@ -183,7 +181,7 @@ async def _create_endpoint(c: _Ctx) -> dict[str, Any]:
 
 
 def _endpoint_name(c: _Ctx) -> str:
-    name = c.name("EndpointName", "endpointName")
+    name = c.name("EndpointName")
     if c.manager.db.endpoint(name) is None:
         raise ControlPlaneError(f'Could not find endpoint "{c.arn("endpoint", name)}".', kind=EndpointNotFoundError)
     return name
@@ -221,7 +219,11 @@ async def _list_endpoints(c: _Ctx) -> dict[str, Any]:
     key = {"Name": lambda r: r.name, "Status": lambda r: r.status}.get(c.body.get("SortBy", "CreationTime"),
                                                                          lambda r: r.created)
     records.sort(key=key, reverse=c.body.get("SortOrder", "Descending") == "Descending")
-    start = int(c.body.get("NextToken") or 0)
+    token = c.body.get("NextToken") or "0"
+    if not token.isdigit() or len(token) > 9:  # sdmaker's tokens are offsets it handed out
+        raise ControlPlaneError(f"Invalid pagination token {excerpt(token, 80)}: pass the NextToken of the previous "
+                                "ListEndpoints answer.", field="nextToken")
+    start = int(token)
     limit = int(c.body.get("MaxResults") or 10)
     page = records[start:start + limit]
     out: dict[str, Any] = {"Endpoints": [
@@ -275,6 +277,8 @@ async def control_plane(request: Request, body: dict[str, Any]) -> JSONResponse:
                                    + ", ".join(OPERATIONS))
     ctx = _Ctx(body, request.state.settings, request.state.manager)
     try:
+        # the one shape check; handlers then trust member types and check only what the model cannot say
+        check_input(operation, body)  # botocore's input shape: types, required members, lengths, enums (._shapes)
         result = await handler(ctx)
     except ControlPlaneError as exc:
         metrics.control.labels(operation=operation, status=str(exc.status)).inc()

@@ -44,8 +44,10 @@ from sdmaker.errors import (
     PayloadTooLargeError,
     QueueFullError,
     SdmakerError,
+    UnsupportedFormatError,
+    utf8_safe,
 )
-from sdmaker.schema import request_from_body
+from sdmaker.schema import body_text, parse_json_body, payload_from_csv, request_from_payload
 from sdmaker.serving._http import read_body
 from sdmaker.serving._protocol import SEEDS_HEADER
 from sdmaker.serving.daemon._admission import OPAQUE_WORK, work_of_body
@@ -60,18 +62,37 @@ _TIMEOUT_TEXT = ("Your invocation timed out while waiting for a response from co
                  "latency metrics for each container in Amazon CloudWatch, resolve the issue, and try again.")
 
 
-def validate_default_body(body: bytes, content_type: str | None) -> bytes | None:
-    """Check a JSON body for sdmaker's default handler before it is queued (a 400, not a model error).
+#: longest error message the runtime API answers with (characters)
+_MAX_MESSAGE = 1024
 
-    Accepts the seed's shape (``{"prompt": ..., "height": ...}``) and the Hugging Face toolkit's
-    (``{"inputs": prompt, "parameters": {...}}``). Returns the request as canonical JSON (the fields the
-    caller set), which the worker takes without validating it again (:data:`~sdmaker.serving._protocol.VALIDATED_HEADER`), or
-    ``None`` for a non-JSON body (the worker decides). Endpoints with their own ``inference.py`` decide
-    for themselves: their bodies are passed through untouched and this is not called.
+
+def validate_default_body(body: bytes, content_type: str | None) -> bytes:
+    """Check a body for sdmaker's default handler before it is queued (a 400 here, never a 424 later).
+
+    The default handler generates images from text, so only the body types that can carry a request
+    reach it: ``application/json`` (the seed's ``{"prompt": ..., "height": ...}`` or the Hugging Face
+    toolkit's ``{"inputs": prompt, "parameters": {...}}``) and ``text/csv`` with an ``inputs`` column
+    (the toolkit's CSV decoder), both UTF-8. Every other Content-Type, or none, is refused here: the worker
+    would refuse it too (no decoder, or an image/array/audio where a prompt belongs). Returns the request
+    as canonical JSON (the fields the caller set), which the worker takes without validating it again
+    (:data:`~sdmaker.serving._protocol.VALIDATED_HEADER`). Endpoints with their own ``inference.py``
+    decide for themselves: their bodies are passed through untouched and this is not called.
+
+    Raises:
+        InvalidRequestError: the body, its Content-Type or a field is not a valid request.
     """
-    if (content_type or "").split(";")[0].strip().lower() != "application/json":
-        return None
-    request = request_from_body(body, content_type)  # the default handler's own parsers: daemon and worker agree
+    kind = (content_type or "").split(";")[0].strip().lower()
+    if kind == "application/json":
+        payload = parse_json_body(body, content_type)  # the default handler's own parsers: daemon and worker agree
+    elif kind == "text/csv":
+        payload = payload_from_csv(body_text(body, content_type))
+    else:
+        shown = utf8_safe((content_type or "")[:80]) or "(none)"
+        raise UnsupportedFormatError(
+            f"Content type {shown} is not supported by this endpoint's default handler: send the request as "
+            "application/json ({\"prompt\": ...} or {\"inputs\": ..., \"parameters\": {...}}) or text/csv with an "
+            "inputs column", field="ContentType", value=shown, allowed="application/json, text/csv")
+    request = request_from_payload(payload)
     return request.model_dump_json(exclude_unset=True).encode()
 
 
@@ -110,6 +131,10 @@ def _model_error(settings: Settings, endpoint: str | None, status: int, original
 def runtime_error_response(exc: SdmakerError, settings: Settings, endpoint: str | None,
                            request_id: str | None = None) -> JSONResponse:
     status, code, body = _error_body(exc, settings, endpoint)
+    for key in ("message", "Message"):  # bounded and UTF-8 safe: an error never echoes a whole input
+        text = body.get(key)
+        if isinstance(text, str):
+            body[key] = utf8_safe(text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE] + "...")
     headers = {"x-amzn-ErrorType": code, "x-amzn-RequestId": request_id or str(uuid.uuid4()),
                "X-Sdmaker-Error-Code": exc.code}
     if isinstance(exc, QueueFullError):
@@ -135,9 +160,12 @@ async def invoke_endpoint(request: Request, name: str) -> Response:
         try:
             body = await read_body(request, settings.max_body_bytes)
             rt = manager.live_for_invoke(name)
-            canonical = validate_default_body(body, request.headers.get("content-type")) if rt.default_handler else None
+            headers = dict(request.headers)
+            canonical = validate_default_body(body, headers.get("content-type")) if rt.default_handler else None
+            if canonical is not None:
+                headers["content-type"] = "application/json"  # what the canonical body is, whatever came in
             work = work_of_body(canonical) if rt.default_handler else OPAQUE_WORK
-            reply = await manager.invoke(rt, canonical if canonical is not None else body, dict(request.headers),
+            reply = await manager.invoke(rt, canonical if canonical is not None else body, headers,
                                          validated=canonical is not None, work=work)
         except SdmakerError as exc:
             response = runtime_error_response(exc, settings, name, request_id)
