@@ -212,6 +212,15 @@ class StepBatcher:
         with self._cond:
             return len(self._queue)
 
+    def cancel_all(self, reason: str) -> int:
+        """Cancel every queued and running job (a stopping worker); each leaves at the next step boundary.
+
+        Returns how many were asked to stop.
+        """
+        with self._cond:
+            jobs = [*self._queue, *(job for _, job in self._active)]
+        return sum(1 for job in jobs if job.cancel(reason))
+
     def close(self, timeout: float | None = None) -> None:
         """Stop admitting; finish queued and running requests, then stop the worker."""
         with self._cond:

@@ -24,7 +24,9 @@ Each error also carries ``X-Sdmaker-Error-Code`` (the :mod:`sdmaker.errors` clas
 
 from __future__ import annotations
 
+import json
 import logging
+import secrets
 import uuid
 from typing import Any
 
@@ -48,7 +50,7 @@ from sdmaker.serving._protocol import SEEDS_HEADER
 from sdmaker.serving.daemon._endpoints import EndpointManager
 from sdmaker.serving.daemon._metrics import DaemonMetrics
 
-__all__ = ["invoke_endpoint", "runtime_error_response", "validate_default_body"]
+__all__ = ["invoke_endpoint", "runtime_error_response", "validate_default_body", "with_fixed_seed"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +71,20 @@ def validate_default_body(body: bytes, content_type: str | None) -> bytes | None
         return None
     request = request_from_body(body, content_type)  # the default handler's own parsers: daemon and worker agree
     return request.model_dump_json(exclude_unset=True).encode()
+
+
+def with_fixed_seed(canonical: bytes) -> bytes:
+    """``canonical`` (the default handler's validated JSON) with a seed, chosen here when the caller set none.
+
+    A request whose worker dies under it is sent once more (:mod:`._pool`); with the seed fixed before the
+    first attempt the retry gives the very image the first attempt would have (generation is deterministic
+    by seed), and the answer reports that seed as usual.
+    """
+    fields = json.loads(canonical)
+    if not isinstance(fields, dict) or fields.get("seed") is not None:
+        return canonical
+    fields["seed"] = secrets.randbelow(2**32)
+    return json.dumps(fields, separators=(",", ":")).encode()
 
 
 def _error_body(exc: SdmakerError, settings: Settings, endpoint: str | None) -> tuple[int, str, dict[str, Any]]:
@@ -132,6 +148,8 @@ async def invoke_endpoint(request: Request, name: str) -> Response:
             body = await read_body(request, settings.max_body_bytes)
             rt = manager.live_for_invoke(name)
             canonical = validate_default_body(body, request.headers.get("content-type")) if rt.default_handler else None
+            if canonical is not None:
+                canonical = with_fixed_seed(canonical)
             reply = await manager.invoke(rt, canonical if canonical is not None else body, dict(request.headers),
                                          validated=canonical is not None)
         except SdmakerError as exc:
