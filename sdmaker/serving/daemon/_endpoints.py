@@ -353,6 +353,8 @@ class EndpointManager:
         started = time.monotonic()
         try:
             reply = await pool.invoke(body, headers, timeout_s=rt.timeout_s, validated=validated)
+            if reply.status >= 300:
+                rt.errors += 1
         except SdmakerError:
             rt.errors += 1
             raise
@@ -361,8 +363,6 @@ class EndpointManager:
             rt.invocations += 1
             rt.latencies.append(time.monotonic() - started)
             await asyncio.shield(self._stats_changed())  # the counts are on disk before the answer goes out
-        if reply.status >= 300:
-            rt.errors += 1
         return reply
 
     # -- sdmaker's own view (CLI describe) ---------------------------------------------------------

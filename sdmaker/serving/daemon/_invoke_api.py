@@ -13,9 +13,9 @@ unknown endpoint, bad input            ValidationError      400
 endpoint not InService                 ValidationError      400
 body over the limit (6 MiB)            ValidationError      413
 model code answered non-2xx            ModelError           424
-worker died mid-request                ModelError           424
+worker died mid-request, twice          ModelError           424
 invocation timeout                     ModelError           424
-queue full                             ServiceUnavailable   503 + Retry-After
+queue full, daemon shutting down       ServiceUnavailable   503 + Retry-After
 =====================================  ===================  ======
 
 Each error also carries ``X-Sdmaker-Error-Code`` (the :mod:`sdmaker.errors` class name) so
