@@ -123,7 +123,7 @@ def test_runtime_errors_carry_the_code(app_client: TestClient) -> None:
 
 
 def test_sdmaker_and_framework_errors_carry_the_code(app_client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    from sdmaker.serving._endpoints import EndpointManager
+    from sdmaker.serving.daemon._endpoints import EndpointManager
 
     tc = app_client
     cases = [
