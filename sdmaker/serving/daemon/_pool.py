@@ -212,6 +212,10 @@ class WorkerPool:
             self._settle_later(worker, generation, post)
             raise InvocationTimeoutError(f"invocation timed out after {timeout_s:g} s", timeout_s=timeout_s)
         exc = post.exception()
+        if isinstance(exc, httpx.PoolTimeout):  # the daemon's own connection pool was busy: the worker is fine
+            self._release(worker, generation, healthy=True)
+            raise InvocationTimeoutError(f"no connection to worker {worker.index} became free",
+                                         timeout_s=timeout_s) from exc
         if isinstance(exc, httpx.TransportError):
             worker.lost(generation)  # a broken connection means a broken worker: its monitor restarts it
             self._release(worker, generation, healthy=False)
