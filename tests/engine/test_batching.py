@@ -265,3 +265,22 @@ def test_small_requests_progress_beside_a_huge_one(model) -> None:  # type: igno
         assert float(np.abs(solo.arrays - got.arrays).max()) <= 1e-4  # type: ignore[attr-defined,operator]
     solo_huge = generate(model, huge_req)
     assert float(np.abs(solo_huge.arrays - huge_result.arrays).max()) <= 1e-4  # type: ignore[attr-defined,operator]
+
+
+def test_cancel_all_stops_running_and_queued_jobs(model) -> None:  # type: ignore[no-untyped-def]
+    """A stopping worker (SIGTERM) ends every generation at its next step boundary."""
+    started, go = threading.Event(), threading.Event()
+
+    def on_step(step: int, total: int) -> None:
+        started.set()
+        go.wait(30)
+
+    with StepBatcher(model, max_batch=1) as batcher:
+        running = batcher.submit_async(_req(1, num_inference_steps=50, num_images_per_prompt=1), on_step=on_step)
+        queued = batcher.submit_async(_req(2, num_images_per_prompt=1))
+        assert started.wait(60)
+        assert batcher.cancel_all("the worker is stopping") == 2
+        go.set()
+        for job in (running, queued):
+            with pytest.raises(GenerationCancelledError, match="stopping"):
+                job.result(timeout=60)
