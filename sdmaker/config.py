@@ -66,6 +66,12 @@ class Settings:
         max_instances: the most worker processes one endpoint variant may ask for
             (``InitialInstanceCount`` x ``SAGEMAKER_MODEL_SERVER_WORKERS``; ``SDMAKER_MAX_INSTANCES``,
             default: 4 per CPU core, at least 8).
+        memory_bytes: the memory the workers of one endpoint share (``SDMAKER_MEMORY_MB``; default the
+            machine's ``MemTotal`` from ``/proc/meminfo``, 8 GiB where there is none). Each endpoint derives
+            its per-worker memory budget in pixels from it and the model (issue 11: one 1536x1536 x 32 images
+            request grew a worker past 8 GiB).
+        memory_budget_pixels: set the per-worker budget directly, in pixels (height x width x images held at
+            once; ``SDMAKER_MEMORY_BUDGET_PIXELS``; unset or 0: derived from ``memory_bytes``).
     """
 
     home: Path
@@ -97,6 +103,8 @@ class Settings:
     worker_token: str | None = field(default=None, repr=False)
     local_token: str | None = field(default=None, repr=False)
     max_instances: int = field(default_factory=lambda: max(8, 4 * (os.cpu_count() or 1)))
+    memory_bytes: int = field(default_factory=lambda: _machine_memory_bytes())
+    memory_budget_pixels: int | None = None
 
     @property
     def store_dir(self) -> Path:
@@ -157,6 +165,18 @@ def _port(env: Mapping[str, str], name: str, default: int) -> int:
     return int(value)
 
 
+def _machine_memory_bytes() -> int:
+    """The machine's total memory (``/proc/meminfo``'s ``MemTotal``); 8 GiB when it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 8 * 1024**3
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Build :class:`Settings` from ``env`` (default: the process environment)."""
     env = dict(os.environ if env is None else env)
@@ -190,6 +210,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         local_key=_flag(env, "SDMAKER_LOCAL_KEY"),
         worker_token=env.get("SDMAKER_WORKER_TOKEN") or None,
         max_instances=int(_number(env, "SDMAKER_MAX_INSTANCES", max(8, 4 * (os.cpu_count() or 1)), minimum=1)),
+        memory_bytes=int(_number(env, "SDMAKER_MEMORY_MB", 0, minimum=0) * 1024**2) or _machine_memory_bytes(),
+        memory_budget_pixels=int(_number(env, "SDMAKER_MEMORY_BUDGET_PIXELS", 0, minimum=0)) or None,
     )
     return with_local_key(settings) if settings.local_key else settings
 

@@ -6,6 +6,7 @@ identify models, and none of them should pay for (or depend on) an engine import
 **Writes.** Everything sdmaker stores is written to a temp file in the destination's folder, fsynced,
 then renamed over the destination (``os.replace``), so a reader sees the old or the new content and
 never a torn file, even after a crash. Folders are built beside their destination and swapped in whole.
+A file that must never replace another (a user's image, the local key) goes through :func:`write_once`.
 
 **Identity.** A model's digest is the sha256 of its sorted ``"<sha256>  <relative path>"`` lines
 (:func:`tree_digest`), so two copies of the same files (a folder, its store import, its extracted
@@ -28,7 +29,9 @@ and the loader refuses them without ``allow_pickle``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -42,6 +45,8 @@ from sdmaker.errors import ModelFormatError
 
 __all__ = [
     "EXCLUDED_NAMES",
+    "MODEL_CARD_DEFAULT_KEYS",
+    "MODEL_CARD_FILE",
     "PICKLE_SUFFIXES",
     "WEIGHT_SUFFIXES",
     "Progress",
@@ -63,6 +68,7 @@ __all__ = [
     "tree_digest",
     "tree_digest_of_hashes",
     "unique_tmp",
+    "write_once",
 ]
 
 #: (bytes done, bytes total) callback for long copies, archives and transfers.
@@ -76,6 +82,14 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 
 #: Suffixes of weight files of any format (lower case): large, incompressible, never text.
 WEIGHT_SUFFIXES = frozenset({".safetensors", ".onnx", ".msgpack", ".h5", ".gguf", ".npz", ".npy", *PICKLE_SUFFIXES})
+
+#: Optional sdmaker metadata beside ``model_index.json``: ``{"name": ..., "defaults": {height, width, ...}}``.
+#: The engine applies its defaults to requests, the store shows them, the worker names the model by it.
+MODEL_CARD_FILE = "sdmaker.json"
+
+#: The request fields a model card's ``defaults`` may set (any other key there is ignored).
+MODEL_CARD_DEFAULT_KEYS = ("height", "width", "num_inference_steps", "guidance_scale", "num_images_per_prompt",
+                           "scheduler", "deep_cache_interval")
 
 _CHUNK = 8 * 1024 * 1024
 
@@ -164,37 +178,37 @@ def list_model_files(root: Path) -> list[Path]:
 # --- hashing and digests -------------------------------------------------------------------------
 
 
-def hash_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> tuple[str, int]:
-    """(sha256, size) of ``path`` read in 8 MiB chunks (constant memory for multi-GB weights)."""
+def _hash_stream(fin: IO[bytes], on_bytes: Callable[[int], None] | None,
+                 sink: Callable[[memoryview], object] | None = None) -> tuple[str, int]:
+    """(sha256, size) of ``fin`` read in 8 MiB chunks (constant memory for multi-GB weights), each chunk
+    also handed to ``sink`` (a copy's destination) and its length to ``on_bytes`` (progress)."""
     h = hashlib.sha256()
     size = 0
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
-    with open(path, "rb") as fh:
-        while n := fh.readinto(buf):
-            h.update(view[:n])
-            size += n
-            if on_bytes is not None:
-                on_bytes(n)
+    while n := fin.readinto(buf):  # type: ignore[attr-defined]
+        h.update(view[:n])
+        if sink is not None:
+            sink(view[:n])
+        size += n
+        if on_bytes is not None:
+            on_bytes(n)
     return h.hexdigest(), size
+
+
+def hash_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> tuple[str, int]:
+    """(sha256, size) of ``path``, read in chunks."""
+    with open(path, "rb") as fh:
+        return _hash_stream(fh, on_bytes)
 
 
 def copy_hashing(src: Path, dest: Path, on_bytes: Callable[[int], None] | None = None) -> tuple[str, int]:
     """Copy ``src`` to the new file ``dest`` while hashing it (one read pass); fsync. Returns (sha256, size)."""
-    h = hashlib.sha256()
-    size = 0
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
     with open(src, "rb") as fin, open(dest, "xb") as fout:
-        while n := fin.readinto(buf):
-            h.update(view[:n])
-            fout.write(view[:n])
-            size += n
-            if on_bytes is not None:
-                on_bytes(n)
+        result = _hash_stream(fin, on_bytes, fout.write)
         fout.flush()
         os.fsync(fout.fileno())
-    return h.hexdigest(), size
+    return result
 
 
 def tree_digest_of_hashes(entries: Iterable[tuple[str, str]]) -> str:
@@ -284,6 +298,62 @@ def atomic_write_text(path: Path, text: str, *, encoding: str = "utf-8") -> None
 def atomic_write_json(path: Path, data: Any, *, indent: int | None = None) -> None:
     """:func:`atomic_write_bytes` of ``data`` as JSON (UTF-8)."""
     atomic_write_text(path, json.dumps(data, indent=indent))
+
+
+#: errno values meaning "this file system has no hard links here" (FAT, some network and FUSE mounts).
+_NO_LINK_ERRNOS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK})
+
+
+def write_once(names: Path | Iterable[Path], data: bytes, *, mode: int = 0o666) -> Path | None:
+    """Write ``data`` under the first of ``names`` that does not exist yet; never replace a file.
+
+    For results a user keeps (``generate``/``invoke`` images under numbered names) and for files whose
+    first writer must win (the local key: two ``sdmaker up`` racing must not end with two keys). The
+    bytes go to a temp file (created with ``mode``, less the umask; ``0o600`` keeps it private from the
+    first byte), fsynced, then hard-linked under the name: the link fails if the name exists, so two
+    concurrent writers never take the same one and a reader never sees a half-written file. Where the
+    file system has no hard links, the name is reserved with an exclusive create and the temp file
+    renamed onto it (a reader may then see the empty reservation for an instant).
+
+    ``names`` are tried in order and must share one folder (created if missing); an endless generator
+    of numbered names is fine. Returns the name written, or None when every name was taken.
+    """
+    candidates = iter([names] if isinstance(names, Path) else names)
+    first = next(candidates, None)
+    if first is None:
+        return None
+    folder = Path(first).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = unique_tmp(folder, Path(first).name + "-")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        links = True
+        for path in itertools.chain([Path(first)], (Path(n) for n in candidates)):
+            if links:
+                try:
+                    os.link(tmp, path)
+                    fsync_dir(folder)
+                    return path
+                except FileExistsError:
+                    continue
+                except OSError as exc:
+                    if exc.errno not in _NO_LINK_ERRNOS:
+                        raise
+                    links = False
+            try:  # no hard links: reserve the name, then rename the finished file onto the reservation
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode))
+            except FileExistsError:
+                continue
+            os.replace(tmp, path)
+            fsync_dir(folder)
+            return path
+        return None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def link_or_copy(src: Path, dest: Path) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdmaker.errors import ConfigError
+from sdmaker.files import write_once
 
 __all__ = ["LOCAL_KEY_FILE", "LocalKey", "ensure_local_key", "local_key_path", "read_local_key"]
 
@@ -78,22 +79,9 @@ def ensure_local_key(home: Path) -> LocalKey:
     home = Path(home)
     home.mkdir(parents=True, exist_ok=True)
     key = LocalKey("SDMK" + secrets.token_hex(8).upper(), secrets.token_urlsafe(32))
-    path = local_key_path(home)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"access_key_id": key.access_key_id, "secret_access_key": key.secret_access_key}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, path)  # never replaces a key another `sdmaker up` wrote meanwhile
-        except FileExistsError:
-            pass
-        except OSError:  # a file system without hard links
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    data = json.dumps({"access_key_id": key.access_key_id, "secret_access_key": key.secret_access_key})
+    # never replaces a key another `sdmaker up` wrote meanwhile: whichever came first is the key
+    write_once(local_key_path(home), data.encode(), mode=0o600)
     stored = read_local_key(home)
     assert stored is not None
     return stored

@@ -39,6 +39,7 @@ __all__ = [
     "ImageFormat",
     "ResolvedRequest",
     "SchedulerName",
+    "content_charset",
     "parse_json_body",
     "parse_request",
     "request_fields",
@@ -401,7 +402,8 @@ def parse_request(data: Any, *, cls: type[GenerateRequest] = GenerateRequest) ->
 # --- wire forms: the daemon and the worker parse bodies with these ---------------------------------
 
 
-def _charset(content_type: str | None) -> str:
+def content_charset(content_type: str | None) -> str:
+    """The ``charset`` parameter of a Content-Type header (``text/plain; charset="latin-1"``), else UTF-8."""
     for part in (content_type or "").split(";")[1:]:
         key, _, val = part.partition("=")
         if key.strip().lower() == "charset" and val.strip():
@@ -417,7 +419,7 @@ def parse_json_body(body: bytes | str, content_type: str | None = None) -> Any:
     would otherwise raise ``RecursionError`` and take the connection down).
     """
     if isinstance(body, (bytes, bytearray, memoryview)):
-        charset = _charset(content_type)
+        charset = content_charset(content_type)
         try:
             text = bytes(body).decode(charset)
         except LookupError:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import itertools
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,7 @@ from sdmaker.files import (
     replace_dir,
     staged_dir,
     tree_digest,
+    write_once,
 )
 from sdmaker.store import Store
 
@@ -111,3 +115,46 @@ def test_staged_dir_replaces_whole_or_not_at_all(tmp_path: Path) -> None:
     replace_dir(new, dest)
     assert sorted(p.name for p in dest.iterdir()) == ["c.txt"] and not new.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # nothing left beside it
+
+
+def _numbered(folder: Path) -> itertools.chain[Path]:
+    return itertools.chain([folder / "a.bin"], (folder / f"a-{n}.bin" for n in itertools.count(2)))
+
+
+def test_write_once_never_replaces_and_takes_the_next_free_name(tmp_path: Path) -> None:
+    folder = tmp_path / "new" / "out"  # created on demand
+    assert write_once(folder / "key", b"first") == folder / "key"
+    assert write_once(folder / "key", b"second") is None  # the first writer wins
+    assert (folder / "key").read_bytes() == b"first"
+    paths = [write_once(_numbered(folder), bytes([i])) for i in range(3)]
+    assert [p.name for p in paths if p] == ["a.bin", "a-2.bin", "a-3.bin"]
+    assert [p.read_bytes() for p in paths if p] == [b"\x00", b"\x01", b"\x02"]
+    assert sorted(p.name for p in folder.iterdir()) == ["a-2.bin", "a-3.bin", "a.bin", "key"]  # no temp files
+
+
+def test_write_once_mode_applies_from_the_first_byte(tmp_path: Path) -> None:
+    path = write_once(tmp_path / "secret", b"s", mode=0o600)
+    assert path is not None and stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_write_once_without_hard_links(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_links(src: object, dst: object) -> None:
+        raise OSError(errno.EPERM, "hard links not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    (tmp_path / "a.bin").write_bytes(b"old")
+    path = write_once(_numbered(tmp_path), b"new", mode=0o600)
+    assert path == tmp_path / "a-2.bin" and path.read_bytes() == b"new"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert (tmp_path / "a.bin").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-2.bin", "a.bin"]
+
+
+def test_write_once_other_errors_are_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(src: object, dst: object) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "link", broken)
+    with pytest.raises(OSError, match="I/O error"):
+        write_once(tmp_path / "x", b"x")
+    assert list(tmp_path.iterdir()) == []

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import errno
+import itertools
 import logging
-import os
 import traceback
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typer.core import TyperGroup
 
 from sdmaker.config import Settings, load_settings, quiet_third_party_logs
 from sdmaker.errors import SdmakerError
+from sdmaker.files import write_once
 
 __all__ = ["SdmakerGroup", "console", "err_console", "get_settings", "load_model_ref", "print_error", "run_app",
            "setup_logging", "write_new_file"]
@@ -116,35 +116,13 @@ def write_new_file(folder: Path, stem: str, suffix: str, data: bytes) -> Path:
     """Write ``data`` to ``folder/stem.suffix``, or ``stem-2.suffix``, ``stem-3.suffix``... if taken; return it.
 
     Earlier results are never overwritten: a second ``generate`` with the same seed, or a second ``invoke``,
-    adds files instead of silently replacing the first run's. The bytes go to a temp file that is then
-    hard-linked under the first free name (the link fails if the name exists, so two concurrent runs cannot
-    take the same one) -- a reader never sees a half-written image.
+    adds files instead of silently replacing the first run's (:func:`sdmaker.files.write_once`: two
+    concurrent runs cannot take the same name, and a reader never sees a half-written image).
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{stem}.{os.getpid()}.tmp"
-    tmp.write_bytes(data)
-    try:
-        n = 1
-        while True:
-            path = folder / (f"{stem}.{suffix}" if n == 1 else f"{stem}-{n}.{suffix}")
-            try:
-                os.link(tmp, path)
-                return path
-            except FileExistsError:
-                n += 1
-            except OSError as exc:  # a file system without hard links: reserve the name, then replace it
-                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-                    raise
-                try:
-                    with open(path, "xb"):
-                        pass
-                except FileExistsError:
-                    n += 1
-                    continue
-                os.replace(tmp, path)
-                return path
-    finally:
-        tmp.unlink(missing_ok=True)
+    names = (folder / (f"{stem}.{suffix}" if n == 1 else f"{stem}-{n}.{suffix}") for n in itertools.count(1))
+    path = write_once(names, data)
+    assert path is not None  # the names never run out
+    return path
 
 
 def run_app(app: typer.Typer, argv: list[str] | None = None) -> int:

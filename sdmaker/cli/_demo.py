@@ -36,6 +36,7 @@ from rich.text import Text
 from sdmaker.cli._common import console, get_settings, print_error, setup_logging
 from sdmaker.config import Settings
 from sdmaker.errors import SdmakerError
+from sdmaker.files import MODEL_CARD_FILE
 
 __all__ = ["register"]
 
@@ -79,7 +80,7 @@ def _default_model(settings: Settings, out: Path) -> tuple[Any, bool]:
         if not (folder / "model_index.json").exists():
             build_random_pipeline("minilm-tiny", folder)
             # The stand-in is as small as the built-in: 64x64 images, few steps.
-            (folder / "sdmaker.json").write_text(json.dumps(
+            (folder / MODEL_CARD_FILE).write_text(json.dumps(
                 {"name": "random-minilm-tiny", "defaults": {"height": 64, "width": 64, "num_inference_steps": 10}}))
         return load_model_ref(str(folder), settings), False
 

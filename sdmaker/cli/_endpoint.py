@@ -19,6 +19,7 @@ import typer
 from rich.table import Table
 
 from sdmaker.cli._common import console, get_settings, setup_logging, write_new_file
+from sdmaker.cli._request_options import request_from_options, request_options
 from sdmaker.config import Settings
 from sdmaker.errors import ConfigError, ServingError
 from sdmaker.files import atomic_write_text
@@ -281,13 +282,14 @@ def describe_cmd(name: str, as_json: Annotated[bool, typer.Option("--json")] = F
             ("latency p50 / p95", f"{_ms(info.get('latency_p50_s'))} / {_ms(info.get('latency_p95_s'))}"),
             ("timeout", f"{info.get('timeout_s', '-')} s"), ("queue", f"{info.get('queue_depth', 0)} / "
                                                               f"{info.get('max_queue', '-')}"),
+            ("expected wait", f"{info.get('expected_wait_s') or 0:.1f} s"),
             ("step batching", f"up to {info['max_batch']} requests per worker" if info.get("max_batch") else "off")]
     for key, value in rows:
         console.print(f"[bold]{key:>18}[/bold]  {value}", highlight=False)
     for w in info.get("workers", []):
         started = "warm standby" if w.get("standby") else "fresh process"
         console.print(f"{'worker ' + str(w['index']):>18}  {w['state']} pid {w['pid']} port {w['port']} "
-                      f"restarts {w['restarts']} ({started}, ready {w.get('startup_seconds') or '-'} s after start)",
+                      f"restarts {w['restarts']} served {w.get('served', 0)} ({started}, ready {w.get('startup_seconds') or '-'} s after start)",
                       highlight=False)
 
 
@@ -329,39 +331,21 @@ def logs_cmd(name: str, follow: Annotated[bool, typer.Option("--follow", "-f", h
                 time.sleep(0.5)
 
 
+@request_options()
 def invoke_cmd(
+    request_values: dict[str, Any],
     name: Annotated[str, typer.Argument(help="Endpoint name.")],
-    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt; repeat for a batch.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("sdmaker-out"),
-    negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", "-n")] = None,
-    height: Annotated[int | None, typer.Option()] = None,
-    width: Annotated[int | None, typer.Option()] = None,
-    steps: Annotated[int | None, typer.Option("--steps", "--num-inference-steps")] = None,
-    guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", "-g")] = None,
-    num_images: Annotated[int | None, typer.Option("--num-images", "--num-images-per-prompt")] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
 ) -> None:
-    """Generate images on an endpoint and write them to --out (existing files are never overwritten)."""
-    with _client(get_settings()) as client:  # the client validates the request before anything is sent
-        gen = client.generate(name, prompt=prompt[0] if len(prompt) == 1 else prompt, negative_prompt=negative_prompt,
-                              height=height, width=width, num_inference_steps=steps, guidance_scale=guidance_scale,
-                              num_images_per_prompt=num_images, seed=seed)
+    """Generate images on an endpoint and write them to --out as <endpoint>-NN-seedS.ext (never overwriting)."""
+    request = request_from_options(request_values)  # validated before anything is sent (or torch imported)
+    with _client(get_settings()) as client:
+        gen = client.generate(name, **request.model_dump(exclude_unset=True))
     seeds = gen.raw.get("seeds") if isinstance(gen.raw.get("seeds"), list) else None
     for i, data in enumerate(gen.images):
         stem = f"{name}-{i:02d}" + (f"-seed{seeds[i]}" if seeds and i < len(seeds) else "")
-        path = write_new_file(out, stem, _image_suffix(data), data)
+        path = write_new_file(out, stem, gen.extension(i), data)
         console.print(str(path), highlight=False, soft_wrap=True)
-
-
-def _image_suffix(data: bytes) -> str:
-    """File suffix from the image's magic bytes (an endpoint's handler may answer in any format)."""
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpg"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return "bin"
 
 
 def register(app: typer.Typer) -> None:

@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from sdmaker.cli._common import console, err_console, get_settings, load_model_ref, setup_logging, write_new_file
-from sdmaker.schema import GenerateRequest, parse_request
+from sdmaker.cli._request_options import request_from_options, request_options
 
 __all__ = ["DEFAULT_MODEL", "register"]
 
@@ -18,41 +18,13 @@ DEFAULT_MODEL = "mini"
 _EXT = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 
 
-def _request_from_options(options: dict[str, Any], recipe_request: dict[str, Any] | None) -> GenerateRequest:
-    data: dict[str, Any] = dict(recipe_request or {})
-    for key, value in options.items():
-        if value is None:
-            continue
-        if key in ("prompt", "negative_prompt") and isinstance(value, list):
-            if not value:
-                continue
-            value = value[0] if len(value) == 1 else value
-        data[key] = value
-    if "prompt" not in data:
-        raise typer.BadParameter("give --prompt (or --from IMAGE.png)", param_hint="--prompt")
-    return parse_request(data)  # validate before loading any weights
-
-
+@request_options(descriptions={"format": "Output image format: png here by default (it carries the recipe)."})
 def generate_cmd(
-    prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="Prompt; repeat for a batch.")] = None,
+    request_values: dict[str, Any],
     model: Annotated[str | None, typer.Option("--model", "-m", help=(
         "Store name, model folder, model.tar.gz, s3:// URI or hub id. Default: the built-in 'mini'."))] = None,
     from_image: Annotated[Path | None, typer.Option("--from", help=(
         "Regenerate from the recipe embedded in an sdmaker PNG; other options override it."))] = None,
-    negative_prompt: Annotated[list[str] | None, typer.Option("--negative-prompt", "-n")] = None,
-    height: Annotated[int | None, typer.Option(help="Pixels, multiple of 8 (default: model's, else 512).")] = None,
-    width: Annotated[int | None, typer.Option(help="Pixels, multiple of 8 (default: model's, else 512).")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", "--num-inference-steps")] = None,
-    guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", "-g")] = None,
-    num_images: Annotated[int | None, typer.Option("--num-images", "--num-images-per-prompt")] = None,
-    seed: Annotated[int | None, typer.Option(help="Base seed; image i uses seed+i.")] = None,
-    scheduler: Annotated[str | None, typer.Option(help="ddim, pndm, euler, euler_a, dpmpp_2m, unipc, ...")] = None,
-    deep_cache: Annotated[int | None, typer.Option("--deep-cache", help=(
-        "DeepCache interval: full UNet every N steps, cached deep features between (0 = off; default: "
-        "the model's)."))] = None,
-    fmt: Annotated[str | None, typer.Option("--format", help="png (default here, carries the recipe), jpeg, webp.")]
-    = None,
-    quality: Annotated[int | None, typer.Option(help="JPEG/WebP quality 1..100.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("sdmaker-out"),
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
@@ -70,15 +42,12 @@ def generate_cmd(
         from sdmaker.engine import read_recipe
 
         recipe = read_recipe(from_image)
-    options: dict[str, Any] = {
-        "prompt": prompt, "negative_prompt": negative_prompt, "height": height, "width": width,
-        "num_inference_steps": steps, "guidance_scale": guidance_scale, "num_images_per_prompt": num_images,
-        "seed": seed, "scheduler": scheduler, "format": fmt, "quality": quality, "deep_cache_interval": deep_cache,
-    }
-    if fmt is None and recipe is None:
+    options = dict(request_values)
+    if options.get("format") is None and recipe is None:
         options["format"] = "png"
     # validated before torch is imported (sdmaker.engine): a bad --height fails at once, not 10 s later
-    request = _request_from_options(options, recipe["request"] if recipe else None)
+    request = request_from_options(options, recipe["request"] if recipe else None,
+                                   missing_prompt="give --prompt (or --from IMAGE.png)")
     from sdmaker.engine import generate
 
     ref = model or (recipe["model"] if recipe else DEFAULT_MODEL)

@@ -73,13 +73,17 @@ class Generation:
 
         return Image.open(io.BytesIO(self.images[index]))
 
+    def extension(self, index: int = 0) -> str:
+        """File suffix of image ``index`` (``jpg``, ``png``, ``webp``): from its magic bytes, since an endpoint's
+        own handler may answer in any format, else from the answer's MIME type; ``bin`` when neither tells."""
+        return _EXT.get(_sniff(self.images[index]) or self.mime_type, "bin")
+
     def save(self, out_dir: Path, *, prefix: str = "image") -> list[Path]:
         """Write every image to ``out_dir`` (created) and return the paths."""
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = []
         for i, data in enumerate(self.images):
-            ext = _EXT.get(_sniff(data) or self.mime_type, "bin")
-            path = out_dir / f"{prefix}-{i:02d}.{ext}"
+            path = out_dir / f"{prefix}-{i:02d}.{self.extension(i)}"
             atomic_write_bytes(path, data)
             paths.append(path)
         return paths

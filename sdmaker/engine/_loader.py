@@ -18,18 +18,20 @@ from typing import Any
 from sdmaker.engine._device import Placement, resolve_placement
 from sdmaker.engine._schedulers import scheduler_name_of
 from sdmaker.errors import ModelFormatError, ModelNotFoundError, PickleRefusedError
-from sdmaker.files import PICKLE_SUFFIXES, find_pickle_weights, tree_digest  # the one pickle rule and digest
+from sdmaker.files import (  # the one pickle rule, digest and model card
+    MODEL_CARD_DEFAULT_KEYS,
+    MODEL_CARD_FILE,
+    PICKLE_SUFFIXES,
+    find_pickle_weights,
+    tree_digest,
+)
 
 __all__ = ["MODEL_CARD_FILE", "PICKLE_SUFFIXES", "LoadedModel", "find_pickle_weights", "load_model",
            "read_model_defaults"]
 
 logger = logging.getLogger(__name__)
 
-#: Optional sdmaker metadata beside model_index.json: {"name": ..., "defaults": {height, width, ...}}.
-MODEL_CARD_FILE = "sdmaker.json"
 _COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-_DEFAULT_KEYS = ("height", "width", "num_inference_steps", "guidance_scale", "num_images_per_prompt", "scheduler",
-                 "deep_cache_interval")
 
 
 @dataclass
@@ -85,7 +87,7 @@ def read_model_defaults(root: Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelFormatError(f"{card}: not valid JSON ({exc})", model=str(root)) from exc
     defaults = data.get("defaults", {}) if isinstance(data, dict) else {}
-    return {k: v for k, v in defaults.items() if k in _DEFAULT_KEYS}
+    return {k: v for k, v in defaults.items() if k in MODEL_CARD_DEFAULT_KEYS}
 
 
 def _check_folder(root: Path, allow_pickle: bool) -> None:

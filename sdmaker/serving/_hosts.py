@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from sdmaker.errors import AuthenticationError
+from sdmaker.serving._http import is_loopback
 
 __all__ = ["ALLOWED_HOSTS_SETTING", "HostGuard", "HostPolicy", "split_host"]
 
@@ -73,15 +74,6 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 @dataclass(frozen=True)
 class HostPolicy:
     """Which ``Host`` values one server answers.
@@ -113,7 +105,7 @@ class HostPolicy:
             # listening everywhere: any literal address of this machine; names only when configured
             # (an IP-literal Host cannot come from DNS rebinding, which needs a name the page controls)
             return _is_ip(host) or host == "localhost"
-        return _is_loopback(bind) and host in _LOOPBACK_NAMES
+        return is_loopback(bind) and host in _LOOPBACK_NAMES
 
     def allows_origin(self, origin: str) -> bool:
         """Same-origin only: the Origin's host must itself be an allowed Host (``null`` never is)."""

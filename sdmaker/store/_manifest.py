@@ -16,14 +16,13 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from sdmaker.errors import InvalidRequestError
+from sdmaker.files import MODEL_CARD_DEFAULT_KEYS, MODEL_CARD_FILE
 
 __all__ = ["NAME_PATTERN", "Architecture", "ManifestFile", "ModelManifest", "read_architecture", "validate_name"]
 
 #: Store names are file names: no separators, no leading dot, so they can never escape ``manifests/``.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 
-MODEL_CARD_FILE = "sdmaker.json"  # same name the engine reads (sdmaker.engine.MODEL_CARD_FILE); no torch import here
-_DEFAULT_KEYS = ("height", "width", "num_inference_steps", "guidance_scale", "num_images_per_prompt", "scheduler")
 
 
 def validate_name(name: str) -> str:
@@ -130,5 +129,6 @@ def read_architecture(root: Path) -> tuple[Architecture, str | None, dict[str, A
     prediction_type = str(prediction) if isinstance(prediction, str) else ("epsilon" if scheduler else None)
     card = _read_json(root / MODEL_CARD_FILE)
     raw_defaults = card.get("defaults", {})
-    defaults = {k: v for k, v in raw_defaults.items() if k in _DEFAULT_KEYS} if isinstance(raw_defaults, dict) else {}
+    defaults = ({k: v for k, v in raw_defaults.items() if k in MODEL_CARD_DEFAULT_KEYS}
+                if isinstance(raw_defaults, dict) else {})
     return arch, prediction_type, defaults

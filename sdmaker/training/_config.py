@@ -14,7 +14,7 @@ from typing import Any
 
 from sdmaker.errors import ConfigError
 
-__all__ = ["DEFAULTS", "LOSS_WEIGHTINGS", "PREDICTION_TYPES", "SCHEDULE_KEYS", "config_digest", "data_for_step", "decay_start", "load_config"]
+__all__ = ["DEFAULTS", "LOSS_WEIGHTINGS", "PREDICTION_TYPES", "SCHEDULE_KEYS", "config_digest", "data_for_step", "decay_start", "load_config", "require_trained_vae"]
 
 DEFAULTS: dict[str, Any] = {
     "kind": "unet",  # vae | unet
@@ -120,16 +120,24 @@ def load_config(path: Path, *, quick: bool = False, kind: str | None = None,
     if cfg["kind"] == "unet":
         if not cfg["vae"]:
             raise ConfigError("a unet config needs 'vae': the folder of the trained VAE", field="vae")
-        vae = Path(cfg["vae"])
-        if not (vae / "config.json").is_file():
-            # otherwise diffusers takes the missing folder for a hub id and fails with "couldn't connect to
-            # huggingface.co", which says nothing about the real cause: the VAE was not trained yet
-            raise ConfigError(f"the trained VAE {vae} does not exist (no config.json there): the UNet trains "
-                              f"on its latents, so train the VAE first: {_vae_command(vae)}, or pass --vae FOLDER",
-                              field="vae", value=str(vae))
-        cfg["vae"] = str(vae.resolve())
+        cfg["vae"] = str(Path(cfg["vae"]).resolve())
     cfg["config_path"] = str(path.resolve())
     return cfg
+
+
+def require_trained_vae(cfg: dict[str, Any]) -> Path:
+    """The VAE folder a UNet config trains on; a clear error when it was not trained yet.
+
+    Checked where training starts, not in :func:`load_config`: reading a config (a resume's digest check,
+    ``eval``) needs no VAE. Without it diffusers takes the missing folder for a hub id and fails with
+    "couldn't connect to huggingface.co", which says nothing about the real cause.
+    """
+    vae = Path(cfg["vae"])
+    if not (vae / "config.json").is_file():
+        raise ConfigError(f"the trained VAE {vae} does not exist (no config.json there): the UNet trains "
+                          f"on its latents, so train the VAE first: {_vae_command(vae)}, or pass --vae FOLDER",
+                          field="vae", value=str(vae))
+    return vae
 
 
 def _vae_command(vae: Path) -> str:

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from sdmaker.files import staged_dir
+from sdmaker.files import MODEL_CARD_FILE, staged_dir
 
 __all__ = ["DEFAULT_SETTINGS", "check_export_dest", "export_builtin"]
 
@@ -84,7 +84,7 @@ def export_builtin(vae_dir: Path, unet_dir: Path, dest: Path, *, name: str = "mi
                 shutil.copytree(src, staged / item)
             else:
                 shutil.copy2(src, staged / item)
-        (staged / "sdmaker.json").write_text(json.dumps({"name": name, "defaults": defaults}, indent=2) + "\n")
+        (staged / MODEL_CARD_FILE).write_text(json.dumps({"name": name, "defaults": defaults}, indent=2) + "\n")
         if card is not None:
             (staged / "README.md").write_text(card)
         elif (dest / "README.md").is_file():

@@ -25,7 +25,7 @@ import torch
 
 from sdmaker.errors import ConfigError
 from sdmaker.files import atomic_path, staged_dir
-from sdmaker.training._config import SCHEDULE_KEYS, config_digest, data_for_step, decay_start
+from sdmaker.training._config import SCHEDULE_KEYS, config_digest, data_for_step, decay_start, require_trained_vae
 from sdmaker.training._data import UnetBatches, VaeBatches, make_loader
 from sdmaker.training._models import build_scheduler, build_unet, build_vae
 from sdmaker.training._tracking import Tracker
@@ -136,7 +136,7 @@ class _Run:
         else:
             from diffusers import AutoencoderKL
 
-            vae_cfg = AutoencoderKL.load_config(cfg["vae"])
+            vae_cfg = AutoencoderKL.load_config(str(require_trained_vae(cfg)))
             factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
             self.vae_scaling = float(vae_cfg.get("scaling_factor", 1.0))
             self.model = build_unet(cfg["model"], sample_size=64 // factor, in_channels=vae_cfg["latent_channels"],

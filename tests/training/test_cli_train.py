@@ -79,8 +79,9 @@ def test_unet_before_vae_names_the_missing_vae_and_the_command(tmp_path: Path, s
     assert run_app(app, ["train", "unet", "--config", str(CONFIGS / "mini-unet.json"), "--quick", "--no-track",
                          "--out", str(tmp_path / "u")]) == 1
     err = capsys.readouterr().err
-    assert "the trained VAE runs/mini-vae/model does not exist" in err
-    assert "`sdmaker train vae --config configs/train/mini-vae.json --out runs/mini-vae`" in err
+    # the config's relative path is resolved when it is read: the message names the absolute folder
+    assert f"the trained VAE {tmp_path / 'runs/mini-vae/model'} does not exist" in err
+    assert f"`sdmaker train vae --config configs/train/mini-vae.json --out {tmp_path / 'runs/mini-vae'}`" in err
     assert "huggingface" not in err
 
 

@@ -22,11 +22,13 @@ from collections.abc import Callable
 from typing import Any
 
 from sdmaker.errors import InvalidRequestError, UnsupportedFormatError
+from sdmaker.schema import content_charset
 
 __all__ = [
     "ANY",
     "unsupported",
     "JSON",
+    "MAX_INPUT_PIXELS",
     "TEXT_TYPES",
     "decode",
     "encode",
@@ -44,6 +46,9 @@ X_IMAGE = "image/x-image"
 #: Bodies of these types reach handlers as ``str`` (the toolkit's ``UTF8_TYPES``).
 TEXT_TYPES = (JSON, CSV)
 _IMAGE_TYPES = ("image/jpeg", "image/png", "image/tiff", "image/bmp", "image/gif", "image/webp", X_IMAGE)
+#: Most pixels an input image may have (4096 x 4096). Checked from the header, before any pixel is decoded: a
+#: 165 KB PNG of 17000 x 10000 pixels otherwise takes a worker to 1.4 GB (issue 11).
+MAX_INPUT_PIXELS = 4096 * 4096
 _AUDIO_TYPES = ("audio/x-flac", "audio/mpeg", "audio/wave", "audio/ogg", "audio/x-audio")
 
 
@@ -52,14 +57,6 @@ def media_type(value: str | None) -> str | None:
     if value is None:
         return None
     return value.split(";", 1)[0].strip().lower() or None
-
-
-def _charset(value: str | None) -> str:
-    for part in (value or "").split(";")[1:]:
-        key, _, val = part.partition("=")
-        if key.strip().lower() == "charset" and val.strip():
-            return val.strip().strip('"')
-    return "utf-8"
 
 
 def resolve_accept(accept: str | None) -> str:
@@ -74,9 +71,9 @@ def to_text(body: bytes, content_type: str | None) -> bytes | str:
     if media_type(content_type) not in TEXT_TYPES:
         return body
     try:
-        return body.decode(_charset(content_type))
+        return body.decode(content_charset(content_type))
     except (UnicodeDecodeError, LookupError) as exc:
-        raise InvalidRequestError(f"request body is not valid {_charset(content_type)} text: {exc}",
+        raise InvalidRequestError(f"request body is not valid {content_charset(content_type)} text: {exc}",
                                   field="body") from None
 
 
@@ -123,8 +120,19 @@ def _decode_npy(content: bytes | str) -> Any:
 def _decode_image(content: bytes | str) -> dict[str, Any]:
     from PIL import Image, UnidentifiedImageError
 
+    # PIL's own decompression-bomb guard too (it raises at 2x its limit): a format whose header lies is caught
+    Image.MAX_IMAGE_PIXELS = MAX_INPUT_PIXELS
     try:
-        return {"inputs": Image.open(io.BytesIO(bytes(content))).convert("RGB")}  # type: ignore[arg-type]
+        image = Image.open(io.BytesIO(bytes(content)))  # type: ignore[arg-type]  # lazy: reads the header only
+        width, height = image.size
+        if width * height > MAX_INPUT_PIXELS:
+            raise InvalidRequestError(
+                f"input image is {width}x{height} = {width * height} pixels; the limit is {MAX_INPUT_PIXELS} "
+                "pixels (4096x4096)", field="body", allowed=f"at most {MAX_INPUT_PIXELS} pixels")
+        return {"inputs": image.convert("RGB")}
+    except Image.DecompressionBombError as exc:
+        raise InvalidRequestError(f"input image is too large ({exc}); the limit is {MAX_INPUT_PIXELS} pixels "
+                                  "(4096x4096)", field="body", allowed=f"at most {MAX_INPUT_PIXELS} pixels") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise InvalidRequestError(f"request body is not a readable image: {exc}", field="body") from None
 

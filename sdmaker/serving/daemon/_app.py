@@ -194,7 +194,8 @@ def create_app(settings: Settings, *, host: str | None = None, port: int | None 
     async def lifespan(_app: FastAPI) -> AsyncIterator[DaemonState]:
         manager = EndpointManager(settings)
         metrics = DaemonMetrics()
-        metrics.set_queue_depth_source(lambda: {n: rt.queue_depth for n, rt in manager.live.items()})
+        metrics.set_queue_depth_source(lambda: {n: (rt.queue_depth, rt.expected_wait_s)
+                                                 for n, rt in manager.live.items()})
         await manager.start()
         logger.info("sdmaker daemon ready (home %s, auth %s)", settings.home, "on" if need_auth else "off")
         try:

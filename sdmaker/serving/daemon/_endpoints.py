@@ -44,6 +44,7 @@ from sdmaker.errors import (
     QueueFullError,
     SdmakerError,
 )
+from sdmaker.serving.daemon._admission import OPAQUE_WORK, Work
 from sdmaker.serving.daemon._live import LiveEndpoint
 from sdmaker.serving.daemon._logs import rotate_if_large
 from sdmaker.serving.daemon._pool import WorkerPool
@@ -344,21 +345,35 @@ class EndpointManager:
         return rt
 
     async def invoke(self, rt: LiveEndpoint, body: bytes, headers: dict[str, str], *,
-                     validated: bool = False) -> WorkerReply:
+                     validated: bool = False, work: Work = OPAQUE_WORK) -> WorkerReply:
         """Send one request to ``rt``'s workers, counting it; ``validated``: the body is canonical JSON the
-        daemon already validated (the worker skips its own validation)."""
+        daemon already validated (the worker skips its own validation).
+
+        Admission first (:class:`~._admission.Admission`): a request over the memory budget or too large for
+        the timeout is a 400, one the work ahead of it would make late a 503 with ``Retry-After``, at once.
+        """
         pool = rt.pool  # read the pool and enter it without awaiting in between (see WorkerPool.close)
         assert pool is not None
+        rt.admission.check(work, name=rt.name, timeout_s=rt.timeout_s, workers=max(1, pool.ready_count),
+                           free_slots=pool.free_slots - pool.waiting,
+                           budget_pixels=pool.budget_pixels)
+        rt.admission.taken(work)
         rt.pending += 1
         started = time.monotonic()
+        service_s: float | None = None
+        concurrency = 1.0
         try:
-            reply = await pool.invoke(body, headers, timeout_s=rt.timeout_s, validated=validated)
-            if reply.status >= 300:
+            reply = await pool.invoke(body, headers, timeout_s=rt.timeout_s, validated=validated,
+                                      pixels=work.pixels)
+            if reply.status < 300:
+                service_s, concurrency = reply.service_s, reply.concurrency
+            else:
                 rt.errors += 1
         except SdmakerError:
             rt.errors += 1
             raise
         finally:
+            rt.admission.done(work, service_s=service_s, concurrency=concurrency)
             rt.pending -= 1
             rt.invocations += 1
             rt.latencies.append(time.monotonic() - started)
@@ -377,6 +392,10 @@ class EndpointManager:
         if rt is not None:
             out.update({"model_name": rt.model_name, "instance_type": rt.instance_type,
                         "timeout_s": rt.timeout_s, "max_queue": rt.max_queue, "queue_depth": rt.queue_depth,
+                        "expected_wait_s": round(rt.expected_wait_s, 3), "in_flight": rt.pending,
+                        "memory_budget_pixels": rt.budget_pixels,
+                        "seconds_per_unit": rt.admission.s_per_unit,
+                        "work_unit": "request" if not rt.default_handler else "megapixel-step",
                         "max_batch": rt.pool.spec.max_batch if rt.pool else None,
                         "invocations": rt.invocations, "errors": rt.errors, "default_handler": rt.default_handler,
                         "latency_p50_s": rt.percentile(0.50), "latency_p95_s": rt.percentile(0.95),

@@ -15,7 +15,11 @@ body over the limit (6 MiB)            ValidationError      413
 model code answered non-2xx            ModelError           424
 worker died mid-request, twice          ModelError           424
 invocation timeout                     ModelError           424
-queue full, daemon shutting down       ServiceUnavailable   503 + Retry-After
+queue full, or the work ahead would     ServiceUnavailable   503 + Retry-After
+make it miss its timeout (admission),
+or the daemon is shutting down
+over the memory budget, or too large   ValidationError      400
+for the timeout even when idle
 =====================================  ===================  ======
 
 Each error also carries ``X-Sdmaker-Error-Code`` (the :mod:`sdmaker.errors` class name) so
@@ -47,6 +51,7 @@ from sdmaker.errors import (
 from sdmaker.schema import request_from_body
 from sdmaker.serving._http import read_body
 from sdmaker.serving._protocol import SEEDS_HEADER
+from sdmaker.serving.daemon._admission import OPAQUE_WORK, work_of_body
 from sdmaker.serving.daemon._endpoints import EndpointManager
 from sdmaker.serving.daemon._metrics import DaemonMetrics
 
@@ -150,8 +155,9 @@ async def invoke_endpoint(request: Request, name: str) -> Response:
             canonical = validate_default_body(body, request.headers.get("content-type")) if rt.default_handler else None
             if canonical is not None:
                 canonical = with_fixed_seed(canonical)
+            work = work_of_body(canonical) if rt.default_handler else OPAQUE_WORK
             reply = await manager.invoke(rt, canonical if canonical is not None else body, dict(request.headers),
-                                         validated=canonical is not None)
+                                         validated=canonical is not None, work=work)
         except SdmakerError as exc:
             response = runtime_error_response(exc, settings, name, request_id)
             metrics.requests.labels(endpoint=name, status=str(response.status_code)).inc()

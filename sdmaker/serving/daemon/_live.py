@@ -10,6 +10,7 @@ import asyncio
 import collections
 from dataclasses import dataclass, field
 
+from sdmaker.serving.daemon._admission import Admission
 from sdmaker.serving.daemon._pool import WorkerPool
 from sdmaker.serving.daemon._state import EndpointStats, EndpointStatus
 from sdmaker.serving.daemon._variant import VariantPlan
@@ -37,6 +38,8 @@ class LiveEndpoint:
     latencies: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=2048))
     #: ``invocations`` when the stats were last saved (-1: never): only changed stats are written
     saved_invocations: int = -1
+    #: the work taken and not finished, and the measured throughput (issue 11's backpressure)
+    admission: Admission = field(default_factory=Admission)
 
     def install(self, pool: WorkerPool, plan: VariantPlan) -> WorkerPool | None:
         """Serve from ``pool`` (started from ``plan``) from now on; returns the pool it replaces, to drain.
@@ -44,6 +47,7 @@ class LiveEndpoint:
         Limits the model's Environment does not set keep their current values (the daemon's defaults).
         """
         old, self.pool = self.pool, pool
+        pool.budget_pixels = plan.memory_budget_pixels
         self.default_handler, self.instance_type, self.model_name = (plan.default_handler, plan.instance_type,
                                                                      plan.model_name)
         if plan.timeout_s is not None:
@@ -71,7 +75,23 @@ class LiveEndpoint:
 
     @property
     def queue_depth(self) -> int:
-        return max(0, self.pending - self.capacity)
+        """Requests waiting for a worker (a free slot, or memory room on one)."""
+        return self.pool.waiting if self.pool else 0
+
+    @property
+    def budget_pixels(self) -> int | None:
+        return self.pool.budget_pixels if self.pool else None
+
+    @property
+    def ready_workers(self) -> int:
+        return self.pool.ready_count if self.pool else 0
+
+    @property
+    def expected_wait_s(self) -> float:
+        """Seconds a request arriving now would wait for the work ahead of it (measured rate, else the prior)."""
+        if self.pool is None or (self.pool.free_slots > 0 and self.queue_depth == 0):
+            return 0.0
+        return self.admission.expected_wait_s(self.ready_workers)
 
     def percentile(self, q: float) -> float | None:
         if not self.latencies:

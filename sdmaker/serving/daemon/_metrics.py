@@ -33,15 +33,21 @@ class DaemonMetrics:
                                  registry=self.registry)
         self.control = Counter("sdmaker_control_plane_calls", "SageMaker control-plane calls.",
                                ["operation", "status"], registry=self.registry)
-        self._depths: Callable[[], dict[str, int]] | None = None
+        self.expected_wait = Gauge("sdmaker_expected_wait_seconds",
+                                   "Seconds a request arriving now would wait for the work ahead of it "
+                                   "(measured throughput; admission answers 503 past the timeout).",
+                                   ["endpoint"], registry=self.registry)
+        self._depths: Callable[[], dict[str, tuple[int, float]]] | None = None
 
-    def set_queue_depth_source(self, source: Callable[[], dict[str, int]]) -> None:
-        """Read queue depths at scrape time (they change too often to push)."""
+    def set_queue_depth_source(self, source: Callable[[], dict[str, tuple[int, float]]]) -> None:
+        """Read (queue depth, expected wait) per endpoint at scrape time (they change too often to push)."""
         self._depths = source
 
     def render(self) -> bytes:
         if self._depths is not None:
             self.queue_depth.clear()
-            for name, depth in self._depths().items():
+            self.expected_wait.clear()
+            for name, (depth, wait) in self._depths().items():
                 self.queue_depth.labels(endpoint=name).set(depth)
+                self.expected_wait.labels(endpoint=name).set(wait)
         return generate_latest(self.registry)

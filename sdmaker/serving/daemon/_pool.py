@@ -21,6 +21,7 @@ Failures (issue 11: one request never takes down the others):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -58,14 +59,18 @@ class WorkerPool:
         self.spec = spec
         self.tag = tag
         self.workers = [Worker(spec, i, tag, standbys) for i in range(count)]
-        # one entry per free request slot: (worker, the worker's generation when the slot was offered)
-        self._idle: asyncio.Queue[tuple[Worker, int]] = asyncio.Queue()
+        # woken whenever a slot frees up or a worker (re)starts: waiting requests then pick a worker
+        self._room = asyncio.Condition()
+        #: pixels (height x width x images) each worker holds now, by index; ``budget_pixels`` caps it
+        self._held: dict[int, int] = {w.index: 0 for w in self.workers}
+        self.budget_pixels: int | None = None
         self._client = httpx.AsyncClient(limits=httpx.Limits(max_connections=count * spec.slots * 2 + 4),
                                          timeout=httpx.Timeout(10.0))
         self._monitors: list[asyncio.Task[None]] = []
         self._closing = False
         self._on_change = on_change
         self.in_flight = 0
+        self._wakers: set[asyncio.Future[None]] = set()
         self._settling: set[asyncio.Task[None]] = set()  # requests answered at their deadline, worker still busy
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -127,9 +132,17 @@ class WorkerPool:
                 break
 
     def _offer(self, worker: Worker) -> None:
-        """Make every request slot of a just (re)started ``worker`` available."""
-        for _ in range(self.spec.slots):
-            self._idle.put_nowait((worker, worker.generation))
+        """A (re)started ``worker`` takes requests: wake the requests waiting for one."""
+        self._wake()
+
+    def _wake(self) -> None:
+        async def notify() -> None:
+            async with self._room:
+                self._room.notify_all()
+
+        task = asyncio.ensure_future(notify())
+        self._wakers.add(task)
+        task.add_done_callback(self._wakers.discard)
 
     def _changed(self) -> None:
         if self._on_change is not None:
@@ -146,22 +159,59 @@ class WorkerPool:
         """Requests the workers take at once (beyond that, requests queue)."""
         return len(self.workers) * self.spec.slots
 
-    async def _acquire(self, deadline: float) -> tuple[Worker, int]:
-        while True:
-            if all(w.state == WorkerState.FAILED for w in self.workers):
-                raise InvocationFailedError("every worker of this endpoint failed to restart; see endpoint logs",
-                                            original_status=500)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise asyncio.TimeoutError
-            worker, generation = await asyncio.wait_for(self._idle.get(), remaining)
-            if generation == worker.generation and worker.serving:
-                return worker, generation
-            # a slot of a worker that died: its monitor offers fresh slots once restarted
+    def _pick(self, pixels: int) -> Worker | None:
+        """The least-loaded serving worker with a free slot and room for ``pixels`` (None: wait).
+
+        Least in flight first, then least pixels held, then fewest served: load spreads across workers
+        instead of going to whichever freed a slot first (issue 11: with 2 workers one served 44 of 54).
+        A worker holding nothing always has room: a request over the budget alone was refused at admission.
+        """
+        best: Worker | None = None
+        for w in self.workers:
+            if not w.serving or w.inflight >= self.spec.slots:
+                continue
+            held = self._held.get(w.index, 0)
+            if self.budget_pixels is not None and held and held + pixels > self.budget_pixels:
+                continue
+            if best is None or (w.inflight, held, w.served) < (best.inflight, self._held.get(best.index, 0),
+                                                               best.served):
+                best = w
+        return best
+
+    @property
+    def free_slots(self) -> int:
+        return sum(max(0, self.spec.slots - w.inflight) for w in self.workers if w.serving)
+
+    @property
+    def waiting(self) -> int:
+        """Requests in this pool not yet on a worker (waiting for a slot or for memory room)."""
+        return max(0, self.in_flight - sum(w.inflight for w in self.workers))
+
+    async def _acquire(self, deadline: float, pixels: int = 0) -> tuple[Worker, int]:
+        async with self._room:
+            while True:
+                if all(w.state == WorkerState.FAILED for w in self.workers):
+                    raise InvocationFailedError("every worker of this endpoint failed to restart; see endpoint "
+                                                "logs", original_status=500)
+                worker = self._pick(pixels)
+                if worker is not None:
+                    worker.take_slot()
+                    self._held[worker.index] = self._held.get(worker.index, 0) + pixels
+                    return worker, worker.generation
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise asyncio.TimeoutError
+                # woken by a freed slot or a restart; re-checked at least every second (a worker that died)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._room.wait(), min(remaining, 1.0))
 
     async def invoke(self, body: bytes, headers: Mapping[str, str], *, timeout_s: float,
-                     validated: bool = False) -> WorkerReply:
+                     validated: bool = False, pixels: int = 0) -> WorkerReply:
         """Send one invocation to an idle worker and return its reply (any status).
+
+        The least-loaded worker with a free slot takes it (:meth:`_pick`); ``pixels`` (height x width x images)
+        count against its :attr:`budget_pixels` while it runs. The reply carries the request's time on its
+        worker and how many requests that worker ran meanwhile (the admission's throughput samples).
 
         Only the headers SageMaker forwards reach the worker, plus :data:`VALIDATED_HEADER` when ``validated``
         (a caller's own copy of that header is dropped like any other) and :data:`DEADLINE_HEADER`.
@@ -175,25 +225,26 @@ class WorkerPool:
         self.in_flight += 1
         try:
             try:
-                return await self._attempt(body, headers, deadline, timeout_s, validated)
+                return await self._attempt(body, headers, deadline, timeout_s, validated, pixels)
             except _WorkerDied as first:
                 logger.warning("endpoint %s: %s; sending the request to another worker", self.tag, first)
             try:
-                return await self._attempt(body, headers, deadline, timeout_s, validated)
+                return await self._attempt(body, headers, deadline, timeout_s, validated, pixels)
             except _WorkerDied as second:
                 raise InvocationFailedError(f"{second} (after a retry)", original_status=500) from None
         finally:
             self.in_flight -= 1
 
     async def _attempt(self, body: bytes, headers: Mapping[str, str], deadline: float, timeout_s: float,
-                       validated: bool) -> WorkerReply:
+                       validated: bool, pixels: int) -> WorkerReply:
         try:
-            worker, generation = await self._acquire(deadline)
+            worker, generation = await self._acquire(deadline, pixels)  # takes the slot
         except asyncio.TimeoutError:
             raise InvocationTimeoutError(
                 f"no worker became free within the invocation timeout of {timeout_s:g} s",
                 timeout_s=timeout_s) from None
-        worker.take_slot()
+        served_from = time.monotonic()
+        load_at_start = worker.inflight
         fwd = {k: v for k, v in headers.items() if k.lower() in FORWARDED_HEADERS}
         fwd.update(auth_header(worker.secret))
         if validated:
@@ -204,23 +255,24 @@ class WorkerPool:
         try:
             done, _ = await asyncio.wait({post}, timeout=max(deadline - time.monotonic(), 0.0))
         except asyncio.CancelledError:  # the caller went away: the slot is free once the worker has answered
-            self._settle_later(worker, generation, post)
+            self._settle_later(worker, generation, post, pixels)
             raise
         if not done:
             logger.warning("endpoint worker %s-%d: request past its %g s timeout; answered as a timeout, the "
                            "worker finishes it at its next step boundary", self.tag, worker.index, timeout_s)
-            self._settle_later(worker, generation, post)
+            self._settle_later(worker, generation, post, pixels)
             raise InvocationTimeoutError(f"invocation timed out after {timeout_s:g} s", timeout_s=timeout_s)
         exc = post.exception()
+        load_at_end = worker.inflight
         if isinstance(exc, httpx.PoolTimeout):  # the daemon's own connection pool was busy: the worker is fine
-            self._release(worker, generation, healthy=True)
+            self._release(worker, generation, pixels, healthy=True)
             raise InvocationTimeoutError(f"no connection to worker {worker.index} became free",
                                          timeout_s=timeout_s) from exc
         if isinstance(exc, httpx.TransportError):
             worker.lost(generation)  # a broken connection means a broken worker: its monitor restarts it
-            self._release(worker, generation, healthy=False)
+            self._release(worker, generation, pixels, healthy=False)
             raise _WorkerDied(f"worker {worker.index} died while serving the request ({type(exc).__name__})") from exc
-        self._release(worker, generation, healthy=exc is None)
+        self._release(worker, generation, pixels, healthy=exc is None)
         if exc is not None:
             raise exc
         reply = post.result()
@@ -228,19 +280,23 @@ class WorkerPool:
             raise InvocationTimeoutError(f"invocation timed out after {timeout_s:g} s; the worker stopped it at a "
                                          "step boundary", timeout_s=timeout_s)
         return WorkerReply(status=reply.status_code, headers=dict(reply.headers), body=reply.content,
-                           worker=worker.index)
+                           worker=worker.index, service_s=time.monotonic() - served_from,
+                           concurrency=(load_at_start + load_at_end) / 2)
 
-    def _release(self, worker: Worker, generation: int, *, healthy: bool) -> None:
-        if worker.release_slot(generation, healthy=healthy):
-            self._idle.put_nowait((worker, generation))
+    def _release(self, worker: Worker, generation: int, pixels: int, *, healthy: bool) -> None:
+        self._held[worker.index] = max(0, self._held.get(worker.index, 0) - pixels)
+        worker.release_slot(generation, healthy=healthy)
+        self._wake()
 
-    def _settle_later(self, worker: Worker, generation: int, post: asyncio.Future[httpx.Response]) -> None:
-        task = asyncio.create_task(self._settle(worker, generation, post),
+    def _settle_later(self, worker: Worker, generation: int, post: asyncio.Future[httpx.Response],
+                      pixels: int) -> None:
+        task = asyncio.create_task(self._settle(worker, generation, post, pixels),
                                    name=f"settle-{self.tag}-{worker.index}")
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
-    async def _settle(self, worker: Worker, generation: int, post: asyncio.Future[httpx.Response]) -> None:
+    async def _settle(self, worker: Worker, generation: int, post: asyncio.Future[httpx.Response],
+                      pixels: int) -> None:
         """Wait for the reply of a request its caller no longer waits for; free its slot then.
 
         Kills the worker only when it answers neither the request nor ``/ping`` for :data:`REPLY_GRACE_S`.
@@ -264,7 +320,7 @@ class WorkerPool:
             if not healthy:
                 post.cancel()
                 worker.lost(generation)
-            self._release(worker, generation, healthy=healthy)
+            self._release(worker, generation, pixels, healthy=healthy)
 
     async def _answers_ping(self, worker: Worker) -> bool:
         try:

@@ -21,6 +21,7 @@ from sdmaker.config import Settings, load_settings
 from sdmaker.errors import ConfigError
 from sdmaker.serving._protocol import WorkerConfig, module_name
 from sdmaker.serving._requirements import prepare_model_environment
+from sdmaker.serving.daemon._admission import memory_budget_pixels
 
 __all__ = ["DAEMON_SECRETS", "DEFAULT_MAX_BATCH", "FORBIDDEN_ENV", "VariantPlan", "cpu_count", "instance_profile",
            "max_batch_for", "model_ref", "plan_variant", "program_name", "python_for", "resolve_model_dir",
@@ -134,6 +135,8 @@ class VariantPlan:
     #: from the model's Environment; ``None``: the daemon's default
     timeout_s: float | None
     max_queue: int | None
+    #: pixels (height x width x images, a batch summed) one worker may hold at once (._admission)
+    memory_budget_pixels: int
     #: said once in the endpoint log (e.g. a GPU instance type on a machine without one)
     warning: str | None
 
@@ -148,8 +151,9 @@ def plan_variant(variant: Mapping[str, Any], model: Mapping[str, Any], *, model_
     count = max(1, int(variant.get("InitialInstanceCount") or 1)) * max(1, per_instance)
     device, warning = instance_profile(variant.get("InstanceType"))
     environment = worker_environment(settings, env, count)
+    effective = load_settings(environment)  # the model's Environment first, then the daemon's
     config = WorkerConfig(model_dir=model_dir, port=0, model_name=display_name, model_digest=digest, device=device,
-                          dtype=load_settings(environment).dtype,  # SDMAKER_DTYPE, the model's Environment first
+                          dtype=effective.dtype,  # SDMAKER_DTYPE, the model's Environment first
                           max_batch=max_batch_for(env, default_handler), max_body_bytes=settings.max_body_bytes,
                           trust_daemon_validation=True, environment=environment, log_file=log_file)
     timeout = env.get("SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS")
@@ -159,4 +163,6 @@ def plan_variant(variant: Mapping[str, Any], model: Mapping[str, Any], *, model_
         model_name=str(variant["ModelName"]), warning=warning,
         startup_timeout_s=float(variant.get("ContainerStartupHealthCheckTimeoutInSeconds")
                                 or settings.startup_timeout_s),
-        timeout_s=float(timeout) if timeout else None, max_queue=int(queue) if queue else None)
+        timeout_s=float(timeout) if timeout else None, max_queue=int(queue) if queue else None,
+        memory_budget_pixels=effective.memory_budget_pixels or memory_budget_pixels(
+            model_dir, effective.dtype, effective.memory_bytes // count))

@@ -115,6 +115,9 @@ class WorkerReply:
     headers: dict[str, str]
     body: bytes
     worker: int
+    #: seconds the request spent on its worker (queueing excluded) and the requests that worker ran meanwhile
+    service_s: float | None = None
+    concurrency: float = 1.0
 
 
 class Worker:
@@ -135,6 +138,7 @@ class Worker:
         self.generation = 0  # bumped on every (re)start: dispatch slots of a previous process are void
         self.inflight = 0
         self.peak_inflight = 0
+        self.served = 0  # requests dispatched to this worker (any process of it): the load spread in describe
         self.startup_seconds: float | None = None
         self.state = WorkerState.STARTING
         self.port = 0
@@ -164,6 +168,7 @@ class Worker:
                 "port": self.port, "restarts": self.restarts, "error": self.error,
                 "load_seconds": self.load_seconds, "startup_seconds": self.startup_seconds,
                 "standby": self.from_standby, "max_batch": self.spec.max_batch, "peak_in_flight": self.peak_inflight,
+                "in_flight": self.inflight, "served": self.served,
                 "log": str(self.log_path)}
 
     @property
@@ -185,6 +190,7 @@ class Worker:
         """A request goes to this worker."""
         self.state = WorkerState.BUSY
         self.inflight += 1
+        self.served += 1
         self.peak_inflight = max(self.peak_inflight, self.inflight)
 
     def release_slot(self, generation: int, *, healthy: bool) -> bool:
@@ -333,6 +339,8 @@ class Worker:
             await asyncio.sleep(_POLL_S)
 
     def kill(self) -> None:
+        if self.state in (WorkerState.READY, WorkerState.BUSY):
+            self.state = WorkerState.RESTARTING  # takes no request from now on, even before it is reaped
         if self.alive:
             assert self.proc is not None
             with contextlib.suppress(ProcessLookupError):

@@ -1,0 +1,233 @@
+"""Admission control of one endpoint: a request is taken only if it can finish within its timeout.
+
+Overload must show up as an immediate ``503 ServiceUnavailable`` with ``Retry-After`` (which a client can back
+off on), not as a ``424`` after the whole invocation timeout (issue 11: with 64 clients on one endpoint, 32 got
+a 424 after 60 s and none a 503).
+
+Work is counted in units a request's cost grows with: for the default handler, megapixel-steps
+(``height x width x steps x images / 1e6``); for a ``code/inference.py`` endpoint, whose bodies are opaque,
+one unit per request. The endpoint's throughput is *measured*: each completed request gives a sample of
+worker-seconds per unit (its service time divided by its units and by the requests its worker ran at the
+same time, so step batching's higher throughput is measured, not guessed), smoothed by an EWMA. Before the
+first sample a deliberately slow prior is used, and requests beyond the workers' free slots are judged by it.
+
+A request is refused with ``400`` when it cannot finish on an idle worker either (only from a measured rate,
+the fastest one seen with a request's fixed cost taken off, so neither a bad prior nor a small request's
+overhead ever refuses a reasonable request), or when its pixels exceed what a
+worker may hold at once (:func:`memory_budget_pixels`).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdmaker.errors import InvalidRequestError, QueueFullError
+from sdmaker.schema import SEED_DEFAULTS
+
+__all__ = ["Admission", "Work", "memory_budget_pixels", "work_of_body", "OPAQUE_WORK"]
+
+#: A deliberately slow prior (worker-seconds per megapixel-step, about SD 1.5 in fp32 on 2 busy CPU cores):
+#: until the endpoint has served a request, queueing beyond its free slots is judged by it.
+PRIOR_S_PER_UNIT = 4.0
+#: Smoothing of the measured rate: recent requests weigh most (load, batch width and model all change it).
+_EWMA_ALPHA = 0.3
+#: Retry-After bounds in seconds.
+_RETRY_AFTER_MAX = 60
+#: Fraction of a worker's memory share that requests may fill (the rest: weights, allocator slack, Python).
+_MEMORY_FRACTION = 0.6
+#: Live float tensors per pixel, estimated: the VAE decoder at full resolution keeps about this many
+#: activations of its widest full-resolution block at once; the UNet works at 1/64 of the pixels, twice
+#: for classifier-free guidance, with about this many activations of its first block alive.
+_VAE_LIVE_TENSORS = 8
+_UNET_LIVE_TENSORS = 24
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one request costs: ``units`` of work (see the module docstring) and the ``pixels`` (height x width
+    x images) a worker holds while it runs; ``opaque``: the body could not be read (custom handler)."""
+
+    units: float
+    pixels: int
+    opaque: bool = False
+
+    @property
+    def described(self) -> str:
+        return "1 request" if self.opaque else f"{self.units:g} megapixel-steps"
+
+
+#: The work of a body sdmaker cannot read (a custom ``inference.py`` endpoint): one request.
+OPAQUE_WORK = Work(units=1.0, pixels=0, opaque=True)
+
+
+def work_of_body(canonical: bytes | None, *, default_size: int = 512) -> Work:
+    """The work of a default-handler request from its canonical JSON (already validated by the daemon).
+
+    Fields the caller left out take the seed's defaults (a model's own defaults live in the worker; the
+    seed's 512x512 and 50 steps are what most models use). A non-JSON body (an image to an image model)
+    counts as one default request.
+    """
+    data: dict[str, object] = {}
+    if canonical is not None:
+        loaded = json.loads(canonical)
+        if isinstance(loaded, dict):
+            data = loaded
+            params = data.get("parameters")
+            if isinstance(params, dict):
+                data = {**data, **params}
+    height = _int(data.get("height"), default_size)
+    width = _int(data.get("width"), default_size)
+    steps = _int(data.get("num_inference_steps"), int(SEED_DEFAULTS["num_inference_steps"]))
+    prompt = data.get("prompt", data.get("inputs"))
+    prompts = len(prompt) if isinstance(prompt, list) and prompt else 1
+    images = prompts * _int(data.get("num_images_per_prompt"), int(SEED_DEFAULTS["num_images_per_prompt"]))
+    pixels = height * width * images
+    return Work(units=pixels * steps / 1e6, pixels=pixels)
+
+
+def _int(value: object, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
+
+
+def _read_json(path: Path) -> dict[str, object]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _channels(config: dict[str, object], default: int) -> int:
+    blocks = config.get("block_out_channels")
+    if isinstance(blocks, list) and blocks and all(isinstance(c, int) for c in blocks):
+        return int(blocks[0])
+    return default
+
+
+def _weights_bytes(model_dir: Path) -> int:
+    total = 0
+    for pattern in ("*.safetensors", "*.bin", "*.ckpt"):
+        for path in model_dir.rglob(pattern):
+            if "code" not in path.relative_to(model_dir).parts:
+                with contextlib.suppress(OSError):
+                    total += path.stat().st_size
+    return total
+
+
+def bytes_per_pixel(model_dir: Path, dtype: str) -> int:
+    """Estimated peak bytes one output pixel costs a worker while it generates, from the model's configs.
+
+    The VAE decoder's full-resolution block (``vae/config.json`` ``block_out_channels[0]``, 128 for SD) and the
+    UNet's first block (``unet/config.json``, 320 for SD, at 1/64 of the pixels, doubled for guidance) times
+    the bytes of the dtype. Unknown models get SD's sizes.
+    """
+    width = 2 if dtype in ("fp16", "bf16") else 4
+    vae = _channels(_read_json(model_dir / "vae" / "config.json"), 128)
+    unet = _channels(_read_json(model_dir / "unet" / "config.json"), 320)
+    per_pixel = vae * _VAE_LIVE_TENSORS + unet * 2 * _UNET_LIVE_TENSORS / 64
+    return max(1, int(math.ceil(per_pixel * width)))
+
+
+def memory_budget_pixels(model_dir: Path, dtype: str, worker_memory_bytes: int) -> int:
+    """Pixels (height x width x images, summed over a batch) one worker may hold at once.
+
+    ``worker_memory_bytes`` is the worker's share of the machine's memory; the model's weights come off it,
+    then :data:`_MEMORY_FRACTION` of the rest is divided by :func:`bytes_per_pixel`. At least one 64x64 image.
+    """
+    room = (worker_memory_bytes - _weights_bytes(model_dir)) * _MEMORY_FRACTION
+    return max(64 * 64, int(room / bytes_per_pixel(model_dir, dtype)))
+
+
+class Admission:
+    """One endpoint's admission state: the work it has taken and not finished, and its measured rate."""
+
+    def __init__(self, prior_s_per_unit: float = PRIOR_S_PER_UNIT) -> None:
+        self.prior_s_per_unit = prior_s_per_unit
+        #: EWMA of worker-seconds per unit, measured; ``None`` before the first completed request
+        self.s_per_unit: float | None = None
+        #: recent (units, seconds beyond the fixed cost) samples: the fixed cost is the fastest answer seen,
+        #: about what any request costs however small (text encoder, VAE, HTTP)
+        self._recent: collections.deque[tuple[float, float]] = collections.deque(maxlen=64)
+        self.overhead_s: float | None = None
+        self.samples = 0
+        self.backlog_units = 0.0
+        self.opaque = False
+
+    @property
+    def fastest(self) -> float | None:
+        """The idle estimate in seconds per unit: the fastest rate among the largest recent requests (at least
+        a quarter of the largest one's units, where the fixed cost weighs least), beyond the fixed cost.
+        ``None`` until such a request took measurably longer than the fixed cost: it errs towards taking."""
+        if not self._recent:
+            return None
+        largest = max(units for units, _ in self._recent)
+        rates = [beyond / units for units, beyond in self._recent if units >= largest / 4 and beyond > 0]
+        return min(rates) if rates else None
+
+    @property
+    def rate(self) -> float:
+        return self.s_per_unit if self.s_per_unit is not None else self.prior_s_per_unit
+
+    def expected_wait_s(self, workers: int) -> float:
+        """Seconds until the work already taken is done, at the measured (or prior) rate."""
+        return self.backlog_units * self.rate / max(1, workers)
+
+    def check(self, work: Work, *, name: str, timeout_s: float, workers: int, free_slots: int,
+              budget_pixels: int | None) -> None:
+        """Raise unless ``work`` may be taken now (the caller then calls :meth:`taken` and :meth:`done`).
+
+        Raises:
+            InvalidRequestError: it exceeds a worker's memory budget, or cannot finish within ``timeout_s``
+                even alone on an idle worker (measured rate only).
+            QueueFullError: the work ahead of it cannot be done in time; ``retry_after`` seconds.
+        """
+        if budget_pixels is not None and work.pixels > budget_pixels:
+            raise InvalidRequestError(
+                f"this request needs {work.pixels} pixels at once (height x width x images); a worker of endpoint "
+                f"{name} may hold at most {budget_pixels} (its memory budget): ask for fewer or smaller images",
+                field="num_images_per_prompt", allowed=f"height x width x images <= {budget_pixels}")
+        fastest = self.fastest
+        if not work.opaque and fastest:
+            alone = work.units * fastest
+            if alone > timeout_s:
+                raise InvalidRequestError(
+                    f"this request ({work.described}) would take about {alone:.0f} s even on an idle worker of "
+                    f"endpoint {name}, over its invocation timeout of {timeout_s:g} s (measured "
+                    f"{fastest:.3g} s per megapixel-step): ask for fewer steps, pixels or images, or use "
+                    "a larger endpoint timeout or the asynchronous API (InvokeEndpointAsync)",
+                    field="num_inference_steps", allowed=f"at most about {timeout_s / fastest:.0f} "
+                    "megapixel-steps")
+        if free_slots > 0 and self.backlog_units == 0:
+            return  # an idle endpoint takes any request that passed the checks above
+        finish = (self.backlog_units + work.units) * self.rate / max(1, workers)
+        if free_slots > 0 and self.s_per_unit is None:
+            return  # a free slot and nothing measured yet: do not refuse on the prior alone
+        if finish > timeout_s:
+            wait = self.expected_wait_s(workers)
+            retry = min(_RETRY_AFTER_MAX, max(1, math.ceil(finish - timeout_s)))
+            raise QueueFullError(
+                f"Endpoint {name} is overloaded: the work ahead of this request takes about {wait:.1f} s, so it "
+                f"could not finish within the invocation timeout of {timeout_s:g} s; retry after {retry} s",
+                endpoint=name, retry_after=retry)
+
+    def taken(self, work: Work) -> None:
+        self.backlog_units += work.units
+        self.opaque = self.opaque or work.opaque
+
+    def done(self, work: Work, *, service_s: float | None, concurrency: float) -> None:
+        """``work`` left the endpoint; ``service_s`` (time on its worker, ``None``: it failed) is a sample."""
+        self.backlog_units = max(0.0, self.backlog_units - work.units)
+        if service_s is None or work.units <= 0:
+            return
+        sample = service_s / work.units / max(1.0, concurrency)
+        self.s_per_unit = sample if self.s_per_unit is None else (
+            _EWMA_ALPHA * sample + (1 - _EWMA_ALPHA) * self.s_per_unit)
+        self.samples += 1
+        per_request = service_s / max(1.0, concurrency)
+        self.overhead_s = per_request if self.overhead_s is None else min(self.overhead_s, per_request)
+        self._recent.append((work.units, max(0.0, per_request - self.overhead_s)))
