@@ -10,11 +10,16 @@ scheduler instance and step count, so its images equal ``generate``'s (<= 1e-4 i
 itself is ``sdmaker.engine._loop``'s, the same one ``generate`` runs with a single job.
 
 Compatibility: members of one batch share the latent size (the UNet input shape); guidance mode
-may differ (a CFG request just contributes two rows). Fairness: admission is strictly FIFO; when
-the head of the queue does not fit (other size, or not enough room) nothing behind it is admitted,
-so the batch drains and the head runs next: no request waits behind later arrivals. Bounds:
-``max_batch`` images per UNet call (a larger request runs alone) and ``max_queue`` waiting requests
-(``submit`` then raises :class:`QueueFullError`).
+may differ (a CFG request just contributes two rows). Requests of another size form another *group*
+(up to ``max_groups`` at once), and the groups take turns at step boundaries, weighted by their work:
+each step goes to the group that has received the least work so far (rows x latent pixels, a
+deterministic measure, not wall time), and a new group starts level with the least-served one. So a
+huge request (large size, many steps) no longer makes small ones wait for it to finish: they
+progress beside it, at about their share of the machine, and each group's results are unchanged.
+Admission is strictly FIFO; when the head of the queue does not fit (its group is full, or there are
+already ``max_groups`` groups) nothing behind it is admitted: no request waits behind later arrivals.
+Bounds: ``max_batch`` images per UNet call (a larger request runs alone in its group) and
+``max_queue`` waiting requests (``submit`` then raises :class:`QueueFullError`).
 
 Cancellation and deadlines: every submitted request is a :class:`BatchJob` (a ``Future``) with a
 ``deadline`` and a ``cancel()``. At each step boundary the worker drops jobs that were cancelled
@@ -141,18 +146,22 @@ class StepBatcher:
         model: the loaded model; the batcher holds ``model.lock`` while it runs a step.
         max_batch: most images per UNet call (CFG rows count once).
         max_queue: most requests waiting for admission.
+        max_groups: most size groups running at once (they take turns, step by step).
         deep_cache_interval: None = each request's own (resolved from the model's defaults); an int forces
             it for every request. deep_cache_branch: where the UNet is cut (shared by the batch).
     """
 
-    def __init__(self, model: LoadedModel, *, max_batch: int = 8, max_queue: int = 64,
+    def __init__(self, model: LoadedModel, *, max_batch: int = 8, max_queue: int = 64, max_groups: int = 4,
                  deep_cache_interval: int | None = None, deep_cache_branch: int = 2) -> None:
         if max_batch < 1:
             raise ConfigError(f"max_batch={max_batch} must be >= 1", field="max_batch", value=max_batch)
         if max_queue < 1:
             raise ConfigError(f"max_queue={max_queue} must be >= 1", field="max_queue", value=max_queue)
+        if max_groups < 1:
+            raise ConfigError(f"max_groups={max_groups} must be >= 1", field="max_groups", value=max_groups)
         self.model = model
         self.max_batch = max_batch
+        self.max_groups = max_groups
         self.max_queue = max_queue
         self.deep_cache_interval = deep_cache_interval
         self.deep_cache_branch = deep_cache_branch
@@ -161,6 +170,8 @@ class StepBatcher:
         self._cond = threading.Condition()
         self._closed = False
         self._active: list[tuple[Job, BatchJob]] = []
+        #: work each running size group has received (its "virtual time"); insertion order breaks ties
+        self._served: dict[tuple[int, int], float] = {}
         self._thread = threading.Thread(target=self._run, name=f"step-batcher-{model.name}", daemon=True)
         self._thread.start()
 
@@ -200,6 +211,15 @@ class StepBatcher:
     def queued(self) -> int:
         with self._cond:
             return len(self._queue)
+
+    def cancel_all(self, reason: str) -> int:
+        """Cancel every queued and running job (a stopping worker); each leaves at the next step boundary.
+
+        Returns how many were asked to stop.
+        """
+        with self._cond:
+            jobs = [*self._queue, *(job for _, job in self._active)]
+        return sum(1 for job in jobs if job.cancel(reason))
 
     def close(self, timeout: float | None = None) -> None:
         """Stop admitting; finish queued and running requests, then stop the worker."""
@@ -257,18 +277,19 @@ class StepBatcher:
                 break
             self._cond.wait()
         admitted: list[BatchJob] = []
-        rows = sum(j.latents.shape[0] for j, _ in self._active)
-        key = self._active[0][1].key if self._active else None
+        rows: dict[tuple[int, int], int] = {}
+        for job_state, job in self._active:
+            rows[job.key] = rows.get(job.key, 0) + job_state.latents.shape[0]
         while self._queue:
             head = self._queue[0]
-            if key is not None and head.key != key:
-                break  # different size: let the batch drain; nothing may overtake the head
-            if rows and rows + head.images > self.max_batch:
-                break
+            taken = rows.get(head.key, 0)
+            if head.key not in rows and len(rows) >= self.max_groups:
+                break  # no room for another size group: nothing may overtake the head
+            if taken and taken + head.images > self.max_batch:
+                break  # its group is full: wait for room; nothing may overtake the head
             self._queue.popleft()
             admitted.append(head)
-            rows += head.images
-            key = head.key
+            rows[head.key] = taken + head.images
         return admitted
 
     @staticmethod
@@ -301,6 +322,24 @@ class StepBatcher:
                 self._active = []
                 self._fail(failed, exc)
 
+    def _next_group(self) -> tuple[int, int]:
+        """The size group whose turn it is: the one served least so far (ties: the older group).
+
+        A group that just started begins level with the least-served running group, so it neither
+        starves the others nor waits for them to finish.
+        """
+        running = {p.key for _, p in self._active}
+        self._forget_idle_groups()
+        floor = min(self._served.values(), default=0.0)
+        for key in sorted(running - self._served.keys()):
+            self._served[key] = floor
+        return min(self._served, key=lambda k: self._served[k])
+
+    def _forget_idle_groups(self) -> None:
+        running = {p.key for _, p in self._active}
+        for key in [k for k in self._served if k not in running]:
+            del self._served[key]
+
     def _step(self, admitted: list[BatchJob]) -> None:
         model = self.model
         with model.lock:
@@ -316,16 +355,20 @@ class StepBatcher:
                     self._active.append((job, p))
             if not self._active:
                 return
-            jobs = [j for j, _ in self._active]
+            key = self._next_group()
+            turn = [(j, p) for j, p in self._active if p.key == key]
+            jobs = [j for j, _ in turn]
             self.stats.unet_calls += len({j.full_step for j in jobs})
             self.stats.max_rows = max(self.stats.max_rows, sum(j.rows for j in jobs))
             run_unet(model, jobs)
             self.stats.steps += 1
-            broken = [(j, p) for j, p in self._active if j.failure is not None]
+            self._served[key] += sum(j.rows for j in jobs) * key[0] * key[1]
+            broken = [(j, p) for j, p in turn if j.failure is not None]
             for j, p in broken:  # its own callback failed: it leaves, the batch goes on
                 self._fail([p], j.failure)  # type: ignore[arg-type]
-            finished = [(j, p) for j, p in self._active if j.done and j.failure is None]
+            finished = [(j, p) for j, p in turn if j.done and j.failure is None]
             self._active = [(j, p) for j, p in self._active if not j.done and j.failure is None]
+            self._forget_idle_groups()
             if not finished:
                 return
             arrays = decode_jobs(model, [j for j, _ in finished])

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["EXIT_BAD_CONFIG", "EXIT_BIND_FAILED", "EXIT_LOAD_FAILED", "READY_MARK", "SEEDS_HEADER", "VALIDATED_HEADER",
-           "ServerState", "WorkerConfig", "module_name", "trusts_validation"]
+__all__ = ["DEADLINE_HEADER", "EXIT_BAD_CONFIG", "EXIT_BIND_FAILED", "EXIT_LOAD_FAILED", "READY_MARK", "SEEDS_HEADER",
+           "TIMEOUT_STATUS", "VALIDATED_HEADER", "ServerState", "WorkerConfig", "deadline_seconds", "module_name",
+           "trusts_validation"]
 
 #: Exit codes of a worker process: bad configuration, model load failed (status file says why), port unavailable.
 EXIT_BAD_CONFIG = 2
@@ -29,6 +30,13 @@ READY_MARK = "sdmaker-standby-ready"
 SEEDS_HEADER = "X-Sdmaker-Seeds"
 #: Request header the daemon sets on a default-handler body it validated and rewrote as canonical JSON.
 VALIDATED_HEADER = "X-Sdmaker-Validated"
+#: Request header the daemon sets on every invocation: seconds left of the invocation's budget. The default
+#: handler stops the generation at the next step boundary once they have passed (the worker carries on).
+#: Honoured from anyone: a caller can only shorten its own request.
+DEADLINE_HEADER = "X-Sdmaker-Deadline-Seconds"
+#: Status of a worker's answer to a request stopped at its deadline (with ``X-Sdmaker-Error-Code:
+#: InvocationTimeoutError``); the daemon answers it as the invocation timeout it is.
+TIMEOUT_STATUS = 408
 
 
 class ServerState(str, enum.Enum):
@@ -99,6 +107,18 @@ def trusts_validation(config: WorkerConfig, headers: Mapping[str, str]) -> bool:
         return False
     value = next((v for k, v in headers.items() if k.lower() == VALIDATED_HEADER.lower()), None)
     return value == "1"
+
+
+def deadline_seconds(headers: Mapping[str, str]) -> float | None:
+    """Seconds left of this request's budget from :data:`DEADLINE_HEADER`; None when absent or not a number."""
+    value = next((v for k, v in headers.items() if k.lower() == DEADLINE_HEADER.lower()), None)
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return max(seconds, 0.0) if seconds == seconds else None  # NaN: ignored
 
 
 def module_name(program: str | None) -> str:

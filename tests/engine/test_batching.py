@@ -231,3 +231,56 @@ def test_a_failing_callback_fails_its_own_job_only(model) -> None:  # type: igno
         with pytest.raises(EngineError, match="callback exploded"):
             bad.result()
         assert len(good.result().images) == 1
+
+
+def test_small_requests_progress_beside_a_huge_one(model) -> None:  # type: ignore[no-untyped-def]
+    """Issue 11: a huge request (4x the pixels, many steps) does not make small ones of another size wait."""
+    huge_req = _req(1, height=128, width=128, num_inference_steps=30, num_images_per_prompt=1, scheduler="ddim")
+    smalls = [_req(10 + i, num_inference_steps=3, num_images_per_prompt=1) for i in range(3)]
+    started, go = threading.Event(), threading.Event()
+    huge_steps: list[int] = []
+
+    def on_huge(step: int, total: int) -> None:
+        huge_steps.append(step)
+        if step == 1:
+            started.set()
+            go.wait(30)  # the small requests are queued while the huge one is running
+
+    steps_at_small_done: list[int] = []
+    with StepBatcher(model, max_batch=4) as batcher:
+        huge = batcher.submit_async(huge_req, on_step=on_huge)
+        assert started.wait(60)
+        small_jobs = [batcher.submit_async(r) for r in smalls]
+        for job in small_jobs:
+            job.add_done_callback(lambda _f: steps_at_small_done.append(len(huge_steps)))
+        go.set()
+        small_results = [j.result(timeout=300) for j in small_jobs]
+        huge_result = huge.result(timeout=300)
+    assert len(steps_at_small_done) == 3
+    # every small request was answered while the huge one still had most of its steps to run
+    assert max(steps_at_small_done) < 30 // 2, steps_at_small_done
+    assert huge_steps == list(range(1, 31))
+    for req, got in zip(smalls, small_results, strict=True):
+        solo = generate(model, req)
+        assert float(np.abs(solo.arrays - got.arrays).max()) <= 1e-4  # type: ignore[attr-defined,operator]
+    solo_huge = generate(model, huge_req)
+    assert float(np.abs(solo_huge.arrays - huge_result.arrays).max()) <= 1e-4  # type: ignore[attr-defined,operator]
+
+
+def test_cancel_all_stops_running_and_queued_jobs(model) -> None:  # type: ignore[no-untyped-def]
+    """A stopping worker (SIGTERM) ends every generation at its next step boundary."""
+    started, go = threading.Event(), threading.Event()
+
+    def on_step(step: int, total: int) -> None:
+        started.set()
+        go.wait(30)
+
+    with StepBatcher(model, max_batch=1) as batcher:
+        running = batcher.submit_async(_req(1, num_inference_steps=50, num_images_per_prompt=1), on_step=on_step)
+        queued = batcher.submit_async(_req(2, num_images_per_prompt=1))
+        assert started.wait(60)
+        assert batcher.cancel_all("the worker is stopping") == 2
+        go.set()
+        for job in (running, queued):
+            with pytest.raises(GenerationCancelledError, match="stopping"):
+                job.result(timeout=60)

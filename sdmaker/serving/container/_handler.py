@@ -18,17 +18,26 @@ answer is ``{"generated_images": [base64 ...], "seeds": [...], ...}`` or, for ``
 from __future__ import annotations
 
 import base64
+import contextvars
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdmaker.errors import InvalidRequestError, SdmakerError
+from sdmaker.errors import (
+    ERROR_CODE_HEADER,
+    GenerationCancelledError,
+    InvalidRequestError,
+    InvocationTimeoutError,
+    SdmakerError,
+)
+from sdmaker.files import MODEL_CARD_FILE
 from sdmaker.schema import GenerateRequest, request_from_payload  # request_from_payload: re-exported
-from sdmaker.serving._protocol import SEEDS_HEADER
+from sdmaker.serving._protocol import SEEDS_HEADER, TIMEOUT_STATUS, deadline_seconds
 from sdmaker.serving.container._codecs import (
     JSON,
     decode,
@@ -45,6 +54,10 @@ __all__ = ["RAW_IMAGE_TYPES", "HandlerResponse", "HandlerService", "SdModel", "e
            "model_display_name", "request_from_payload", "result_json"]
 
 logger = logging.getLogger(__name__)
+
+#: The ``time.monotonic()`` instant the current invocation must be answered by (from the daemon's
+#: :data:`~sdmaker.serving._protocol.DEADLINE_HEADER`), set by :meth:`HandlerService.handle` for its thread.
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("sdmaker_deadline", default=None)
 
 #: Accept values for which the default handler answers one image's raw bytes.
 RAW_IMAGE_TYPES: dict[str, str] = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
@@ -97,11 +110,26 @@ class SdModel:
     """
 
     def __init__(self, loaded: Any) -> None:
+        self.loaded = loaded
+        #: set when the worker stops (SIGTERM): generations end at their next step boundary
+        self.stopping = threading.Event()
+        #: ``runner(loaded_model, request) -> GenerationResult``; swap in a batcher's submit here.
+        self.runner: Callable[[Any, GenerateRequest], Any] = self._generate
+
+    def _generate(self, loaded: Any, request: GenerateRequest) -> Any:
+        """``generate``, stopped at a step boundary once the invocation's deadline passed or the worker stops."""
         from sdmaker.engine import generate
 
-        self.loaded = loaded
-        #: ``runner(loaded_model, request) -> GenerationResult``; swap in a batcher's submit here.
-        self.runner: Callable[[Any, GenerateRequest], Any] = generate
+        deadline = _DEADLINE.get()
+
+        def check(_step: int, _total: int) -> None:
+            if self.stopping.is_set():
+                raise GenerationCancelledError("generation cancelled: the worker is stopping", model=loaded.name)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise InvocationTimeoutError("generation did not finish before its deadline; it was stopped at a "
+                                             "step boundary", model=loaded.name)
+
+        return generate(loaded, request, on_step=check)
 
     def run(self, request: GenerateRequest) -> Any:
         """Generate ``request``; the single place generation happens for the default handler."""
@@ -119,7 +147,7 @@ class SdModel:
 
 def model_display_name(model_dir: Path) -> str:
     """``sdmaker.json``'s ``name`` when present, else the folder name."""
-    card = Path(model_dir) / "sdmaker.json"
+    card = Path(model_dir) / MODEL_CARD_FILE
     try:
         name = json.loads(card.read_text()).get("name") if card.is_file() else None
     except (OSError, ValueError, AttributeError):
@@ -173,6 +201,7 @@ class HandlerService:
             "server_name": "sdmaker", "server_version": server_version, "model_name": self.model_name,
         })
         self._adhoc: tuple[Any, Any] | None = None  # (user pipeline, LoadedModel wrapping it)
+        self._batcher: Any = None  # the StepBatcher of the default model, when it batches
 
     # --- startup ---------------------------------------------------------------------------------
 
@@ -210,8 +239,20 @@ class HandlerService:
             from sdmaker.engine import StepBatcher
 
             batcher = StepBatcher(sd.loaded, max_batch=self.max_batch)
-            sd.runner = lambda _loaded, request: batcher.submit(request)
+            sd.runner = lambda _loaded, request: batcher.submit_async(request, deadline=_DEADLINE.get()).result()
+            self._batcher = batcher
         return sd
+
+    def stop(self, reason: str = "the worker is stopping") -> None:
+        """End every generation in progress at its next step boundary (SIGTERM: exit promptly, not after it).
+
+        Each stopped request is answered :class:`GenerationCancelledError` (503: retry elsewhere).
+        """
+        model = self.model
+        if isinstance(model, SdModel):
+            model.stopping.set()
+        if self._batcher is not None:
+            self._batcher.cancel_all(reason)
 
     # --- the default request hooks -----------------------------------------------------------------
 
@@ -304,6 +345,14 @@ class HandlerService:
         context = self.context.for_request(headers)
         content_type = context.get_request_header("Content-Type")
         accept = resolve_accept(context.get_request_header("Accept"))
+        seconds = deadline_seconds(headers)
+        token = _DEADLINE.set(None if seconds is None else time.monotonic() + seconds)
+        try:
+            return self._handle(body, context, content_type, accept)
+        finally:
+            _DEADLINE.reset(token)
+
+    def _handle(self, body: bytes, context: Context, content_type: str | None, accept: str) -> HandlerResponse:
         try:
             input_data = to_text(body, content_type)
             if self.hooks.transform_fn is not None:
@@ -327,6 +376,12 @@ class HandlerService:
             logger.error("invocation failed in the model code", exc_info=exc)
         else:
             logger.info("invalid request: %s", message)
+        if isinstance(exc, (InvocationTimeoutError, GenerationCancelledError)):
+            # stopped at a step boundary: the worker is fine; the daemon answers its timeout (or retries)
+            status = TIMEOUT_STATUS if isinstance(exc, InvocationTimeoutError) else 503
+            headers = {**context.response_headers, ERROR_CODE_HEADER: exc.code}
+            return HandlerResponse(status=status, body=error_body(status, message, extra=_sdmaker_extra(exc)),
+                                   content_type="application/json", headers=headers)
         return HandlerResponse(status=400, body=error_body(400, message, extra=_sdmaker_extra(exc)),
                                content_type="application/json", headers=context.response_headers)
 

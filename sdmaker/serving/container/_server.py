@@ -248,7 +248,14 @@ def run_server(server: ModelServer, *, host: str, port: int, fail_grace_s: float
     logger.info("listening on http://%s:%d (pid %d)", host, port, os.getpid())
     config = uvicorn.Config(create_app(server, HostPolicy(host, port, allowed_hosts)), log_config=None, access_log=False, lifespan="off",
                             timeout_graceful_shutdown=math.ceil(graceful_shutdown_s))
-    uv = uvicorn.Server(config)
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # stop generations at their next step boundary, so the graceful shutdown does not wait for them
+            # (off the signal handler: cancelling takes the batcher's lock)
+            threading.Thread(target=server.handler.stop, name="sdmaker-stop", daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    uv = _Server(config)
     exit_code = 0
 
     def _watch_load() -> None:

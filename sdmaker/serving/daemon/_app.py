@@ -12,12 +12,22 @@ Routes:
 
 Everything the app needs lives in its lifespan state (settings, endpoint manager, metrics): there is
 no module-level state, so tests can build several apps in one process.
+
+SIGTERM (``sdmaker down``, a supervisor; SageMaker gives a container 30 s): the daemon keeps listening but
+answers new invocations ``503 ServiceUnavailable`` with ``Retry-After`` (:class:`Drain`); in-flight ones
+finish within :data:`DRAIN_GRACE_S`, or are answered the same clean 503 when it runs out (never a bare
+500); then the workers stop and the process exits, well within 30 s. A second signal stops at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+import signal
+import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -31,7 +41,14 @@ from starlette.exceptions import HTTPException
 
 from sdmaker import __version__
 from sdmaker.config import Settings, with_local_key
-from sdmaker.errors import ERROR_CODE_HEADER, AuthenticationError, EndpointNotFoundError, SdmakerError, ServingError
+from sdmaker.errors import (
+    ERROR_CODE_HEADER,
+    AuthenticationError,
+    EndpointNotFoundError,
+    QueueFullError,
+    SdmakerError,
+    ServingError,
+)
 from sdmaker.serving._hosts import HostGuard, HostPolicy
 from sdmaker.serving._http import read_body
 from sdmaker.serving.daemon._auth import auth_required, check_bind, verify_request
@@ -41,11 +58,77 @@ from sdmaker.serving.daemon._invoke_api import invoke_endpoint, runtime_error_re
 from sdmaker.serving.daemon._metrics import CONTENT_TYPE_LATEST, DaemonMetrics
 from sdmaker.serving.daemon._shapes import input_shape
 
-__all__ = ["create_app", "run_daemon"]
+__all__ = ["DRAIN_GRACE_S", "Drain", "create_app", "run_daemon"]
 
 logger = logging.getLogger(__name__)
 
 _LOG_CHUNK = 256 * 1024
+#: After SIGTERM, how long in-flight invocations may take to finish (then workers stop: at most 5 s more).
+DRAIN_GRACE_S = 18.0
+#: Retry-After of the 503 a draining daemon answers.
+_DRAIN_RETRY_AFTER_S = 5
+
+
+class Drain:
+    """The daemon's shutdown state: whether it drains, and the invocations still in flight.
+
+    ``begin`` may be called from a signal handler (it only sets fields); everything else runs on the loop.
+    """
+
+    def __init__(self, grace_s: float = DRAIN_GRACE_S) -> None:
+        self.grace_s = grace_s
+        self.draining = False
+        self.started = 0.0
+        self.in_flight = 0
+        self._abort: asyncio.Event | None = None
+
+    def begin(self) -> None:
+        if not self.draining:
+            self.started = time.monotonic()
+            self.draining = True
+
+    @property
+    def abort(self) -> asyncio.Event:
+        if self._abort is None:
+            self._abort = asyncio.Event()
+        return self._abort
+
+    def done(self) -> bool:
+        """Whether the server may stop now: drained, or the grace is over (in-flight requests are answered)."""
+        if not self.draining:
+            return False
+        if self.in_flight == 0:
+            return True
+        if time.monotonic() - self.started >= self.grace_s:
+            if not self.abort.is_set():
+                logger.warning("shutdown grace of %g s is over; answering %d in-flight request(s) 503",
+                               self.grace_s, self.in_flight)
+                self.abort.set()
+            return time.monotonic() - self.started >= self.grace_s + 2.0
+        return False
+
+    @staticmethod
+    def error() -> QueueFullError:
+        return QueueFullError("the daemon is shutting down; retry later", retry_after=_DRAIN_RETRY_AFTER_S)
+
+    async def run(self, invocation: Any) -> Response:
+        """Run one invocation (a coroutine) unless the daemon drains; answer it 503 if the grace runs out."""
+        self.in_flight += 1
+        try:
+            task = asyncio.ensure_future(invocation)
+            aborted = asyncio.ensure_future(self.abort.wait())
+            try:
+                await asyncio.wait({task, aborted}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                aborted.cancel()
+            if task.done():
+                return task.result()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            raise self.error()
+        finally:
+            self.in_flight -= 1
 
 
 class DaemonState(TypedDict):
@@ -106,6 +189,7 @@ def create_app(settings: Settings, *, host: str | None = None, port: int | None 
     check_bind(settings, host)
     need_auth = auth_required(settings, host)
     key_auth = settings.local_key
+    drain = Drain()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[DaemonState]:
@@ -124,6 +208,7 @@ def create_app(settings: Settings, *, host: str | None = None, port: int | None 
 
     app = FastAPI(title="sdmaker daemon", version=__version__, lifespan=lifespan, dependencies=[Depends(_guard)],
                   docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.drain = drain
     app.add_middleware(HostGuard, policy=HostPolicy(host, port or settings.daemon_port, settings.allowed_hosts))
 
     @app.exception_handler(SdmakerError)
@@ -173,7 +258,9 @@ def create_app(settings: Settings, *, host: str | None = None, port: int | None 
 
     @app.post("/endpoints/{name}/invocations")
     async def sagemaker_invoke(request: Request, name: str) -> Response:
-        return await invoke_endpoint(request, name)
+        if drain.draining:
+            return runtime_error_response(drain.error(), settings, name)
+        return await drain.run(invoke_endpoint(request, name))
 
     @app.get("/metrics")
     async def prometheus(request: Request) -> Response:
@@ -219,11 +306,34 @@ def create_app(settings: Settings, *, host: str | None = None, port: int | None 
 
 def run_daemon(settings: Settings, *, host: str | None = None, port: int | None = None,
                log_level: str = "info") -> None:
-    """Serve the daemon in the foreground until interrupted (the ``sdmaker up`` entry point)."""
+    """Serve the daemon in the foreground until SIGTERM/SIGINT (the ``sdmaker up`` entry point); drains first."""
     import uvicorn
 
     host = host or settings.daemon_host
     port = port or settings.daemon_port
     app = create_app(settings, host=host, port=port)
-    # The worker processes read no stdin; uvicorn's own signal handling stops the lifespan (and the workers).
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=10)
+    drain: Drain = app.state.drain
+
+    class _DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if drain.draining:  # a second signal: stop now
+                super().handle_exit(sig, frame)
+                return
+            drain.begin()  # new invocations get 503 from now on; on_tick stops once in-flight ones are done
+
+        async def on_tick(self, counter: int) -> bool:
+            return await super().on_tick(counter) or drain.done()
+
+    # The worker processes read no stdin; the lifespan's shutdown stops them (5 s grace each, in parallel).
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=5)
+    server = _DrainingServer(config)
+    # uvicorn re-raises the signal it stopped for once its own handlers are gone: a no-op handler meanwhile
+    # turns that into a normal return, so the caller's cleanup (the pid file) runs.
+    main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -67,7 +67,7 @@ __all__ = ["DEFAULT_MAX_BATCH", "FORBIDDEN_ENV", "EndpointManager", "LiveEndpoin
 
 logger = logging.getLogger(__name__)
 
-#: How often the daemon checks the size of endpoint logs and saves endpoint statistics.
+#: How often the daemon checks the size of endpoint logs.
 _HOUSEKEEPING_EVERY_S = 5.0
 
 
@@ -85,6 +85,8 @@ class EndpointManager:
         self._standby_task: asyncio.Task[None] | None = None
         self._rotate_task: asyncio.Task[None] | None = None
         self._stats_task: asyncio.Task[None] | None = None
+        self._stats_waiters: list[asyncio.Future[None]] = []
+        self._closed = False
 
     # -- lifecycle of the manager ------------------------------------------------------------------
 
@@ -99,16 +101,39 @@ class EndpointManager:
         self._standby_task = asyncio.create_task(self._start_standbys(restoring), name="standby-start")
         if self.settings.log_max_bytes > 0:
             self._rotate_task = asyncio.create_task(self._rotate_logs(), name="log-rotation")
-        self._stats_task = asyncio.create_task(self._save_stats_periodically(), name="stats")
 
-    async def _save_stats_periodically(self) -> None:
-        """Request counts and latencies survive a restart (``endpoint describe``): saved every few seconds
-        off the event loop, only for endpoints that served requests since; a SIGKILL loses at most that."""
-        while True:
-            await asyncio.sleep(_HOUSEKEEPING_EVERY_S)
+    async def _write_stats(self) -> None:
+        """Write every endpoint's changed statistics off the event loop: a group commit of finished requests.
+
+        Write-through with one pending write coalesced: requests that finish while a write runs are all covered
+        by the next one. Each request's answer waits for the write that includes it (one SQLite transaction,
+        a few ms, shared by a burst), so a SIGKILL loses no answered request's counts.
+        """
+        while self._stats_waiters:
+            waiters, self._stats_waiters = self._stats_waiters, []
             changed = self._unsaved_stats()
-            if changed:
-                await asyncio.to_thread(self._save_stats, changed)
+            try:
+                if changed:
+                    await asyncio.to_thread(self._save_stats, changed)
+            except Exception:  # noqa: BLE001 - statistics must never fail a request or the daemon
+                logger.exception("saving endpoint statistics failed")
+            finally:
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(None)
+        self._stats_task = None
+
+    def _stats_changed(self) -> asyncio.Future[None]:
+        """A request finished: a future that resolves once a write including it is done."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        if self._closed:  # close() writes what is left
+            waiter.set_result(None)
+            return waiter
+        self._stats_waiters.append(waiter)
+        if self._stats_task is None:
+            self._stats_task = loop.create_task(self._write_stats(), name="stats")
+        return waiter
 
     def _unsaved_stats(self) -> list[tuple[str, EndpointStats]]:
         """Stats of the endpoints that served requests since their last save, marked as saved."""
@@ -138,9 +163,13 @@ class EndpointManager:
 
     async def close(self) -> None:
         """Stop every worker; the database keeps the endpoints for the next start."""
-        for background in (self._standby_task, self._rotate_task, self._stats_task):
+        self._closed = True
+        for background in (self._standby_task, self._rotate_task):
             if background is not None:
                 background.cancel()
+        if self._stats_task is not None:  # let a write in progress end, then write what is left
+            with contextlib.suppress(Exception):
+                await self._stats_task
         self._save_stats(self._unsaved_stats())
         await self.standbys.close()
         tasks = [rt.task for rt in self.live.values() if rt.task is not None]
@@ -338,6 +367,8 @@ class EndpointManager:
                                       pixels=work.pixels)
             if reply.status < 300:
                 service_s, concurrency = reply.service_s, reply.concurrency
+            else:
+                rt.errors += 1
         except SdmakerError:
             rt.errors += 1
             raise
@@ -346,8 +377,7 @@ class EndpointManager:
             rt.pending -= 1
             rt.invocations += 1
             rt.latencies.append(time.monotonic() - started)
-        if reply.status >= 300:
-            rt.errors += 1
+            await asyncio.shield(self._stats_changed())  # the counts are on disk before the answer goes out
         return reply
 
     # -- sdmaker's own view (CLI describe) ---------------------------------------------------------

@@ -13,10 +13,11 @@ unknown endpoint, bad input            ValidationError      400
 endpoint not InService                 ValidationError      400
 body over the limit (6 MiB)            ValidationError      413
 model code answered non-2xx            ModelError           424
-worker died mid-request                ModelError           424
+worker died mid-request, twice          ModelError           424
 invocation timeout                     ModelError           424
 queue full, or the work ahead would     ServiceUnavailable   503 + Retry-After
-make it miss its timeout (admission)
+make it miss its timeout (admission),
+or the daemon is shutting down
 over the memory budget, or too large   ValidationError      400
 for the timeout even when idle
 =====================================  ===================  ======
@@ -27,7 +28,9 @@ Each error also carries ``X-Sdmaker-Error-Code`` (the :mod:`sdmaker.errors` clas
 
 from __future__ import annotations
 
+import json
 import logging
+import secrets
 import uuid
 from typing import Any
 
@@ -54,7 +57,7 @@ from sdmaker.serving.daemon._admission import OPAQUE_WORK, work_of_body
 from sdmaker.serving.daemon._endpoints import EndpointManager
 from sdmaker.serving.daemon._metrics import DaemonMetrics
 
-__all__ = ["invoke_endpoint", "runtime_error_response", "validate_default_body"]
+__all__ = ["invoke_endpoint", "runtime_error_response", "validate_default_body", "with_fixed_seed"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +97,20 @@ def validate_default_body(body: bytes, content_type: str | None) -> bytes:
             "inputs column", field="ContentType", value=shown, allowed="application/json, text/csv")
     request = request_from_payload(payload)
     return request.model_dump_json(exclude_unset=True).encode()
+
+
+def with_fixed_seed(canonical: bytes) -> bytes:
+    """``canonical`` (the default handler's validated JSON) with a seed, chosen here when the caller set none.
+
+    A request whose worker dies under it is sent once more (:mod:`._pool`); with the seed fixed before the
+    first attempt the retry gives the very image the first attempt would have (generation is deterministic
+    by seed), and the answer reports that seed as usual.
+    """
+    fields = json.loads(canonical)
+    if not isinstance(fields, dict) or fields.get("seed") is not None:
+        return canonical
+    fields["seed"] = secrets.randbelow(2**32)
+    return json.dumps(fields, separators=(",", ":")).encode()
 
 
 def _error_body(exc: SdmakerError, settings: Settings, endpoint: str | None) -> tuple[int, str, dict[str, Any]]:
@@ -164,6 +181,7 @@ async def invoke_endpoint(request: Request, name: str) -> Response:
             canonical = validate_default_body(body, headers.get("content-type")) if rt.default_handler else None
             if canonical is not None:
                 headers["content-type"] = "application/json"  # what the canonical body is, whatever came in
+                canonical = with_fixed_seed(canonical)  # a retry on another worker draws the same image
             work = work_of_body(canonical) if rt.default_handler else OPAQUE_WORK
             reply = await manager.invoke(rt, canonical if canonical is not None else body, headers,
                                          validated=canonical is not None, work=work)

@@ -20,8 +20,8 @@ __all__ = ["LiveEndpoint"]
 
 @dataclass
 class LiveEndpoint:
-    """In-memory side of one endpoint: its worker pool and live statistics (saved to the daemon's state
-    every few seconds, restored by a daemon restart)."""
+    """In-memory side of one endpoint: its worker pool and live statistics (written to the daemon's state
+    as each request finishes, restored by a daemon restart)."""
 
     name: str
     timeout_s: float

@@ -4,6 +4,18 @@ one request per free slot.
 A request waits (bounded by its invocation budget) for a free slot, is forwarded to that worker with the
 headers SageMaker forwards, and its slot is returned only if the worker is still the process that took it:
 a worker that died mid-request loses its slots and its monitor offers fresh ones once it is restarted.
+
+Failures (issue 11: one request never takes down the others):
+
+* the worker is told the seconds left of the budget (:data:`~sdmaker.serving._protocol.DEADLINE_HEADER`);
+  the default handler stops that request at its next step boundary and answers a timeout, while the
+  worker and the request's batch-mates carry on. The caller is answered at the deadline either way; the
+  slot comes back when the worker answers. The worker is killed only if it stops answering entirely: no
+  reply and no ``/ping`` within :data:`REPLY_GRACE_S` after the deadline;
+* a request whose worker died under it (broken connection) is sent once more, to a healthy worker;
+  default-handler bodies carry a seed fixed by the daemon, so the retry gives the same image;
+* a dead worker's slots are never handed out: liveness is the process's real state (``waitid``), not
+  whether asyncio has reaped it yet, and the worker is marked lost the moment a connection to it breaks.
 """
 
 from __future__ import annotations
@@ -16,18 +28,27 @@ from collections.abc import Callable, Mapping
 
 import httpx
 
-from sdmaker.errors import InvocationFailedError, InvocationTimeoutError, WorkerStartError
-from sdmaker.serving._protocol import VALIDATED_HEADER
+from sdmaker.errors import ERROR_CODE_HEADER, InvocationFailedError, InvocationTimeoutError, WorkerStartError
+from sdmaker.serving._protocol import DEADLINE_HEADER, TIMEOUT_STATUS, VALIDATED_HEADER
 from sdmaker.serving._worker_secret import auth_header
 from sdmaker.serving.daemon._standby import StandbyPool
 from sdmaker.serving.daemon._worker_process import FORWARDED_HEADERS, Worker, WorkerReply, WorkerSpec, WorkerState
 
-__all__ = ["WorkerPool"]
+__all__ = ["REPLY_GRACE_S", "WorkerPool"]
 
 logger = logging.getLogger(__name__)
 
 #: Restart backoff: first retry after 0.5 s, doubling, at most this many consecutive failed restarts.
 _MAX_RESTARTS_IN_A_ROW = 5
+#: After a request's deadline, how long its worker may go without answering it before the daemon asks
+#: ``/ping``; a worker that answers neither is killed (it is stuck, e.g. in a C loop holding the GIL).
+REPLY_GRACE_S = 10.0
+#: A worker's reply is awaited by the pool itself (deadline, then grace), not by an HTTP read timeout.
+_FORWARD_TIMEOUT = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=5.0)
+
+
+class _WorkerDied(Exception):
+    """The connection to the worker broke mid-request: the request may be sent once more elsewhere."""
 
 
 class WorkerPool:
@@ -50,6 +71,7 @@ class WorkerPool:
         self._on_change = on_change
         self.in_flight = 0
         self._wakers: set[asyncio.Future[None]] = set()
+        self._settling: set[asyncio.Task[None]] = set()  # requests answered at their deadline, worker still busy
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -72,7 +94,7 @@ class WorkerPool:
         deadline = time.monotonic() + drain_s
         while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for task in self._monitors:
+        for task in [*self._monitors, *self._settling]:
             task.cancel()
         await asyncio.gather(*(w.stop() for w in self.workers), return_exceptions=True)
         await self._client.aclose()
@@ -192,54 +214,117 @@ class WorkerPool:
         worker and how many requests that worker ran meanwhile (the admission's throughput samples).
 
         Only the headers SageMaker forwards reach the worker, plus :data:`VALIDATED_HEADER` when ``validated``
-        (a caller's own copy of that header is dropped like any other).
+        (a caller's own copy of that header is dropped like any other) and :data:`DEADLINE_HEADER`.
 
         Raises:
-            InvocationTimeoutError: no reply within ``timeout_s`` (waiting included); the worker is restarted.
-            InvocationFailedError: the worker died or the connection broke mid-request.
+            InvocationTimeoutError: no reply within ``timeout_s`` (waiting included), or the worker stopped the
+                request at its deadline. The worker is not killed for it (see the module docstring).
+            InvocationFailedError: the worker died mid-request, twice (the request is retried once).
         """
-        started = time.monotonic()
-        deadline = started + timeout_s
+        deadline = time.monotonic() + timeout_s
         self.in_flight += 1
         try:
             try:
-                worker, generation = await self._acquire(deadline, pixels)
-            except asyncio.TimeoutError:
-                raise InvocationTimeoutError(
-                    f"no worker became free within the invocation timeout of {timeout_s:g} s",
-                    timeout_s=timeout_s) from None
-            served_from = time.monotonic()
-            load_at_start = worker.inflight
-            fwd = {k: v for k, v in headers.items() if k.lower() in FORWARDED_HEADERS}
-            fwd.update(auth_header(worker.secret))
-            if validated:
-                fwd[VALIDATED_HEADER] = "1"
-            healthy = False
+                return await self._attempt(body, headers, deadline, timeout_s, validated, pixels)
+            except _WorkerDied as first:
+                logger.warning("endpoint %s: %s; sending the request to another worker", self.tag, first)
             try:
-                reply = await self._client.post(f"{worker.url}/invocations", content=body, headers=fwd,
-                                                timeout=max(deadline - time.monotonic(), 0.01))
-            except httpx.TimeoutException:
-                logger.warning("endpoint worker %s-%d timed out after %.1f s; killing it", self.tag, worker.index,
-                               time.monotonic() - started)
-                worker.kill()
-                raise InvocationTimeoutError(f"invocation timed out after {timeout_s:g} s",
-                                             timeout_s=timeout_s) from None
-            except httpx.TransportError as exc:
-                worker.kill()  # a broken connection means a broken worker: let the monitor restart it
-                raise InvocationFailedError(f"worker {worker.index} died while serving the request "
-                                            f"({type(exc).__name__})", original_status=500) from exc
-            except asyncio.CancelledError:  # the caller went away; the worker itself is fine
-                healthy = True
-                raise
-            else:
-                healthy = True
-            finally:
-                load_at_end = worker.inflight
-                self._held[worker.index] = max(0, self._held.get(worker.index, 0) - pixels)
-                worker.release_slot(generation, healthy=healthy)
-                self._wake()
-            return WorkerReply(status=reply.status_code, headers=dict(reply.headers), body=reply.content,
-                               worker=worker.index, service_s=time.monotonic() - served_from,
-                               concurrency=(load_at_start + load_at_end) / 2)
+                return await self._attempt(body, headers, deadline, timeout_s, validated, pixels)
+            except _WorkerDied as second:
+                raise InvocationFailedError(f"{second} (after a retry)", original_status=500) from None
         finally:
             self.in_flight -= 1
+
+    async def _attempt(self, body: bytes, headers: Mapping[str, str], deadline: float, timeout_s: float,
+                       validated: bool, pixels: int) -> WorkerReply:
+        try:
+            worker, generation = await self._acquire(deadline, pixels)  # takes the slot
+        except asyncio.TimeoutError:
+            raise InvocationTimeoutError(
+                f"no worker became free within the invocation timeout of {timeout_s:g} s",
+                timeout_s=timeout_s) from None
+        served_from = time.monotonic()
+        load_at_start = worker.inflight
+        fwd = {k: v for k, v in headers.items() if k.lower() in FORWARDED_HEADERS}
+        fwd.update(auth_header(worker.secret))
+        if validated:
+            fwd[VALIDATED_HEADER] = "1"
+        fwd[DEADLINE_HEADER] = f"{max(deadline - time.monotonic(), 0.0):.3f}"
+        post = asyncio.ensure_future(self._client.post(f"{worker.url}/invocations", content=body, headers=fwd,
+                                                       timeout=_FORWARD_TIMEOUT))
+        try:
+            done, _ = await asyncio.wait({post}, timeout=max(deadline - time.monotonic(), 0.0))
+        except asyncio.CancelledError:  # the caller went away: the slot is free once the worker has answered
+            self._settle_later(worker, generation, post, pixels)
+            raise
+        if not done:
+            logger.warning("endpoint worker %s-%d: request past its %g s timeout; answered as a timeout, the "
+                           "worker finishes it at its next step boundary", self.tag, worker.index, timeout_s)
+            self._settle_later(worker, generation, post, pixels)
+            raise InvocationTimeoutError(f"invocation timed out after {timeout_s:g} s", timeout_s=timeout_s)
+        exc = post.exception()
+        load_at_end = worker.inflight
+        if isinstance(exc, httpx.PoolTimeout):  # the daemon's own connection pool was busy: the worker is fine
+            self._release(worker, generation, pixels, healthy=True)
+            raise InvocationTimeoutError(f"no connection to worker {worker.index} became free",
+                                         timeout_s=timeout_s) from exc
+        if isinstance(exc, httpx.TransportError):
+            worker.lost(generation)  # a broken connection means a broken worker: its monitor restarts it
+            self._release(worker, generation, pixels, healthy=False)
+            raise _WorkerDied(f"worker {worker.index} died while serving the request ({type(exc).__name__})") from exc
+        self._release(worker, generation, pixels, healthy=exc is None)
+        if exc is not None:
+            raise exc
+        reply = post.result()
+        if reply.status_code == TIMEOUT_STATUS and reply.headers.get(ERROR_CODE_HEADER) == "InvocationTimeoutError":
+            raise InvocationTimeoutError(f"invocation timed out after {timeout_s:g} s; the worker stopped it at a "
+                                         "step boundary", timeout_s=timeout_s)
+        return WorkerReply(status=reply.status_code, headers=dict(reply.headers), body=reply.content,
+                           worker=worker.index, service_s=time.monotonic() - served_from,
+                           concurrency=(load_at_start + load_at_end) / 2)
+
+    def _release(self, worker: Worker, generation: int, pixels: int, *, healthy: bool) -> None:
+        self._held[worker.index] = max(0, self._held.get(worker.index, 0) - pixels)
+        worker.release_slot(generation, healthy=healthy)
+        self._wake()
+
+    def _settle_later(self, worker: Worker, generation: int, post: asyncio.Future[httpx.Response],
+                      pixels: int) -> None:
+        task = asyncio.create_task(self._settle(worker, generation, post, pixels),
+                                   name=f"settle-{self.tag}-{worker.index}")
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle(self, worker: Worker, generation: int, post: asyncio.Future[httpx.Response],
+                      pixels: int) -> None:
+        """Wait for the reply of a request its caller no longer waits for; free its slot then.
+
+        Kills the worker only when it answers neither the request nor ``/ping`` for :data:`REPLY_GRACE_S`.
+        """
+        healthy = False
+        try:
+            while True:
+                done, _ = await asyncio.wait({post}, timeout=REPLY_GRACE_S)
+                if done:
+                    healthy = post.exception() is None
+                    break
+                if generation != worker.generation or not worker.alive:
+                    break
+                if not await self._answers_ping(worker):
+                    logger.warning("endpoint worker %s-%d answers neither its request nor /ping; killing it",
+                                   self.tag, worker.index)
+                    break
+                logger.info("endpoint worker %s-%d is still busy with a request past its deadline (it answers "
+                            "/ping)", self.tag, worker.index)
+        finally:
+            if not healthy:
+                post.cancel()
+                worker.lost(generation)
+            self._release(worker, generation, pixels, healthy=healthy)
+
+    async def _answers_ping(self, worker: Worker) -> bool:
+        try:
+            reply = await self._client.get(f"{worker.url}/ping", timeout=REPLY_GRACE_S)
+        except httpx.HTTPError:
+            return False
+        return reply.status_code == 200

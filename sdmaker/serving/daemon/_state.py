@@ -155,7 +155,7 @@ class StateDB:
                          "model_path FROM endpoints ORDER BY created")
         return [_endpoint_record(r) for r in rows]
 
-    # -- endpoint statistics (saved every few seconds and at shutdown, so a restart keeps them) ---------
+    # -- endpoint statistics (written as each request finishes and at shutdown, so a restart keeps them) -
 
     def save_stats(self, name: str, stats: EndpointStats) -> None:
         self._run("INSERT OR REPLACE INTO endpoint_stats (name, invocations, errors, latencies, saved) "

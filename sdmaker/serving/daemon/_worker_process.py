@@ -15,8 +15,9 @@ Failure handling, so that no request ever hangs:
 
 * a worker that exits is restarted (with backoff) while its pool is open; a request it was serving sees
   the connection drop and is answered with :class:`~sdmaker.errors.InvocationFailedError`;
-* a request over its time budget gets :class:`~sdmaker.errors.InvocationTimeoutError` and its worker is
-  killed (it may be stuck in a C loop) and restarted, as MMS does on a response timeout;
+* a request over its time budget gets :class:`~sdmaker.errors.InvocationTimeoutError`; its worker stops it at
+  the next step boundary and carries on; a worker is killed (and restarted) only when it answers neither the
+  request nor ``/ping`` for a grace period after the deadline (it may be stuck in a C loop);
 * waiting for an idle worker is bounded by the same budget.
 """
 
@@ -50,6 +51,16 @@ _POLL_S = 0.1
 #: validation mark (:data:`~sdmaker.serving._protocol.VALIDATED_HEADER`), which the daemon sets itself.
 FORWARDED_HEADERS = ("content-type", "accept", "x-amzn-sagemaker-custom-attributes",
                      "x-amzn-sagemaker-inference-id", "x-amzn-sagemaker-target-variant")
+
+
+def _exited(pid: int) -> bool:
+    """Whether child ``pid`` has exited, without reaping it (asyncio's child watcher does that)."""
+    if not hasattr(os, "waitid"):  # not Linux/BSD: trust asyncio's returncode alone
+        return False
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # reaped already: asyncio's returncode follows
+        return True
 
 
 class WorkerState(str, enum.Enum):
@@ -146,7 +157,11 @@ class Worker:
 
     @property
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
+        """Whether the process is running: asked of the OS, since asyncio sets ``returncode`` only once it has
+        reaped the child (a killed worker's slots must not be handed out meanwhile)."""
+        if self.proc is None or self.proc.returncode is not None:
+            return False
+        return not _exited(self.proc.pid)
 
     def describe(self) -> dict[str, object]:
         return {"index": self.index, "state": self.state.value, "pid": self.proc.pid if self.proc else None,
@@ -192,6 +207,15 @@ class Worker:
         if self.inflight == 0:
             self.state = WorkerState.READY
         return True
+
+    def lost(self, generation: int) -> None:
+        """The process of ``generation`` broke a connection or stopped answering: kill it now and hand out
+        none of its slots; its monitor restarts it."""
+        if generation != self.generation:
+            return
+        self.kill()
+        if self.state in (WorkerState.READY, WorkerState.BUSY):
+            self.state = WorkerState.RESTARTING
 
     def restarting(self) -> None:
         """The process exited while its pool was open; a restart follows."""
