@@ -22,7 +22,7 @@ from sdmaker.serving import HandlerService, ModelServer, WorkerConfig, create_ap
 from sdmaker.serving.container._codecs import MAX_INPUT_PIXELS, decode
 from sdmaker.serving.daemon._admission import Admission, Work, memory_budget_pixels, work_of_body
 from sdmaker.serving.daemon._pool import WorkerPool
-from sdmaker.serving.daemon._worker_process import WorkerSpec, WorkerState
+from sdmaker.serving.daemon._worker_process import Worker, WorkerSpec, WorkerState
 
 
 def _huge_png(width: int = 17000, height: int = 10000) -> bytes:
@@ -146,12 +146,22 @@ def test_the_memory_budget_follows_the_model_and_the_memory(sd1_dir: Path) -> No
 # -- the dispatcher (pure: workers that look alive) --------------------------------------------------------
 
 
+class _FakeProcessWorker(Worker):
+    """A worker whose process is a stand-in: alive while its ``returncode`` is None (the real one asks the OS
+    about its pid, which is no child of this test)."""
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+
 def _pool(count: int, max_batch: int, budget: int | None) -> WorkerPool:
     spec = WorkerSpec(config=WorkerConfig(model_dir=Path("/m"), port=0, max_batch=max_batch,
                                                   log_file=Path("/tmp/run/w.log")), python="python",
                       run_dir=Path("/tmp/run"))
     pool = WorkerPool(spec, count, tag="t")
     for w in pool.workers:
+        w.__class__ = _FakeProcessWorker
         w.proc = types.SimpleNamespace(returncode=None, pid=1)  # type: ignore[assignment]
         w.state = WorkerState.READY
     pool.budget_pixels = budget
