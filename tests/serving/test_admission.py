@@ -271,3 +271,26 @@ def test_memory_budget_refuses_the_huge_and_serialises_what_does_not_fit_togethe
     assert [o["status"] for o in outcomes] == [200] * 3, outcomes
     [worker] = _details(adm_daemon, "adm-mem")["workers"]
     assert worker["peak_in_flight"] == 1  # batching of 8 is on, but the budget let only one in at a time
+
+
+def test_a_small_request_beside_a_huge_one_is_judged_by_its_fair_share_not_the_whole_backlog() -> None:
+    """The step batcher gives size groups turns by work: a small request that gets a free slot finishes in
+    about BATCH_SIZE_GROUPS times its own time, however large the request already running (issue 11)."""
+    import inspect
+
+    from sdmaker.engine import StepBatcher
+    from sdmaker.serving.daemon._admission import BATCH_SIZE_GROUPS, Admission, Work
+
+    assert inspect.signature(StepBatcher).parameters["max_groups"].default == BATCH_SIZE_GROUPS
+    adm = Admission()
+    adm.done(Work(units=1.0, pixels=4096), service_s=1.0, concurrency=1.0)  # measured: 1 s per unit
+    huge = Work(units=50.0, pixels=1024 * 1024)
+    adm.taken(huge)
+    small = Work(units=1.0, pixels=4096)
+    adm.check(small, name="ep", timeout_s=10, workers=1, free_slots=7, budget_pixels=None,
+              share=BATCH_SIZE_GROUPS)  # ~4 s with fair turns: taken
+    with pytest.raises(QueueFullError):  # first come, first served: 51 s behind the huge one
+        adm.check(small, name="ep", timeout_s=10, workers=1, free_slots=7, budget_pixels=None, share=1)
+    with pytest.raises(QueueFullError):  # no free slot: it queues behind everything
+        adm.check(small, name="ep", timeout_s=10, workers=1, free_slots=0, budget_pixels=None,
+                  share=BATCH_SIZE_GROUPS)

@@ -29,7 +29,7 @@ from pathlib import Path
 from sdmaker.errors import InvalidRequestError, QueueFullError
 from sdmaker.schema import SEED_DEFAULTS
 
-__all__ = ["Admission", "Work", "memory_budget_pixels", "work_of_body", "OPAQUE_WORK"]
+__all__ = ["BATCH_SIZE_GROUPS", "Admission", "Work", "memory_budget_pixels", "work_of_body", "OPAQUE_WORK"]
 
 #: A deliberately slow prior (worker-seconds per megapixel-step, about SD 1.5 in fp32 on 2 busy CPU cores):
 #: until the endpoint has served a request, queueing beyond its free slots is judged by it.
@@ -143,6 +143,11 @@ def memory_budget_pixels(model_dir: Path, dtype: str, worker_memory_bytes: int) 
     return max(64 * 64, int(room / bytes_per_pixel(model_dir, dtype)))
 
 
+#: Size groups a worker's step batcher runs side by side (``StepBatcher(max_groups=...)``'s default; the
+#: daemon does not import the engine, so the number is repeated here and checked by a test).
+BATCH_SIZE_GROUPS = 4
+
+
 class Admission:
     """One endpoint's admission state: the work it has taken and not finished, and its measured rate."""
 
@@ -178,8 +183,13 @@ class Admission:
         return self.backlog_units * self.rate / max(1, workers)
 
     def check(self, work: Work, *, name: str, timeout_s: float, workers: int, free_slots: int,
-              budget_pixels: int | None) -> None:
+              budget_pixels: int | None, share: int = 1) -> None:
         """Raise unless ``work`` may be taken now (the caller then calls :meth:`taken` and :meth:`done`).
+
+        ``share``: how many requests of different sizes a worker runs side by side. The step batcher gives its
+        size groups turns weighted by their work, so a request that gets a free slot waits for at most
+        ``share - 1`` equal shares of the others' work, not for the whole backlog (a small request beside a
+        huge one finishes in about ``share`` times its own time). 1 = first come, first served.
 
         Raises:
             InvalidRequestError: it exceeds a worker's memory budget, or cannot finish within ``timeout_s``
@@ -204,7 +214,10 @@ class Admission:
                     "megapixel-steps")
         if free_slots > 0 and self.backlog_units == 0:
             return  # an idle endpoint takes any request that passed the checks above
-        finish = (self.backlog_units + work.units) * self.rate / max(1, workers)
+        ahead = self.backlog_units
+        if share > 1 and free_slots > 0:
+            ahead = min(ahead, (share - 1) * work.units)
+        finish = (ahead + work.units) * self.rate / max(1, workers)
         if free_slots > 0 and self.s_per_unit is None:
             return  # a free slot and nothing measured yet: do not refuse on the prior alone
         if finish > timeout_s:

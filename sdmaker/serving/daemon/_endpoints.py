@@ -44,7 +44,7 @@ from sdmaker.errors import (
     QueueFullError,
     SdmakerError,
 )
-from sdmaker.serving.daemon._admission import OPAQUE_WORK, Work
+from sdmaker.serving.daemon._admission import BATCH_SIZE_GROUPS, OPAQUE_WORK, Work
 from sdmaker.serving.daemon._live import LiveEndpoint
 from sdmaker.serving.daemon._logs import rotate_if_large
 from sdmaker.serving.daemon._pool import WorkerPool
@@ -356,7 +356,8 @@ class EndpointManager:
         assert pool is not None
         rt.admission.check(work, name=rt.name, timeout_s=rt.timeout_s, workers=max(1, pool.ready_count),
                            free_slots=pool.free_slots - pool.waiting,
-                           budget_pixels=pool.budget_pixels)
+                           budget_pixels=pool.budget_pixels,
+                           share=BATCH_SIZE_GROUPS if pool.spec.max_batch > 0 else 1)
         rt.admission.taken(work)
         rt.pending += 1
         started = time.monotonic()
