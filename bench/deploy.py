@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import row
+from bench._daemon import BenchDaemon, free_port
 
 __all__ = ["run"]
 
@@ -41,68 +40,7 @@ _REQUEST = {"prompt": "a red circle on a white background", "height": 64, "width
             "seed": 1}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class _Daemon:
-    def __init__(self, home: Path, env: dict[str, str] | None = None) -> None:
-        home.mkdir(parents=True, exist_ok=True)
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "SDMAKER_HOME": str(home), "SDMAKER_PORT": str(self.port), "HF_HUB_OFFLINE": "1",
-               **(env or {})}
-        self.log = open(home / "daemon.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "sdmaker", "up"], env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
-        import httpx
-
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(self.url + "/ping", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"daemon did not start; see {home / 'daemon.log'}")
-            time.sleep(0.1)
-
-    def wait_standby(self, timeout_s: float = 300.0) -> bool:
-        """Wait until a warm standby worker is ready; False when the daemon keeps none."""
-        import httpx
-
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            info = httpx.get(self.url + "/sdmaker/v1/standby", timeout=10).json()
-            if not info.get("count"):
-                return False
-            if any(s["state"] == "ready" for s in info["standbys"]):
-                return True
-            time.sleep(0.2)
-        return False
-
-    def client(self, service: str) -> Any:
-        import boto3
-        from botocore.config import Config
-
-        return boto3.client(service, endpoint_url=self.url, region_name="us-east-1", aws_access_key_id="bench",
-                            aws_secret_access_key="bench",
-                            config=Config(read_timeout=900, retries={"max_attempts": 1}))
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-
-
-def _deploy_seconds(d: _Daemon, name: str, model: str, env: dict[str, str] | None = None) -> tuple[float, dict[str, Any]]:
+def _deploy_seconds(d: BenchDaemon, name: str, model: str, env: dict[str, str] | None = None) -> tuple[float, dict[str, Any]]:
     """Seconds from CreateModel to InService (raises with the FailureReason when it fails)."""
     sm = d.client("sagemaker")
     started = time.perf_counter()
@@ -162,7 +100,7 @@ def _largest_model(quick: bool, tmp: Path) -> tuple[str, str] | None:
     return str(path), f"minilm-tiny (pretrained MiniLM text encoder), {_model_size_gib(path) * 1024:.0f} MiB"
 
 
-def _serving_overhead(d: _Daemon, name: str, model_dir: Path, repeat: int) -> dict[str, float]:
+def _serving_overhead(d: BenchDaemon, name: str, model_dir: Path, repeat: int) -> dict[str, float]:
     """Best and median ms of the same request through the daemon and in-process.
 
     The best-of-N is the headline: on a shared machine, other processes only ever add time, so the
@@ -192,7 +130,7 @@ def _serving_overhead(d: _Daemon, name: str, model_dir: Path, repeat: int) -> di
 
     # the daemon's workers answer /invocations only to the daemon (per-worker secret): time the same worker
     # code started standalone, as `sdmaker serve` runs it (open on loopback), with the endpoint's settings
-    port = _free_port()
+    port = free_port()
     worker = subprocess.Popen([sys.executable, "-m", "sdmaker", "serve", str(model_dir),
                                "--port", str(port)], env={**os.environ, "OMP_NUM_THREADS": "1",
                                                           "MKL_NUM_THREADS": "1", "SDMAKER_MAX_BATCH": "0"},
@@ -240,7 +178,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     try:
         tiny = build_random_pipeline("sd1-tiny", tmp / "sd1-tiny")
         largest = _largest_model(quick, tmp)
-        d = _Daemon(tmp / "home")
+        d = BenchDaemon(tmp / "home")
         d.wait_standby()
         # one torch thread on both sides of the overhead comparison: on a shared machine, 2-thread OpenMP
         # timings of the same call vary 5-50x (threads spin-waiting for a descheduled sibling); step
@@ -276,7 +214,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
         d = None
         if largest is not None and standby_s is not None:
             ref, what = largest
-            d = _Daemon(tmp / "home-fresh", env={"SDMAKER_STANDBY_WORKERS": "0"})
+            d = BenchDaemon(tmp / "home-fresh", env={"SDMAKER_STANDBY_WORKERS": "0"})
             fresh_s, details = _deploy_seconds(d, "bench-large-fresh", ref)
             rows.append(row("deploy: cold start, warm standby vs fresh worker (largest local model)", standby_s,
                             fresh_s, "s",

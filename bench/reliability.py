@@ -35,7 +35,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import row
+from bench._daemon import BenchDaemon
 
 __all__ = ["Case", "Reply", "error_shape_problems", "generated_cases", "huge_png", "run", "seen_cases", "send"]
 
@@ -407,35 +407,8 @@ def describe(reply: Reply) -> str:
 # -- the daemon, black box -----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Daemon:
-    """``python -m sdmaker up`` on a free loopback port with its own SDMAKER_HOME."""
-
-    def __init__(self, home: Path, env: dict[str, str] | None = None) -> None:
-        import httpx
-
-        home.mkdir(parents=True, exist_ok=True)
-        self.home = home
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "SDMAKER_HOME": str(home), "SDMAKER_PORT": str(self.port), "HF_HUB_OFFLINE": "1",
-                    "SDMAKER_URL": self.url, **(env or {})}
-        self.log = open(home / "daemon.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "sdmaker", "up", "--host", "127.0.0.1", "--port",
-                                      str(self.port)], env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(self.url + "/ping", timeout=1).status_code == 200:
-                    break
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"daemon did not start; see {home / 'daemon.log'}")
-            time.sleep(0.1)
+class Daemon(BenchDaemon):
+    """The shared bench daemon plus the CLI and HTTP calls the reliability phases make."""
 
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "sdmaker", *args], env=self.env, capture_output=True, text=True,
@@ -456,17 +429,6 @@ class Daemon:
         import httpx
 
         return dict(httpx.get(f"{self.url}/sdmaker/v1/endpoints/{name}", timeout=10).json())
-
-    def wait_standby(self, timeout_s: float = 180.0) -> None:
-        """Until a warm standby worker is ready (endpoints then start in about a second), if it keeps one."""
-        import httpx
-
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            info = httpx.get(self.url + "/sdmaker/v1/standby", timeout=10).json()
-            if not info.get("count") or any(s.get("state") == "ready" for s in info.get("standbys", [])):
-                return
-            time.sleep(0.2)
 
     def wait_ready(self, endpoint: str, timeout_s: float = 300.0) -> None:
         """Until every worker of ``endpoint`` is Ready (after a restart, a phase starts from a healthy endpoint)."""
@@ -489,15 +451,6 @@ class Daemon:
         return Reply(r.status_code, {k.lower(): v for k, v in r.headers.items()}, r.content,
                      time.perf_counter() - started)
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 def _load_note() -> str:
