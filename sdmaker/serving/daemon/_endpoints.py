@@ -45,6 +45,7 @@ from sdmaker.errors import (
     SdmakerError,
 )
 from sdmaker.serving.daemon._admission import BATCH_SIZE_GROUPS, OPAQUE_WORK, Work
+from sdmaker.serving.daemon._events import EventHub
 from sdmaker.serving.daemon._live import LiveEndpoint
 from sdmaker.serving.daemon._logs import rotate_if_large
 from sdmaker.serving.daemon._pool import WorkerPool
@@ -79,6 +80,8 @@ class EndpointManager:
         self.root = settings.endpoints_dir
         self.db = StateDB(self.root / "state.sqlite3")
         self.live: dict[str, LiveEndpoint] = {}
+        #: per-job progress logs read by SSE, response streaming, the OpenAI API, the UI and job status
+        self.events = EventHub()
         self._generation = 0
         self.standbys = StandbyPool(count=settings.standby_workers, python=sys.executable,
                                     env=worker_environment(settings, {}, 1), log_file=self.root / "standby.log")
