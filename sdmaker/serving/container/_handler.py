@@ -254,6 +254,19 @@ class HandlerService:
         if self._batcher is not None:
             self._batcher.cancel_all(reason)
 
+    def execution_parameters(self) -> dict[str, Any] | None:
+        """The container's ``GET /execution-parameters`` answer for batch transform, or ``None`` (404).
+
+        The default request path batches concurrent requests step by step, so a transform job should send
+        single records, as many at once as one step batch holds. Model code that replaces a request hook
+        says nothing: its container's defaults are AWS's.
+        """
+        h = self.hooks
+        if any(hook is not None for hook in (h.input_fn, h.predict_fn, h.output_fn, h.transform_fn)):
+            return None
+        return {"MaxConcurrentTransforms": max(1, self.max_batch), "BatchStrategy": "SingleRecord",
+                "MaxPayloadInMB": 6}
+
     # --- the default request hooks -----------------------------------------------------------------
 
     def default_input_fn(self, input_data: Any, content_type: str | None, context: Context) -> Any:

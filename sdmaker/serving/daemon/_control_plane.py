@@ -31,6 +31,7 @@ from sdmaker.errors import (
 from sdmaker.serving.daemon._endpoints import FORBIDDEN_ENV, EndpointManager
 from sdmaker.serving.daemon._limits import check_endpoint_config, check_model
 from sdmaker.serving.daemon._shapes import check_input
+from sdmaker.serving.daemon._transform_api import TRANSFORM_OPERATIONS
 
 __all__ = ["OPERATIONS", "ControlPlaneError", "control_plane", "control_plane_error"]
 
@@ -262,6 +263,7 @@ OPERATIONS: dict[str, Callable[[_Ctx], Awaitable[dict[str, Any]]]] = {
     "ListEndpoints": _list_endpoints,
     "UpdateEndpoint": _update_endpoint,
     "DeleteEndpoint": _delete_endpoint,
+    **TRANSFORM_OPERATIONS,  # CreateTransformJob, DescribeTransformJob, ListTransformJobs, StopTransformJob
 }
 
 
