@@ -1,0 +1,181 @@
+"""Batch transform (issue 13): CreateTransformJob / DescribeTransformJob / ListTransformJobs / StopTransformJob
+through boto3 and the SageMaker SDK, against the shared daemon and a moto S3 server (as real S3).
+
+Most jobs run the scripted model (tests/conftest.py: each record chooses to echo, sleep or fail), so what is
+tested is the job machinery, not image generation; the SDK test runs the built-in ``mini`` on 64x64 images.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+import uuid
+from typing import Any
+
+import boto3
+import pytest
+
+ROLE = "arn:aws:iam::111122223333:role/sm"
+
+
+@pytest.fixture(scope="module")
+def s3(moto_server: str) -> Any:
+    return boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1", aws_access_key_id="testing",
+                        aws_secret_access_key="testing")
+
+
+@pytest.fixture(scope="module")
+def bucket(s3: Any) -> str:
+    name = f"transform-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="module")
+def sm(daemon: Any) -> Any:
+    return daemon.boto("sagemaker")
+
+
+@pytest.fixture(scope="module")
+def scripted_model(sm: Any, scripted_model_dir: Any) -> str:
+    name = f"scripted-{uuid.uuid4().hex[:6]}"
+    sm.create_model(ModelName=name, ExecutionRoleArn=ROLE,
+                    PrimaryContainer={"Image": "sdmaker", "ModelDataUrl": str(scripted_model_dir)})
+    return name
+
+
+def _lines(*records: Any) -> bytes:
+    return b"".join((r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in records)
+
+
+def _job(sm: Any, model: str, uri: str, out: str, **extra: Any) -> str:
+    name = f"job-{uuid.uuid4().hex[:10]}"
+    tin = {"DataSource": {"S3DataSource": {"S3DataType": extra.pop("data_type", "S3Prefix"), "S3Uri": uri}},
+           "ContentType": "application/json", "SplitType": "Line", **extra.pop("tin", {})}
+    sm.create_transform_job(TransformJobName=name, ModelName=model, TransformInput=tin,
+                            TransformOutput={"S3OutputPath": out, "AssembleWith": "Line", "Accept": "application/json"},
+                            TransformResources={"InstanceType": "ml.m5.large", "InstanceCount": 1}, **extra)
+    return name
+
+
+def _wait(sm: Any, name: str, timeout_s: float = 240) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        desc = sm.describe_transform_job(TransformJobName=name)
+        if desc["TransformJobStatus"] in ("Completed", "Failed", "Stopped"):
+            return dict(desc)
+        time.sleep(0.2)
+    raise AssertionError(f"transform job {name} did not finish: {desc}")
+
+
+def _read(s3: Any, bucket: str, key: str) -> bytes:
+    return bytes(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def _keys(s3: Any, bucket: str, prefix: str) -> list[str]:
+    return sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", []))
+
+
+def test_records_in_order_and_a_failed_record_fails_its_file_only(sm: Any, s3: Any, bucket: str,
+                                                                  scripted_model: str) -> None:
+    s3.put_object(Bucket=bucket, Key="in1/a.jsonl", Body=_lines(*({"i": i, "sleep": 0.05 * (5 - i)} for i in range(5))))
+    s3.put_object(Bucket=bucket, Key="in1/sub/b.jsonl", Body=_lines({"i": "b0"}, {"i": "b1"}))
+    s3.put_object(Bucket=bucket, Key="in1/c.jsonl", Body=_lines({"i": "c0"}, {"fail": "record is bad"}, {"i": "c2"}))
+    s3.put_object(Bucket=bucket, Key="in1/d.jsonl", Body=_lines({"i": "d0"}, b"{not json"))
+    name = _job(sm, scripted_model, f"s3://{bucket}/in1/", f"s3://{bucket}/out1", MaxConcurrentTransforms=3,
+                BatchStrategy="SingleRecord", ModelClientConfig={"InvocationsTimeoutInSeconds": 60,
+                                                                 "InvocationsMaxRetries": 1})
+    assert sm.describe_transform_job(TransformJobName=name)["TransformJobStatus"] in ("InProgress", "Completed",
+                                                                                      "Failed")
+    desc = _wait(sm, name)
+    assert desc["TransformJobStatus"] == "Failed"
+    reason = desc["FailureReason"]
+    assert "2 of 4 input file(s) failed" in reason and "in1/c.jsonl" in reason and "record 2" in reason
+    assert "record is bad" in reason
+    assert desc["TransformStartTime"] <= desc["TransformEndTime"]
+    assert desc["MaxConcurrentTransforms"] == 3 and desc["ModelClientConfig"]["InvocationsMaxRetries"] == 1
+    # the good files are complete, records in input order (the first records slept longest)
+    assert _keys(s3, bucket, "out1/") == ["out1/a.jsonl.out", "out1/sub/b.jsonl.out"]
+    lines = _read(s3, bucket, "out1/a.jsonl.out").decode().splitlines()
+    assert [json.loads(line)["echo"]["i"] for line in lines] == [0, 1, 2, 3, 4]
+    assert [json.loads(x)["echo"]["i"] for x in _read(s3, bucket, "out1/sub/b.jsonl.out").decode().splitlines()] == [
+        "b0", "b1"]
+
+
+def test_gzip_input_and_manifest_input(sm: Any, s3: Any, bucket: str, scripted_model: str) -> None:
+    s3.put_object(Bucket=bucket, Key="gz/p.jsonl.gz", Body=gzip.compress(_lines({"i": 1}, {"i": 2})))
+    gz = _job(sm, scripted_model, f"s3://{bucket}/gz/p.jsonl.gz", f"s3://{bucket}/gzout/",
+              tin={"CompressionType": "Gzip"})
+    s3.put_object(Bucket=bucket, Key="m/data/x.jsonl", Body=_lines({"i": "x"}))
+    s3.put_object(Bucket=bucket, Key="m/data/y/z.jsonl", Body=_lines({"i": "z1"}, {"i": "z2"}))
+    s3.put_object(Bucket=bucket, Key="m/data/ignored.jsonl", Body=_lines({"i": "no"}))
+    s3.put_object(Bucket=bucket, Key="m/list.manifest",
+                  Body=json.dumps([{"prefix": f"s3://{bucket}/m/data/"}, "y/z.jsonl", "x.jsonl"]).encode())
+    manifest = _job(sm, scripted_model, f"s3://{bucket}/m/list.manifest", f"s3://{bucket}/mout",
+                    data_type="ManifestFile")
+    assert _wait(sm, gz)["TransformJobStatus"] == "Completed"
+    assert [json.loads(x)["echo"]["i"] for x in _read(s3, bucket, "gzout/p.jsonl.gz.out").splitlines()] == [1, 2]
+    assert _wait(sm, manifest)["TransformJobStatus"] == "Completed"
+    assert _keys(s3, bucket, "mout/") == ["mout/x.jsonl.out", "mout/y/z.jsonl.out"]
+    assert [json.loads(x)["echo"]["i"] for x in _read(s3, bucket, "mout/y/z.jsonl.out").splitlines()] == ["z1", "z2"]
+    # a file that is not gzip fails its file, with the reason
+    s3.put_object(Bucket=bucket, Key="gzbad/p.jsonl.gz", Body=b"plain text, not gzip\n")
+    bad = _job(sm, scripted_model, f"s3://{bucket}/gzbad/", f"s3://{bucket}/gzbadout", tin={"CompressionType": "Gzip"})
+    desc = _wait(sm, bad)
+    assert desc["TransformJobStatus"] == "Failed" and "not valid gzip" in desc["FailureReason"]
+
+
+def test_stop_transform_job(sm: Any, s3: Any, bucket: str, scripted_model: str) -> None:
+    s3.put_object(Bucket=bucket, Key="slow/s.jsonl", Body=_lines(*({"i": i, "sleep": 1} for i in range(30))))
+    name = _job(sm, scripted_model, f"s3://{bucket}/slow/", f"s3://{bucket}/slowout", MaxConcurrentTransforms=1)
+    time.sleep(1.0)
+    sm.stop_transform_job(TransformJobName=name)
+    assert sm.describe_transform_job(TransformJobName=name)["TransformJobStatus"] in ("Stopping", "Stopped")
+    assert _wait(sm, name, timeout_s=60)["TransformJobStatus"] == "Stopped"
+    assert _keys(s3, bucket, "slowout/") == []  # a stopped file writes nothing, not a partial output
+    sm.stop_transform_job(TransformJobName=name)  # stopping a stopped job is a no-op
+
+
+def test_errors_listing_and_unsupported_fields(sm: Any, bucket: str, scripted_model: str) -> None:
+    from botocore.exceptions import ClientError
+
+    with pytest.raises(ClientError) as err:
+        sm.describe_transform_job(TransformJobName="no-such-job")
+    assert err.value.response["Error"]["Code"] == "ResourceNotFound"
+    assert err.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    with pytest.raises(ClientError) as err:
+        sm.stop_transform_job(TransformJobName="no-such-job")
+    assert err.value.response["Error"]["Code"] == "ResourceNotFound"
+    with pytest.raises(ClientError) as err:
+        _job(sm, scripted_model, f"s3://{bucket}/x/", f"s3://{bucket}/y", DataProcessing={"InputFilter": "$.a"})
+    assert err.value.response["Error"]["Code"] == "ValidationException"
+    assert "DataProcessing" in err.value.response["Error"]["Message"]
+    with pytest.raises(ClientError) as err:
+        _job(sm, scripted_model, f"s3://{bucket}/x/", f"s3://{bucket}/y", tin={"SplitType": "RecordIO"})
+    assert "SplitType" in err.value.response["Error"]["Message"]
+    with pytest.raises(ClientError) as err:
+        _job(sm, "no-such-model", f"s3://{bucket}/x/", f"s3://{bucket}/y")
+    assert "Could not find model" in err.value.response["Error"]["Message"]
+    with pytest.raises(ClientError) as err:
+        _job(sm, scripted_model, f"s3://{bucket}/x/", f"s3://{bucket}/y", BatchStrategy="Everything")
+    assert "batchStrategy" in err.value.response["Error"]["Message"]
+    missing = _job(sm, scripted_model, f"s3://{bucket}/nothing-here/", f"s3://{bucket}/y")
+    desc = _wait(sm, missing)
+    assert desc["TransformJobStatus"] == "Failed" and "no input files" in desc["FailureReason"]
+    with pytest.raises(ClientError) as err:  # the name is taken
+        sm.create_transform_job(TransformJobName=missing, ModelName=scripted_model, TransformInput={
+            "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": f"s3://{bucket}/x/"}}},
+            TransformOutput={"S3OutputPath": f"s3://{bucket}/y"},
+            TransformResources={"InstanceType": "ml.m5.large", "InstanceCount": 1})
+    assert err.value.response["Error"]["Code"] == "ResourceInUse"
+    # listing: filters, sort and pagination as boto3's paginator sends them
+    pages = sm.get_paginator("list_transform_jobs").paginate(StatusEquals="Failed", SortBy="Name",
+                                                              SortOrder="Ascending", PaginationConfig={"PageSize": 1})
+    names = [s["TransformJobName"] for page in pages for s in page["TransformJobSummaries"]]
+    assert missing in names and names == sorted(names) and len(names) >= 2
+    summary = sm.list_transform_jobs(NameContains=missing)["TransformJobSummaries"]
+    assert [(s["TransformJobName"], s["TransformJobStatus"]) for s in summary] == [(missing, "Failed")]
+    assert "no input files" in summary[0]["FailureReason"]
+    assert sm.list_transform_jobs(NameContains=missing, CreationTimeAfter=time.time() + 60)[
+        "TransformJobSummaries"] == []
