@@ -179,3 +179,75 @@ def test_errors_listing_and_unsupported_fields(sm: Any, bucket: str, scripted_mo
     assert "no input files" in summary[0]["FailureReason"]
     assert sm.list_transform_jobs(NameContains=missing, CreationTimeAfter=time.time() + 60)[
         "TransformJobSummaries"] == []
+
+
+_COUNTING_INFERENCE = '''\
+import json
+import os
+import time
+
+
+def model_fn(model_dir):
+    return None
+
+
+def predict_fn(data, model):
+    with open(os.environ["TRANSFORM_MARKER"], "a") as fh:  # every computation of a record, started
+        fh.write(f"{data['i']}\\n")
+    time.sleep(0.4)
+    return {"i": data["i"]}
+
+
+def output_fn(prediction, accept):
+    return json.dumps(prediction)
+'''
+
+
+@pytest.mark.slow
+def test_job_survives_daemon_kill_9_without_recomputing_finished_records(tmp_path: Any, moto_server: str, s3: Any,
+                                                                         bucket: str) -> None:
+    import signal
+    import sqlite3
+
+    from conftest import DaemonProcess
+
+    model_dir = tmp_path / "counting"
+    (model_dir / "code").mkdir(parents=True)
+    (model_dir / "code" / "inference.py").write_text(_COUNTING_INFERENCE)
+    marker = tmp_path / "computed.txt"
+    s3.put_object(Bucket=bucket, Key="kill/r.jsonl", Body=_lines(*({"i": i} for i in range(12))))
+    home = tmp_path / "home"
+    env = {"AWS_ENDPOINT_URL_S3": moto_server, "HF_HUB_OFFLINE": "1", "SDMAKER_STANDBY_WORKERS": "0"}
+    daemon = DaemonProcess(home, env=env).start()
+    try:
+        sm = daemon.boto("sagemaker")
+        sm.create_model(ModelName="counting", ExecutionRoleArn=ROLE,
+                        PrimaryContainer={"Image": "sdmaker", "ModelDataUrl": str(model_dir)})
+        name = _job(sm, "counting", f"s3://{bucket}/kill/", f"s3://{bucket}/killout",
+                    Environment={"TRANSFORM_MARKER": str(marker)})
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (not marker.exists() or len(marker.read_text().split()) < 4):
+            time.sleep(0.05)
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGKILL)
+        daemon.proc.wait(timeout=30)
+        time.sleep(1.0)  # the job's worker dies with the daemon (parent-death signal)
+        with sqlite3.connect(home / "endpoints" / "transform.sqlite3") as db:
+            finished = {int(r[0]) for r in db.execute("SELECT unit FROM transform_units WHERE job = ?", (name,))}
+        assert finished, "no record had finished before the kill"
+        before = marker.read_text().split()
+        assert _keys(s3, bucket, "killout/") == []  # nothing half-written
+
+        daemon = DaemonProcess(home, env=env, port=daemon.port).start()
+        sm = daemon.boto("sagemaker")
+        desc = _wait(sm, name)
+        assert desc["TransformJobStatus"] == "Completed", desc
+        out = [json.loads(x)["i"] for x in _read(s3, bucket, "killout/r.jsonl.out").splitlines()]
+        assert out == list(range(12))
+        computed = marker.read_text().split()
+        for i in finished:  # a record finished before the kill is never computed again
+            assert computed.count(str(i)) == 1, (i, computed)
+        assert sorted(set(computed)) == sorted(str(i) for i in range(12))
+        assert len(computed) <= 12 + (len(before) - len(finished))  # only records in flight at the kill re-ran
+    finally:
+        daemon.stop()
