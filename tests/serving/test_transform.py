@@ -251,3 +251,74 @@ def test_job_survives_daemon_kill_9_without_recomputing_finished_records(tmp_pat
         assert len(computed) <= 12 + (len(before) - len(finished))  # only records in flight at the kill re-ran
     finally:
         daemon.stop()
+
+
+@pytest.mark.slow
+def test_sagemaker_sdk_transformer_runs_unchanged(daemon: Any, moto_server: str, s3: Any, bucket: str, sd1_dir: Any,
+                                                  tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``HuggingFaceModel.transformer(...).transform(...)`` then ``.wait()``, both tailing the job's logs as the SDK
+    does by default (CloudWatch Logs calls answered by the daemon), on the default handler (step batching)."""
+    import base64
+    import io
+
+    from PIL import Image
+    from test_sdk import BUCKET, _sdmaker_env, _upload_model_tar
+
+    model_uri = _upload_model_tar(sd1_dir, moto_server, tmp_path)
+    exports = _sdmaker_env(daemon.url, tmp_path)
+    assert exports["AWS_ENDPOINT_URL_CLOUDWATCH_LOGS"] == daemon.url
+    for key, value in exports.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_server)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    prompts = [{"prompt": f"a red circle number {i}", "height": 64, "width": 64, "num_inference_steps": 2,
+                "seed": 100 + i} for i in range(4)]
+    s3.put_object(Bucket=BUCKET, Key="batch/prompts.jsonl", Body=_lines(*prompts))
+
+    import sagemaker.session
+
+    # The SDK polls every 10 s and describes the job every 30 s while it tails logs; a clock that skips the
+    # sleeps keeps this test short without changing the SDK's calls.
+    real_sleep, skipped = time.sleep, [0.0]
+
+    class _FastTime:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(time, name)
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            real_sleep(min(seconds, 0.3))
+            skipped[0] += max(0.0, seconds - 0.3)
+
+        @staticmethod
+        def time() -> float:
+            return time.time() + skipped[0]
+
+    monkeypatch.setattr(sagemaker.session, "time", _FastTime())
+
+    # ---- the SageMaker SDK, as a user writes it ------------------------------------------------------------
+    from sagemaker.huggingface.model import HuggingFaceModel
+
+    huggingface_model = HuggingFaceModel(model_data=model_uri, role=ROLE, transformers_version="4.26",
+                                         pytorch_version="1.13", py_version="py39")
+    transformer = huggingface_model.transformer(instance_count=1, instance_type="ml.m5.xlarge",
+                                                output_path=f"s3://{BUCKET}/batch-out", assemble_with="Line",
+                                                accept="application/json")
+    transformer.transform(data=f"s3://{BUCKET}/batch/prompts.jsonl", content_type="application/json",
+                          split_type="Line")
+    transformer.wait()
+    # ----------------------------------------------------------------------------------------------------------
+
+    sm = daemon.boto("sagemaker")
+    desc = sm.describe_transform_job(TransformJobName=transformer.latest_transform_job.name)
+    assert desc["TransformJobStatus"] == "Completed"
+    lines = _read(s3, BUCKET, "batch-out/prompts.jsonl.out").decode().splitlines()
+    answers = [json.loads(line) for line in lines]
+    assert [a["seeds"] for a in answers] == [[100 + i] for i in range(4)]
+    for answer in answers:
+        image = Image.open(io.BytesIO(base64.b64decode(answer["generated_images"][0])))
+        assert image.size == (64, 64)
+    logs = daemon.boto("logs").get_log_events(logGroupName="/aws/sagemaker/TransformJobs",
+                                              logStreamName=f"{desc['TransformJobName']}/sdmaker", startFromHead=True)
+    text = "\n".join(e["message"] for e in logs["events"])
+    assert "execution parameters" in text and "'BatchStrategy': 'SingleRecord'" in text
