@@ -47,7 +47,7 @@ from sdmaker.serving.daemon._variant import model_ref, plan_variant, python_for,
 from sdmaker.serving.daemon._worker_process import WorkerSpec
 
 __all__ = ["DEFAULT_INVOCATION_TIMEOUT_S", "DEFAULT_MAX_PAYLOAD_MB", "DEFAULT_MAX_RETRIES", "ExecutionParameters",
-           "TransformJobs", "output_key", "split_units"]
+           "RecordFailed", "TransformJobs", "describe_times", "output_key", "resolve_parameters", "split_units"]
 
 logger = logging.getLogger(__name__)
 
