@@ -1,7 +1,8 @@
 """Batch transform benchmark (issue 13): a transform job of N prompts vs N sequential InvokeEndpoint calls.
 
 Both sides run in one ``sdmaker up`` (its own temp ``SDMAKER_HOME``) on the built-in ``mini`` model with the
-same N request bodies (same seeds, mini's own default size and steps), one worker each:
+same N request bodies (same seeds, mini's own default size and steps), one worker each, one torch thread
+each (on a shared machine 2-thread OpenMP timings of the same call vary many-fold, bench/deploy.py):
 
 * baseline -- an endpoint, and N ``InvokeEndpoint`` calls one after the other (a client that loops over its
   prompts), timed from the first call to the last answer;
@@ -86,7 +87,7 @@ def measure(model: str, n: int, tmp: Path) -> dict[str, Any]:
                           Body=b"".join(json.dumps(b).encode() + b"\n" for b in bodies))
             sm.create_model(ModelName="mini", ExecutionRoleArn=_ROLE, PrimaryContainer={
                 "Image": "sdmaker", "ModelDataUrl": model,
-                "Environment": {"SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS": "900"}})
+                "Environment": {"SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS": "900", "OMP_NUM_THREADS": "1"}})
             sm.create_endpoint_config(EndpointConfigName="mini", ProductionVariants=[{
                 "VariantName": "AllTraffic", "ModelName": "mini", "InitialInstanceCount": 1,
                 "InstanceType": "ml.m5.xlarge"}])
@@ -142,7 +143,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
         shutil.rmtree(tmp, ignore_errors=True)
     ours, base = n / m["transform_s"], n / m["sequential_s"]
     return [row(f"batch transform of {n} prompts on mini vs {n} sequential InvokeEndpoint calls", ours, base, "img/s",
-                f"{label}, its default size and steps; ours {m['transform_s']:.1f} s from CreateTransformJob to "
+                f"{label}, its default size and steps, 1 worker with 1 torch thread each side; ours {m['transform_s']:.1f} s from CreateTransformJob to "
                 f"Completed (worker start, S3 in/out included; {m['params']}), baseline {m['sequential_s']:.1f} s "
                 f"for the loop of calls on a warm endpoint; target ratio >= {TARGET_RATIO}")]
 

@@ -210,3 +210,11 @@ def test_execution_parameters_route(hooks_client: TestClient, sd1_dir: Path) -> 
     reply = client.get("/execution-parameters")
     assert reply.status_code == 200
     assert reply.json() == {"MaxConcurrentTransforms": 4, "BatchStrategy": "SingleRecord", "MaxPayloadInMB": 6}
+    # a MultiRecord mini-batch (one JSON request per line): one answer per line, in order
+    lines = [{"prompt": "a red circle", "height": 64, "width": 64, "num_inference_steps": 2, "seed": s} for s in (5, 6)]
+    body = b"\n".join(json.dumps(x).encode() for x in lines)
+    reply = client.post("/invocations", content=body, headers={"Content-Type": "application/json"})
+    assert reply.status_code == 200
+    assert [json.loads(x)["seeds"] for x in reply.content.splitlines()] == [[5], [6]]
+    bad = client.post("/invocations", content=body + b"\n{not json", headers={"Content-Type": "application/json"})
+    assert bad.status_code == 400 and "line 3 of 3" in bad.json()["message"]

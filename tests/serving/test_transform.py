@@ -322,3 +322,36 @@ def test_sagemaker_sdk_transformer_runs_unchanged(daemon: Any, moto_server: str,
                                               logStreamName=f"{desc['TransformJobName']}/sdmaker", startFromHead=True)
     text = "\n".join(e["message"] for e in logs["events"])
     assert "execution parameters" in text and "'BatchStrategy': 'SingleRecord'" in text
+
+
+_LINES_INFERENCE = '''\
+import json
+
+
+def model_fn(model_dir):
+    return None
+
+
+def transform_fn(model, data, content_type, accept):
+    lines = data.splitlines()
+    return "\\n".join(json.dumps({"n": len(lines), "i": json.loads(line)["i"]}) for line in lines)
+'''
+
+
+def test_multi_record_mini_batches_fit_max_payload(sm: Any, s3: Any, bucket: str, tmp_path_factory: Any) -> None:
+    """MultiRecord packs consecutive lines up to MaxPayloadInMB into one request; outputs stay in input order."""
+    model_dir = tmp_path_factory.mktemp("lines-model")
+    (model_dir / "code").mkdir()
+    (model_dir / "code" / "inference.py").write_text(_LINES_INFERENCE)
+    model = f"lines-{uuid.uuid4().hex[:6]}"
+    sm.create_model(ModelName=model, ExecutionRoleArn=ROLE,
+                    PrimaryContainer={"Image": "sdmaker", "ModelDataUrl": str(model_dir)})
+    pad = "x" * 300_000  # 3 records fit in 1 MB, 4 do not
+    s3.put_object(Bucket=bucket, Key="multi/r.jsonl", Body=_lines(*({"i": i, "pad": pad} for i in range(7))))
+    name = _job(sm, model, f"s3://{bucket}/multi/", f"s3://{bucket}/multiout", BatchStrategy="MultiRecord",
+                MaxPayloadInMB=1)
+    desc = _wait(sm, name)
+    assert desc["TransformJobStatus"] == "Completed", desc
+    out = [json.loads(x) for x in _read(s3, bucket, "multiout/r.jsonl.out").splitlines()]
+    assert [(o["i"], o["n"]) for o in out] == [(0, 3), (1, 3), (2, 3), (3, 3), (4, 3), (5, 3), (6, 1)]
+    assert desc["BatchStrategy"] == "MultiRecord" and desc["MaxPayloadInMB"] == 1
