@@ -355,3 +355,25 @@ def test_multi_record_mini_batches_fit_max_payload(sm: Any, s3: Any, bucket: str
     out = [json.loads(x) for x in _read(s3, bucket, "multiout/r.jsonl.out").splitlines()]
     assert [(o["i"], o["n"]) for o in out] == [(0, 3), (1, 3), (2, 3), (3, 3), (4, 3), (5, 3), (6, 1)]
     assert desc["BatchStrategy"] == "MultiRecord" and desc["MaxPayloadInMB"] == 1
+
+
+def test_split_units_and_execution_parameters() -> None:
+    """How a file becomes requests, and which settings win (the job's, the container's, AWS's defaults)."""
+    from sdmaker.serving.daemon._transform import RecordFailed, resolve_parameters, split_units
+
+    data = b'{"a":1}\r\n\n{"b":2}\n   \n{"c":3}'
+    assert split_units(data, "Line", "SingleRecord", 100) == [(b'{"a":1}', 0, 1), (b'{"b":2}', 1, 1), (b'{"c":3}', 2, 1)]
+    assert split_units(data, "Line", "MultiRecord", 15) == [(b'{"a":1}\n{"b":2}', 0, 2), (b'{"c":3}', 2, 1)]
+    assert split_units(data, "None", "MultiRecord", 100) == [(data, 0, 1)]
+    with pytest.raises(RecordFailed, match="record 2 is 9 bytes"):
+        split_units(b"a\nbbbbbbbbb\n", "Line", "SingleRecord", 8)
+    assert split_units(b"", "Line", "SingleRecord", 8) == []
+    offered = {"MaxConcurrentTransforms": 8, "BatchStrategy": "SingleRecord", "MaxPayloadInMB": 6}
+    assert resolve_parameters({}, None).to_dict() == {"BatchStrategy": "SingleRecord", "MaxConcurrentTransforms": 1,
+                                                      "MaxPayloadInMB": 6}
+    assert resolve_parameters({}, offered).max_concurrent == 8
+    mixed = resolve_parameters({"MaxConcurrentTransforms": 2, "BatchStrategy": "MultiRecord", "MaxPayloadInMB": 0},
+                               offered)
+    assert (mixed.max_concurrent, mixed.batch_strategy, mixed.max_payload_mb) == (2, "MultiRecord", 6)
+    assert resolve_parameters({}, {"MaxConcurrentTransforms": "lots", "BatchStrategy": 3}).to_dict() == {
+        "BatchStrategy": "SingleRecord", "MaxConcurrentTransforms": 1, "MaxPayloadInMB": 6}

@@ -222,13 +222,6 @@ class TransformJobs:
         else:
             task.cancel()
 
-    def progress(self, name: str) -> dict[str, Any]:
-        """sdmaker's own view: files done/failed/pending and records finished."""
-        files = self.db.files(name)
-        return {"files_total": len(files), "files_done": sum(f.status is FileStatus.DONE for f in files),
-                "files_failed": sum(f.status is FileStatus.FAILED for f in files),
-                "records_done": self.db.records_done(name)}
-
     def log_file(self, name: str) -> Path:
         return self.root / name / "job.log"
 
@@ -243,9 +236,8 @@ class TransformJobs:
         self.db.set_job(name, status=status, failure_reason=reason[:1024] if reason else None, ended=time.time())
         self._stopping.discard(name)
         self._log(name, f"transform job {status}" + (f": {reason}" if reason else ""))
-        if status is not TransformStatus.FAILED or not self.db.files(name):
-            with contextlib.suppress(OSError):
-                shutil.rmtree(self.root / name / "spool")
+        with contextlib.suppress(OSError):  # finished: nothing is resumed from the spool any more
+            shutil.rmtree(self.root / name / "spool")
 
     def _log(self, name: str, text: str) -> None:
         path = self.log_file(name)
