@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -136,6 +137,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
 
     n = 64
     tmp = Path(tempfile.mkdtemp(prefix="sdmaker-bench-transform-"))
+    load_before = os.getloadavg()[0]
     try:
         path, label = mini_model_dir()
         m = measure(str(path), n, tmp)
@@ -145,7 +147,8 @@ def run(quick: bool) -> list[dict[str, Any]]:
     return [row(f"batch transform of {n} prompts on mini vs {n} sequential InvokeEndpoint calls", ours, base, "img/s",
                 f"{label}, its default size and steps, 1 worker with 1 torch thread each side; ours {m['transform_s']:.1f} s from CreateTransformJob to "
                 f"Completed (worker start, S3 in/out included; {m['params']}), baseline {m['sequential_s']:.1f} s "
-                f"for the loop of calls on a warm endpoint; target ratio >= {TARGET_RATIO}")]
+                f"for the loop of calls on a warm endpoint; load average {load_before:.1f}->{os.getloadavg()[0]:.1f} "
+                f"on {os.cpu_count()} cores; target ratio >= {TARGET_RATIO}")]
 
 
 if __name__ == "__main__":
