@@ -217,7 +217,8 @@ def test_job_survives_daemon_kill_9_without_recomputing_finished_records(tmp_pat
     marker = tmp_path / "computed.txt"
     s3.put_object(Bucket=bucket, Key="kill/r.jsonl", Body=_lines(*({"i": i} for i in range(12))))
     home = tmp_path / "home"
-    env = {"AWS_ENDPOINT_URL_S3": moto_server, "HF_HUB_OFFLINE": "1", "SDMAKER_STANDBY_WORKERS": "0"}
+    env = {"AWS_ENDPOINT_URL_S3": moto_server, "HF_HUB_OFFLINE": "1", "SDMAKER_STANDBY_WORKERS": "0",
+           "SDMAKER_MAX_INSTANCES": "1"}  # one worker process for all jobs together: a second job waits
     daemon = DaemonProcess(home, env=env).start()
     try:
         sm = daemon.boto("sagemaker")
@@ -240,15 +241,24 @@ def test_job_survives_daemon_kill_9_without_recomputing_finished_records(tmp_pat
 
         daemon = DaemonProcess(home, env=env, port=daemon.port).start()
         sm = daemon.boto("sagemaker")
+        s3.put_object(Bucket=bucket, Key="kill2/r.jsonl", Body=_lines({"i": 99}))
+        second = _job(sm, "counting", f"s3://{bucket}/kill2/", f"s3://{bucket}/kill2out",
+                      Environment={"TRANSFORM_MARKER": str(marker)})
         desc = _wait(sm, name)
         assert desc["TransformJobStatus"] == "Completed", desc
         out = [json.loads(x)["i"] for x in _read(s3, bucket, "killout/r.jsonl.out").splitlines()]
         assert out == list(range(12))
+        assert _wait(sm, second)["TransformJobStatus"] == "Completed"
         computed = marker.read_text().split()
+        first = [c for c in computed if c != "99"]
         for i in finished:  # a record finished before the kill is never computed again
-            assert computed.count(str(i)) == 1, (i, computed)
-        assert sorted(set(computed)) == sorted(str(i) for i in range(12))
-        assert len(computed) <= 12 + (len(before) - len(finished))  # only records in flight at the kill re-ran
+            assert first.count(str(i)) == 1, (i, computed)
+        assert sorted(set(first)) == sorted(str(i) for i in range(12))
+        assert len(first) <= 12 + (len(before) - len(finished))  # only records in flight at the kill re-ran
+        # the second job waited for the first one's worker: its record ran after all of the first job's
+        log = (home / "endpoints" / "transform-jobs" / second / "job.log").read_text()
+        assert "waiting for room: running jobs hold 1 of 1 worker(s)" in log
+        assert computed.index("99") == len(computed) - 1
     finally:
         daemon.stop()
 

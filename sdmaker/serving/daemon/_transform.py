@@ -29,7 +29,7 @@ import logging
 import shutil
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,6 +176,9 @@ class TransformJobs:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._stopping: set[str] = set()
         self._closed = False
+        #: worker processes the running jobs hold; a job waits until its InstanceCount fits under the cap
+        self._workers_held = 0
+        self._room: asyncio.Condition | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -267,21 +270,23 @@ class TransformJobs:
                 files = await asyncio.to_thread(self._list_inputs, body)
                 self.db.set_files(name, files)
                 self._log(name, f"{len(files)} input file(s)")
-            pool, params = await self._start_pool(name, body)
-            await self._run_files(name, body, pool, params)
+            async with self._instances(name, body):
+                try:
+                    pool, params = await self._start_pool(name, body)
+                    await self._run_files(name, body, pool, params)
+                finally:  # the workers are gone before the job's room is given back
+                    await self._close_pool(pool)
+                    pool = None
         except asyncio.CancelledError:
-            await self._close_pool(pool)
             if name in self._stopping:
                 self._finish(name, TransformStatus.STOPPED, None)
             raise
         except Exception as exc:  # noqa: BLE001 - any failure becomes the job's FailureReason
-            await self._close_pool(pool)
             reason = exc.message if isinstance(exc, SdmakerError) else f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, (SdmakerError, RecordFailed)):
                 logger.exception("transform job %s failed", name)
             self._finish(name, TransformStatus.FAILED, f"ClientError: {reason}")
             return
-        await self._close_pool(pool)
         failed = [f for f in self.db.files(name) if f.status is FileStatus.FAILED]
         if failed:
             total = len(self.db.files(name))
@@ -290,6 +295,26 @@ class TransformJobs:
                          f"ClientError: {len(failed)} of {total} input file(s) failed; first: {first.key}: {first.error}")
         else:
             self._finish(name, TransformStatus.COMPLETED, None)
+
+    @contextlib.asynccontextmanager
+    async def _instances(self, name: str, body: dict[str, Any]) -> AsyncIterator[None]:
+        """Hold the job's workers against ``SDMAKER_MAX_INSTANCES`` (all jobs together), waiting for room: many
+        jobs at once queue instead of starting more worker processes than the machine may hold."""
+        want = int((body.get("TransformResources") or {}).get("InstanceCount") or 1)
+        cap = max(want, int(getattr(self.settings, "max_instances", 0) or want))
+        if self._room is None:
+            self._room = asyncio.Condition()
+        async with self._room:
+            if self._workers_held + want > cap:
+                self._log(name, f"waiting for room: running jobs hold {self._workers_held} of {cap} worker(s)")
+            await self._room.wait_for(lambda: self._workers_held + want <= cap)
+            self._workers_held += want
+        try:
+            yield
+        finally:
+            self._workers_held -= want
+            async with self._room:
+                self._room.notify_all()
 
     @staticmethod
     async def _close_pool(pool: WorkerPool | None) -> None:
