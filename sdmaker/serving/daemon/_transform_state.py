@@ -179,10 +179,6 @@ class TransformDB:
         rows = self._run("SELECT COALESCE(SUM(records), 0) FROM transform_units WHERE job = ?", (job,))
         return int(rows[0][0])
 
-    def forget_units(self, job: str, file_idx: int) -> None:
-        """The file's ``.out`` is written (or the file failed): its unit rows are no longer needed."""
-        self._run("DELETE FROM transform_units WHERE job = ? AND file_idx = ?", (job, file_idx))
-
 
 def _job(row: tuple[Any, ...]) -> JobRecord:
     return JobRecord(row[0], json.loads(row[1]), TransformStatus(row[2]), *row[3:])
