@@ -196,3 +196,25 @@ def test_worker_whose_model_fn_needs_cuda_fails_with_its_own_error(sd1_dir: Path
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_execution_parameters_route(hooks_client: TestClient, sd1_dir: Path) -> None:
+    """Batch transform asks ``GET /execution-parameters``: the default handler offers single records, as many
+    at once as one step batch holds; model code with its own request hooks answers 404 (AWS's defaults)."""
+    reply = hooks_client.get("/execution-parameters")
+    assert reply.status_code == 404 and reply.json()["type"] == "ResourceNotFoundException"
+    server = ModelServer(HandlerService(sd1_dir, device="cpu", max_batch=4))
+    client = TestClient(create_app(server), base_url="http://127.0.0.1:8080")
+    assert client.get("/execution-parameters").status_code == 503  # not loaded yet
+    assert server.load()
+    reply = client.get("/execution-parameters")
+    assert reply.status_code == 200
+    assert reply.json() == {"MaxConcurrentTransforms": 4, "BatchStrategy": "SingleRecord", "MaxPayloadInMB": 6}
+    # a MultiRecord mini-batch (one JSON request per line): one answer per line, in order
+    lines = [{"prompt": "a red circle", "height": 64, "width": 64, "num_inference_steps": 2, "seed": s} for s in (5, 6)]
+    body = b"\n".join(json.dumps(x).encode() for x in lines)
+    reply = client.post("/invocations", content=body, headers={"Content-Type": "application/json"})
+    assert reply.status_code == 200
+    assert [json.loads(x)["seeds"] for x in reply.content.splitlines()] == [[5], [6]]
+    bad = client.post("/invocations", content=body + b"\n{not json", headers={"Content-Type": "application/json"})
+    assert bad.status_code == 400 and "line 3 of 3" in bad.json()["message"]

@@ -254,6 +254,19 @@ class HandlerService:
         if self._batcher is not None:
             self._batcher.cancel_all(reason)
 
+    def execution_parameters(self) -> dict[str, Any] | None:
+        """The container's ``GET /execution-parameters`` answer for batch transform, or ``None`` (404).
+
+        The default request path batches concurrent requests step by step, so a transform job should send
+        single records, as many at once as one step batch holds. Model code that replaces a request hook
+        says nothing: its container's defaults are AWS's.
+        """
+        h = self.hooks
+        if any(hook is not None for hook in (h.input_fn, h.predict_fn, h.output_fn, h.transform_fn)):
+            return None
+        return {"MaxConcurrentTransforms": max(1, self.max_batch), "BatchStrategy": "SingleRecord",
+                "MaxPayloadInMB": 6}
+
     # --- the default request hooks -----------------------------------------------------------------
 
     def default_input_fn(self, input_data: Any, content_type: str | None, context: Context) -> Any:
@@ -348,9 +361,57 @@ class HandlerService:
         seconds = deadline_seconds(headers)
         token = _DEADLINE.set(None if seconds is None else time.monotonic() + seconds)
         try:
+            lines = self._json_lines(body, content_type)
+            if lines is not None:
+                return self._handle_lines(lines, headers, accept)
             return self._handle(body, context, content_type, accept)
         finally:
             _DEADLINE.reset(token)
+
+    def _json_lines(self, body: bytes, content_type: str | None) -> list[bytes] | None:
+        """The records of a batch transform ``MultiRecord`` mini-batch (one JSON document per line), or ``None``.
+
+        Only for the default request path (model code with its own hooks gets the body as is), only for a JSON
+        body that is not one JSON document, and only when it has several non-empty lines.
+        """
+        if self.execution_parameters() is None or b"\n" not in body:
+            return None
+        if media_type(content_type) not in (JSON, "application/jsonlines", "application/x-jsonlines"):
+            return None
+        lines = [line.strip() for line in body.split(b"\n") if line.strip()]
+        if len(lines) < 2:
+            return None
+        try:
+            json.loads(body)
+        except ValueError:
+            return lines
+        return None  # one (pretty-printed) document
+
+    def _handle_lines(self, lines: list[bytes], headers: Mapping[str, str], accept: str) -> HandlerResponse:
+        """Answer each line as its own request, concurrently (so they share step batches); the answers are
+        joined with newlines in input order. The first failing line fails the mini-batch, named in the error."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(line: bytes) -> HandlerResponse:
+            return self._handle(line, self.context.for_request(headers), JSON, accept)
+
+        with ThreadPoolExecutor(max_workers=max(1, min(len(lines), self.max_batch or 1)),
+                                thread_name_prefix="sdmaker-record") as pool:
+            futures = [pool.submit(contextvars.copy_context().run, one, line) for line in lines]
+            replies = [f.result() for f in futures]
+        for i, reply in enumerate(replies):
+            if reply.status >= 300:
+                try:
+                    payload = json.loads(reply.body)
+                    payload["message"] = f"line {i + 1} of {len(lines)} in the request: {payload.get('message')}"
+                    body = error_body(reply.status, str(payload.pop("message")), type_=str(payload.pop("type", "InternalServerException")),
+                                      extra={k: v for k, v in payload.items() if k != "code"})
+                except (ValueError, AttributeError):
+                    body = reply.body
+                return HandlerResponse(status=reply.status, body=body, content_type=reply.content_type,
+                                       headers=reply.headers)
+        return HandlerResponse(status=200, body=b"\n".join(r.body for r in replies),
+                               content_type=replies[0].content_type)
 
     def _handle(self, body: bytes, context: Context, content_type: str | None, accept: str) -> HandlerResponse:
         try:

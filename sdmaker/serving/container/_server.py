@@ -1,4 +1,5 @@
-"""The SageMaker inference container: ``GET /ping`` and ``POST /invocations`` over one loaded model.
+"""The SageMaker inference container: ``GET /ping``, ``POST /invocations`` (and batch transform's
+``GET /execution-parameters``) over one loaded model.
 
 Contract §1.3-1.4 and §7: the port is bound before any model work starts; the model loads in a
 background thread while ``/ping`` answers 503 ``{"status": "Loading"}``, then 200 ``{"status":
@@ -187,6 +188,16 @@ def create_app(server: ModelServer, policy: HostPolicy | None = None) -> Any:
         if state is ServerState.FAILED:
             return _json(500, {"status": "Failed", "error": server.error})
         return _json(503, {"status": "Loading"})
+
+    @app.get("/execution-parameters")
+    async def execution_parameters() -> Any:
+        """Batch transform's optional container route: the job's defaults for concurrency, strategy, payload."""
+        if server.state is not ServerState.READY:
+            return _raw_error(503, "model is not loaded", "ServiceUnavailableException")
+        params = server.handler.execution_parameters()
+        if params is None:
+            return _raw_error(404, _NOT_FOUND, "ResourceNotFoundException")
+        return _json(200, params)
 
     @app.post("/invocations")
     async def invocations(request: Request) -> Any:

@@ -28,9 +28,11 @@ from sdmaker.errors import (
     excerpt,
     utf8_safe,
 )
+from sdmaker.serving.daemon._cloudwatch_logs import LOGS_OPERATIONS, LOGS_TARGET_PREFIX
 from sdmaker.serving.daemon._endpoints import FORBIDDEN_ENV, EndpointManager
 from sdmaker.serving.daemon._limits import check_endpoint_config, check_model
 from sdmaker.serving.daemon._shapes import check_input
+from sdmaker.serving.daemon._transform_api import TRANSFORM_OPERATIONS
 
 __all__ = ["OPERATIONS", "ControlPlaneError", "control_plane", "control_plane_error"]
 
@@ -262,6 +264,7 @@ OPERATIONS: dict[str, Callable[[_Ctx], Awaitable[dict[str, Any]]]] = {
     "ListEndpoints": _list_endpoints,
     "UpdateEndpoint": _update_endpoint,
     "DeleteEndpoint": _delete_endpoint,
+    **TRANSFORM_OPERATIONS,  # CreateTransformJob, DescribeTransformJob, ListTransformJobs, StopTransformJob
 }
 
 
@@ -270,6 +273,9 @@ async def control_plane(request: Request, body: dict[str, Any]) -> JSONResponse:
     target = request.headers.get("x-amz-target", "")
     operation = target.removeprefix("SageMaker.")
     handler = OPERATIONS.get(operation) if target.startswith("SageMaker.") else None
+    if target.startswith(LOGS_TARGET_PREFIX):  # CloudWatch Logs subset: transform job logs (the SDK's wait())
+        operation = target.removeprefix(LOGS_TARGET_PREFIX)
+        handler = LOGS_OPERATIONS.get(operation)
     metrics = request.state.metrics
     if handler is None:
         metrics.control.labels(operation=operation or "-", status="400").inc()

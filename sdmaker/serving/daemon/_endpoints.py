@@ -51,6 +51,7 @@ from sdmaker.serving.daemon._logs import rotate_if_large
 from sdmaker.serving.daemon._pool import WorkerPool
 from sdmaker.serving.daemon._standby import StandbyPool
 from sdmaker.serving.daemon._state import EndpointRecord, EndpointStats, EndpointStatus, StateDB
+from sdmaker.serving.daemon._transform import TransformJobs
 from sdmaker.serving.daemon._variant import (
     DEFAULT_MAX_BATCH,
     FORBIDDEN_ENV,
@@ -90,6 +91,8 @@ class EndpointManager:
         self._stats_task: asyncio.Task[None] | None = None
         self._stats_waiters: list[asyncio.Future[None]] = []
         self._closed = False
+        #: batch transform jobs (CreateTransformJob), each on its own workers
+        self.transforms = TransformJobs(settings, self.db, self.root, self.standbys)
 
     # -- lifecycle of the manager ------------------------------------------------------------------
 
@@ -101,6 +104,7 @@ class EndpointManager:
                 self._launch(rec.name, rec.config_name, restore=True)
                 self._set_status(rec.name, EndpointStatus.CREATING, failure_reason=None)
         restoring = [rt.task for rt in self.live.values() if rt.task is not None]
+        self.transforms.start()  # resume the transform jobs that were running
         self._standby_task = asyncio.create_task(self._start_standbys(restoring), name="standby-start")
         if self.settings.log_max_bytes > 0:
             self._rotate_task = asyncio.create_task(self._rotate_logs(), name="log-rotation")
@@ -174,6 +178,7 @@ class EndpointManager:
             with contextlib.suppress(Exception):
                 await self._stats_task
         self._save_stats(self._unsaved_stats())
+        await self.transforms.close()
         await self.standbys.close()
         tasks = [rt.task for rt in self.live.values() if rt.task is not None]
         for task in tasks:
