@@ -1,0 +1,144 @@
+"""The web UI in a real browser: Playwright for Python driving Debian's ``chromium``, headless.
+
+``make install`` installs chromium with apt when it runs as root and chromium is missing; elsewhere these
+tests skip with a message saying how to get it. Screenshots go to ``build/test-artifacts/`` (the README's
+screenshot, ``docs/web-ui.png``, is a copy of ``generate.png`` from a run).
+
+One daemon for the module, serving the built-in ``mini`` (through its managed endpoint ``sdmaker-mini``),
+64x64 and a few steps.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from conftest import DaemonProcess
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "build" / "test-artifacts"
+_CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium")
+                  if p and Path(p).exists()), None)
+_NO_CHROMIUM = ("chromium is not installed: the browser tests need Debian's chromium (`sudo apt-get install chromium`, "
+                "or run `make install` as root, which installs it)")
+_REQUEST = {"prompt": "a red ball on green grass", "width": 64, "height": 64, "seed": 1234, "num_inference_steps": 6}
+_shared: dict[str, Any] = {}
+
+
+@pytest.fixture(scope="module")
+def ui_daemon(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    d = DaemonProcess(tmp_path_factory.mktemp("ui-home"), env={
+        "HF_HUB_OFFLINE": "1", "SDMAKER_INVOCATION_TIMEOUT": "900", "SDMAKER_STANDBY_WORKERS": "0"}).start()
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():  # type: ignore[no-untyped-def]
+    if _CHROMIUM is None:
+        pytest.skip(_NO_CHROMIUM)
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=_CHROMIUM, headless=True, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):  # type: ignore[no-untyped-def]
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    p = context.new_page()
+    p.set_default_timeout(900_000)
+    yield p
+    context.close()
+
+
+def _open(page: Any, url: str) -> None:
+    page.goto(url)
+    page.wait_for_selector("body[data-ready='true']")
+
+
+def _fill_request(page: Any, request: dict[str, Any]) -> None:
+    for name, value in request.items():
+        page.fill(f"#field-{name}", str(value))
+
+
+def _has_event_stream(url: str) -> bool:
+    """Whether this daemon serves ``GET /sdmaker/v1/jobs/{id}/events`` (a route, not the framework's 404)."""
+    answer = httpx.get(url + "/sdmaker/v1/jobs/0000000000000000/events", timeout=10)
+    return not (answer.status_code == 404 and answer.json().get("detail") == "Not Found")
+
+
+def test_generate_shows_progress_previews_and_the_same_image_as_the_api(ui_daemon: DaemonProcess, page: Any) -> None:
+    _open(page, ui_daemon.url + "/#generate")
+    page.select_option("#field-target", "mini")
+    page.fill("#field-prompt", _REQUEST["prompt"])
+    _fill_request(page, {k: v for k, v in _REQUEST.items() if k != "prompt"})
+    # record what the page shows while it runs: every progress text and every preview picture
+    page.evaluate("""() => {
+        window.__progress = []; window.__previews = 0;
+        new MutationObserver(() => window.__progress.push(document.querySelector('#progress-text').textContent))
+            .observe(document.querySelector('#progress-text'), {childList: true, characterData: true, subtree: true});
+        new MutationObserver(() => { window.__previews += 1; })
+            .observe(document.querySelector('#preview'), {attributes: true, attributeFilter: ['src']});
+    }""")
+    page.get_by_role("button", name="Generate").click()
+    figure = page.wait_for_selector("#results figure img")
+    page.screenshot(path=str(ARTIFACTS / "generate.png"), full_page=True)
+    image_id = page.eval_on_selector("#results figure", "f => f.dataset.id")
+    shown = httpx.get(f"{ui_daemon.url}/sdmaker/v1/gallery/{image_id}.png").content
+    assert figure.is_visible()
+    # its pixels equal the API's answer to the same request (same endpoint, same seed)
+    body = {**_REQUEST, "format": "png"}
+    api = ui_daemon.boto("sagemaker-runtime").invoke_endpoint(
+        EndpointName="sdmaker-mini", Body=json.dumps(body), ContentType="application/json", Accept="image/png")
+    ui_pixels = np.asarray(Image.open(io.BytesIO(shown)).convert("RGB"))
+    api_pixels = np.asarray(Image.open(io.BytesIO(api["Body"].read())).convert("RGB"))
+    assert ui_pixels.shape == (64, 64, 3) and np.array_equal(ui_pixels, api_pixels)
+    _shared["image_id"] = image_id
+    steps = {t for t in page.evaluate("window.__progress") if t.startswith("Step ")}
+    previews = page.evaluate("window.__previews")
+    if not _has_event_stream(ui_daemon.url):
+        pytest.skip("this daemon has no job event stream (GET /sdmaker/v1/jobs/{id}/events): progress and previews "
+                    "cannot show; the final image was checked")
+    assert len(steps) >= 2, f"progress updated {len(steps)} time(s): {sorted(steps)}"
+    assert previews >= 1, "no preview appeared"
+
+
+def test_gallery_shows_the_image_after_a_reload(ui_daemon: DaemonProcess, page: Any) -> None:
+    image_id = _shared.get("image_id")
+    if image_id is None:
+        pytest.skip("the generation test did not produce an image")
+    _open(page, ui_daemon.url + "/#gallery")
+    page.reload()
+    page.wait_for_selector("body[data-ready='true']")
+    figure = page.wait_for_selector(f"#gallery figure[data-id='{image_id}'] img")
+    assert figure.is_visible()
+    assert page.eval_on_selector(f"#gallery figure[data-id='{image_id}'] img", "i => i.naturalWidth") == 64
+    caption = page.inner_text(f"#gallery figure[data-id='{image_id}'] figcaption")
+    assert _REQUEST["prompt"] in caption and "seed 1234" in caption  # the recipe, read from the PNG
+    page.screenshot(path=str(ARTIFACTS / "gallery.png"), full_page=True)
+
+
+def test_an_invalid_height_shows_the_field_error(ui_daemon: DaemonProcess, page: Any) -> None:
+    _open(page, ui_daemon.url + "/#generate")
+    page.select_option("#field-target", "mini")
+    page.fill("#field-prompt", "anything")
+    page.fill("#field-height", "100")
+    page.focus("#field-height")
+    page.keyboard.press("Enter")  # the keyboard submits the form too
+    error = page.wait_for_selector("#err-height:not(:empty)")
+    assert "multiple of 8" in error.inner_text()
+    assert page.get_attribute("#field-height", "aria-invalid") == "true"
+    assert page.evaluate("document.activeElement.id") == "field-height"  # focus moves to the bad field
+    page.screenshot(path=str(ARTIFACTS / "field-error.png"), full_page=True)
