@@ -124,9 +124,7 @@ def openai_error_response(exc: SdmakerError) -> JSONResponse:
     if isinstance(exc, PayloadTooLargeError):
         return _error(413, exc.message, "invalid_request_error", None, "request_too_large", headers)
     if isinstance(exc, InvalidRequestError):
-        field = exc.field
-        param = _PARAM_OF.get(field, field) if field else None
-        return _error(400, exc.message, "invalid_request_error", param, "invalid_value", headers)
+        return _error(400, exc.message, "invalid_request_error", exc.field, "invalid_value", headers)
     if isinstance(exc, (QueueFullError, EndpointNotReadyError)):
         headers["Retry-After"] = str(exc.fields.get("retry_after", 1))
         return _error(503, exc.message, "server_error", None, "overloaded", headers)
@@ -230,7 +228,11 @@ def _schema_request(body: dict[str, Any], opts: _Options, defaults: dict[str, An
     if "num_inference_steps" not in payload and QUALITY_STEPS[opts.quality] != 1.0:
         base = int(defaults.get("num_inference_steps") or SEED_DEFAULTS["num_inference_steps"])
         payload["num_inference_steps"] = max(1, min(LIMITS["steps_max"], round(base * QUALITY_STEPS[opts.quality])))
-    return request_from_payload(payload)
+    try:
+        return request_from_payload(payload)
+    except InvalidRequestError as exc:  # name the OpenAI parameter the schema's field came from
+        param = _PARAM_OF.get(exc.field, exc.field) if exc.field else None
+        raise InvalidRequestError(exc.message, field=param, value=exc.value, allowed=exc.allowed) from None
 
 
 def _with_previews(request: GenerateRequest, partial_images: int) -> GenerateRequest:
@@ -324,9 +326,11 @@ async def generations(request: Request) -> Response:
         if not isinstance(body, dict):
             raise _bad("The request body must be a JSON object.", "body")
         opts = _Options(body, settings)
+        gen_request = _schema_request(body, opts, {})  # bad input is refused before any endpoint is started
         rt = await resolve_target(manager, settings, opts.target)
-        gen_request = _with_previews(_schema_request(body, opts, model_defaults(manager, rt.name)),
-                                     opts.partial_images if opts.stream else 0)
+        if QUALITY_STEPS[opts.quality] != 1.0:  # steps relative to the model's own default
+            gen_request = _schema_request(body, opts, model_defaults(manager, rt.name))
+        gen_request = _with_previews(gen_request, opts.partial_images if opts.stream else 0)
     except SdmakerError as exc:
         return openai_error_response(exc)
     if opts.user:
@@ -376,8 +380,11 @@ async def _stream(request: Request, manager: EndpointManager, metrics: DaemonMet
               "quality": _answer_quality(opts.quality)}
     sent = 0
     try:
-        if opts.partial_images > 0:
-            async for event in manager.events.subscribe(job_id, idle_timeout_s=None):
+        after = 0
+        while opts.partial_images > 0 and not task.done():
+            # wakes at least every second, so a job that ends without a terminal event cannot hold the stream
+            async for event in manager.events.subscribe(job_id, after, idle_timeout_s=1.0):
+                after = event.id
                 if event.type != "preview" or sent >= opts.partial_images:
                     continue
                 image, step, total = event.data.get("image"), event.data.get("step"), event.data.get("total")
@@ -392,6 +399,8 @@ async def _stream(request: Request, manager: EndpointManager, metrics: DaemonMet
                     "type": "image_generation.partial_image", "b64_json": image, "created_at": int(event.time),
                     "size": size, "partial_image_index": sent, **common})
                 sent += 1
+            if manager.events.finished(job_id):
+                break
         try:
             result = await task
         except SdmakerError as exc:
