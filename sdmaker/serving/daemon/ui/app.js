@@ -149,7 +149,8 @@ function renderForm() {
   box.replaceChildren();
   for (const f of state.fields) {
     const wide = f.name === "prompt" || f.name === "negative_prompt";
-    const help = f.description + (f.allowed ? " Allowed: " + f.allowed + "." : "");
+    const help = f.name === "format" ? "PNG: the gallery keeps PNGs, which carry their recipe."
+      : f.description + (f.allowed ? " Allowed: " + f.allowed + "." : "");
     box.append(el("div", { class: "field" + (wide ? " wide" : "") },
       el("label", { for: "field-" + f.name, text: f.name.replace(/_/g, " ") + (f.required ? " (required)" : "") }),
       inputFor(f),
