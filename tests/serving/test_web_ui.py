@@ -142,3 +142,42 @@ def test_an_invalid_height_shows_the_field_error(ui_daemon: DaemonProcess, page:
     assert page.get_attribute("#field-height", "aria-invalid") == "true"
     assert page.evaluate("document.activeElement.id") == "field-height"  # focus moves to the bad field
     page.screenshot(path=str(ARTIFACTS / "field-error.png"), full_page=True)
+
+
+def _fake_mlflow_run(root: Path) -> None:
+    """One finished run in MLflow's file-store layout (what ``sdmaker train`` writes through mlflow-skinny)."""
+    exp, run = root / "42", root / "42" / "r1"
+    for sub in ("metrics", "params", "artifacts/samples"):
+        (run / sub).mkdir(parents=True, exist_ok=True)
+    (exp / "meta.yaml").write_text("experiment_id: '42'\nname: sdmaker-train-unet\nlifecycle_stage: active\n")
+    (run / "meta.yaml").write_text("run_id: r1\nrun_name: mini-unet\nstatus: 3\nstart_time: 1700000000000\n"
+                                   "lifecycle_stage: active\n")
+    (run / "metrics" / "loss").write_text("".join(f"1700000000000 {1 / (i + 1)} {i * 10}\n" for i in range(30)))
+    (run / "metrics" / "lr").write_text("".join(f"1700000000000 {0.001 * (1 - i / 30)} {i * 10}\n" for i in range(30)))
+    (run / "metrics" / "eval_overall").write_text("1700000000000 0.994 290\n")
+    (run / "params" / "lr").write_text("0.001")
+    Image.new("RGB", (64, 32), (30, 160, 60)).save(run / "artifacts" / "samples" / "step-000290.png")
+
+
+def test_endpoints_models_and_runs_pages(ui_daemon: DaemonProcess, page: Any) -> None:
+    _fake_mlflow_run(ui_daemon.home / "mlruns")
+    _open(page, ui_daemon.url + "/#models")
+    page.wait_for_selector("#models-table th:text-is('mini')")
+    page.keyboard.press("Tab")  # keyboard users land on the skip link first
+    assert page.evaluate("document.activeElement.textContent") == "Skip to content"
+    page.get_by_role("link", name="Runs").click()
+    page.wait_for_selector("#runs-table th:text-is('mini-unet')")
+    page.wait_for_selector("#run-compare svg.plot polyline")
+    assert page.locator("#run-compare svg.plot").count() >= 2  # loss and learning rate
+    assert "eval_overall" in page.inner_text("#run-compare") and "0.994" in page.inner_text("#run-compare")
+    page.wait_for_selector("#run-compare .samples img")
+    page.screenshot(path=str(ARTIFACTS / "runs.png"), full_page=True)
+    if _shared.get("image_id") is None:
+        pytest.skip("no endpoint was created by the generation test")
+    page.get_by_role("link", name="Endpoints").click()
+    page.wait_for_selector("#endpoints-table th:text-is('sdmaker-mini')")
+    page.get_by_role("button", name="Logs of sdmaker-mini").click()
+    page.wait_for_function("document.querySelector('#endpoint-logs').textContent.includes('in service')")
+    row = page.inner_text("#endpoints-table tbody tr")
+    assert "InService" in row and "1 / 1" in row
+    page.screenshot(path=str(ARTIFACTS / "endpoints.png"), full_page=True)

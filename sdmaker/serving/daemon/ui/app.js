@@ -345,7 +345,7 @@ async function loadEndpoints() {
   if (!data.endpoints.length) body.append(el("tr", {}, el("td", { colspan: 11, text: "No endpoints." })));
   for (const e of data.endpoints) {
     const workers = e.workers || [];
-    const ready = workers.filter((w) => w.state === "ready").length;
+    const ready = workers.filter((w) => w.state === "Ready" || w.state === "Busy").length;
     body.append(el("tr", {},
       el("th", { scope: "row", text: e.name }),
       el("td", { text: e.status + (e.failure_reason ? ": " + e.failure_reason : "") }),
