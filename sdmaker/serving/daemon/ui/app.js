@@ -429,7 +429,7 @@ async function loadModels() {
 const COLORS = ["#1f5fbf", "#c2410c", "#15803d", "#7e22ce", "#be123c", "#0e7490"];
 
 function plot(title, seriesByRun) {
-  const w = 420, h = 180, pad = 36;
+  const w = 440, h = 190, pad = 58;
   const all = seriesByRun.flatMap((s) => s.points);
   if (!all.length) return null;
   const xs = all.map((p) => p[0]), ys = all.map((p) => p[1]);
@@ -486,10 +486,12 @@ async function compareRuns() {
   out.replaceChildren();
   if (!runs.length) return;
   out.append(el("p", { class: "legend" }, ...runs.map((r, i) => el("span", { style: "color:" + COLORS[i % COLORS.length], text: "■ " + r.name }))));
+  const charts = el("div", { class: "charts" });
   for (const metric of ["loss", "loss_smooth", "lr"]) {
     const chart = plot(metric, runs.map((r) => ({ name: r.name, points: r.metrics[metric] || [] })));
-    if (chart) out.append(chart);
+    if (chart) charts.append(chart);
   }
+  out.append(charts);
   const metricNames = [...new Set(runs.flatMap((r) => Object.keys(r.metrics)))].sort();
   const paramNames = [...new Set(runs.flatMap((r) => Object.keys(r.params)))].sort();
   const table = (caption, names, value) => el("div", { class: "table-wrap" }, el("table", {},
