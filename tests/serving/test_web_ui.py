@@ -159,6 +159,28 @@ def _fake_mlflow_run(root: Path) -> None:
     Image.new("RGB", (64, 32), (30, 160, 60)).save(run / "artifacts" / "samples" / "step-000290.png")
 
 
+def test_endpoints_page_creates_and_deletes_an_endpoint(ui_daemon: DaemonProcess, page: Any) -> None:
+    """Through SageMaker's control plane, as boto3 would; a model folder that does not exist fails at once
+    (no worker to wait for), and the failure reason shows in the table."""
+    _open(page, ui_daemon.url + "/#endpoints")
+    page.fill("#create-name", "bad name!")
+    page.get_by_role("button", name="Create").click()
+    assert "letters, digits" in page.inner_text("#err-create-name")
+    assert page.get_attribute("#create-name", "aria-invalid") == "true"
+    page.fill("#create-name", "ui-made")
+    page.fill("#create-model", "/nonexistent/model-folder")
+    page.get_by_role("button", name="Create").click()
+    page.wait_for_selector("#endpoints-table th:text-is('ui-made')")
+    page.get_by_role("button", name="Refresh").click()
+    page.wait_for_function("[...document.querySelectorAll('#endpoints-table tr')].some("
+                           "r => r.textContent.includes('ui-made') && r.textContent.includes('Failed'))")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Delete ui-made").click()
+    page.wait_for_function("![...document.querySelectorAll('#endpoints-table th')].some(t => t.textContent === 'ui-made')")
+    names = [e["name"] for e in httpx.get(ui_daemon.url + "/sdmaker/v1/endpoints").json()["endpoints"]]
+    assert "ui-made" not in names
+
+
 def test_endpoints_models_and_runs_pages(ui_daemon: DaemonProcess, page: Any) -> None:
     _fake_mlflow_run(ui_daemon.home / "mlruns")
     _open(page, ui_daemon.url + "/#models")
