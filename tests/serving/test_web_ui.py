@@ -93,6 +93,10 @@ def test_generate_shows_progress_previews_and_the_same_image_as_the_api(ui_daemo
             .observe(document.querySelector('#preview'), {attributes: true, attributeFilter: ['src']});
     }""")
     page.get_by_role("button", name="Generate").click()
+    streaming = _has_event_stream(ui_daemon.url)
+    if streaming:  # a picture of the page while it runs: progress bar, step count, preview
+        page.wait_for_function("window.__previews >= 1 || document.querySelector('#results figure')")
+        page.screenshot(path=str(ARTIFACTS / "progress.png"), full_page=True)
     figure = page.wait_for_selector("#results figure img")
     page.screenshot(path=str(ARTIFACTS / "generate.png"), full_page=True)
     image_id = page.eval_on_selector("#results figure", "f => f.dataset.id")
@@ -108,7 +112,7 @@ def test_generate_shows_progress_previews_and_the_same_image_as_the_api(ui_daemo
     _shared["image_id"] = image_id
     steps = {t for t in page.evaluate("window.__progress") if t.startswith("Step ")}
     previews = page.evaluate("window.__previews")
-    if not _has_event_stream(ui_daemon.url):
+    if not streaming:
         pytest.skip("this daemon has no job event stream (GET /sdmaker/v1/jobs/{id}/events): progress and previews "
                     "cannot show; the final image was checked")
     assert len(steps) >= 2, f"progress updated {len(steps)} time(s): {sorted(steps)}"

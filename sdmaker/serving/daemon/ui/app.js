@@ -281,6 +281,7 @@ async function onGenerate(event) {
     return;
   }
   $("#progress").value = 1;
+  $("#preview").hidden = true; // the result replaces the last preview
   setProgress("Done: " + result.items.length + " image(s)", 1);
   const box = $("#results");
   box.replaceChildren();
