@@ -12,6 +12,7 @@ re-shaped answer. Medians of interleaved pairs, after warm-up.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -73,11 +74,13 @@ def run(quick: bool) -> list[dict[str, Any]]:
         if d is not None:
             d.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+    load = os.getloadavg()[0]
     base, ours = statistics.median(invoke_s), statistics.median(openai_s)
     overhead = ours / base - 1
     verdict = "meets" if overhead <= TARGET_OVERHEAD else "misses"
     return [row(f"OpenAI images route vs InvokeEndpoint (mini 64x64, {steps} steps, same request)", ours, base, "s",
-                f"median of {pairs} interleaved pairs; overhead {overhead * 100:+.1f}% ({verdict} the <= 3% target)")]
+                f"median of {pairs} interleaved pairs; overhead {overhead * 100:+.1f}% ({verdict} the <= 3% target); "
+                f"load average {load:.1f} on {os.cpu_count()} cores")]
 
 
 if __name__ == "__main__":

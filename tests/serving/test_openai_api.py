@@ -19,7 +19,8 @@ from PIL import Image
 
 from sdmaker.schema import GenerateRequest
 
-pytestmark = pytest.mark.slow
+# slow; the first test also waits for the managed endpoint to load mini (minutes on a busy 2-core machine)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 _FAST = {"num_inference_steps": 2}
 

@@ -22,14 +22,15 @@ import pytest
 from conftest import DaemonProcess
 from PIL import Image
 
-pytestmark = pytest.mark.slow
+# slow; the first test also waits for the managed endpoint to load mini (minutes on a busy 2-core machine)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "build" / "test-artifacts"
 _CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium")
                   if p and Path(p).exists()), None)
 _NO_CHROMIUM = ("chromium is not installed: the browser tests need Debian's chromium (`sudo apt-get install chromium`, "
                 "or run `make install` as root, which installs it)")
-_REQUEST = {"prompt": "a red ball on green grass", "width": 64, "height": 64, "seed": 1234, "num_inference_steps": 6}
+_REQUEST = {"prompt": "a red ball on green grass", "width": 64, "height": 64, "seed": 1234, "num_inference_steps": 4}
 _shared: dict[str, Any] = {}
 
 
