@@ -63,6 +63,7 @@ from sdmaker.errors import (
     EndpointNotFoundError,
     EndpointNotReadyError,
     InvalidRequestError,
+    InvocationFailedError,
     InvocationTimeoutError,
     ModelNotFoundError,
     PayloadTooLargeError,
@@ -130,6 +131,8 @@ def openai_error_response(exc: SdmakerError) -> JSONResponse:
         return _error(503, exc.message, "server_error", None, "overloaded", headers)
     if isinstance(exc, InvocationTimeoutError):
         return _error(504, exc.message, "server_error", None, "timeout", headers)
+    if isinstance(exc, InvocationFailedError):  # the model failed: a server error, not the caller's (424 elsewhere)
+        return _error(500, exc.message, "server_error", None, "model_error", headers)
     if 400 <= exc.http_status < 500:
         return _error(exc.http_status, exc.message, "invalid_request_error", None, None, headers)
     return _error(500, exc.message if exc.http_status != 500 or exc.code != "ServingError" else
