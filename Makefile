@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-fast bench bench-quick lint clean
+.PHONY: install demo test test-fast bench bench-quick lint clean chromium
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -13,7 +13,17 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt pyprojec
 	$(BIN)/python -m pip install -q -r requirements.txt -r requirements-dev.txt
 	$(BIN)/python -m pip install -q --no-deps -r requirements-nodeps.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
+	@$(MAKE) --no-print-directory chromium
 	touch $(STAMP)
+
+# The web UI's browser tests drive Debian's chromium (never a downloaded browser): installed here with apt
+# when we run as root and it is missing; otherwise those tests skip and say how to get it.
+chromium:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium (apt) for the browser tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else echo "note: chromium is missing; the browser tests will skip (install it: sudo apt-get install chromium)"; fi
 
 install: $(STAMP)
 

@@ -72,6 +72,9 @@ class Settings:
             request grew a worker past 8 GiB).
         memory_budget_pixels: set the per-worker budget directly, in pixels (height x width x images held at
             once; ``SDMAKER_MEMORY_BUDGET_PIXELS``; unset or 0: derived from ``memory_bytes``).
+        openai_model: what the OpenAI Images API runs for a request without ``model`` or with a model name
+            clients hard-code (``dall-e-2``, ``dall-e-3``, ``gpt-image-*``): an endpoint name or a store model
+            name (``SDMAKER_OPENAI_MODEL``, default ``mini``, the built-in model).
     """
 
     home: Path
@@ -105,6 +108,7 @@ class Settings:
     max_instances: int = field(default_factory=lambda: max(8, 4 * (os.cpu_count() or 1)))
     memory_bytes: int = field(default_factory=lambda: _machine_memory_bytes())
     memory_budget_pixels: int | None = None
+    openai_model: str = "mini"
 
     @property
     def store_dir(self) -> Path:
@@ -121,6 +125,16 @@ class Settings:
     @property
     def mlflow_dir(self) -> Path:
         return self.home / "mlruns"
+
+    @property
+    def gallery_dir(self) -> Path:
+        """Images generated from the web UI, each a PNG with its recipe (the UI's Gallery page)."""
+        return self.home / "gallery"
+
+    @property
+    def image_urls_dir(self) -> Path:
+        """Images of OpenAI API answers with ``response_format=url``, served for an hour."""
+        return self.home / "image-urls"
 
     @property
     def client_url(self) -> str:
@@ -212,6 +226,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_instances=int(_number(env, "SDMAKER_MAX_INSTANCES", max(8, 4 * (os.cpu_count() or 1)), minimum=1)),
         memory_bytes=int(_number(env, "SDMAKER_MEMORY_MB", 0, minimum=0) * 1024**2) or _machine_memory_bytes(),
         memory_budget_pixels=int(_number(env, "SDMAKER_MEMORY_BUDGET_PIXELS", 0, minimum=0)) or None,
+        openai_model=env.get("SDMAKER_OPENAI_MODEL", "").strip() or "mini",
     )
     return with_local_key(settings) if settings.local_key else settings
 

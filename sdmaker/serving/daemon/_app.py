@@ -4,6 +4,8 @@ Routes:
 
 * ``POST /`` with ``X-Amz-Target: SageMaker.*`` -- the control plane (:mod:`._control_plane`);
 * ``POST /endpoints/{name}/invocations`` -- InvokeEndpoint (:mod:`._invoke_api`);
+* ``POST /v1/images/generations`` -- the OpenAI Images API (:mod:`._openai`);
+* ``GET /`` -- the web UI, and the JSON routes only it uses (:mod:`._ui`);
 * ``GET /metrics`` -- Prometheus (:mod:`._metrics`); ``GET /ping`` -- daemon liveness (no auth);
 * ``GET /sdmaker/v1/endpoints[/{name}[/logs]]`` -- sdmaker's own view for the CLI (workers, digest,
   request counts, latency percentiles, worker logs); ``GET /sdmaker/v1/standby`` -- the warm standby
@@ -56,7 +58,9 @@ from sdmaker.serving.daemon._control_plane import control_plane, control_plane_e
 from sdmaker.serving.daemon._endpoints import EndpointManager
 from sdmaker.serving.daemon._invoke_api import invoke_endpoint, runtime_error_response
 from sdmaker.serving.daemon._metrics import CONTENT_TYPE_LATEST, DaemonMetrics
+from sdmaker.serving.daemon._openai import FILES_PREFIX, add_openai_routes, is_openai_path, openai_error_response
 from sdmaker.serving.daemon._shapes import input_shape
+from sdmaker.serving.daemon._ui import add_ui_routes, is_public_path
 
 __all__ = ["DRAIN_GRACE_S", "Drain", "create_app", "run_daemon"]
 
@@ -148,8 +152,10 @@ def _is_control_plane(request: Request) -> bool:
 
 
 async def _guard(request: Request) -> None:
-    """Body limit and authentication for every route but ``/ping`` (logged when refused)."""
-    if request.url.path == "/ping":
+    """Body limit and authentication for every route but ``/ping``, the web UI's static files and OpenAI image
+    URLs (capability URLs) (logged when refused)."""
+    path = request.url.path
+    if path == "/ping" or is_public_path(path, request.method) or path.startswith(FILES_PREFIX):
         return
     settings: Settings = request.state.settings
     body = await read_body(request, settings.max_body_bytes)
@@ -213,6 +219,8 @@ def create_app(settings: Settings, *, host: str | None = None, port: int | None 
 
     @app.exception_handler(SdmakerError)
     async def _on_error(request: Request, exc: SdmakerError) -> Response:
+        if is_openai_path(request.url.path):
+            return openai_error_response(exc)
         if _is_runtime(request):
             name = request.url.path.split("/")[2] if request.url.path.count("/") >= 2 else None
             return runtime_error_response(exc, settings, name)
@@ -225,6 +233,10 @@ def create_app(settings: Settings, *, host: str | None = None, port: int | None 
     # Every error answer carries X-Sdmaker-Error-Code, including the framework's own and a crash's.
     @app.exception_handler(HTTPException)
     async def _on_http_error(request: Request, exc: HTTPException) -> Response:
+        if is_openai_path(request.url.path):  # an unknown /v1 route or method, in OpenAI's error shape
+            return JSONResponse({"error": {"message": f"Invalid URL ({request.method} {request.url.path})",
+                                           "type": "invalid_request_error", "param": None, "code": None}},
+                                status_code=exc.status_code, headers={ERROR_CODE_HEADER: "InvalidRequestError"})
         response = await http_exception_handler(request, exc)
         response.headers[ERROR_CODE_HEADER] = "InvalidRequestError" if exc.status_code < 500 else "ServingError"
         return response
@@ -301,6 +313,8 @@ def create_app(settings: Settings, *, host: str | None = None, port: int | None 
             data = fh.read(_LOG_CHUNK)
         return {"text": data.decode("utf-8", errors="replace"), "offset": start + len(data)}
 
+    add_openai_routes(app, drain)
+    add_ui_routes(app)
     return app
 
 
