@@ -595,6 +595,54 @@ def _huge_beside_small(d: Daemon, endpoint: str, normal_s: float | None, quick: 
                 normal_s, "s", note + ("" if worst is not None else f"; ours = the {patience:.0f} s given up after"))]
 
 
+#: The endpoint memory share of the budget phase: small, so that the largest accepted request is a size a
+#: 2-core CPU generates in seconds, and large enough to hold the worker's runtime (torch, the model).
+BUDGET_MEMORY_MB = 1024
+
+
+def _peak_rss_mb(pid: int) -> float | None:
+    """The process's peak resident memory (``VmHWM``), MiB; None once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _memory_budget(tmp: Path) -> list[dict[str, Any]]:
+    """Peak worker memory over the largest requests the endpoint accepts, against the memory it was given.
+
+    A daemon with ``SDMAKER_MEMORY_MB`` set derives the endpoint's pixel budget from it; the phase sends a
+    request as close to the budget as up to 8 images of at most 512x512 come, checks that one over it is
+    refused with 400, and reads the worker's peak RSS from ``/proc``.
+    """
+    d = Daemon(tmp / "home-budget", env={"SDMAKER_MEMORY_MB": str(BUDGET_MEMORY_MB), "SDMAKER_STANDBY_WORKERS": "0"})
+    try:
+        d.create_endpoint("rel-budget", timeout_s=600)
+        info = d.details("rel-budget")
+        budget = int(info["memory_budget_pixels"])
+        pid = int(info["workers"][0]["pid"])
+        # the budget's pixels as up to 8 images of at most 512x512 (larger sides take minutes per step on a CPU)
+        side = min(512, int(math.sqrt(budget)) // 8 * 8)
+        images = max(1, min(8, budget // (side * side)))
+        payload = {**SMALL_REQUEST, "height": side, "width": side, "num_inference_steps": 1,
+                   "num_images_per_prompt": images}
+        reply = d.invoke("rel-budget", payload, timeout=900)
+        served = [f"{side}x{side} x {images} images ({side * side * images} px, 1 step): {reply.status}"]
+        over = d.invoke("rel-budget", {**SMALL_REQUEST, "height": 2048, "width": 2048, "num_images_per_prompt": 8},
+                        timeout=60)
+        peak = _peak_rss_mb(pid)
+        note = (f"SDMAKER_MEMORY_MB={BUDGET_MEMORY_MB} gives a budget of {budget} px; {'; '.join(served)}; a request "
+                f"over the budget got {over.status}; worker peak RSS {peak if peak is None else round(peak)} MiB "
+                f"(VmHWM, model and runtime included). Target: peak <= the memory given (ratio >= 1); {_load_note()}")
+    finally:
+        d.stop()
+    return [row("reliability: peak worker memory at the largest accepted requests", peak, float(BUDGET_MEMORY_MB),
+                "MiB", note, lower_is_better=True)]
+
+
 def _busy_worker(d: Daemon, endpoint: str, timeout_s: float = 30.0) -> dict[str, Any] | None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -726,6 +774,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
         rows += _kills(d, "rel-kill", 3 if quick else 10)
         d.wait_ready("rel-kill")
         rows += _sigterm(d, "rel-kill", payload, 8 if quick else 12)
+        rows += _memory_budget(tmp)
     finally:
         if d is not None:
             d.stop()

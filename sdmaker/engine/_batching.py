@@ -16,6 +16,14 @@ each step goes to the group that has received the least work so far (rows x late
 deterministic measure, not wall time), and a new group starts level with the least-served one. So a
 huge request (large size, many steps) no longer makes small ones wait for it to finish: they
 progress beside it, at about their share of the machine, and each group's results are unchanged.
+Heavy steps run on a second lane. One UNet step of a huge request (1024x1024 on a CPU) can take
+minutes, and a step boundary is the only place where anything else can run: turns alone would make
+a small request wait for the huge one's current step. So a group whose estimated step time exceeds
+``heavy_step_s`` (from the seconds per unit of work measured on this model, per size) is stepped on a
+second thread, the *heavy lane*, one group at a time, together with its VAE decode, while the
+batcher's own thread keeps admitting and stepping the groups much lighter than it (at most a quarter
+of its work per step); groups in between wait for their fair turn. UNet calls are pure functions of their inputs, so the two lanes never share state; a lane's
+jobs are touched only by that lane while its step runs.
 Admission is strictly FIFO; when the head of the queue does not fit (its group is full, or there are
 already ``max_groups`` groups) nothing behind it is admitted: no request waits behind later arrivals.
 Bounds: ``max_batch`` images per UNet call (a larger request runs alone in its group) and
@@ -36,7 +44,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +73,16 @@ from sdmaker.schema import GenerateRequest, ResolvedRequest
 __all__ = ["BatchJob", "BatcherStats", "StepBatcher"]
 
 logger = logging.getLogger(__name__)
+
+#: A group whose estimated step time is above this runs on the heavy lane (seconds).
+HEAVY_STEP_S = 0.5
+#: Before anything was measured on this model, a group above this much work per step (UNet rows x image
+#: pixels: 2 rows of a 256x256 image) counts as heavy.
+_UNMEASURED_HEAVY_WORK = 2 * 256 * 256
+#: While the heavy lane steps a group, this thread steps the groups with at most 1/this of its work.
+_LIGHT_RATIO = 4
+#: Weight of the newest measurement in the per-size seconds-per-work estimate.
+_RATE_WEIGHT = 0.5
 
 
 class BatchJob(Future[GenerationResult]):
@@ -136,6 +154,7 @@ class BatcherStats:
     unet_calls: int = 0
     steps: int = 0
     max_rows: int = 0
+    heavy_steps: int = 0
     queue_wait_s: list[float] = field(default_factory=list)
 
 
@@ -149,10 +168,12 @@ class StepBatcher:
         max_groups: most size groups running at once (they take turns, step by step).
         deep_cache_interval: None = each request's own (resolved from the model's defaults); an int forces
             it for every request. deep_cache_branch: where the UNet is cut (shared by the batch).
+        heavy_step_s: groups whose estimated step time is above this run on the heavy lane (None: never).
     """
 
     def __init__(self, model: LoadedModel, *, max_batch: int = 8, max_queue: int = 64, max_groups: int = 4,
-                 deep_cache_interval: int | None = None, deep_cache_branch: int = 2) -> None:
+                 deep_cache_interval: int | None = None, deep_cache_branch: int = 2,
+                 heavy_step_s: float | None = HEAVY_STEP_S) -> None:
         if max_batch < 1:
             raise ConfigError(f"max_batch={max_batch} must be >= 1", field="max_batch", value=max_batch)
         if max_queue < 1:
@@ -172,6 +193,15 @@ class StepBatcher:
         self._active: list[tuple[Job, BatchJob]] = []
         #: work each running size group has received (its "virtual time"); insertion order breaks ties
         self._served: dict[tuple[int, int], float] = {}
+        self.heavy_step_s = heavy_step_s
+        #: measured seconds per unit of step work (rows x image pixels), per size and overall
+        self._rate: dict[tuple[int, int], float] = {}
+        self._any_rate: float | None = None
+        #: the heavy lane: one thread, one group at a time; ``_lane_key`` is the group it is stepping
+        self._lane: ThreadPoolExecutor | None = None
+        self._lane_key: tuple[int, int] | None = None
+        self._lane_turn: list[tuple[Job, BatchJob]] = []
+        self._lane_future: Future[tuple[list[tuple[Job, BatchJob]], list[Any]]] | None = None
         self._thread = threading.Thread(target=self._run, name=f"step-batcher-{model.name}", daemon=True)
         self._thread.start()
 
@@ -227,6 +257,8 @@ class StepBatcher:
             self._closed = True
             self._cond.notify_all()
         self._thread.join(timeout)
+        if self._lane is not None and not self._thread.is_alive():
+            self._lane.shutdown(wait=False)
 
     def __enter__(self) -> StepBatcher:
         return self
@@ -254,6 +286,9 @@ class StepBatcher:
         self._queue = keep
         running: list[tuple[Job, BatchJob]] = []
         for job_state, job in self._active:
+            if job.key == self._lane_key:  # being stepped on the heavy lane: reaped at its next boundary
+                running.append((job_state, job))
+                continue
             err = job.stop_error(now, name)
             if err is None:
                 running.append((job_state, job))
@@ -272,8 +307,9 @@ class StepBatcher:
     def _admit(self) -> list[BatchJob]:
         """FIFO admission at a step boundary; blocks while idle. Called with the condition held."""
         while True:
+            self._collect_lane()
             self._reap()
-            if self._queue or self._active or self._closed:
+            if self._queue or self._closed or self._runnable_keys():
                 break
             self._cond.wait()
         admitted: list[BatchJob] = []
@@ -313,17 +349,22 @@ class StepBatcher:
                 admitted = self._admit()
                 if not admitted and not self._active and self._closed:
                     return
+                if not admitted and not self._runnable_keys():  # closing; the lane still holds work
+                    self._cond.wait(0.05)
+                    continue
             try:
                 self._step(admitted)
             except BaseException as exc:  # noqa: BLE001 - every waiter must get an answer
-                logger.exception("batch step failed; failing %d request(s)", len(self._active) + len(admitted))
-                failed = [p for _, p in self._active]
-                failed += [p for p in admitted if all(p is not q for q in failed)]
-                self._active = []
-                self._fail(failed, exc)
+                with self._cond:  # the heavy lane's group is not part of this step: it goes on
+                    lane = {id(p) for _, p in self._lane_turn} if self._lane_key is not None else set()
+                    failed = [p for _, p in self._active if id(p) not in lane]
+                    failed += [p for p in admitted if all(p is not q for q in failed) and id(p) not in lane]
+                    logger.exception("batch step failed; failing %d request(s)", len(failed))
+                    self._active = [(j, p) for j, p in self._active if id(p) in lane]
+                    self._fail(failed, exc)
 
-    def _next_group(self) -> tuple[int, int]:
-        """The size group whose turn it is: the one served least so far (ties: the older group).
+    def _next_group(self, keys: set[tuple[int, int]]) -> tuple[int, int] | None:
+        """The size group among ``keys`` whose turn it is: the one served least so far (ties: the older group).
 
         A group that just started begins level with the least-served running group, so it neither
         starves the others nor waits for them to finish.
@@ -333,7 +374,39 @@ class StepBatcher:
         floor = min(self._served.values(), default=0.0)
         for key in sorted(running - self._served.keys()):
             self._served[key] = floor
-        return min(self._served, key=lambda k: self._served[k])
+        candidates = [k for k in self._served if k in keys]
+        return min(candidates, key=lambda k: self._served[k]) if candidates else None
+
+    def _work(self, key: tuple[int, int]) -> int:
+        """One step's work of a group: UNet rows x image pixels (the measure the turns use too)."""
+        return sum(j.rows for j, p in self._active if p.key == key) * key[0] * key[1]
+
+    def _is_heavy(self, key: tuple[int, int]) -> bool:
+        if self.heavy_step_s is None:
+            return False
+        work = self._work(key)
+        rate = self._rate.get(key, self._any_rate)
+        if rate is None:
+            return work > _UNMEASURED_HEAVY_WORK
+        return work * rate > self.heavy_step_s
+
+    def _measured(self, key: tuple[int, int], work: int, seconds: float) -> None:
+        if work <= 0:
+            return
+        rate = seconds / work
+        old = self._rate.get(key)
+        self._rate[key] = rate if old is None else (1 - _RATE_WEIGHT) * old + _RATE_WEIGHT * rate
+        self._any_rate = rate if self._any_rate is None else (1 - _RATE_WEIGHT) * self._any_rate + _RATE_WEIGHT * rate
+
+    def _runnable_keys(self) -> set[tuple[int, int]]:
+        """Groups this thread may step now: any while the heavy lane is free, else those much lighter than
+        the lane's group (at most 1/:data:`_LIGHT_RATIO` of its work per step, a load-independent measure).
+        """
+        keys = {p.key for _, p in self._active}
+        if self._lane_key is None:
+            return keys
+        limit = self._work(self._lane_key) / _LIGHT_RATIO
+        return {k for k in keys - {self._lane_key} if self._work(k) <= limit}
 
     def _forget_idle_groups(self) -> None:
         running = {p.key for _, p in self._active}
@@ -353,28 +426,88 @@ class StepBatcher:
                 for job, p in zip(jobs, admitted, strict=True):
                     job.started = p.enqueued
                     self._active.append((job, p))
-            if not self._active:
+            with self._cond:
+                key = self._next_group(self._runnable_keys())
+            if key is None:
                 return
-            key = self._next_group()
             turn = [(j, p) for j, p in self._active if p.key == key]
             jobs = [j for j, _ in turn]
+            work = self._work(key)
             self.stats.unet_calls += len({j.full_step for j in jobs})
             self.stats.max_rows = max(self.stats.max_rows, sum(j.rows for j in jobs))
-            run_unet(model, jobs)
             self.stats.steps += 1
-            self._served[key] += sum(j.rows for j in jobs) * key[0] * key[1]
-            broken = [(j, p) for j, p in turn if j.failure is not None]
-            for j, p in broken:  # its own callback failed: it leaves, the batch goes on
-                self._fail([p], j.failure)  # type: ignore[arg-type]
-            finished = [(j, p) for j, p in turn if j.done and j.failure is None]
-            self._active = [(j, p) for j, p in self._active if not j.done and j.failure is None]
-            self._forget_idle_groups()
+            self._served[key] += work
+            if self._lane_key is None and self._is_heavy(key):  # else it is much lighter than the lane's
+                self._to_lane(key, turn, work)
+                return
+            started = time.perf_counter()
+            run_unet(model, jobs)
+            self._measured(key, work, time.perf_counter() - started)
+            finished = self._after_step(turn)
             if not finished:
                 return
             arrays = decode_jobs(model, [j for j, _ in finished])
+        self._deliver(finished, arrays)
+
+    def _after_step(self, turn: list[tuple[Job, BatchJob]]) -> list[tuple[Job, BatchJob]]:
+        """Retire the members of a stepped group that failed or finished; returns the finished ones."""
+        broken = [(j, p) for j, p in turn if j.failure is not None]
+        for j, p in broken:  # its own callback failed: it leaves, the batch goes on
+            self._fail([p], j.failure)  # type: ignore[arg-type]
+        finished = [(j, p) for j, p in turn if j.done and j.failure is None]
+        gone = {id(p) for j, p in turn if j.done or j.failure is not None}
+        self._active = [(j, p) for j, p in self._active if id(p) not in gone]
+        self._forget_idle_groups()
+        return finished
+
+    def _deliver(self, finished: list[tuple[Job, BatchJob]], arrays: list[Any]) -> None:
         for (job, pending), arr in zip(finished, arrays, strict=True):
             try:
-                self._answer(pending, to_result(model, job, arr))
+                self._answer(pending, to_result(self.model, job, arr))
                 self.stats.completed += 1
             except Exception as exc:  # noqa: BLE001
                 self._fail([pending], exc)
+
+    # -- the heavy lane -----------------------------------------------------------------------------
+    def _to_lane(self, key: tuple[int, int], turn: list[tuple[Job, BatchJob]], work: int) -> None:
+        """Step ``turn`` (and decode its finished jobs) on the heavy lane; this thread goes on meanwhile."""
+        if self._lane is None:
+            self._lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"heavy-lane-{self.model.name}")
+        model = self.model
+        self.stats.heavy_steps += 1
+
+        def step() -> tuple[list[tuple[Job, BatchJob]], list[Any]]:
+            try:
+                started = time.perf_counter()
+                run_unet(model, [j for j, _ in turn])
+                seconds = time.perf_counter() - started
+                done = [(j, p) for j, p in turn if j.done and j.failure is None]
+                arrays = decode_jobs(model, [j for j, _ in done]) if done else []
+                with self._cond:
+                    self._measured(key, work, seconds)
+                return done, arrays
+            finally:
+                self._wake()
+
+        with self._cond:
+            self._lane_key, self._lane_turn = key, turn
+            self._lane_future = self._lane.submit(step)
+
+    def _collect_lane(self) -> None:
+        """Take in the heavy lane's finished step, if any. Called with the condition held, on this thread."""
+        future = self._lane_future
+        if future is None or not future.done():
+            return
+        turn = self._lane_turn
+        self._lane_future, self._lane_key, self._lane_turn = None, None, []
+        try:
+            finished, arrays = future.result()
+        except BaseException as exc:  # noqa: BLE001 - the shared UNet call or decode failed: its group fails
+            logger.exception("heavy-lane step failed; failing %d request(s)", len(turn))
+            gone = {id(p) for _, p in turn}
+            self._active = [(j, p) for j, p in self._active if id(p) not in gone]
+            self._forget_idle_groups()
+            self._fail([p for _, p in turn], exc)
+            return
+        self._after_step(turn)
+        self._deliver(finished, arrays)

@@ -284,3 +284,37 @@ def test_cancel_all_stops_running_and_queued_jobs(model) -> None:  # type: ignor
         for job in (running, queued):
             with pytest.raises(GenerationCancelledError, match="stopping"):
                 job.result(timeout=60)
+
+
+def test_small_request_is_answered_while_a_heavy_step_runs(model) -> None:  # type: ignore[no-untyped-def]
+    """A heavy group steps on the heavy lane: a small request does not wait for the huge one's current step.
+
+    The huge request's step callback blocks (as a minutes-long 1024x1024 step would) until the small
+    request has its answer; without the heavy lane the small one could never be admitted, and this would
+    deadlock until the timeout below.
+    """
+    small_done = threading.Event()
+    # 4 UNet rows of 256x256: above the work that counts as heavy before anything was measured
+    big_req = _req(5, height=256, width=256, num_inference_steps=3, num_images_per_prompt=2)
+    small_req = _req(6, num_inference_steps=3, num_images_per_prompt=1)
+
+    def big_step(step: int, total: int) -> None:
+        if step == 1:
+            assert small_done.wait(600), "the small request was not answered while the heavy step ran"
+
+    with StepBatcher(model, max_batch=4) as batcher:
+        big = batcher.submit_async(big_req, on_step=big_step)
+        while batcher.stats.heavy_steps == 0:  # the heavy lane has the big request's first step
+            time.sleep(0.01)
+        small = batcher.submit(small_req)
+        small_done.set()
+        big_result = big.result(timeout=900)
+        assert batcher.stats.heavy_steps == 3 and batcher.stats.completed == 2
+    assert float(np.abs(generate(model, big_req).arrays - big_result.arrays).max()) <= 1e-4  # type: ignore[operator]
+    assert float(np.abs(generate(model, small_req).arrays - small.arrays).max()) <= 1e-4  # type: ignore[operator]
+
+
+def test_without_the_heavy_lane_every_step_runs_on_the_batcher_thread(model) -> None:  # type: ignore[no-untyped-def]
+    with StepBatcher(model, heavy_step_s=None) as batcher:
+        batcher.submit(_req(5, height=256, width=256, num_inference_steps=2, num_images_per_prompt=1))
+        assert batcher.stats.heavy_steps == 0

@@ -38,13 +38,19 @@ PRIOR_S_PER_UNIT = 4.0
 _EWMA_ALPHA = 0.3
 #: Retry-After bounds in seconds.
 _RETRY_AFTER_MAX = 60
-#: Fraction of a worker's memory share that requests may fill (the rest: weights, allocator slack, Python).
+#: Fraction of a worker's memory share that requests may fill (the rest: allocator slack, fragmentation).
 _MEMORY_FRACTION = 0.6
+#: A worker's memory before any request, besides the weights: Python, torch, diffusers and their buffers
+#: (measured: 393 MiB after the imports, 577 MiB with the 97 MiB built-in model loaded).
+_RUNTIME_BYTES = 512 * 1024**2
 #: Live float tensors per pixel, estimated: the VAE decoder at full resolution keeps about this many
-#: activations of its widest full-resolution block at once; the UNet works at 1/64 of the pixels, twice
-#: for classifier-free guidance, with about this many activations of its first block alive.
-_VAE_LIVE_TENSORS = 8
-_UNET_LIVE_TENSORS = 24
+#: activations of its widest full-resolution block at once; the UNet works at 1/scale**2 of the pixels
+#: (scale = the VAE's downsampling), twice for classifier-free guidance, with about this many activations
+#: of its first block alive (attention at full latent resolution included). Calibrated on the built-in
+#: model in bf16 (bench ``reliability``: a request at the budget, peak RSS against the memory given):
+#: a 512x512 image cost 950 bytes per pixel above the loaded worker.
+_VAE_LIVE_TENSORS = 12
+_UNET_LIVE_TENSORS = 48
 
 
 @dataclass(frozen=True)
@@ -123,23 +129,27 @@ def bytes_per_pixel(model_dir: Path, dtype: str) -> int:
     """Estimated peak bytes one output pixel costs a worker while it generates, from the model's configs.
 
     The VAE decoder's full-resolution block (``vae/config.json`` ``block_out_channels[0]``, 128 for SD) and the
-    UNet's first block (``unet/config.json``, 320 for SD, at 1/64 of the pixels, doubled for guidance) times
-    the bytes of the dtype. Unknown models get SD's sizes.
+    UNet's first block (``unet/config.json``, 320 for SD, at 1/scale**2 of the pixels where scale is the VAE's
+    downsampling, doubled for guidance) times the bytes of the dtype. Unknown models get SD's sizes.
     """
     width = 2 if dtype in ("fp16", "bf16") else 4
-    vae = _channels(_read_json(model_dir / "vae" / "config.json"), 128)
+    vae_config = _read_json(model_dir / "vae" / "config.json")
+    vae = _channels(vae_config, 128)
+    blocks = vae_config.get("block_out_channels")
+    scale = 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else 8
     unet = _channels(_read_json(model_dir / "unet" / "config.json"), 320)
-    per_pixel = vae * _VAE_LIVE_TENSORS + unet * 2 * _UNET_LIVE_TENSORS / 64
+    per_pixel = vae * _VAE_LIVE_TENSORS + unet * 2 * _UNET_LIVE_TENSORS / scale**2
     return max(1, int(math.ceil(per_pixel * width)))
 
 
 def memory_budget_pixels(model_dir: Path, dtype: str, worker_memory_bytes: int) -> int:
     """Pixels (height x width x images, summed over a batch) one worker may hold at once.
 
-    ``worker_memory_bytes`` is the worker's share of the machine's memory; the model's weights come off it,
-    then :data:`_MEMORY_FRACTION` of the rest is divided by :func:`bytes_per_pixel`. At least one 64x64 image.
+    ``worker_memory_bytes`` is the worker's share of the machine's memory; the runtime (:data:`_RUNTIME_BYTES`)
+    and the model's weights come off it, then :data:`_MEMORY_FRACTION` of the rest is divided by
+    :func:`bytes_per_pixel`. At least one 64x64 image.
     """
-    room = (worker_memory_bytes - _weights_bytes(model_dir)) * _MEMORY_FRACTION
+    room = (worker_memory_bytes - _RUNTIME_BYTES - _weights_bytes(model_dir)) * _MEMORY_FRACTION
     return max(64 * 64, int(room / bytes_per_pixel(model_dir, dtype)))
 
 
