@@ -154,25 +154,31 @@ def test_malformed_factors_are_refused_by_name(tmp_path: Path) -> None:
         read_latent_preview(tmp_path)
 
 
-def test_batching_and_deepcache_with_previews(mini) -> None:  # type: ignore[no-untyped-def]
-    reqs = [_req(seed=10 + i, num_images_per_prompt=1, deep_cache_interval=2,
-                 preview=("approx", "vae", "none")[i], preview_every=1) for i in range(3)]
-    solo = [generate(mini, r.model_copy(update={"preview": "none"})) for r in reqs]
-    reports: dict[int, list[StepProgress]] = {i: [] for i in range(3)}
-    results: list[object] = [None] * 3
+def _batch(mini, reqs: list[GenerateRequest], reports: dict[int, list[StepProgress]] | None):  # type: ignore[no-untyped-def]
+    """Run ``reqs`` together in one batch (held behind a gated first job so they are admitted at once)."""
     with StepBatcher(mini, max_batch=4) as batcher:
         gate = threading.Event()
-        first = batcher.submit_async(_req(num_inference_steps=2), on_step=lambda s, t: gate.wait(10))
-        jobs = [batcher.submit_async(r, on_progress=reports[i].append) for i, r in enumerate(reqs)]
+        first = batcher.submit_async(_req(num_inference_steps=2, num_images_per_prompt=1),
+                                     on_step=lambda s, t: gate.wait(10))
+        jobs = [batcher.submit_async(r, on_progress=reports[i].append if reports is not None else None)
+                for i, r in enumerate(reqs)]
         gate.set()
         first.result()
-        for i, job in enumerate(jobs):
-            results[i] = job.result()
-        assert batcher.stats.max_rows >= 3  # they really ran together
+        results = [job.result() for job in jobs]
+        assert batcher.stats.max_rows >= len(reqs)  # they really ran together
+    return results
+
+
+def test_batching_and_deepcache_with_previews(mini) -> None:  # type: ignore[no-untyped-def]
+    reqs = [_req(seed=10 + i, num_images_per_prompt=1, num_inference_steps=4, deep_cache_interval=2,
+                 preview=("approx", "vae", "none")[i], preview_every=1) for i in range(3)]
+    reports: dict[int, list[StepProgress]] = {i: [] for i in range(3)}
+    shown = _batch(mini, reqs, reports)
+    plain = _batch(mini, [r.model_copy(update={"preview": "none"}) for r in reqs], None)
     for i in range(3):
-        assert np.array_equal(results[i].arrays, solo[i].arrays)  # type: ignore[attr-defined]
-        assert [r.step for r in reports[i]] == list(range(1, 7))
+        assert np.array_equal(shown[i].arrays, plain[i].arrays)  # bit-identical with previews on
+        assert [r.step for r in reports[i]] == [1, 2, 3, 4]
         previews = [r for r in reports[i] if r.previews is not None]
-        assert len(previews) == (0 if i == 2 else 5)
+        assert len(previews) == (0 if i == 2 else 3)
         for r in previews:
             assert r.previews[0].shape == (64, 64, 3)  # type: ignore[index]
