@@ -222,3 +222,25 @@ def test_event_stream_framing_matches_botocore(tmp_path: Path) -> None:
     assert first.payload == b"hello" and first.headers[":event-type"] == "PayloadPart"
     assert second.headers[":exception-type"] == "ModelStreamError"
     assert json.loads(second.payload) == {"Message": "boom", "ErrorCode": "StreamBroken"}
+
+
+def test_client_generate_reports_progress_and_the_cli_invoke_shows_it(daemon, mini_endpoint, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from sdmaker.client import Client
+
+    events: list[dict] = []
+    with Client(daemon.url) as client:
+        gen = client.generate(mini_endpoint, "a red circle", height=64, width=64, num_inference_steps=3, seed=4,
+                              on_progress=events.append)
+        plain = client.generate(mini_endpoint, "a red circle", height=64, width=64, num_inference_steps=3, seed=4)
+    assert gen.images == plain.images
+    assert [e["step"] for e in events if e["type"] == "step"] == [1, 2, 3]
+    monkeypatch.setenv("SDMAKER_URL", daemon.url)
+    from typer.testing import CliRunner
+
+    from sdmaker.cli import app
+
+    result = CliRunner().invoke(app, ["invoke", mini_endpoint, "-p", "a red circle", "--height", "64", "--width", "64",
+                                      "--num-inference-steps", "2", "--seed", "4", "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert len(list(tmp_path.glob(f"{mini_endpoint}-00-seed4.*"))) == 1
