@@ -44,7 +44,8 @@ def predict_fn(data, model):
 
 @pytest.fixture(scope="module")
 def mini_endpoint(daemon) -> str:  # type: ignore[no-untyped-def]
-    desc = daemon.deploy("pg-mini", "mini")
+    # a generous invocation timeout: a loaded CI machine must not turn a slow step into a timeout here
+    desc = daemon.deploy("pg-mini", "mini", env={"SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS": "600"})
     assert desc["EndpointStatus"] == "InService", desc.get("FailureReason")
     return "pg-mini"
 
@@ -85,7 +86,7 @@ def _invoke(daemon, name: str, body: bytes, job_id: str | None = None) -> httpx.
     headers = {"Content-Type": "application/json"}
     if job_id:
         headers["X-Sdmaker-Job-Id"] = job_id
-    return httpx.post(f"{daemon.url}/endpoints/{name}/invocations", content=body, headers=headers, timeout=120)
+    return httpx.post(f"{daemon.url}/endpoints/{name}/invocations", content=body, headers=headers, timeout=600)
 
 
 def test_invocations_get_a_job_id_whose_events_replay_and_resume(daemon, mini_endpoint) -> None:  # type: ignore[no-untyped-def]
@@ -117,7 +118,7 @@ def test_live_events_while_it_runs_and_a_caller_chosen_id(daemon, mini_endpoint)
     job = f"my-job-{time.time_ns()}"
     answer: dict[str, httpx.Response] = {}
     thread = threading.Thread(target=lambda: answer.setdefault("r", _invoke(
-        daemon, mini_endpoint, _body(num_inference_steps=8, seed=9), job_id=job)))
+        daemon, mini_endpoint, _body(num_inference_steps=6, seed=9), job_id=job)))
     thread.start()
     seen: list[dict] = []
     with httpx.Client(timeout=60) as client:
@@ -141,8 +142,8 @@ def test_live_events_while_it_runs_and_a_caller_chosen_id(daemon, mini_endpoint)
     assert answer["r"].headers["X-Sdmaker-Job-Id"] == job
     ids = [e["id"] for e in seen + rest]
     assert ids == list(range(1, len(ids) + 1))  # nothing lost, nothing twice
-    assert rest[-1]["event"] == "done"
-    assert len([e for e in seen + rest if e["event"] == "step"]) == 8
+    assert rest[-1]["event"] == "done", rest[-1]
+    assert len([e for e in seen + rest if e["event"] == "step"]) == 6
     reused = _invoke(daemon, mini_endpoint, _body(), job_id=job)
     assert reused.status_code == 400 and "already in use" in reused.json()["message"]
 

@@ -13,6 +13,11 @@ without ``predict_fn`` the body may be the seed's JSON, any :class:`~sdmaker.sch
 or the toolkit's ``{"inputs": prompt, "parameters": {...}}``, validated before any generation; the
 answer is ``{"generated_images": [base64 ...], "seeds": [...], ...}`` or, for ``Accept: image/png``
 (``image/jpeg``, ``image/webp``), the raw bytes of a single image.
+
+Progress: while a request runs, the default model reports each step (and the previews the request asks
+for) to the invocation's :class:`ProgressSink`, which the server frames back to the daemon. A ``predict_fn``
+(or ``transform_fn``) that returns a generator streams: each chunk goes out through the sink as it is
+yielded (``output_fn``, when defined, encodes each chunk), or, with nobody streaming, the chunks are joined.
 """
 
 from __future__ import annotations
