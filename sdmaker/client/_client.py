@@ -38,7 +38,7 @@ from sdmaker.errors import (
     error_class_for_code,
 )
 from sdmaker.files import atomic_write_bytes
-from sdmaker.schema import GenerateRequest, parse_request, request_fields
+from sdmaker.schema import PROGRESS_FIELDS, GenerateRequest, parse_request, request_fields
 
 __all__ = ["Client", "Generation", "InvokeResult"]
 
@@ -274,6 +274,9 @@ class Client:
             fields["prompt"] = prompt
         request: GenerateRequest = parse_request({k: v for k, v in fields.items() if v is not None})
         body = request.model_dump(mode="json", exclude_none=True)
+        for name in PROGRESS_FIELDS:  # sent only when asked for: a daemon that predates them refuses them
+            if name not in request.model_fields_set:
+                body.pop(name, None)
         result = (self.invoke_stream(endpoint, body, on_progress=on_progress) if on_progress is not None
                   else self.invoke(endpoint, body))
         data = result.json()
