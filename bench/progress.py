@@ -60,7 +60,7 @@ def preview_cost(quick: bool, *, repeats: int | None = None, steps: int = 10) ->
     callback = _worker_like_callback()
     kinds: tuple[PreviewKind, ...] = ("none", "approx", "vae")
     per_step: dict[str, list[float]] = {k: [] for k in kinds}
-    repeats = repeats or (4 if quick else 20)
+    repeats = repeats or (3 if quick else 20)
     for k in kinds:  # warm-up (and the first-use fit, which mini does not need: it ships its factors)
         generate(model, GenerateRequest(**_REQUEST, num_inference_steps=2, preview=k, preview_every=1),
                  on_progress=callback)
@@ -81,7 +81,8 @@ def preview_cost(quick: bool, *, repeats: int | None = None, steps: int = 10) ->
 def _deploy(d: BenchDaemon, name: str) -> None:
     sm = d.client("sagemaker")
     sm.create_model(ModelName=name, ExecutionRoleArn="arn:aws:iam::111122223333:role/sm",
-                    PrimaryContainer={"Image": "sdmaker", "ModelDataUrl": "mini"})
+                    PrimaryContainer={"Image": "sdmaker", "ModelDataUrl": "mini", "Environment": {
+                        "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS": "600"}})
     sm.create_endpoint_config(EndpointConfigName=name, ProductionVariants=[{
         "VariantName": "AllTraffic", "ModelName": name, "InitialInstanceCount": 1, "InstanceType": "ml.m5.xlarge"}])
     sm.create_endpoint(EndpointName=name, EndpointConfigName=name)
@@ -95,7 +96,7 @@ def _first_progress(quick: bool) -> list[dict[str, Any]]:
     import httpx
     from botocore.eventstream import EventStreamBuffer
 
-    runs = 8 if quick else 30
+    runs = 5 if quick else 30
     first_any: list[float] = []
     first_step: list[float] = []
     whole: list[float] = []
