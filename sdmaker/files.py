@@ -48,6 +48,7 @@ __all__ = [
     "MODEL_CARD_DEFAULT_KEYS",
     "MODEL_CARD_FILE",
     "PICKLE_SUFFIXES",
+    "PREVIEW_FACTORS_SUFFIX",
     "WEIGHT_SUFFIXES",
     "Progress",
     "atomic_open",
@@ -59,6 +60,7 @@ __all__ = [
     "find_pickle_weights",
     "fsync_dir",
     "hash_file",
+    "preview_factors_path",
     "is_pickle_weight",
     "is_weight_file",
     "link_or_copy",
@@ -92,6 +94,19 @@ MODEL_CARD_DEFAULT_KEYS = ("height", "width", "num_inference_steps", "guidance_s
                            "scheduler", "deep_cache_interval")
 
 _CHUNK = 8 * 1024 * 1024
+
+#: Suffix of the file beside a model folder that keeps its fitted latent-preview factors (JSON).
+PREVIEW_FACTORS_SUFFIX = ".latent-preview.json"
+
+
+def preview_factors_path(model_dir: Path) -> Path:
+    """Where the latent-preview factors of the model at ``model_dir`` are kept: a file beside the folder.
+
+    Beside, not inside: a file added inside would change the model's digest. The store keeps one per
+    snapshot (``snapshots/<digest>.latent-preview.json``), so identical models share their factors.
+    """
+    model_dir = Path(model_dir)
+    return model_dir.parent / f"{model_dir.name}{PREVIEW_FACTORS_SUFFIX}"
 
 
 # --- the pickle policy and weight suffixes ------------------------------------------------------

@@ -39,6 +39,9 @@ __all__ = [
     "FieldSpec",
     "GenerateRequest",
     "ImageFormat",
+    "PREVIEWS",
+    "PROGRESS_FIELDS",
+    "PreviewKind",
     "ResolvedRequest",
     "SchedulerName",
     "body_text",
@@ -54,6 +57,10 @@ __all__ = [
 SchedulerName = Literal["ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "unipc", "lms", "heun", "ddpm"]
 SCHEDULERS: tuple[str, ...] = ("ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "unipc", "lms", "heun", "ddpm")
 ImageFormat = Literal["jpeg", "png", "webp"]
+PreviewKind = Literal["none", "approx", "vae"]
+PREVIEWS: tuple[str, ...] = ("none", "approx", "vae")
+#: Fields that change what is reported while a request runs, never its images (left out of recipes).
+PROGRESS_FIELDS: tuple[str, ...] = ("preview", "preview_every")
 FORMATS: tuple[str, ...] = ("jpeg", "png", "webp")
 
 #: Hard limits; a request outside them is rejected before any work is queued.
@@ -69,6 +76,7 @@ LIMITS: dict[str, Any] = {
     "prompt_chars_max": 4000,
     "seed_max": 2**63 - 1,
     "deep_cache_max": 10,
+    "preview_every_max": 500,
 }
 
 #: The seed article's defaults, used for any field neither the request nor the model sets.
@@ -126,6 +134,15 @@ class GenerateRequest(BaseModel):
     )
     format: ImageFormat = Field(default="jpeg", description="Output image format (the seed returns JPEG).")
     quality: int = Field(default=90, ge=1, le=100, strict=True, description="JPEG/WebP quality.")
+    preview: PreviewKind = Field(
+        default="none",
+        description="Preview images in the progress events: none; approx (a linear latent-to-RGB map, next to "
+                    "free); vae (a full VAE decode, costs about one decode per preview). Images are unchanged.",
+    )
+    preview_every: int = Field(
+        default=0, ge=0, le=LIMITS["preview_every_max"], strict=True,
+        description="A preview every N steps (0 = auto: every step for approx, about 4 per run for vae).",
+    )
 
     @field_validator("prompt", "negative_prompt", mode="before")
     @classmethod

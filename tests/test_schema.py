@@ -108,7 +108,7 @@ INT_FIELDS = [spec.name for spec in request_fields() if spec.type is int]
 
 def test_the_integer_fields_are_the_expected_ones() -> None:
     assert set(INT_FIELDS) == {"height", "width", "num_inference_steps", "num_images_per_prompt", "seed",
-                               "deep_cache_interval", "quality"}
+                               "deep_cache_interval", "quality", "preview_every"}
 
 
 @pytest.mark.parametrize("field", INT_FIELDS)

@@ -19,6 +19,7 @@ import typer
 from rich.table import Table
 
 from sdmaker.cli._common import console, get_settings, setup_logging, write_new_file
+from sdmaker.cli._progress import image_bars
 from sdmaker.cli._request_options import request_from_options, request_options
 from sdmaker.config import Settings
 from sdmaker.errors import ConfigError, ServingError
@@ -341,8 +342,11 @@ def invoke_cmd(
 ) -> None:
     """Generate images on an endpoint and write them to --out as <endpoint>-NN-seedS.ext (never overwriting)."""
     request = request_from_options(request_values)  # validated before anything is sent (or torch imported)
-    with _client(get_settings()) as client:
-        gen = client.generate(name, **request.model_dump(exclude_unset=True))
+    images = len(request.prompts) * (request.num_images_per_prompt or 1)
+    seeds = [request.seed + i for i in range(images)] if request.seed is not None else None
+    with _client(get_settings()) as client, image_bars(images, request.num_inference_steps or 1, seeds) as bars:
+        # the response stream carries the job's progress lines, then the answer
+        gen = client.generate(name, on_progress=bars.on_event, **request.model_dump(exclude_unset=True))
     seeds = gen.raw.get("seeds") if isinstance(gen.raw.get("seeds"), list) else None
     for i, data in enumerate(gen.images):
         stem = f"{name}-{i:02d}" + (f"-seed{seeds[i]}" if seeds and i < len(seeds) else "")

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from sdmaker.cli._common import console, err_console, get_settings, load_model_ref, setup_logging, write_new_file
+from sdmaker.cli._progress import image_bars
 from sdmaker.cli._request_options import request_from_options, request_options
 
 __all__ = ["DEFAULT_MODEL", "register"]
@@ -56,11 +56,8 @@ def generate_cmd(
         err_console.print(f"[yellow]warning:[/yellow] {ref} has digest {loaded.digest[:12]}, the image was made "
                           f"with {recipe['model_digest'][:12]}: the result will differ", highlight=False)
     resolved = request.resolve(loaded.defaults)
-    with Progress(TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err_console, transient=True) as progress:
-        task = progress.add_task("steps", total=resolved.num_inference_steps)
-        result = generate(loaded, resolved,
-                          on_step=lambda step, total: progress.update(task, completed=step, total=total))
+    with image_bars(len(resolved.image_seeds()), resolved.num_inference_steps, resolved.image_seeds()) as bars:
+        result = generate(loaded, resolved, on_progress=lambda p: bars.step(p.step, p.total, p.eta_s))
     for i, img in enumerate(result.images):
         path = write_new_file(out, f"{i:02d}-seed{img.seed}", _EXT[resolved.format], result.encode(i))
         console.print(str(path), highlight=False, soft_wrap=True)

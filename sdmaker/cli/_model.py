@@ -56,6 +56,9 @@ def import_cmd(
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.ckpt/.pt weights "
                                                "(unpickling runs code; trusted sources only).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a model of the same name.")] = False,
+    fit_previews: Annotated[bool, typer.Option("--fit-previews/--no-fit-previews", help=(
+        "Fit the model's cheap preview factors (latent-to-RGB) against its VAE now and keep them with it; "
+        "otherwise each worker fits them the first time a request asks for a preview."))] = True,
     verbose: Verbose = False,
 ) -> None:
     """Import a model into the store (content-addressed; identical files are stored once).
@@ -72,7 +75,22 @@ def import_cmd(
                                       overwrite=overwrite)
     console.print(f"imported [bold]{manifest.name}[/bold]: {len(manifest.files)} files, "
                   f"{_size(manifest.total_size)}, digest {manifest.digest}", highlight=False, soft_wrap=True)
-    console.print(str(store.model_path(manifest.name)), highlight=False, soft_wrap=True)
+    path = store.model_path(manifest.name)
+    if fit_previews and (path / "vae" / "config.json").is_file():
+        _fit_previews(path)
+    console.print(str(path), highlight=False, soft_wrap=True)
+
+
+def _fit_previews(path: Path) -> None:
+    """Fit and keep the approx-preview factors (``sdmaker.engine.fit_preview_file``); a failure only warns."""
+    try:
+        with err_console.status("fitting preview factors against the model's VAE"):
+            from sdmaker.engine import fit_preview_file
+
+            fit_preview_file(path)
+    except Exception as exc:  # noqa: BLE001 - previews are optional: the import itself succeeded
+        err_console.print(f"[yellow]warning:[/yellow] preview factors not fitted ({exc}); workers fit them on "
+                          "first use", highlight=False)
 
 
 @model_app.command("list")

@@ -18,6 +18,7 @@ import base64
 import inspect
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from sdmaker.errors import (
     ERROR_CODE_HEADER,
     EndpointNotFoundError,
     InvalidRequestError,
+    InvocationFailedError,
     InvocationTimeoutError,
     SdmakerError,
     ServingError,
@@ -36,7 +38,7 @@ from sdmaker.errors import (
     error_class_for_code,
 )
 from sdmaker.files import atomic_write_bytes
-from sdmaker.schema import GenerateRequest, parse_request, request_fields
+from sdmaker.schema import PROGRESS_FIELDS, GenerateRequest, parse_request, request_fields
 
 __all__ = ["Client", "Generation", "InvokeResult"]
 
@@ -125,6 +127,33 @@ def _raise_for_status(response: httpx.Response) -> None:
     raise error
 
 
+#: Types of the progress lines a response stream carries before the answer.
+_PROGRESS_TYPES = (b'{"type":"queued"', b'{"type":"started"', b'{"type":"step"', b'{"type":"preview"')
+
+
+def _stream_message(headers: dict[str, Any], payload: bytes, result: bytearray,
+                    on_progress: Callable[[dict[str, Any]], None] | None) -> None:
+    """One event-stream message: a progress line (to ``on_progress``), a piece of the answer, or an error."""
+    kind = headers.get(":message-type")
+    if kind in ("exception", "error"):
+        name = str(headers.get(":exception-type") or headers.get(":error-code") or "InternalStreamFailure")
+        try:
+            detail = json.loads(payload)
+        except ValueError:
+            detail = {}
+        message = str(detail.get("Message") or headers.get(":error-message") or name)
+        if detail.get("ErrorCode") == "ModelInvocationTimeExceeded":
+            raise InvocationTimeoutError(message, aws_code=name)
+        raise InvocationFailedError(f"{name}: {message}", aws_code=name, original_status=424)
+    if headers.get(":event-type") != "PayloadPart":
+        return
+    if payload.startswith(_PROGRESS_TYPES) and payload.endswith(b"\n") and b'"job_id"' in payload:
+        if on_progress is not None:
+            on_progress(json.loads(payload))
+        return
+    result.extend(payload)
+
+
 class Client:
     """Talk to a running ``sdmaker up`` daemon.
 
@@ -196,17 +225,60 @@ class Client:
                             request_id=response.headers.get("x-amzn-requestid"),
                             custom_attributes=response.headers.get("x-amzn-sagemaker-custom-attributes"))
 
-    def generate(self, endpoint: str, prompt: str | list[str] | None = None, **fields: Any) -> Generation:
+    def invoke_stream(self, endpoint: str, body: bytes | dict[str, Any], *, content_type: str = "application/json",
+                      accept: str = "application/json",
+                      on_progress: Callable[[dict[str, Any]], None] | None = None) -> InvokeResult:
+        """``InvokeEndpointWithResponseStream``: the answer, with each progress line given to ``on_progress``.
+
+        The daemon streams the job's progress events (``{"type": "queued"|"started"|"step"|"preview", "job_id",
+        ...}``, one JSON line per part) and then the answer; an error event in the stream raises
+        :class:`~sdmaker.errors.InvocationFailedError` (a timeout: :class:`~sdmaker.errors.InvocationTimeoutError`).
+        """
+        from botocore.eventstream import EventStreamBuffer  # botocore's own parser of the framing
+
+        payload = json.dumps(body).encode() if isinstance(body, dict) else body
+        headers = {"Content-Type": content_type, "X-Amzn-SageMaker-Accept": accept}
+        path = f"/endpoints/{endpoint}/invocations-response-stream"
+        result = bytearray()
+        try:
+            with self._http.stream("POST", path, content=payload, headers=headers) as response:
+                if response.status_code >= 300:
+                    response.read()
+                    _raise_for_status(response)
+                buffer = EventStreamBuffer()
+                for data in response.iter_raw():
+                    buffer.add_data(data)
+                    for message in buffer:
+                        _stream_message(message.headers, message.payload, result, on_progress)
+                request_id = response.headers.get("x-amzn-requestid")
+                content = response.headers.get("x-amzn-sagemaker-content-type", accept)
+        except httpx.TimeoutException as exc:
+            raise InvocationTimeoutError(f"no answer from {self.url}{path} within the client timeout; raise "
+                                         "Client(timeout=...)", url=self.url) from exc
+        except httpx.TransportError as exc:
+            raise ServingError(f"cannot reach the sdmaker daemon at {self.url} ({type(exc).__name__}); start it "
+                               "with `sdmaker up`", url=self.url) from exc
+        return InvokeResult(body=bytes(result), content_type=content, request_id=request_id)
+
+    def generate(self, endpoint: str, prompt: str | list[str] | None = None, *,
+                 on_progress: Callable[[dict[str, Any]], None] | None = None, **fields: Any) -> Generation:
         """Text-to-image with the shared request schema (validated here before anything is sent).
 
         ``fields`` are :class:`~sdmaker.schema.GenerateRequest`'s; a field given as ``None`` is left unset
         (the endpoint's model default applies). An unknown or out-of-range field raises
-        :class:`~sdmaker.errors.InvalidRequestError` naming it.
+        :class:`~sdmaker.errors.InvalidRequestError` naming it. With ``on_progress``, the request is streamed
+        (:meth:`invoke_stream`) and each progress event (a dict with ``type`` ``step``: ``step``, ``total``,
+        ``elapsed_s``, ``eta_s``; ``preview``: ``index``, base64 JPEG ``image``) is passed to it as it comes.
         """
         if prompt is not None:
             fields["prompt"] = prompt
         request: GenerateRequest = parse_request({k: v for k, v in fields.items() if v is not None})
-        result = self.invoke(endpoint, request.model_dump(mode="json", exclude_none=True))
+        body = request.model_dump(mode="json", exclude_none=True)
+        for name in PROGRESS_FIELDS:  # sent only when asked for: a daemon that predates them refuses them
+            if name not in request.model_fields_set:
+                body.pop(name, None)
+        result = (self.invoke_stream(endpoint, body, on_progress=on_progress) if on_progress is not None
+                  else self.invoke(endpoint, body))
         data = result.json()
         images = data.get("generated_images") if isinstance(data, dict) else None
         if not isinstance(images, list):

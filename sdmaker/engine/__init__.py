@@ -3,7 +3,8 @@
 One denoising loop (``_loop``) serves everything: ``generate`` runs it for one request, ``StepBatcher``
 steps many requests through it together.
 
-Nothing here imports HTTP or CLI libraries; progress reaches callers through ``on_step`` callbacks.
+Nothing here imports HTTP or CLI libraries; progress reaches callers through ``on_step`` and ``on_progress``
+callbacks (step, elapsed, ETA and optional preview images: ``_preview``).
 """
 
 from sdmaker.engine._device import Placement, cpu_has_native_bf16, resolve_placement
@@ -58,6 +59,16 @@ from sdmaker.engine._fast import (  # noqa: E402
     recommended_options,
 )
 from sdmaker.engine._generate import generate_fast  # noqa: E402
+from sdmaker.engine._preview import (  # noqa: E402
+    PREVIEW_KEY,
+    LatentPreview,
+    ProgressCallback,
+    StepProgress,
+    fit_latent_preview,
+    fit_preview_file,
+    preview_interval,
+    read_latent_preview,
+)
 
 __all__ += [
     "BatchJob",
@@ -66,6 +77,14 @@ __all__ += [
     "StepBatcher",
     "apply_speed_options",
     "generate_fast",
+    "PREVIEW_KEY",
+    "LatentPreview",
+    "ProgressCallback",
+    "StepProgress",
+    "fit_latent_preview",
+    "fit_preview_file",
+    "preview_interval",
+    "read_latent_preview",
     "recommended_dtype",
     "recommended_options",
 ]

@@ -59,6 +59,7 @@ from sdmaker.engine._loop import (
     run_unet,
     to_result,
 )
+from sdmaker.engine._preview import ProgressCallback
 from sdmaker.engine._result import GenerationResult, StepCallback
 from sdmaker.errors import (
     ConfigError,
@@ -101,10 +102,11 @@ class BatchJob(Future[GenerationResult]):
     """
 
     def __init__(self, request: ResolvedRequest, on_step: StepCallback | None, deadline: float | None,
-                 wake: Callable[[], None]) -> None:
+                 wake: Callable[[], None], on_progress: ProgressCallback | None = None) -> None:
         super().__init__()
         self.request = request
         self.on_step = on_step
+        self.on_progress = on_progress
         self.deadline = deadline
         self.enqueued = time.perf_counter()
         self._wake = wake
@@ -207,19 +209,21 @@ class StepBatcher:
 
     # -- public API ---------------------------------------------------------------------------------
     def submit_async(self, request: GenerateRequest, on_step: StepCallback | None = None, *,
-                     timeout_s: float | None = None, deadline: float | None = None) -> BatchJob:
+                     timeout_s: float | None = None, deadline: float | None = None,
+                     on_progress: ProgressCallback | None = None) -> BatchJob:
         """Queue ``request``; the returned :class:`BatchJob` resolves to its result (or its error).
 
         ``timeout_s`` (seconds from now) and ``deadline`` (a ``time.monotonic()`` instant) bound the job's
         life, queueing included; the earlier one wins. Past it, the job stops at the next step boundary
         with :class:`InvocationTimeoutError`. ``job.cancel()`` stops it with :class:`GenerationCancelledError`.
+        ``on_progress`` gets the job's step reports and previews, from the batcher's thread or its heavy lane.
         """
         resolved = resolve(self.model, request)
         deep_cache_interval_for(self.model, resolved, self.deep_cache_interval)  # refuse here, not in the batch
         if timeout_s is not None:
             by_timeout = time.monotonic() + timeout_s
             deadline = by_timeout if deadline is None else min(deadline, by_timeout)
-        job = BatchJob(resolved, on_step, deadline, self._wake)
+        job = BatchJob(resolved, on_step, deadline, self._wake, on_progress)
         with self._cond:
             if self._closed:
                 raise EngineError("the batcher is closed", model=self.model.name)
@@ -422,7 +426,8 @@ class StepBatcher:
                     self.stats.queue_wait_s.append(now - p.enqueued)
                 jobs = prepare_jobs(model, [(p.request, p.on_step) for p in admitted],
                                     deep_cache_interval=self.deep_cache_interval,
-                                    deep_cache_branch=self.deep_cache_branch)
+                                    deep_cache_branch=self.deep_cache_branch,
+                                    progress=[p.on_progress for p in admitted])
                 for job, p in zip(jobs, admitted, strict=True):
                     job.started = p.enqueued
                     self._active.append((job, p))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sdmaker.engine._device import Placement, resolve_placement
+from sdmaker.engine._preview import read_latent_preview
 from sdmaker.engine._schedulers import scheduler_name_of
 from sdmaker.errors import ModelFormatError, ModelNotFoundError, PickleRefusedError
 from sdmaker.files import (  # the one pickle rule, digest and model card
@@ -53,6 +54,8 @@ class LoadedModel:
     default_scheduler: str | None = None
     load_seconds: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: approx-preview factors (:class:`~sdmaker.engine.LatentPreview`) kept with the model; fitted on first use if None
+    latent_preview: Any = field(default=None, repr=False)
 
     @property
     def native_size(self) -> int:
@@ -155,6 +158,11 @@ def load_model(
     pipe = pipe.to(placement.device)
     pipe.set_progress_bar_config(disable=True)
     load_seconds = time.perf_counter() - started
+    try:
+        latent_preview = read_latent_preview(path)
+    except ModelFormatError as exc:  # previews are optional: fitted again on first use
+        logger.warning("%s", exc.message)
+        latent_preview = None
     prediction_type = str(pipe.scheduler.config.get("prediction_type", "epsilon"))
     model = LoadedModel(
         pipeline=pipe,
@@ -166,6 +174,7 @@ def load_model(
         prediction_type=prediction_type,
         default_scheduler=scheduler_name_of(pipe.scheduler),
         load_seconds=load_seconds,
+        latent_preview=latent_preview,
     )
     logger.info("loaded %s (%s, %s, %s) in %.2fs", model.name, prediction_type, placement.device,
                 placement.dtype_name, load_seconds)

@@ -20,7 +20,7 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,13 +29,14 @@ import torch
 
 from sdmaker.engine._deepcache import UNetUnits, check_deepcache_support
 from sdmaker.engine._loader import LoadedModel
+from sdmaker.engine._preview import LatentPreview, ProgressCallback, StepProgress, fit_latent_preview, preview_interval
 from sdmaker.engine._result import GeneratedImage, GenerationResult, StepCallback, negatives_of
 from sdmaker.engine._schedulers import make_scheduler, scheduler_name_of
 from sdmaker.errors import ConfigError, EngineError, InvalidRequestError, OutOfMemoryError, SdmakerError
 from sdmaker.schema import GenerateRequest, ResolvedRequest
 
 __all__ = ["Job", "as_engine_error", "decode_jobs", "deep_cache_interval_for", "engine_errors", "image_generators",
-           "prepare_jobs", "resolve", "run_unet", "scheduler_for", "to_result"]
+           "latent_preview_of", "prepare_jobs", "preview_images", "resolve", "run_unet", "scheduler_for", "to_result"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,13 @@ class Job:
     #: what ``on_step`` raised: the job stops at the step boundary and fails alone, its batch-mates go on
     failure: BaseException | None = None
     started: float = field(default_factory=time.perf_counter)
+    #: progress reports (step, elapsed, ETA, previews) after every step
+    on_progress: ProgressCallback | None = None
+    #: ``previewer(job) -> one uint8 HWC image per output image`` (set when the request asks for previews)
+    previewer: Callable[[Job], list[np.ndarray]] | None = None
+    preview_every: int = 0
+    #: when the job's first step began (ETA = time per step so far x steps left)
+    running_since: float = field(default_factory=time.perf_counter)
 
     @property
     def done(self) -> bool:
@@ -92,11 +100,29 @@ class Job:
         self.latents = self.scheduler.step(noise_pred, t, self.latents, **self.extra_step_kwargs,
                                            return_dict=False)[0]
         self.step += 1
-        if self.on_step is not None and self.failure is None:
-            try:
+        if self.failure is not None:
+            return
+        try:
+            if self.on_step is not None:
                 self.on_step(self.step, len(self.timesteps))
-            except Exception as exc:  # noqa: BLE001 - the caller's callback fails its own job only
-                self.failure = exc
+            if self.on_progress is not None:
+                self.on_progress(self.progress())
+        except Exception as exc:  # noqa: BLE001 - the caller's callback (or its preview) fails its own job only
+            self.failure = exc
+
+    def progress(self) -> StepProgress:
+        """This step's report; previews on the steps the request asked them for (never after the last step:
+        the result follows at once)."""
+        total = len(self.timesteps)
+        now = time.perf_counter()
+        per_step = (now - self.running_since) / max(self.step, 1)
+        report = StepProgress(step=self.step, total=total, elapsed_s=now - self.started,
+                              eta_s=per_step * (total - self.step))
+        if (self.previewer is not None and self.preview_every > 0 and self.step < total
+                and self.step % self.preview_every == 0):
+            report.previews = self.previewer(self)
+            report.preview_kind = self.request.preview
+        return report
 
 
 def scheduler_for(model: LoadedModel, request: ResolvedRequest) -> Any:
@@ -180,9 +206,43 @@ def resolve(model: LoadedModel, request: GenerateRequest) -> ResolvedRequest:
     return request if isinstance(request, ResolvedRequest) else request.resolve(model.defaults)
 
 
+def latent_preview_of(model: LoadedModel) -> LatentPreview:
+    """The model's approx-preview factors; fitted against its VAE (once, kept on ``model``) when none came with it."""
+    if model.latent_preview is None:
+        started = time.perf_counter()
+        model.latent_preview = fit_latent_preview(model.pipeline.vae)
+        logger.info("fitted latent preview factors for %s in %.2fs (import the model into the store to keep them)",
+                    model.name, time.perf_counter() - started)
+    return model.latent_preview
+
+
+def _to_uint8(arrays: np.ndarray) -> list[np.ndarray]:
+    return list((arrays * 255).round().astype(np.uint8))
+
+
+def preview_images(model: LoadedModel, job: Job) -> list[np.ndarray]:
+    """One preview per output image of ``job`` at its current step, as the request's ``preview`` asks.
+
+    Reads the latents only (no generator is drawn from), so the job's result is unchanged.
+    """
+    req = job.request
+    if req.preview == "vae":
+        pipe = model.pipeline
+        with torch.inference_mode():
+            image = pipe.vae.decode(job.latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+            arrays = pipe.image_processor.postprocess(image, output_type="np",
+                                                      do_denormalize=[True] * image.shape[0])
+        return _to_uint8(arrays)
+    return latent_preview_of(model).rgb(job.latents, (req.height, req.width))
+
+
 def prepare_jobs(model: LoadedModel, items: Sequence[tuple[GenerateRequest, StepCallback | None]], *,
-                 deep_cache_interval: int | None = None, deep_cache_branch: int = 2) -> list[Job]:
+                 deep_cache_interval: int | None = None, deep_cache_branch: int = 2,
+                 progress: Sequence[ProgressCallback | None] | None = None) -> list[Job]:
     """Resolve, text-encode (one text-encoder call for all of ``items``) and noise each request.
+
+    ``progress``: one :data:`ProgressCallback` (or None) per item; each gets the item's step reports and,
+    when its request asks for them, previews.
 
     ``deep_cache_interval`` None: each request's own (resolved) ``deep_cache_interval``; an int overrides it
     for all (benchmarks compare settings on one model that way). Call with ``model.lock`` held: it reads the
@@ -208,7 +268,8 @@ def prepare_jobs(model: LoadedModel, items: Sequence[tuple[GenerateRequest, Step
         pos, neg = pipe.encode_prompt(prompts, device, 1, any(cfgs), negs if any(cfgs) else None)
     jobs: list[Job] = []
     offset = 0
-    for req, (_, on_step), interval, cfg in zip(resolved, items, intervals, cfgs, strict=True):
+    callbacks = list(progress) if progress is not None else [None] * len(items)
+    for req, (_, on_step), interval, cfg, on_progress in zip(resolved, items, intervals, cfgs, callbacks, strict=True):
         seeds = req.image_seeds()
         n, per, count = len(seeds), req.num_images_per_prompt, len(req.prompts)
         generators = image_generators(seeds)
@@ -230,8 +291,15 @@ def prepare_jobs(model: LoadedModel, items: Sequence[tuple[GenerateRequest, Step
             request=req, seeds=seeds, generators=generators, negatives=negatives_of(req), scheduler=scheduler,
             timesteps=list(scheduler.timesteps), extra_step_kwargs=_step_kwargs(scheduler, generators), cfg=cfg,
             embeds=embeds, latents=latents, timestep_cond=timestep_cond, on_step=on_step,
-            deep_cache_interval=interval, deep_cache_branch=deep_cache_branch,
+            deep_cache_interval=interval, deep_cache_branch=deep_cache_branch, on_progress=on_progress,
         ))
+        job = jobs[-1]
+        job.preview_every = preview_interval(req.preview, req.preview_every, len(job.timesteps))
+        if on_progress is not None and job.preview_every > 0:
+            job.previewer = lambda j: preview_images(model, j)
+    now = time.perf_counter()
+    for job in jobs:
+        job.running_since = now
     return jobs
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from sdmaker import __version__
 from sdmaker.engine._images import MIME_TYPES, encode_image
-from sdmaker.schema import ResolvedRequest
+from sdmaker.schema import PROGRESS_FIELDS, ResolvedRequest
 
 __all__ = ["GeneratedImage", "GenerationResult", "StepCallback", "negatives_of"]
 
@@ -68,7 +68,7 @@ class GenerationResult:
             "sdmaker_version": __version__,
             "model": self.model_name,
             "model_digest": self.model_digest,
-            "request": single.model_dump(mode="json"),
+            "request": single.model_dump(mode="json", exclude=set(PROGRESS_FIELDS)),  # they never change an image
         }
 
     def encode(self, index: int) -> bytes:

@@ -11,12 +11,14 @@ the one place a worker decides whether to believe that.
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["DEADLINE_HEADER", "EXIT_BAD_CONFIG", "EXIT_BIND_FAILED", "EXIT_LOAD_FAILED", "READY_MARK", "SEEDS_HEADER",
+__all__ = ["FRAMES_MEDIA_TYPE", "JOB_ID_HEADER", "PROGRESS_HEADER", "FrameReader", "encode_frame", "DEADLINE_HEADER", "EXIT_BAD_CONFIG", "EXIT_BIND_FAILED", "EXIT_LOAD_FAILED", "READY_MARK", "SEEDS_HEADER",
            "TIMEOUT_STATUS", "VALIDATED_HEADER", "ServerState", "WorkerConfig", "deadline_seconds", "module_name",
            "trusts_validation"]
 
@@ -37,6 +39,61 @@ DEADLINE_HEADER = "X-Sdmaker-Deadline-Seconds"
 #: Status of a worker's answer to a request stopped at its deadline (with ``X-Sdmaker-Error-Code:
 #: InvocationTimeoutError``); the daemon answers it as the invocation timeout it is.
 TIMEOUT_STATUS = 408
+
+
+#: Request header naming the job an invocation belongs to: the daemon sets it on the worker request (and answers
+#: it on every synchronous invocation, so a client can watch ``/sdmaker/v1/jobs/{id}/events``); a client may
+#: choose the id itself by sending it.
+JOB_ID_HEADER = "X-Sdmaker-Job-Id"
+#: Request header by which the daemon asks a worker for its answer as a stream of frames (value ``frames``):
+#: progress events while the request runs, body chunks of a streaming ``predict_fn``, then the reply.
+PROGRESS_HEADER = "X-Sdmaker-Progress"
+#: Content-Type of a framed answer (:func:`encode_frame`).
+FRAMES_MEDIA_TYPE = "application/x-sdmaker-frames"
+
+
+def encode_frame(head: Mapping[str, Any], payload: bytes = b"") -> bytes:
+    """One frame of a framed worker answer: a JSON line (``head`` plus ``length``), then ``length`` raw bytes.
+
+    Frame kinds (``head["kind"]``): ``event`` (``type`` and ``data``: a progress event of the job), ``chunk``
+    (payload: the next piece of a streamed body) and ``reply`` (``status``, ``headers``, ``content_type``;
+    payload: the body, empty when it was streamed as chunks). ``reply`` is the last frame.
+    """
+    line = json.dumps({**head, "length": len(payload)}, separators=(",", ":")).encode()
+    return line + b"\n" + payload
+
+
+class FrameReader:
+    """Incremental parser of :func:`encode_frame` output: :meth:`feed` bytes, get complete frames back."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._head: dict[str, Any] | None = None
+
+    def feed(self, data: bytes) -> list[tuple[dict[str, Any], bytes]]:
+        self._buffer += data
+        frames: list[tuple[dict[str, Any], bytes]] = []
+        while True:
+            if self._head is None:
+                end = self._buffer.find(b"\n")
+                if end < 0:
+                    return frames
+                head = json.loads(bytes(self._buffer[:end]))
+                if not isinstance(head, dict) or not isinstance(head.get("length"), int):
+                    raise ValueError("malformed frame header")
+                self._head = head
+                del self._buffer[:end + 1]
+            length = int(self._head["length"])
+            if len(self._buffer) < length:
+                return frames
+            frames.append((self._head, bytes(self._buffer[:length])))
+            del self._buffer[:length]
+            self._head = None
+
+    @property
+    def pending(self) -> bool:
+        """Whether bytes of an incomplete frame are held (a stream that ended here was cut short)."""
+        return bool(self._buffer) or self._head is not None
 
 
 class ServerState(str, enum.Enum):

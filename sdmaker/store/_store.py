@@ -4,6 +4,7 @@ Layout under ``root`` (``settings.store_dir``)::
 
     blobs/<sha256>                 every distinct file once, read-only (shared across models)
     snapshots/<digest>/<path>      a normal diffusers folder of hard links into blobs/ (what loaders read)
+    snapshots/<digest>.latent-preview.json   its fitted preview factors (``sdmaker model import`` writes it)
     manifests/<name>.json          one per model; writing it is the commit point of an import
     tmp/                           blob and snapshot staging; only touched under the lock
     staging/                       archive extraction / downloads before an import (private temp dirs)
@@ -42,6 +43,7 @@ from sdmaker.errors import (
     StoreIntegrityError,
 )
 from sdmaker.files import (
+    PREVIEW_FACTORS_SUFFIX,
     Progress,
     atomic_write_text,
     copy_hashing,
@@ -343,7 +345,8 @@ class Store:
         live_snaps = {m.digest for m in manifests}
         freed = 0
         for snap in list(self.snapshots.iterdir()) if self.snapshots.is_dir() else []:
-            if snap.name not in live_snaps:
+            # a snapshot's latent-preview factors (sdmaker.files.preview_factors_path) live and die with it
+            if snap.name.removesuffix(PREVIEW_FACTORS_SUFFIX) not in live_snaps:
                 _remove(snap)
         for blob in list(self.blobs.iterdir()) if self.blobs.is_dir() else []:
             if blob.name not in live_blobs:

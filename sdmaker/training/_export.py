@@ -84,7 +84,12 @@ def export_builtin(vae_dir: Path, unet_dir: Path, dest: Path, *, name: str = "mi
                 shutil.copytree(src, staged / item)
             else:
                 shutil.copy2(src, staged / item)
-        (staged / MODEL_CARD_FILE).write_text(json.dumps({"name": name, "defaults": defaults}, indent=2) + "\n")
+        from sdmaker.engine import PREVIEW_KEY, fit_latent_preview
+
+        # the cheap preview's factors ship with the model (fitted on the fp32 VAE, as the engine runs it)
+        factors = fit_latent_preview(AutoencoderKL.from_pretrained(vae_dir).to(torch.float32))
+        (staged / MODEL_CARD_FILE).write_text(json.dumps({"name": name, "defaults": defaults,
+                                                          PREVIEW_KEY: factors.to_json()}, indent=2) + "\n")
         if card is not None:
             (staged / "README.md").write_text(card)
         elif (dest / "README.md").is_file():

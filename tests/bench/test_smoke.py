@@ -130,3 +130,11 @@ def test_reliability_corpus_and_shape_checks() -> None:
     wk = Case("x", "worker", b"{}")
     assert error_shape_problems(wk, Reply(400, {}, b'{"code": 400, "type": "BadRequest", "message": "m"}',
                                           connection_reusable=True)) == []
+
+
+def test_progress_preview_cost_smoke() -> None:
+    from bench.progress import preview_cost
+
+    rows = preview_cost(True, repeats=1, steps=2)
+    _check_rows(rows)
+    assert "approx preview" in rows[0]["name"] and "VAE decode" in rows[0]["notes"]

@@ -13,6 +13,11 @@ without ``predict_fn`` the body may be the seed's JSON, any :class:`~sdmaker.sch
 or the toolkit's ``{"inputs": prompt, "parameters": {...}}``, validated before any generation; the
 answer is ``{"generated_images": [base64 ...], "seeds": [...], ...}`` or, for ``Accept: image/png``
 (``image/jpeg``, ``image/webp``), the raw bytes of a single image.
+
+Progress: while a request runs, the default model reports each step (and the previews the request asks
+for) to the invocation's :class:`ProgressSink`, which the server frames back to the daemon. A ``predict_fn``
+(or ``transform_fn``) that returns a generator streams: each chunk goes out through the sink as it is
+yielded (``output_fn``, when defined, encodes each chunk), or, with nobody streaming, the chunks are joined.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,14 +55,74 @@ from sdmaker.serving.container._codecs import (
 )
 from sdmaker.serving.container._user_module import Context, UserHooks, load_user_module
 
-__all__ = ["RAW_IMAGE_TYPES", "HandlerResponse", "HandlerService", "SdModel", "error_body",
-           "model_display_name", "request_from_payload", "result_json"]
+__all__ = ["PREVIEW_JPEG_QUALITY", "RAW_IMAGE_TYPES", "HandlerResponse", "HandlerService", "ProgressSink", "SdModel",
+           "chunk_bytes", "error_body", "is_stream", "model_display_name", "request_from_payload", "result_json"]
 
 logger = logging.getLogger(__name__)
 
 #: The ``time.monotonic()`` instant the current invocation must be answered by (from the daemon's
 #: :data:`~sdmaker.serving._protocol.DEADLINE_HEADER`), set by :meth:`HandlerService.handle` for its thread.
 _DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("sdmaker_deadline", default=None)
+
+#: Where the current invocation's progress goes (set by :meth:`HandlerService.handle` for its thread when the
+#: daemon asked for a framed answer); None: nobody is watching, nothing is reported.
+_SINK: contextvars.ContextVar[ProgressSink | None] = contextvars.ContextVar("sdmaker_progress_sink", default=None)
+
+#: Quality of the JPEG previews sent in ``preview`` events (small and quick to encode).
+PREVIEW_JPEG_QUALITY = 80
+
+
+class ProgressSink:
+    """Receives one invocation's progress events and streamed body chunks, from the handler's thread.
+
+    ``event(type, data)`` and ``chunk(bytes)`` are the callables the server passes in (they frame and send).
+    """
+
+    def __init__(self, event: Callable[[str, dict[str, Any]], None], chunk: Callable[[bytes], None]) -> None:
+        self.event = event
+        self.chunk = chunk
+
+    def on_progress(self, progress: Any) -> None:
+        """A :class:`~sdmaker.engine.StepProgress` as a ``step`` event, then one ``preview`` event per image."""
+        self.event("step", progress.to_dict())
+        for index, array in enumerate(progress.previews or ()):
+            self.event("preview", {"step": progress.step, "total": progress.total, "index": index,
+                                   "kind": progress.preview_kind, "format": "jpeg",
+                                   "image": _jpeg_base64(array)})
+
+
+def _jpeg_base64(array: Any) -> str:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=PREVIEW_JPEG_QUALITY)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _progress_callback() -> Callable[[Any], None] | None:
+    sink = _SINK.get()
+    return sink.on_progress if sink is not None else None
+
+
+def is_stream(obj: Any) -> bool:
+    """Whether a ``predict_fn``/``transform_fn`` returned a stream of chunks (a generator or other iterator)."""
+    return isinstance(obj, Iterator) and not isinstance(obj, (str, bytes, bytearray, memoryview, dict, list, tuple))
+
+
+def chunk_bytes(chunk: Any) -> bytes:
+    """One streamed chunk as bytes: bytes as is, str as UTF-8, anything else as one compact JSON line."""
+    if isinstance(chunk, (bytes, bytearray, memoryview)):
+        return bytes(chunk)
+    if isinstance(chunk, str):
+        return chunk.encode("utf-8")
+    try:
+        return json.dumps(chunk, separators=(",", ":")).encode("utf-8") + b"\n"
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"Unsupported streamed chunk type: {type(chunk).__name__} ({exc}); yield bytes, str or "
+                        "JSON-serialisable data from a streaming predict_fn") from None
+
 
 #: Accept values for which the default handler answers one image's raw bytes.
 RAW_IMAGE_TYPES: dict[str, str] = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
@@ -71,6 +136,8 @@ class HandlerResponse:
     body: bytes
     content_type: str
     headers: dict[str, str] = field(default_factory=dict)
+    #: the body went out as chunks through the progress sink already (``body`` is empty)
+    streamed: bool = False
 
 
 #: longest error message a worker answers with (characters)
@@ -129,7 +196,7 @@ class SdModel:
                 raise InvocationTimeoutError("generation did not finish before its deadline; it was stopped at a "
                                              "step boundary", model=loaded.name)
 
-        return generate(loaded, request, on_step=check)
+        return generate(loaded, request, on_step=check, on_progress=_progress_callback())
 
     def run(self, request: GenerateRequest) -> Any:
         """Generate ``request``; the single place generation happens for the default handler."""
@@ -239,7 +306,8 @@ class HandlerService:
             from sdmaker.engine import StepBatcher
 
             batcher = StepBatcher(sd.loaded, max_batch=self.max_batch)
-            sd.runner = lambda _loaded, request: batcher.submit_async(request, deadline=_DEADLINE.get()).result()
+            sd.runner = lambda _loaded, request: batcher.submit_async(
+                request, deadline=_DEADLINE.get(), on_progress=_progress_callback()).result()
             self._batcher = batcher
         return sd
 
@@ -345,6 +413,11 @@ class HandlerService:
         prediction = (h.predict_fn(data, model, context=context) if h.predict_fn
                       else self.default_predict_fn(data, model, context))
         t2 = time.perf_counter()
+        if is_stream(prediction):  # a streaming predict_fn: output_fn (when given) encodes each chunk
+            if h.output_fn is None:
+                return prediction
+            output_fn = h.output_fn
+            return (output_fn(chunk, accept, context=context) for chunk in prediction)
         response = (h.output_fn(prediction, accept, context=context) if h.output_fn
                     else self.default_output_fn(prediction, accept, context))
         logger.info("Preprocess time - %.1f ms, Predict time - %.1f ms, Postprocess time - %.1f ms",
@@ -353,19 +426,24 @@ class HandlerService:
 
     # --- one invocation --------------------------------------------------------------------------
 
-    def handle(self, body: bytes, headers: Mapping[str, str]) -> HandlerResponse:
-        """Answer one ``POST /invocations``; never raises (errors become 4xx/5xx responses)."""
+    def handle(self, body: bytes, headers: Mapping[str, str], sink: ProgressSink | None = None) -> HandlerResponse:
+        """Answer one ``POST /invocations``; never raises (errors become 4xx/5xx responses).
+
+        ``sink``: where progress events (and the chunks of a streaming ``predict_fn``) go while it runs.
+        """
         context = self.context.for_request(headers)
         content_type = context.get_request_header("Content-Type")
         accept = resolve_accept(context.get_request_header("Accept"))
         seconds = deadline_seconds(headers)
         token = _DEADLINE.set(None if seconds is None else time.monotonic() + seconds)
+        sink_token = _SINK.set(sink)
         try:
             lines = self._json_lines(body, content_type)
             if lines is not None:
                 return self._handle_lines(lines, headers, accept)
             return self._handle(body, context, content_type, accept)
         finally:
+            _SINK.reset(sink_token)
             _DEADLINE.reset(token)
 
     def _json_lines(self, body: bytes, content_type: str | None) -> list[bytes] | None:
@@ -420,13 +498,24 @@ class HandlerService:
                 response = self.hooks.transform_fn(self.model, input_data, content_type, accept, context=context)
             else:
                 response = self.transform(self.model, input_data, content_type, accept, context)
-            payload = _to_bytes(response)
+            streamed = False
+            if is_stream(response):
+                sink = _SINK.get()
+                if sink is not None:  # each chunk goes out as it comes
+                    for chunk in response:
+                        sink.chunk(chunk_bytes(chunk))
+                    payload, streamed = b"", True
+                else:
+                    payload = b"".join(chunk_bytes(chunk) for chunk in response)
+            else:
+                payload = _to_bytes(response)
         except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
             if isinstance(exc, KeyboardInterrupt):
                 raise
             return self._error(exc, context)
         status = context.response_status or 200
-        return HandlerResponse(status=status, body=payload, content_type=accept, headers=context.response_headers)
+        return HandlerResponse(status=status, body=payload, content_type=accept, headers=context.response_headers,
+                               streamed=streamed)
 
     def _error(self, exc: BaseException, context: Context) -> HandlerResponse:
         # SystemExit / GeneratorExit from model code: keep serving, say what happened.

@@ -30,9 +30,16 @@ from sdmaker.errors import AuthenticationError, ConfigError, PayloadTooLargeErro
 from sdmaker.files import atomic_write_json
 from sdmaker.serving._hosts import HostGuard, HostPolicy
 from sdmaker.serving._http import is_loopback, read_body
-from sdmaker.serving._protocol import EXIT_BIND_FAILED, EXIT_LOAD_FAILED, ServerState
+from sdmaker.serving._protocol import (
+    EXIT_BIND_FAILED,
+    EXIT_LOAD_FAILED,
+    FRAMES_MEDIA_TYPE,
+    PROGRESS_HEADER,
+    ServerState,
+    encode_frame,
+)
 from sdmaker.serving._worker_secret import token_matches
-from sdmaker.serving.container._handler import HandlerService, error_body
+from sdmaker.serving.container._handler import HandlerService, ProgressSink, error_body
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "EXIT_BIND_FAILED", "EXIT_LOAD_FAILED", "ModelServer", "create_app",
            "run_server", "write_status"]
@@ -212,6 +219,8 @@ def create_app(server: ModelServer, policy: HostPolicy | None = None) -> Any:
         headers = dict(request.headers.items())
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
+        if headers.get(PROGRESS_HEADER.lower()) == "frames":
+            return _framed_answer(server, body, headers, loop, started)
         reply = await loop.run_in_executor(server.executor, server.handler.handle, body, headers)
         logger.info("POST /invocations %d %d bytes in %.3f s", reply.status, len(reply.body),
                     time.perf_counter() - started)
@@ -220,6 +229,46 @@ def create_app(server: ModelServer, policy: HostPolicy | None = None) -> Any:
         return Response(content=reply.body, status_code=reply.status, headers=out_headers)
 
     return app
+
+
+def _framed_answer(server: ModelServer, body: bytes, headers: dict[str, str], loop: asyncio.AbstractEventLoop,
+                   started: float) -> Any:
+    """The answer as frames (:func:`~sdmaker.serving._protocol.encode_frame`), streamed while the request runs.
+
+    Progress events and streamed chunks are framed in the handler's thread and handed to the loop; the reply
+    frame (status, headers, body) comes last. The HTTP status is 200 whatever the reply's is: it is in the frame.
+    """
+    from starlette.responses import StreamingResponse
+
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    def put(frame: bytes) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, frame)
+
+    sink = ProgressSink(event=lambda type_, data: put(encode_frame({"kind": "event", "type": type_, "data": data})),
+                        chunk=lambda data: put(encode_frame({"kind": "chunk"}, data)))
+
+    def run() -> None:
+        try:
+            reply = server.handler.handle(body, headers, sink)
+            logger.info("POST /invocations %d %d bytes in %.3f s (framed)", reply.status, len(reply.body),
+                        time.perf_counter() - started)
+            put(encode_frame({"kind": "reply", "status": reply.status, "content_type": reply.content_type,
+                              "headers": dict(reply.headers), "streamed": reply.streamed}, reply.body))
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+
+    future = loop.run_in_executor(server.executor, run)
+
+    async def frames() -> Any:
+        while True:
+            frame = await queue.get()
+            if frame is None:
+                break
+            yield frame
+        await future
+
+    return StreamingResponse(frames(), status_code=200, media_type=FRAMES_MEDIA_TYPE)
 
 
 def _too_large(size: int, limit: int) -> Any:

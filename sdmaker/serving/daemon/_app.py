@@ -6,6 +6,8 @@ Routes:
 * ``POST /endpoints/{name}/invocations`` -- InvokeEndpoint (:mod:`._invoke_api`);
 * ``POST /v1/images/generations`` -- the OpenAI Images API (:mod:`._openai`);
 * ``GET /`` -- the web UI, and the JSON routes only it uses (:mod:`._ui`);
+* ``POST /endpoints/{name}/invocations-response-stream`` -- InvokeEndpointWithResponseStream (:mod:`._stream_api`);
+* ``GET /sdmaker/v1/jobs/{id}/events`` -- a job's progress as Server-Sent Events (:mod:`._progress`);
 * ``GET /metrics`` -- Prometheus (:mod:`._metrics`); ``GET /ping`` -- daemon liveness (no auth);
 * ``GET /sdmaker/v1/endpoints[/{name}[/logs]]`` -- sdmaker's own view for the CLI (workers, digest,
   request counts, latency percentiles, worker logs); ``GET /sdmaker/v1/standby`` -- the warm standby
@@ -59,7 +61,9 @@ from sdmaker.serving.daemon._endpoints import EndpointManager
 from sdmaker.serving.daemon._invoke_api import invoke_endpoint, runtime_error_response
 from sdmaker.serving.daemon._metrics import CONTENT_TYPE_LATEST, DaemonMetrics
 from sdmaker.serving.daemon._openai import FILES_PREFIX, add_openai_routes, is_openai_path, openai_error_response
+from sdmaker.serving.daemon._progress import job_events
 from sdmaker.serving.daemon._shapes import input_shape
+from sdmaker.serving.daemon._stream_api import invoke_endpoint_stream
 from sdmaker.serving.daemon._ui import add_ui_routes, is_public_path
 
 __all__ = ["DRAIN_GRACE_S", "Drain", "create_app", "run_daemon"]
@@ -273,6 +277,18 @@ def create_app(settings: Settings, *, host: str | None = None, port: int | None 
         if drain.draining:
             return runtime_error_response(drain.error(), settings, name)
         return await drain.run(invoke_endpoint(request, name))
+
+    @app.post("/endpoints/{name}/invocations-response-stream")
+    async def sagemaker_invoke_stream(request: Request, name: str) -> Response:
+        if drain.draining:
+            return runtime_error_response(drain.error(), settings, name)
+        return await invoke_endpoint_stream(request, name)
+
+    @app.get("/sdmaker/v1/jobs/{job_id}/events")
+    async def job_events_sse(request: Request, job_id: str) -> Response:
+        """A job's progress as Server-Sent Events (:mod:`._progress`), with ``Last-Event-ID`` resume."""
+        manager: EndpointManager = request.state.manager
+        return await job_events(request, job_id, manager.events)
 
     @app.get("/metrics")
     async def prometheus(request: Request) -> Response:

@@ -48,7 +48,8 @@ from sdmaker.serving.daemon._admission import BATCH_SIZE_GROUPS, OPAQUE_WORK, Wo
 from sdmaker.serving.daemon._events import EventHub
 from sdmaker.serving.daemon._live import LiveEndpoint
 from sdmaker.serving.daemon._logs import rotate_if_large
-from sdmaker.serving.daemon._pool import WorkerPool
+from sdmaker.serving.daemon._pool import ChunkCallback, WorkerPool
+from sdmaker.serving.daemon._progress import done_event
 from sdmaker.serving.daemon._standby import StandbyPool
 from sdmaker.serving.daemon._state import EndpointRecord, EndpointStats, EndpointStatus, StateDB
 from sdmaker.serving.daemon._transform import TransformJobs
@@ -353,9 +354,14 @@ class EndpointManager:
         return rt
 
     async def invoke(self, rt: LiveEndpoint, body: bytes, headers: dict[str, str], *,
-                     validated: bool = False, work: Work = OPAQUE_WORK) -> WorkerReply:
+                     validated: bool = False, work: Work = OPAQUE_WORK, job_id: str | None = None,
+                     on_chunk: ChunkCallback | None = None) -> WorkerReply:
         """Send one request to ``rt``'s workers, counting it; ``validated``: the body is canonical JSON the
         daemon already validated (the worker skips its own validation).
+
+        ``job_id``: the request's events go to :attr:`events` under that id: ``queued`` (position) now,
+        ``started`` when a worker takes it, the worker's ``step``/``preview`` events while it runs, then ``done``
+        (:func:`done_event`) or ``error``. ``on_chunk``: receives a streaming ``predict_fn``'s chunks as they come.
 
         Admission first (:class:`~._admission.Admission`): a request over the memory budget or too large for
         the timeout is a 400, one the work ahead of it would make late a 503 with ``Retry-After``, at once.
@@ -371,15 +377,33 @@ class EndpointManager:
         started = time.monotonic()
         service_s: float | None = None
         concurrency = 1.0
+        on_event = None
+        if job_id is not None:
+            self.events.publish(job_id, "queued", {"position": pool.waiting, "endpoint": rt.name})
+            events = self.events
+
+            def on_event(type_: str, data: dict[str, Any]) -> None:
+                events.publish(job_id, type_, data)
+
         try:
             reply = await pool.invoke(body, headers, timeout_s=rt.timeout_s, validated=validated,
-                                      pixels=work.pixels)
+                                      pixels=work.pixels, job_id=job_id, on_event=on_event, on_chunk=on_chunk)
             if reply.status < 300:
                 service_s, concurrency = reply.service_s, reply.concurrency
             else:
                 rt.errors += 1
-        except SdmakerError:
+            if job_id is not None:
+                self.events.publish(job_id, *done_event(reply))
+        except SdmakerError as exc:
             rt.errors += 1
+            if job_id is not None:
+                self.events.publish(job_id, "error", {"status": exc.http_status, "code": exc.code,
+                                                      "message": exc.message})
+            raise
+        except asyncio.CancelledError:
+            if job_id is not None:
+                self.events.publish(job_id, "error", {"status": 499, "code": "GenerationCancelledError",
+                                                      "message": "the caller went away"})
             raise
         finally:
             rt.admission.done(work, service_s=service_s, concurrency=concurrency)

@@ -22,7 +22,8 @@ over the memory budget, or too large   ValidationError      400
 for the timeout even when idle
 =====================================  ===================  ======
 
-Each error also carries ``X-Sdmaker-Error-Code`` (the :mod:`sdmaker.errors` class name) so
+Every answer carries ``X-Sdmaker-Job-Id`` (the caller's own when it sent one): the job whose progress
+``GET /sdmaker/v1/jobs/{id}/events`` shows. Each error also carries ``X-Sdmaker-Error-Code`` (the :mod:`sdmaker.errors` class name) so
 :mod:`sdmaker.client` can raise the same exception class.
 """
 
@@ -52,10 +53,11 @@ from sdmaker.errors import (
 )
 from sdmaker.schema import body_text, parse_json_body, payload_from_csv, request_from_payload
 from sdmaker.serving._http import read_body
-from sdmaker.serving._protocol import SEEDS_HEADER
+from sdmaker.serving._protocol import JOB_ID_HEADER, SEEDS_HEADER
 from sdmaker.serving.daemon._admission import OPAQUE_WORK, work_of_body
 from sdmaker.serving.daemon._endpoints import EndpointManager
 from sdmaker.serving.daemon._metrics import DaemonMetrics
+from sdmaker.serving.daemon._progress import job_id_from
 
 __all__ = ["invoke_endpoint", "runtime_error_response", "validate_default_body", "with_fixed_seed"]
 
@@ -173,9 +175,11 @@ async def invoke_endpoint(request: Request, name: str) -> Response:
     manager: EndpointManager = request.state.manager
     metrics: DaemonMetrics = request.state.metrics
     request_id = str(uuid.uuid4())
+    job_id: str | None = None
     with metrics.latency.labels(endpoint=name).time():
         try:
             body = await read_body(request, settings.max_body_bytes)
+            job_id = job_id_from(request.headers, manager.events)
             rt = manager.live_for_invoke(name)
             headers = dict(request.headers)
             canonical = validate_default_body(body, headers.get("content-type")) if rt.default_handler else None
@@ -184,12 +188,15 @@ async def invoke_endpoint(request: Request, name: str) -> Response:
                 canonical = with_fixed_seed(canonical)  # a retry on another worker draws the same image
             work = work_of_body(canonical) if rt.default_handler else OPAQUE_WORK
             reply = await manager.invoke(rt, canonical if canonical is not None else body, headers,
-                                         validated=canonical is not None, work=work)
+                                         validated=canonical is not None, work=work, job_id=job_id)
         except SdmakerError as exc:
             response = runtime_error_response(exc, settings, name, request_id)
+            if job_id is not None:
+                response.headers[JOB_ID_HEADER] = job_id
             metrics.requests.labels(endpoint=name, status=str(response.status_code)).inc()
             metrics.errors.labels(endpoint=name, code=response.headers["x-amzn-ErrorType"]).inc()
             return response
+    assert job_id is not None
     if reply.status >= 300:
         # quote the model's answer, not megabytes of it (it may echo the whole request)
         original = reply.body[:1024].decode("utf-8", errors="replace") + ("..." if len(reply.body) > 1024 else "")
@@ -198,13 +205,14 @@ async def invoke_endpoint(request: Request, name: str) -> Response:
         metrics.errors.labels(endpoint=name, code="ModelError").inc()
         return JSONResponse(_model_error(settings, name, reply.status, original), status_code=424,
                             headers={"x-amzn-ErrorType": "ModelError", "x-amzn-RequestId": request_id,
-                                     "X-Sdmaker-Error-Code": "InvocationFailedError"})
+                                     "X-Sdmaker-Error-Code": "InvocationFailedError", JOB_ID_HEADER: job_id})
     content_type = reply.headers.get("content-type", "application/json")
     metrics.requests.labels(endpoint=name, status="200").inc()
     images = _count_images(content_type, reply.headers)
     if images:
         metrics.images.labels(endpoint=name).inc(images)
-    headers = {"x-Amzn-Invoked-Production-Variant": "AllTraffic", "x-amzn-RequestId": request_id}
+    headers = {"x-Amzn-Invoked-Production-Variant": "AllTraffic", "x-amzn-RequestId": request_id,
+               JOB_ID_HEADER: job_id}
     custom = reply.headers.get("x-amzn-sagemaker-custom-attributes")
     if custom:
         headers["X-Amzn-SageMaker-Custom-Attributes"] = custom

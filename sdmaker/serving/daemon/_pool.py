@@ -24,17 +24,26 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import httpx
 
 from sdmaker.errors import ERROR_CODE_HEADER, InvocationFailedError, InvocationTimeoutError, WorkerStartError
-from sdmaker.serving._protocol import DEADLINE_HEADER, TIMEOUT_STATUS, VALIDATED_HEADER
+from sdmaker.serving._protocol import (
+    DEADLINE_HEADER,
+    FRAMES_MEDIA_TYPE,
+    JOB_ID_HEADER,
+    PROGRESS_HEADER,
+    TIMEOUT_STATUS,
+    VALIDATED_HEADER,
+    FrameReader,
+)
 from sdmaker.serving._worker_secret import auth_header
 from sdmaker.serving.daemon._standby import StandbyPool
 from sdmaker.serving.daemon._worker_process import FORWARDED_HEADERS, Worker, WorkerReply, WorkerSpec, WorkerState
 
-__all__ = ["REPLY_GRACE_S", "WorkerPool"]
+__all__ = ["REPLY_GRACE_S", "ChunkCallback", "EventCallback", "WorkerPool"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +54,12 @@ _MAX_RESTARTS_IN_A_ROW = 5
 REPLY_GRACE_S = 10.0
 #: A worker's reply is awaited by the pool itself (deadline, then grace), not by an HTTP read timeout.
 _FORWARD_TIMEOUT = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=5.0)
+
+
+#: ``on_event(type, data)``: a progress event of the request (called on the daemon's loop).
+EventCallback = Callable[[str, dict[str, Any]], None]
+#: ``await on_chunk(data)``: the next chunk of a streamed body.
+ChunkCallback = Callable[[bytes], Awaitable[None]]
 
 
 class _WorkerDied(Exception):
@@ -206,7 +221,8 @@ class WorkerPool:
                     await asyncio.wait_for(self._room.wait(), min(remaining, 1.0))
 
     async def invoke(self, body: bytes, headers: Mapping[str, str], *, timeout_s: float,
-                     validated: bool = False, pixels: int = 0) -> WorkerReply:
+                     validated: bool = False, pixels: int = 0, job_id: str | None = None,
+                     on_event: EventCallback | None = None, on_chunk: ChunkCallback | None = None) -> WorkerReply:
         """Send one invocation to an idle worker and return its reply (any status).
 
         The least-loaded worker with a free slot takes it (:meth:`_pick`); ``pixels`` (height x width x images)
@@ -215,6 +231,12 @@ class WorkerPool:
 
         Only the headers SageMaker forwards reach the worker, plus :data:`VALIDATED_HEADER` when ``validated``
         (a caller's own copy of that header is dropped like any other) and :data:`DEADLINE_HEADER`.
+
+        Progress: the worker answers in frames (:data:`PROGRESS_HEADER`) and every progress event it reports
+        while the request runs goes to ``on_event(type, data)`` at once (``started`` when a worker takes the
+        request, then the worker's ``step``/``preview`` events); a streaming ``predict_fn``'s chunks go to
+        ``on_chunk(bytes)`` as they come (without ``on_chunk`` they are joined into the reply's body).
+        ``job_id`` reaches the worker as :data:`JOB_ID_HEADER`.
 
         Raises:
             InvocationTimeoutError: no reply within ``timeout_s`` (waiting included), or the worker stopped the
@@ -225,18 +247,21 @@ class WorkerPool:
         self.in_flight += 1
         try:
             try:
-                return await self._attempt(body, headers, deadline, timeout_s, validated, pixels)
+                return await self._attempt(body, headers, deadline, timeout_s, validated, pixels, job_id, on_event,
+                                           on_chunk)
             except _WorkerDied as first:
                 logger.warning("endpoint %s: %s; sending the request to another worker", self.tag, first)
             try:
-                return await self._attempt(body, headers, deadline, timeout_s, validated, pixels)
+                return await self._attempt(body, headers, deadline, timeout_s, validated, pixels, job_id, on_event,
+                                           on_chunk)
             except _WorkerDied as second:
                 raise InvocationFailedError(f"{second} (after a retry)", original_status=500) from None
         finally:
             self.in_flight -= 1
 
     async def _attempt(self, body: bytes, headers: Mapping[str, str], deadline: float, timeout_s: float,
-                       validated: bool, pixels: int) -> WorkerReply:
+                       validated: bool, pixels: int, job_id: str | None = None, on_event: EventCallback | None = None,
+                       on_chunk: ChunkCallback | None = None) -> WorkerReply:
         try:
             worker, generation = await self._acquire(deadline, pixels)  # takes the slot
         except asyncio.TimeoutError:
@@ -250,8 +275,12 @@ class WorkerPool:
         if validated:
             fwd[VALIDATED_HEADER] = "1"
         fwd[DEADLINE_HEADER] = f"{max(deadline - time.monotonic(), 0.0):.3f}"
-        post = asyncio.ensure_future(self._client.post(f"{worker.url}/invocations", content=body, headers=fwd,
-                                                       timeout=_FORWARD_TIMEOUT))
+        fwd[PROGRESS_HEADER] = "frames"
+        if job_id:
+            fwd[JOB_ID_HEADER] = job_id
+        if on_event is not None:
+            on_event("started", {"worker": worker.index})
+        post = asyncio.ensure_future(self._exchange(worker, body, fwd, on_event, on_chunk))
         try:
             done, _ = await asyncio.wait({post}, timeout=max(deadline - time.monotonic(), 0.0))
         except asyncio.CancelledError:  # the caller went away: the slot is free once the worker has answered
@@ -281,7 +310,47 @@ class WorkerPool:
                                          "step boundary", timeout_s=timeout_s)
         return WorkerReply(status=reply.status_code, headers=dict(reply.headers), body=reply.content,
                            worker=worker.index, service_s=time.monotonic() - served_from,
-                           concurrency=(load_at_start + load_at_end) / 2)
+                           concurrency=(load_at_start + load_at_end) / 2,
+                           streamed=reply.extensions.get("sdmaker_streamed", False))
+
+    async def _exchange(self, worker: Worker, body: bytes, headers: dict[str, str], on_event: EventCallback | None,
+                        on_chunk: ChunkCallback | None) -> httpx.Response:
+        """POST the request and read the worker's framed answer: events and chunks as they come, then the reply.
+
+        Returns the reply as a plain ``httpx.Response`` (status, headers, body); an answer that is not framed
+        (an error before the handler ran: 403, 413, 503) is returned as it is. A stream that ends before its
+        reply frame is a broken worker (``httpx.RemoteProtocolError``).
+        """
+        request = self._client.build_request("POST", f"{worker.url}/invocations", content=body, headers=headers,
+                                             timeout=_FORWARD_TIMEOUT)
+        response = await self._client.send(request, stream=True)
+        try:
+            if response.headers.get("content-type", "").split(";")[0] != FRAMES_MEDIA_TYPE:
+                content = await response.aread()
+                return httpx.Response(response.status_code, headers=response.headers, content=content)
+            reader = FrameReader()
+            chunks: list[bytes] = []
+            async for data in response.aiter_raw():
+                for head, payload in reader.feed(data):
+                    kind = head.get("kind")
+                    if kind == "event" and on_event is not None:
+                        on_event(str(head.get("type")), dict(head.get("data") or {}))
+                    elif kind == "chunk":
+                        if on_chunk is not None:
+                            await on_chunk(payload)
+                        else:
+                            chunks.append(payload)
+                    elif kind == "reply":
+                        reply_headers = dict(head.get("headers") or {})
+                        reply_headers["content-type"] = str(head.get("content_type") or "application/json")
+                        streamed = bool(head.get("streamed")) and on_chunk is not None
+                        reply = httpx.Response(int(head["status"]), headers=reply_headers,
+                                               content=b"".join(chunks) + payload)
+                        reply.extensions["sdmaker_streamed"] = streamed
+                        return reply
+            raise httpx.RemoteProtocolError("the worker's answer ended before its reply frame")
+        finally:
+            await response.aclose()
 
     def _release(self, worker: Worker, generation: int, pixels: int, *, healthy: bool) -> None:
         self._held[worker.index] = max(0, self._held.get(worker.index, 0) - pixels)

@@ -118,6 +118,8 @@ class WorkerReply:
     #: seconds the request spent on its worker (queueing excluded) and the requests that worker ran meanwhile
     service_s: float | None = None
     concurrency: float = 1.0
+    #: the body was streamed to the caller's ``on_chunk`` as it came (``body`` holds only what came after)
+    streamed: bool = False
 
 
 class Worker:
