@@ -72,6 +72,12 @@ class Settings:
             request grew a worker past 8 GiB).
         memory_budget_pixels: set the per-worker budget directly, in pixels (height x width x images held at
             once; ``SDMAKER_MEMORY_BUDGET_PIXELS``; unset or 0: derived from ``memory_bytes``).
+        ray_address: run endpoint replicas on this Ray cluster instead of local processes (``SDMAKER_RAY_ADDRESS``
+            or ``sdmaker up --ray``: ``host:port`` of its GCS, or ``auto``); unset: the local backend.
+        ray_instance_types: overrides of the instance type -> Ray resources table (``SDMAKER_RAY_INSTANCE_TYPES``:
+            a JSON object, inline or a file path; see :mod:`sdmaker.serving.ray._resources`).
+        ray_head_url: the daemon URL replicas on other nodes fetch models from (``SDMAKER_RAY_HEAD_URL``; default
+            the bind address, or this node's Ray IP when bound to 0.0.0.0).
     """
 
     home: Path
@@ -105,6 +111,9 @@ class Settings:
     max_instances: int = field(default_factory=lambda: max(8, 4 * (os.cpu_count() or 1)))
     memory_bytes: int = field(default_factory=lambda: _machine_memory_bytes())
     memory_budget_pixels: int | None = None
+    ray_address: str | None = None
+    ray_instance_types: str | None = None
+    ray_head_url: str | None = None
 
     @property
     def store_dir(self) -> Path:
@@ -212,6 +221,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_instances=int(_number(env, "SDMAKER_MAX_INSTANCES", max(8, 4 * (os.cpu_count() or 1)), minimum=1)),
         memory_bytes=int(_number(env, "SDMAKER_MEMORY_MB", 0, minimum=0) * 1024**2) or _machine_memory_bytes(),
         memory_budget_pixels=int(_number(env, "SDMAKER_MEMORY_BUDGET_PIXELS", 0, minimum=0)) or None,
+        ray_address=env.get("SDMAKER_RAY_ADDRESS", "").strip() or None,
+        ray_instance_types=env.get("SDMAKER_RAY_INSTANCE_TYPES", "").strip() or None,
+        ray_head_url=env.get("SDMAKER_RAY_HEAD_URL", "").strip() or None,
     )
     return with_local_key(settings) if settings.local_key else settings
 

@@ -51,6 +51,7 @@ from sdmaker.errors import (
 )
 from sdmaker.serving._hosts import HostGuard, HostPolicy
 from sdmaker.serving._http import read_body
+from sdmaker.serving.daemon._artifact_api import artifact_response
 from sdmaker.serving.daemon._auth import auth_required, check_bind, verify_request
 from sdmaker.serving.daemon._control_plane import control_plane, control_plane_error
 from sdmaker.serving.daemon._endpoints import EndpointManager
@@ -149,8 +150,8 @@ def _is_control_plane(request: Request) -> bool:
 
 async def _guard(request: Request) -> None:
     """Body limit and authentication for every route but ``/ping`` (logged when refused)."""
-    if request.url.path == "/ping":
-        return
+    if request.url.path == "/ping" or request.url.path.startswith("/sdmaker/v1/artifacts/"):
+        return  # artifacts: authenticated by their route, on loopback too (._artifact_api)
     settings: Settings = request.state.settings
     body = await read_body(request, settings.max_body_bytes)
     # the local key guards the control plane (it deploys code) even where nothing else is checked
@@ -281,6 +282,10 @@ def create_app(settings: Settings, *, host: str | None = None, port: int | None 
     async def details(request: Request, name: str) -> dict[str, Any]:
         manager: EndpointManager = request.state.manager
         return manager.details(name)
+
+    @app.get("/sdmaker/v1/artifacts/{digest}")
+    async def artifact(request: Request, digest: str) -> Response:
+        return await artifact_response(request, digest)
 
     @app.get("/sdmaker/v1/endpoints/{name}/logs")
     async def logs(request: Request, name: str, offset: int = 0) -> dict[str, Any]:
