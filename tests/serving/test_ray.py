@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import DaemonProcess
+from conftest import DaemonProcess
 
 pytestmark = pytest.mark.slow
 
