@@ -135,7 +135,7 @@ def test_a_dead_node_fails_its_request_with_424_and_the_replica_comes_back(
         t.start()
     _wait(lambda: _details(ray_daemon, "crash")["in_flight"] == 2, 30)
     time.sleep(1.0)
-    worker_node = ray_cluster.worker_nodes[0]
+    worker_node = next(iter(ray_cluster.worker_nodes))
     ray_cluster.remove_node(worker_node, allow_graceful=False)
     for t in slow:
         t.join(timeout=60)

@@ -209,6 +209,21 @@ class RayPool:
         self.autoscaling = config
         await asyncio.to_thread(self._deploy)
 
+    async def resize(self, count: int, *, drain_s: float = 0.0) -> None:
+        """The local pool's resize, on Ray: ``count`` replicas; Serve drains the replicas it removes."""
+        await self.set_desired_count(count)
+
+    async def apply_autoscaling(self, config: Mapping[str, Any] | None) -> None:
+        """Serve's ``autoscaling_config`` as given (e.g. ``ScalingTarget.ray_autoscaling_config()``); ``None``:
+        back to a fixed count, the replicas running now."""
+        if config is None:
+            await self.set_desired_count(max(self._running, 1) if self.count else 0)
+            return
+        self.autoscaling = {**config, "initial_replicas": max(int(config.get("min_replicas", 1)),
+                                                              min(max(self._running, 1),
+                                                                  int(config.get("max_replicas", 1))))}
+        await asyncio.to_thread(self._deploy)
+
     # -- replicas ----------------------------------------------------------------------------------
 
     def _actors(self) -> list[dict[str, Any]]:
