@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import DaemonProcess
 
 pytestmark = pytest.mark.slow
@@ -163,3 +162,115 @@ def test_gpu_variant_on_a_cpu_cluster_fails_naming_the_gpu(ray_daemon: DaemonPro
     assert desc["EndpointStatus"] == "Failed", desc
     assert "GPU" in desc["FailureReason"] and "no GPU" in desc["FailureReason"], desc["FailureReason"]
     ray_daemon.boto("sagemaker").delete_endpoint(EndpointName="gpu")
+
+
+def test_seed_sdk_cells_against_sdmaker_up_ray(ray_daemon: DaemonProcess, moto_server: str, seed_model_dir: Path,
+                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seed's HuggingFaceModel.deploy / predict / delete_endpoint, unchanged; the replica gets the model
+    from S3 (where it came from), not from the daemon."""
+    import tarfile
+
+    import boto3
+    from test_sdk import _sdmaker_env
+
+    archive = tmp_path / "model.tar.gz"
+    with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
+        for item in sorted(seed_model_dir.iterdir()):
+            tar.add(item, arcname=item.name)
+    s3 = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1", aws_access_key_id="testing",
+                      aws_secret_access_key="testing")
+    s3.create_bucket(Bucket="sdmaker-ray-seed")
+    s3.upload_file(str(archive), "sdmaker-ray-seed", "sd/model.tar.gz")
+    for key, value in _sdmaker_env(ray_daemon.url, tmp_path).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_server)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+
+    import sagemaker.session
+
+    real_sleep = time.sleep
+
+    class _FastTime:  # the SDK polls every 30 s; the endpoint needs seconds (as in test_sdk.py)
+        def __getattr__(self, name: str) -> Any:
+            return getattr(time, name)
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            real_sleep(min(seconds, 0.5))
+
+    monkeypatch.setattr(sagemaker.session, "time", _FastTime())
+    from sagemaker.huggingface.model import HuggingFaceModel
+
+    huggingface_model = HuggingFaceModel(model_data="s3://sdmaker-ray-seed/sd/model.tar.gz",
+                                         role="arn:aws:iam::111122223333:role/sm", transformers_version="4.26",
+                                         pytorch_version="1.13", py_version="py39")
+    predictor = huggingface_model.deploy(initial_instance_count=1, instance_type="ml.g4dn.xlarge",
+                                         endpoint_name="sdk-ray-endpoint")
+    res = predictor.predict(data={"prompt": ["A bird is flying in space"], "height": 64, "width": 64,
+                                  "num_inference_steps": 2, "num_images_per_prompt": 1})
+    info = _details(ray_daemon, "sdk-ray-endpoint")
+    predictor.delete_endpoint()
+
+    assert len(res["generated_images"]) == 1
+    assert [w["model_source"] for w in info["workers"] if w["state"] in ("Ready", "Busy")] == ["s3"], info["workers"]
+
+
+_SCALING_SCENARIO = """
+import asyncio, json, sys, time
+from pathlib import Path
+from sdmaker.config import Settings
+from sdmaker.serving.ray import RayCluster, RayPool, ReplicaResources
+
+address, digest, home = sys.argv[1:4]
+cluster = RayCluster(Settings(home=Path(home), ray_address=address, ray_head_url="http://127.0.0.1:9"))
+cluster.connect()
+spec = {"digest": digest, "s3_uri": None, "head_url": cluster.head_url, "token": "-", "cache_dir": None,
+        "model_env": {}, "threads": 1, "model_name": "scripted", "device": "cpu", "max_batch": 0,
+        "startup_timeout_s": 120}
+pool = RayPool(app=cluster.app_name("scale", 1), spec=spec, resources=ReplicaResources(1), count=1, max_batch=0,
+               max_queue=50, startup_timeout_s=300)
+
+async def scenario():
+    seen = []
+    await pool.start()
+    seen.append(pool.ready_count)
+    await pool.set_autoscaling(1, 2, 1.0, scale_out_cooldown_s=1.0, scale_in_cooldown_s=3.0)
+    load = [asyncio.ensure_future(pool.invoke(json.dumps({"sleep": 3}).encode(), {"content-type": "application/json"},
+                                              timeout_s=120)) for _ in range(12)]
+    while pool.ready_count < 2 and not all(t.done() for t in load):
+        await asyncio.sleep(0.5)
+        await pool._refresh()
+    seen.append(pool.ready_count)
+    replies = await asyncio.gather(*load)
+    seen.append(sorted({r.status for r in replies}))
+    deadline = time.monotonic() + 120
+    while pool.ready_count > 1 and time.monotonic() < deadline:
+        await asyncio.sleep(1.0)
+        await pool._refresh()
+    seen.append(pool.ready_count)
+    await pool.close()
+    return seen
+
+print("SEEN " + json.dumps(asyncio.run(scenario())), flush=True)
+"""
+
+
+def test_autoscaling_maps_onto_serve_replicas(ray_cluster: Any, scripted_model_dir: Path, tmp_path: Path) -> None:
+    """The autoscaling seam on Ray, driven directly (the Application Auto Scaling API lives on another branch):
+    Serve's autoscaler takes the variant from 1 to 2 replicas under load and back to 1 when idle. Run as its own
+    driver process, as the daemon is."""
+    import shutil
+
+    from sdmaker.files import tree_digest
+
+    digest = tree_digest(scripted_model_dir)
+    # the model is in every node's cache already: this test is about scaling, not transfer
+    for node in ray_cluster.list_all_nodes():
+        dest = Path(os.environ["SDMAKER_HOME"]) / "ray-nodes" / node.node_id / "models" / digest
+        if not dest.exists():
+            shutil.copytree(scripted_model_dir, dest)
+    proc = subprocess.run([sys.executable, "-c", _SCALING_SCENARIO, ray_cluster.address, digest, str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    seen = [ln for ln in proc.stdout.splitlines() if ln.startswith("SEEN ")]
+    assert seen, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads(seen[-1][5:]) == [1, 2, [200], 1]
