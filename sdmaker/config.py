@@ -75,7 +75,7 @@ class Settings:
         ray_address: run endpoint replicas on this Ray cluster instead of local processes (``SDMAKER_RAY_ADDRESS``
             or ``sdmaker up --ray``: ``host:port`` of its GCS, or ``auto``); unset: the local backend.
         ray_instance_types: overrides of the instance type -> Ray resources table (``SDMAKER_RAY_INSTANCE_TYPES``:
-            a JSON object, inline or a file path; see :mod:`sdmaker.serving.ray._resources`).
+            a JSON object, inline or a file path; see :mod:`sdmaker.serving.daemon.ray._resources`).
         ray_head_url: the daemon URL replicas on other nodes fetch models from (``SDMAKER_RAY_HEAD_URL``; default
             the bind address, or this node's Ray IP when bound to 0.0.0.0).
     """

@@ -86,7 +86,7 @@ def up_cmd(
     check_bind(settings, host)  # refuse before binding anything
     ray = ray or settings.ray_address
     if ray:
-        from sdmaker.serving.ray import check_ray_address, load_instance_table
+        from sdmaker.serving.daemon.ray import check_ray_address, load_instance_table
 
         ray = check_ray_address(ray)  # an unreachable cluster is a one-line error, before anything starts
         load_instance_table(settings.ray_instance_types)

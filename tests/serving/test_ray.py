@@ -219,7 +219,7 @@ _SCALING_SCENARIO = """
 import asyncio, json, sys, time
 from pathlib import Path
 from sdmaker.config import Settings
-from sdmaker.serving.ray import RayCluster, RayPool, ReplicaResources
+from sdmaker.serving.daemon.ray import RayCluster, RayPool, ReplicaResources
 
 address, digest, home = sys.argv[1:4]
 cluster = RayCluster(Settings(home=Path(home), ray_address=address, ray_head_url="http://127.0.0.1:9"))

@@ -1,4 +1,4 @@
-"""``GET /sdmaker/v1/artifacts/{digest}``: a model's files, for Ray replicas on other nodes (:mod:`sdmaker.serving.ray`).
+"""``GET /sdmaker/v1/artifacts/{digest}``: a model's files, for Ray replicas on other nodes (:mod:`sdmaker.serving.daemon.ray`).
 
 Always authenticated, on loopback too: the bearer token the daemon hands its replicas, or the daemon's
 own credentials (SigV4 / API token). Only models of endpoints running on Ray are served, by content
@@ -13,7 +13,7 @@ from fastapi.responses import Response, StreamingResponse
 from sdmaker.errors import ModelNotFoundError
 from sdmaker.serving.daemon._auth import verify_request
 from sdmaker.serving.daemon._endpoints import EndpointManager
-from sdmaker.serving.ray._artifacts import tar_stream
+from sdmaker.serving.daemon.ray._artifacts import tar_stream
 
 __all__ = ["artifact_response"]
 

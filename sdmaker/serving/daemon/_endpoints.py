@@ -63,8 +63,8 @@ from sdmaker.serving.daemon._variant import (
     worker_environment,
 )
 from sdmaker.serving.daemon._worker_process import WorkerReply, WorkerSpec
-from sdmaker.serving.ray._cluster import RayCluster
-from sdmaker.serving.ray._pool import Pool
+from sdmaker.serving.daemon.ray._cluster import RayCluster
+from sdmaker.serving.daemon.ray._pool import Pool
 
 __all__ = ["DEFAULT_MAX_BATCH", "FORBIDDEN_ENV", "EndpointManager", "LiveEndpoint", "instance_profile"]
 

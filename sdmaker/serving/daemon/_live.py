@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from sdmaker.serving.daemon._admission import Admission
 from sdmaker.serving.daemon._state import EndpointStats, EndpointStatus
 from sdmaker.serving.daemon._variant import VariantPlan
-from sdmaker.serving.ray._pool import Pool
+from sdmaker.serving.daemon.ray._pool import Pool
 
 __all__ = ["LiveEndpoint"]
 

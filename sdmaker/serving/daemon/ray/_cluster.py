@@ -22,8 +22,13 @@ from sdmaker.config import Settings
 from sdmaker.errors import ConfigError, WorkerStartError
 from sdmaker.serving._http import is_loopback
 from sdmaker.serving.daemon._variant import VariantPlan
-from sdmaker.serving.ray._pool import RayPool
-from sdmaker.serving.ray._resources import ReplicaResources, load_instance_table, missing_resource, replica_resources
+from sdmaker.serving.daemon.ray._pool import RayPool
+from sdmaker.serving.daemon.ray._resources import (
+    ReplicaResources,
+    load_instance_table,
+    missing_resource,
+    replica_resources,
+)
 
 __all__ = ["RayCluster", "check_ray_address"]
 

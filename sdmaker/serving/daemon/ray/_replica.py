@@ -33,7 +33,7 @@ from sdmaker.serving._protocol import WorkerConfig
 from sdmaker.serving._worker_secret import WORKER_TOKEN_ENV, auth_header, new_worker_secret
 from sdmaker.serving.daemon._spawn import WORKER_MODULE, die_with_parent, free_port
 from sdmaker.serving.daemon._variant import DAEMON_SECRETS, FORBIDDEN_ENV, python_for
-from sdmaker.serving.ray._artifacts import node_model
+from sdmaker.serving.daemon.ray._artifacts import node_model
 
 __all__ = ["Replica", "ReplicaLostError"]
 

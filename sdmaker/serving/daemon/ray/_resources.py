@@ -83,7 +83,7 @@ def load_instance_table(override: str | None) -> dict[str, ReplicaResources]:
     if not override or not override.strip():
         return table
     text = override.strip()
-    if not text.startswith("{"):
+    if not text.startswith(("{", "[")):
         try:
             text = Path(text).expanduser().read_text()
         except OSError as exc:

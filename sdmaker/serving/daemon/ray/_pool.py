@@ -36,7 +36,7 @@ from sdmaker.errors import (
 from sdmaker.serving._protocol import DEADLINE_HEADER, TIMEOUT_STATUS, VALIDATED_HEADER
 from sdmaker.serving.daemon._pool import WorkerPool
 from sdmaker.serving.daemon._worker_process import FORWARDED_HEADERS, WorkerReply
-from sdmaker.serving.ray._resources import ReplicaResources
+from sdmaker.serving.daemon.ray._resources import ReplicaResources
 
 __all__ = ["Pool", "PoolShape", "RayPool", "ReplicaView"]
 
@@ -124,7 +124,7 @@ class RayPool:
     def _deploy(self) -> None:
         from ray import serve
 
-        from sdmaker.serving.ray._replica import Replica
+        from sdmaker.serving.daemon.ray._replica import Replica
 
         deployment: Any = serve.deployment(Replica)
         app = deployment.options(**self._options()).bind(self.replica_spec)

@@ -5,10 +5,10 @@ auth, metrics); see :mod:`._pool` for how SageMaker's knobs map onto Serve's.
 Importing this package does not import Ray: only a daemon started with ``--ray`` does.
 """
 
-from sdmaker.serving.ray._artifacts import ARTIFACT_ROUTE, FetchedModel, node_model, tar_stream
-from sdmaker.serving.ray._cluster import RayCluster, check_ray_address
-from sdmaker.serving.ray._pool import PoolShape, RayPool, ReplicaView
-from sdmaker.serving.ray._resources import (
+from sdmaker.serving.daemon.ray._artifacts import ARTIFACT_ROUTE, FetchedModel, node_model, tar_stream
+from sdmaker.serving.daemon.ray._cluster import RayCluster, check_ray_address
+from sdmaker.serving.daemon.ray._pool import PoolShape, RayPool, ReplicaView
+from sdmaker.serving.daemon.ray._resources import (
     INSTANCE_RESOURCES,
     ReplicaResources,
     load_instance_table,
