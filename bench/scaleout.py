@@ -5,10 +5,12 @@ the built-in ``mini`` model, 64x64, 4 steps, fixed seed, torch on 1 thread per w
 in the model's Environment, on both backends, so the comparison is about placement, not threads).
 
 * images/s with 1 replica (one node's CPU) vs 2 replicas (both nodes), the same client load: 8 clients,
-  the same number of requests. The target on separate machines is >= 1.8x; here both "nodes" share this
+  the same number of requests, step batching off (``SDMAKER_MAX_BATCH=0``: one request per replica at a
+  time, so the figure is about replicas, not batch width). The target on separate machines is >= 1.8x; here both "nodes" share this
   machine's cores with the daemon and the client, so the figure is what two cores give, said as measured.
-* per-request overhead of the Ray backend vs the local backend: one client, sequential requests, median
-  latency through the daemon with one Ray replica vs one local worker process (a second daemon).
+* per-request overhead of the Ray backend vs the local backend: one client, sequential requests alternating
+  between a daemon with one Ray replica and a daemon with one local worker process, both up at once (so
+  machine load hits both alike), medians.
 * create -> InService on Ray (1 replica: the model fetched to the node by digest, the worker started).
 """
 
@@ -30,7 +32,7 @@ __all__ = ["run"]
 
 _REQUEST = {"prompt": "a red circle on a white background", "height": 64, "width": 64, "num_inference_steps": 4,
             "seed": 1}
-_ENV = {"OMP_NUM_THREADS": "1", "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS": "600"}
+_ENV = {"OMP_NUM_THREADS": "1", "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS": "600", "SDMAKER_MAX_BATCH": "0"}
 _NODE = {"num_cpus": 1, "object_store_memory": 80 * 1024**2, "node_ip_address": "127.0.0.1"}
 
 
@@ -88,17 +90,18 @@ def _images_per_s(d: BenchDaemon, name: str, clients: int, requests: int) -> flo
     return requests / elapsed
 
 
-def _latency(d: BenchDaemon, name: str, n: int) -> float:
-    rt = d.client("sagemaker-runtime")
+def _latencies(targets: list[tuple[BenchDaemon, str]], n: int) -> list[float]:
+    """Median latency of each (daemon, endpoint), requests alternating between them."""
+    clients = [(d.client("sagemaker-runtime"), name) for d, name in targets]
     body = json.dumps(_REQUEST)
-    for _ in range(3):
-        rt.invoke_endpoint(EndpointName=name, ContentType="application/json", Body=body)["Body"].read()
-    times = []
-    for _ in range(n):
-        started = time.perf_counter()
-        rt.invoke_endpoint(EndpointName=name, ContentType="application/json", Body=body)["Body"].read()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in clients]
+    for i in range(n + 3):
+        for k, (rt, name) in enumerate(clients):
+            started = time.perf_counter()
+            rt.invoke_endpoint(EndpointName=name, ContentType="application/json", Body=body)["Body"].read()
+            if i >= 3:  # the first requests warm each worker
+                times[k].append(time.perf_counter() - started)
+    return [statistics.median(t) for t in times]
 
 
 def run(quick: bool) -> list[dict[str, Any]]:
@@ -110,42 +113,43 @@ def run(quick: bool) -> list[dict[str, Any]]:
         saved = os.environ.get("SDMAKER_HOME")
         os.environ["SDMAKER_HOME"] = str(Path(tmp) / "nodes")  # the nodes' own homes (model caches by node id)
         cluster = Cluster(initialize_head=True, connect=False, head_node_args={**_NODE, "include_dashboard": False})
+        daemons: list[BenchDaemon] = []
         try:
             cluster.add_node(**_NODE)
             cluster.wait_for_nodes()
             ray_d = BenchDaemon(Path(tmp) / "ray", env={"SDMAKER_RAY_ADDRESS": cluster.address,
                                                         "SDMAKER_RAY_INSTANCE_TYPES": json.dumps(
                                                             {"ml.m5.large": {"num_cpus": 1}})})
-            try:
-                create_s = _deploy(ray_d, "one", 1)
-                one = _images_per_s(ray_d, "one", 8, requests)
-                ray_latency = _latency(ray_d, "one", latency_n)
-                _delete(ray_d, "one")
-                _deploy(ray_d, "two", 2)
-                two = _images_per_s(ray_d, "two", 8, requests)
-                _delete(ray_d, "two")
-            finally:
-                ray_d.stop()
+            daemons.append(ray_d)
+            create_s = _deploy(ray_d, "one", 1)
+            one = _images_per_s(ray_d, "one", 8, requests)
+            local_d = BenchDaemon(Path(tmp) / "local", env={"SDMAKER_STANDBY_WORKERS": "0"})
+            daemons.append(local_d)
+            _deploy(local_d, "local", 1)
+            ray_latency, local_latency = _latencies([(ray_d, "one"), (local_d, "local")], latency_n)
+            local_d.stop()
+            daemons.remove(local_d)
+            _delete(ray_d, "one")
+            _deploy(ray_d, "two", 2)
+            two = _images_per_s(ray_d, "two", 8, requests)
+            _delete(ray_d, "two")
         finally:
+            for d in daemons:
+                d.stop()
             cluster.shutdown()
             if saved is None:
                 os.environ.pop("SDMAKER_HOME", None)
             else:
                 os.environ["SDMAKER_HOME"] = saved
-        local_d = BenchDaemon(Path(tmp) / "local", env={"SDMAKER_STANDBY_WORKERS": "0"})
-        try:
-            _deploy(local_d, "local", 1)
-            local_latency = _latency(local_d, "local", latency_n)
-        finally:
-            local_d.stop()
     cores = os.cpu_count()
+    load = "load average {:.1f}/{:.1f} on {} cores".format(*os.getloadavg()[:2], cores)
     rows.append(row("scale-out mini: images/s, 2 Ray nodes vs 1 (1 CPU each, 8 clients)", two, one, "img/s",
-                    f"{requests} requests 64x64 4 steps; both nodes, the daemon and the client share this machine's "
-                    f"{cores} cores (target on separate machines: >= 1.8x)", lower_is_better=False))
+                    f"{requests} requests 64x64 4 steps, step batching off; both nodes, the daemon and the client share this machine's "
+                    f"{cores} cores (target on separate machines: >= 1.8x); {load}", lower_is_better=False))
     rows.append(row("scale-out: per-request latency, Ray backend vs local backend (mini, 1 client)",
                     ray_latency * 1000, local_latency * 1000, "ms",
-                    f"median of {latency_n}; overhead {100 * (ray_latency / local_latency - 1):+.1f}% "
-                    "(Serve handle + replica actor hop; target <= 5%)"))
+                    f"medians of {latency_n}, requests alternating between the two daemons; overhead {100 * (ray_latency / local_latency - 1):+.1f}% "
+                    f"(Serve handle + replica actor hop; target <= 5%); {load}"))
     rows.append(row("scale-out: create -> InService on Ray (mini, 1 replica)", create_s, None, "s",
                     "model fetched to the node by digest over HTTP, worker started on the node"))
     return rows

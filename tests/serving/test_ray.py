@@ -116,6 +116,12 @@ def test_two_replicas_on_two_nodes_fetch_the_model_and_both_serve(ray_daemon: Da
     assert all(w["served"] > 0 for w in serving), info["workers"]
     # no shared store: each node fetched the model from the daemon by digest (its own node-id cache)
     assert all(str(w["model_source"]).startswith("head (") for w in serving), info["workers"]
+    # the model route is authenticated even on loopback: no token, or a wrong one, gets nothing
+    import httpx
+
+    route = f"{ray_daemon.url}/sdmaker/v1/artifacts/{info['model_digest']}"
+    assert httpx.get(route, timeout=10).status_code == 403
+    assert httpx.get(route, headers={"Authorization": "Bearer wrong"}, timeout=10).status_code == 403
     ray_daemon.boto("sagemaker").delete_endpoint(EndpointName="mini2")
 
 

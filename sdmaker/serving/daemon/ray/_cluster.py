@@ -108,6 +108,10 @@ class RayCluster:
 
         serve.start(proxy_location="Disabled")
         self._connected = True
+        # a daemon that was killed left its applications running: they hold replicas nobody can reach
+        for stale in [app for app in serve.status().applications if app.startswith(self.prefix + "-")]:
+            logger.warning("removing Ray Serve application %s left by a previous run of this daemon", stale)
+            serve.delete(stale)
         if not self.head_url:
             bind = self.settings.daemon_host
             if bind in ("0.0.0.0", "::", ""):

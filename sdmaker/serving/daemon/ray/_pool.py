@@ -182,6 +182,9 @@ class RayPool:
             await asyncio.sleep(0.05)
         if self._refresh_task is not None:
             self._refresh_task.cancel()
+        if self._handle is not None:  # its router's background tasks would outlive the driver otherwise
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._handle.shutdown_async(), 10.0)
         await self._delete()
 
     # -- scaling (the autoscaling API's seam) ---------------------------------------------------------
@@ -274,7 +277,8 @@ class RayPool:
 
     @property
     def workers(self) -> list[ReplicaView]:
-        return sorted(self._replicas.values(), key=lambda v: (v.state == "Stopped", v.index))
+        """The replicas Serve runs now (starting, serving or restarting); replaced ones are left out."""
+        return sorted((v for v in self._replicas.values() if v.state != "Stopped"), key=lambda v: v.index)
 
     @property
     def ready_count(self) -> int:
@@ -314,11 +318,13 @@ class RayPool:
         self.in_flight += 1
         started = time.monotonic()
         try:
-            response = self._handle.invoke.remote(body, fwd, timeout_s)
+            response: Any = None
             try:
+                response = self._handle.invoke.remote(body, fwd, timeout_s)
                 out = await asyncio.wait_for(_result(response), timeout=max(deadline - time.monotonic(), 0.0))
             except asyncio.TimeoutError:
-                response.cancel()
+                if response is not None:
+                    response.cancel()
                 raise InvocationTimeoutError(f"invocation timed out after {timeout_s:g} s",
                                              timeout_s=timeout_s) from None
             except BackPressureError:
