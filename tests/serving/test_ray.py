@@ -27,21 +27,36 @@ _TYPES = {"ml.m5.large": {"num_cpus": 1}, "ml.g4dn.xlarge": {"num_cpus": 1}, "ml
 _NODE = {"num_cpus": 1, "object_store_memory": 80 * 1024**2, "node_ip_address": "127.0.0.1"}
 
 
+def _start_cluster(attempts: int = 3) -> Any:
+    """Head + one worker node. Ray gives a raylet a fixed 30 s to register, which a heavily loaded machine can
+    miss: then the half-started cluster is stopped and started again."""
+    from ray.cluster_utils import Cluster
+
+    for attempt in range(attempts):
+        cluster = Cluster(initialize_head=False, connect=False)
+        try:
+            cluster.add_node(**_NODE, include_dashboard=False)
+            cluster.add_node(**_NODE)
+            cluster.wait_for_nodes()
+            return cluster
+        except Exception:
+            cluster.shutdown()
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory, moto_server: str) -> Iterator[Any]:
     """Head (1 CPU) + one worker node (1 CPU); their replicas cache models under this module's home."""
-    from ray.cluster_utils import Cluster
-
     home = tmp_path_factory.mktemp("ray-nodes-home")
     saved = {k: os.environ.get(k) for k in ("SDMAKER_HOME", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
                                             "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "RAY_DEDUP_LOGS")}
     # the nodes' environment (what a real node would be configured with): its home and its S3 access
     os.environ.update({"SDMAKER_HOME": str(home), "AWS_ENDPOINT_URL_S3": moto_server, "AWS_ACCESS_KEY_ID": "testing",
                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "RAY_DEDUP_LOGS": "0"})
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args={**_NODE, "include_dashboard": False})
+    cluster = _start_cluster()
     try:
-        cluster.add_node(**_NODE)
-        cluster.wait_for_nodes()
         yield cluster
     finally:
         cluster.shutdown()
@@ -161,6 +176,37 @@ def test_a_dead_node_fails_its_request_with_424_and_the_replica_comes_back(
     info = _details(ray_daemon, "crash")
     assert len([w for w in info["workers"] if w["state"] in ("Ready", "Busy")]) == 2, info["workers"]
     ray_daemon.boto("sagemaker").delete_endpoint(EndpointName="crash")
+
+
+def test_overload_on_ray_answers_503_with_retry_after(ray_daemon: DaemonProcess, scripted_model_dir: Path) -> None:
+    """One replica taking one request at a time and a queue bound of 1: of 5 concurrent requests, the ones
+    beyond the replica and its queue are refused at once with 503 and Retry-After, the others served."""
+    from botocore.exceptions import ClientError
+
+    desc = ray_daemon.deploy("busy", scripted_model_dir, count=1, instance_type="ml.m5.large",
+                             env={"SDMAKER_MAX_QUEUE": "1"})
+    assert desc["EndpointStatus"] == "InService", desc
+    rt = ray_daemon.boto("sagemaker-runtime")
+    answers: list[tuple[int, str | None]] = []
+
+    def call() -> None:
+        try:
+            rt.invoke_endpoint(EndpointName="busy", ContentType="application/json", Body=json.dumps({"sleep": 4}))
+            answers.append((200, None))
+        except ClientError as exc:
+            headers = exc.response["ResponseMetadata"].get("HTTPHeaders", {})
+            answers.append((int(exc.response["ResponseMetadata"]["HTTPStatusCode"]), headers.get("retry-after")))
+
+    threads = [threading.Thread(target=call) for _ in range(5)]
+    for t in threads:
+        t.start()
+        time.sleep(0.2)
+    for t in threads:
+        t.join()
+    refused = [a for a in answers if a[0] == 503]
+    assert len([a for a in answers if a[0] == 200]) >= 2 and refused, answers
+    assert all(retry for _, retry in refused), answers
+    ray_daemon.boto("sagemaker").delete_endpoint(EndpointName="busy")
 
 
 def test_gpu_variant_on_a_cpu_cluster_fails_naming_the_gpu(ray_daemon: DaemonProcess) -> None:
