@@ -111,7 +111,9 @@ class RayPool:
     def _options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {
             "name": "variant", "ray_actor_options": self.resources.actor_options(),
-            "max_ongoing_requests": self.spec.slots, "max_queued_requests": self.max_queue,
+            "max_ongoing_requests": self.spec.slots,
+            # Serve wants -1 (no bound) or a positive bound; a queue of 0 is the daemon's own check already
+            "max_queued_requests": max(1, self.max_queue),
             "health_check_period_s": _HEALTH_PERIOD_S, "health_check_timeout_s": _HEALTH_TIMEOUT_S,
             "graceful_shutdown_timeout_s": 5.0, "graceful_shutdown_wait_loop_s": 0.5}
         if self.autoscaling is not None:
