@@ -75,6 +75,12 @@ class Settings:
         openai_model: what the OpenAI Images API runs for a request without ``model`` or with a model name
             clients hard-code (``dall-e-2``, ``dall-e-3``, ``gpt-image-*``): an endpoint name or a store model
             name (``SDMAKER_OPENAI_MODEL``, default ``mini``, the built-in model).
+        ray_address: run endpoint replicas on this Ray cluster instead of local processes (``SDMAKER_RAY_ADDRESS``
+            or ``sdmaker up --ray``: ``host:port`` of its GCS, or ``auto``); unset: the local backend.
+        ray_instance_types: overrides of the instance type -> Ray resources table (``SDMAKER_RAY_INSTANCE_TYPES``:
+            a JSON object, inline or a file path; see :mod:`sdmaker.serving.daemon.ray._resources`).
+        ray_head_url: the daemon URL replicas on other nodes fetch models from (``SDMAKER_RAY_HEAD_URL``; default
+            the bind address, or this node's Ray IP when bound to 0.0.0.0).
     """
 
     home: Path
@@ -109,6 +115,9 @@ class Settings:
     memory_bytes: int = field(default_factory=lambda: _machine_memory_bytes())
     memory_budget_pixels: int | None = None
     openai_model: str = "mini"
+    ray_address: str | None = None
+    ray_instance_types: str | None = None
+    ray_head_url: str | None = None
 
     @property
     def store_dir(self) -> Path:
@@ -227,6 +236,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         memory_bytes=int(_number(env, "SDMAKER_MEMORY_MB", 0, minimum=0) * 1024**2) or _machine_memory_bytes(),
         memory_budget_pixels=int(_number(env, "SDMAKER_MEMORY_BUDGET_PIXELS", 0, minimum=0)) or None,
         openai_model=env.get("SDMAKER_OPENAI_MODEL", "").strip() or "mini",
+        ray_address=env.get("SDMAKER_RAY_ADDRESS", "").strip() or None,
+        ray_instance_types=env.get("SDMAKER_RAY_INSTANCE_TYPES", "").strip() or None,
+        ray_head_url=env.get("SDMAKER_RAY_HEAD_URL", "").strip() or None,
     )
     return with_local_key(settings) if settings.local_key else settings
 

@@ -74,6 +74,9 @@ def up_cmd(
     detach: Annotated[bool, typer.Option("--detach", "-d", help="Run in the background (pid file in SDMAKER_HOME).")]
     = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    ray: Annotated[str | None, typer.Option("--ray", metavar="ADDRESS", help=(
+        "Run endpoint replicas on this Ray cluster (host:port of its head, or 'auto'; default SDMAKER_RAY_ADDRESS)."
+    ))] = None,
 ) -> None:
     """Start the platform daemon: SageMaker control plane + runtime API on one port."""
     from sdmaker.serving import check_bind
@@ -82,6 +85,12 @@ def up_cmd(
     host = host or settings.daemon_host
     port = port or settings.daemon_port
     check_bind(settings, host)  # refuse before binding anything
+    ray = ray or settings.ray_address
+    if ray:
+        from sdmaker.serving.daemon.ray import check_ray_address, load_instance_table
+
+        ray = check_ray_address(ray)  # an unreachable cluster is a one-line error, before anything starts
+        load_instance_table(settings.ray_instance_types)
     if (pid := _running_pid(settings)) is not None:
         raise ConfigError(f"a daemon is already running (pid {pid}); stop it with `sdmaker down`", field="pid")
     settings.home.mkdir(parents=True, exist_ok=True)
@@ -93,7 +102,8 @@ def up_cmd(
                                "--port / SDMAKER_PORT", field="port")
         log = settings.home / "daemon.log"
         with open(log, "ab") as fh:
-            proc = subprocess.Popen([sys.executable, "-m", "sdmaker", "up", "--host", host, "--port", str(port)],
+            proc = subprocess.Popen([sys.executable, "-m", "sdmaker", "up", "--host", host, "--port", str(port),
+                                     *(["--ray", ray] if ray else [])],
                                     stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         _wait_up(url, proc, log, port)
@@ -107,6 +117,10 @@ def up_cmd(
 
         logging.getLogger("sdmaker").setLevel(logging.INFO)
     atomic_write_text(_pid_file(settings), json.dumps({"pid": os.getpid(), "url": url}))
+    if ray:
+        from dataclasses import replace
+
+        settings = replace(settings, ray_address=ray, daemon_host=host, daemon_port=port)
     try:
         run_daemon(settings, host=host, port=port)
     finally:
@@ -290,6 +304,12 @@ def describe_cmd(name: str, as_json: Annotated[bool, typer.Option("--json")] = F
     for key, value in rows:
         console.print(f"[bold]{key:>18}[/bold]  {value}", highlight=False)
     for w in info.get("workers", []):
+        if w.get("backend") == "ray":
+            console.print(f"{'replica ' + str(w['index']):>18}  {w['state']} on node {str(w.get('node'))[:12]} "
+                          f"pid {w['pid']} restarts {w['restarts']} served {w.get('served', 0)} (model from "
+                          f"{w.get('model_source') or '-'}){' ' + w['error'] if w.get('error') else ''}",
+                          highlight=False)
+            continue
         started = "warm standby" if w.get("standby") else "fresh process"
         console.print(f"{'worker ' + str(w['index']):>18}  {w['state']} pid {w['pid']} port {w['port']} "
                       f"restarts {w['restarts']} served {w.get('served', 0)} ({started}, ready {w.get('startup_seconds') or '-'} s after start)",

@@ -55,6 +55,7 @@ from sdmaker.errors import (
 )
 from sdmaker.serving._hosts import HostGuard, HostPolicy
 from sdmaker.serving._http import read_body
+from sdmaker.serving.daemon._artifact_api import artifact_response
 from sdmaker.serving.daemon._auth import auth_required, check_bind, verify_request
 from sdmaker.serving.daemon._control_plane import control_plane, control_plane_error
 from sdmaker.serving.daemon._endpoints import EndpointManager
@@ -156,10 +157,12 @@ def _is_control_plane(request: Request) -> bool:
 
 
 async def _guard(request: Request) -> None:
-    """Body limit and authentication for every route but ``/ping``, the web UI's static files and OpenAI image
-    URLs (capability URLs) (logged when refused)."""
+    """Body limit and authentication for every route but ``/ping``, the web UI's static files, OpenAI image
+    URLs (capability URLs) and model artifacts (authenticated by their own route, on loopback too: see
+    :mod:`._artifact_api`) (logged when refused)."""
     path = request.url.path
-    if path == "/ping" or is_public_path(path, request.method) or path.startswith(FILES_PREFIX):
+    if path == "/ping" or is_public_path(path, request.method) or path.startswith((FILES_PREFIX,
+                                                                                   "/sdmaker/v1/artifacts/")):
         return
     settings: Settings = request.state.settings
     body = await read_body(request, settings.max_body_bytes)
@@ -309,6 +312,10 @@ def create_app(settings: Settings, *, host: str | None = None, port: int | None 
     async def details(request: Request, name: str) -> dict[str, Any]:
         manager: EndpointManager = request.state.manager
         return manager.details(name)
+
+    @app.get("/sdmaker/v1/artifacts/{digest}")
+    async def artifact(request: Request, digest: str) -> Response:
+        return await artifact_response(request, digest)
 
     @app.get("/sdmaker/v1/endpoints/{name}/logs")
     async def logs(request: Request, name: str, offset: int = 0) -> dict[str, Any]:

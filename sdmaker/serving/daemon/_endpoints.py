@@ -65,6 +65,8 @@ from sdmaker.serving.daemon._variant import (
     worker_environment,
 )
 from sdmaker.serving.daemon._worker_process import WorkerReply, WorkerSpec
+from sdmaker.serving.daemon.ray._cluster import RayCluster
+from sdmaker.serving.daemon.ray._pool import Pool
 
 __all__ = ["DEFAULT_MAX_BATCH", "FORBIDDEN_ENV", "EndpointManager", "LiveEndpoint", "instance_profile"]
 
@@ -85,7 +87,9 @@ class EndpointManager:
         #: per-job progress logs read by SSE, response streaming, the OpenAI API, the UI and job status
         self.events = EventHub()
         self._generation = 0
-        self.standbys = StandbyPool(count=settings.standby_workers, python=sys.executable,
+        #: the Ray cluster endpoints run on (``sdmaker up --ray``); None: local worker processes
+        self.ray: RayCluster | None = RayCluster(settings) if settings.ray_address else None
+        self.standbys = StandbyPool(count=0 if self.ray else settings.standby_workers, python=sys.executable,
                                     env=worker_environment(settings, {}, 1), log_file=self.root / "standby.log")
         self._standby_task: asyncio.Task[None] | None = None
         self._rotate_task: asyncio.Task[None] | None = None
@@ -99,6 +103,8 @@ class EndpointManager:
 
     async def start(self) -> None:
         """Bring back every endpoint that was serving (or starting) when the daemon last stopped."""
+        if self.ray is not None:
+            await asyncio.to_thread(self.ray.connect)
         for rec in self.db.endpoints():
             if rec.status is not EndpointStatus.FAILED:
                 logger.info("restoring endpoint %s", rec.name)
@@ -188,6 +194,8 @@ class EndpointManager:
         await asyncio.gather(*(rt.pool.close() for rt in self.live.values() if rt.pool),
                              return_exceptions=True)
         self.live.clear()
+        if self.ray is not None:
+            await asyncio.to_thread(self.ray.close)
         self.db.close()
 
     # -- helpers -----------------------------------------------------------------------------------
@@ -220,7 +228,7 @@ class EndpointManager:
                               "exist", field="ModelName")
         return variant, model.body
 
-    async def _build_pool(self, name: str, config_name: str) -> tuple[WorkerPool, VariantPlan]:
+    async def _build_pool(self, name: str, config_name: str) -> tuple[Pool, VariantPlan]:
         """Resolve the model, prepare its environment, start its workers; a ready pool and the plan it follows."""
         variant, model = self._variant(config_name)
         container = model.get("PrimaryContainer") or (model.get("Containers") or [{}])[0]
@@ -231,6 +239,14 @@ class EndpointManager:
         plan = plan_variant(variant, model, model_dir=model_dir, digest=digest, display_name=display_name,
                             log_file=self.log_file(name), settings=self.settings)
         self._generation += 1
+        if self.ray is not None:
+            ray_pool = self.ray.pool_for(name, self._generation, plan, container=container, model_ref=ref,
+                                         model_dir=model_dir, digest=digest)
+            self._log(name, f"starting {ray_pool.count} Ray Serve replica(s) of {ray_pool.resources} for model "
+                            f"{plan.model_name} ({model_dir})")
+            await ray_pool.start()
+            self.db.set_endpoint(name, model_digest=digest, model_path=str(model_dir))
+            return ray_pool, plan
         if plan.warning:
             logger.warning("endpoint %s: %s", name, plan.warning)
             self._log(name, f"warning: {plan.warning}")

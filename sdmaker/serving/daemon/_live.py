@@ -11,9 +11,9 @@ import collections
 from dataclasses import dataclass, field
 
 from sdmaker.serving.daemon._admission import Admission
-from sdmaker.serving.daemon._pool import WorkerPool
 from sdmaker.serving.daemon._state import EndpointStats, EndpointStatus
 from sdmaker.serving.daemon._variant import VariantPlan
+from sdmaker.serving.daemon.ray._pool import Pool
 
 __all__ = ["LiveEndpoint"]
 
@@ -27,7 +27,7 @@ class LiveEndpoint:
     timeout_s: float
     max_queue: int
     status: EndpointStatus = EndpointStatus.CREATING
-    pool: WorkerPool | None = None
+    pool: Pool | None = None
     task: asyncio.Task[None] | None = None
     default_handler: bool = False
     instance_type: str | None = None
@@ -41,7 +41,7 @@ class LiveEndpoint:
     #: the work taken and not finished, and the measured throughput (issue 11's backpressure)
     admission: Admission = field(default_factory=Admission)
 
-    def install(self, pool: WorkerPool, plan: VariantPlan) -> WorkerPool | None:
+    def install(self, pool: Pool, plan: VariantPlan) -> Pool | None:
         """Serve from ``pool`` (started from ``plan``) from now on; returns the pool it replaces, to drain.
 
         Limits the model's Environment does not set keep their current values (the daemon's defaults).
