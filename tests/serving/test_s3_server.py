@@ -244,35 +244,32 @@ def test_bad_input_is_an_s3_error_and_stays_inside_the_data_dir(s3: Any, bucket:
     assert _code(exc) == ("NoSuchKey", 404)  # the body whose digest did not match was not stored
 
 
-def test_objects_survive_kill_9(tmp_path: Path) -> None:
-    daemon = _own_s3_daemon(tmp_path / "home").start()
-    try:
-        s3 = _client(daemon)
-        s3.create_bucket(Bucket="durable")
-        data = os.urandom(6 * MiB)
-        (tmp_path / "f").write_bytes(data)
-        s3.upload_file(str(tmp_path / "f"), "durable", "multi", Config=TransferConfig(
-            multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB))
-        s3.put_object(Bucket="durable", Key="small", Body=b"kept", ContentType="text/x-kept")
-        s3.put_object(Bucket="durable", Key="replaced", Body=b"old")
-        s3.put_object(Bucket="durable", Key="replaced", Body=b"new")
-        pending = s3.create_multipart_upload(Bucket="durable", Key="pending")["UploadId"]
-        s3.upload_part(Bucket="durable", Key="pending", UploadId=pending, PartNumber=1, Body=b"p" * 100)
-        daemon.stop(signal.SIGKILL)
-        # a crash mid-write leaves a temp file; the restart removes it
-        (daemon.home / "s3" / "tmp" / ".tmp-obj-crashed").write_bytes(b"partial")
-        daemon.start()
-        s3 = _client(daemon)
-        assert s3.get_object(Bucket="durable", Key="multi")["Body"].read() == data
-        small = s3.get_object(Bucket="durable", Key="small")
-        assert (small["Body"].read(), small["ContentType"]) == (b"kept", "text/x-kept")
-        assert s3.get_object(Bucket="durable", Key="replaced")["Body"].read() == b"new"
-        assert [p["Size"] for p in s3.list_parts(Bucket="durable", Key="pending", UploadId=pending)["Parts"]] == [100]
-        assert not (daemon.home / "s3" / "tmp" / ".tmp-obj-crashed").exists()
-        blobs = {p.name for p in (daemon.home / "s3" / "blobs").iterdir()}
-        assert hashlib.sha256(b"old").hexdigest() not in blobs  # the replaced version's bytes are gone
-    finally:
-        daemon.stop()
+def test_objects_survive_kill_9(s3_daemon: DaemonProcess, tmp_path: Path) -> None:
+    daemon = s3_daemon
+    s3 = _client(daemon)
+    s3.create_bucket(Bucket="durable")
+    data = os.urandom(6 * MiB)
+    (tmp_path / "f").write_bytes(data)
+    s3.upload_file(str(tmp_path / "f"), "durable", "multi", Config=TransferConfig(
+        multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB))
+    s3.put_object(Bucket="durable", Key="small", Body=b"kept", ContentType="text/x-kept")
+    s3.put_object(Bucket="durable", Key="replaced", Body=b"old")
+    s3.put_object(Bucket="durable", Key="replaced", Body=b"new")
+    pending = s3.create_multipart_upload(Bucket="durable", Key="pending")["UploadId"]
+    s3.upload_part(Bucket="durable", Key="pending", UploadId=pending, PartNumber=1, Body=b"p" * 100)
+    daemon.stop(signal.SIGKILL)
+    # a crash mid-write leaves a temp file; the restart removes it
+    (daemon.home / "s3" / "tmp" / ".tmp-obj-crashed").write_bytes(b"partial")
+    daemon.start()  # same home, same port
+    s3 = _client(daemon)
+    assert s3.get_object(Bucket="durable", Key="multi")["Body"].read() == data
+    small = s3.get_object(Bucket="durable", Key="small")
+    assert (small["Body"].read(), small["ContentType"]) == (b"kept", "text/x-kept")
+    assert s3.get_object(Bucket="durable", Key="replaced")["Body"].read() == b"new"
+    assert [p["Size"] for p in s3.list_parts(Bucket="durable", Key="pending", UploadId=pending)["Parts"]] == [100]
+    assert not (daemon.home / "s3" / "tmp" / ".tmp-obj-crashed").exists()
+    blobs = {p.name for p in (daemon.home / "s3" / "blobs").iterdir()}
+    assert hashlib.sha256(b"old").hexdigest() not in blobs  # the replaced version's bytes are gone
 
 
 def test_objects_equal_to_model_files_are_stored_once(s3: Any, bucket: str, s3_daemon: DaemonProcess,

@@ -215,7 +215,7 @@ def create_app(settings: Settings, *, host: str | None = None, port: int | None 
     app.state.drain = drain
     app.add_middleware(HostGuard, policy=HostPolicy(host, port or settings.daemon_port, settings.allowed_hosts))
     if settings.s3_builtin:  # S3 under /s3 on this port (sdmaker.serving.s3); it checks the same credentials
-        mount_s3(app, settings, auth=need_auth, verify=verify_request)
+        app.state.s3 = mount_s3(app, settings, auth=need_auth, verify=verify_request)
 
     @app.exception_handler(SdmakerError)
     async def _on_error(request: Request, exc: SdmakerError) -> Response:
