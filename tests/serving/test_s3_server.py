@@ -234,8 +234,11 @@ def test_bad_input_is_an_s3_error_and_stays_inside_the_data_dir(s3: Any, bucket:
         ("PUT", f"{base}/{bucket}/k", b"body"),  # wrong declared digest below
         ("PUT", f"{base}/{bucket}?tagging", b""),
         ("PATCH", f"{base}/{bucket}/k", b""),
+        ("PUT", f"{base}/{bucket}/k", b"5\r\nchunk\r\n0\r\n\r\n"),  # aws-chunked framing: refused, not stored
     ]:
         headers = {"x-amz-content-sha256": "0" * 64} if body == b"body" else {}
+        if body.startswith(b"5\r\n"):
+            headers = {"content-encoding": "aws-chunked", "x-amz-decoded-content-length": "5"}
         res = httpx.request(method, url, content=body, headers=headers)
         assert 400 <= res.status_code < 500 or res.status_code == 501, (method, url, res.status_code, res.text)
         assert res.text.startswith("<?xml") and "<Code>" in res.text, res.text

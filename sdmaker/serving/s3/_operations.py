@@ -324,6 +324,11 @@ def _object_headers(info: ObjectInfo) -> dict[str, str]:
 
 async def _receive(call: Call, store: ObjectStore) -> BlobWriter:
     """Stream the request body into a blob writer, checking its size and declared digests."""
+    if "aws-chunked" in call.headers.get("content-encoding", "") or "x-amz-decoded-content-length" in call.headers:
+        # chunk-framed bodies (trailing checksums): botocore sends them over https only; storing the framing
+        # as the object would corrupt it, so say so instead
+        raise S3ApiError("NotImplemented", "aws-chunked request bodies are not supported by sdmaker's built-in S3; "
+                         "send the payload as is (botocore does over http).", 501)
     declared = call.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > _MAX_OBJECT_BYTES:
         raise S3ApiError("EntityTooLarge", "Your proposed upload exceeds the maximum allowed size (5 GiB).", 400)
