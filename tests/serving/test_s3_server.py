@@ -160,6 +160,10 @@ def test_listing_pagination_prefix_and_delimiter(s3: Any, bucket: str) -> None:
                                                               PaginationConfig={"PageSize": 2}))
     assert [p["Prefix"] for page in paged for p in page.get("CommonPrefixes", [])] == ["a b+c%d/", "img/", "logs/"]
     assert [o["Key"] for page in paged for o in page.get("Contents", [])] == ["top"]
+    s3.put_object(Bucket=bucket, Key="img/", Body=b"")  # a folder marker equal to the prefix is a key
+    marked = list(s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="img/", Delimiter="/",
+                                                               PaginationConfig={"PageSize": 1}))
+    assert [o["Key"] for p in marked for o in p.get("Contents", [])] == ["img/"] + [f"img/{i}.png" for i in range(5)]
     after = s3.list_objects_v2(Bucket=bucket, Prefix="logs/2026/", StartAfter="logs/2026/09.txt")
     assert [o["Key"] for o in after["Contents"]] == ["logs/2026/10.txt", "logs/2026/11.txt"]
     assert s3.list_objects_v2(Bucket=bucket, Prefix="nothing/")["KeyCount"] == 0

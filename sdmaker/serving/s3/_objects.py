@@ -360,9 +360,9 @@ class ObjectStore:
                     cursor = key
                     if not key.startswith(prefix):
                         return out  # past the prefix: keys are sorted
-                    if out.last is not None and delimiter and out.last.endswith(delimiter) and key.startswith(out.last):
+                    if out.prefixes and out.last == out.prefixes[-1] and key.startswith(out.last):
                         continue  # inside the common prefix just returned
-                    if after and delimiter and after.endswith(delimiter) and key.startswith(after):
+                    if _is_common_prefix(after, prefix, delimiter) and key.startswith(after):
                         continue  # inside the common prefix the previous page ended with
                     if len(out.contents) + len(out.prefixes) >= max_keys:
                         out.truncated = True
@@ -386,7 +386,7 @@ class ObjectStore:
         for (key,) in rows:
             if not key.startswith(prefix):
                 return False
-            if delimiter and last.endswith(delimiter) and key.startswith(last):
+            if _is_common_prefix(last, prefix, delimiter) and key.startswith(last):
                 continue
             return True
         return False
@@ -511,6 +511,14 @@ class ObjectStore:
             writer.discard()
             raise
         return self.put_part(bucket, key, upload_id, number, writer)
+
+
+def _is_common_prefix(text: str, prefix: str, delimiter: str) -> bool:
+    """Whether ``text`` is a common prefix of a listing (its first delimiter after ``prefix`` ends it), not a
+    key: a folder-marker key equal to ``prefix`` also ends with the delimiter but is listed as a key."""
+    if not delimiter or len(text) <= len(prefix) or not text.startswith(prefix):
+        return False
+    return text.find(delimiter, len(prefix)) == len(text) - len(delimiter)
 
 
 def _etag_matches(given: str, etag: str) -> bool:
