@@ -482,6 +482,11 @@ class ObjectStore:
                     while chunk := fh.read(_CHUNK):
                         writer.write(chunk)
             sha256, _ = writer.finish()
+        except FileNotFoundError:  # aborted (or completed) by a concurrent request meanwhile
+            writer.discard()
+            raise S3ApiError("NoSuchUpload", "The specified multipart upload does not exist. It may have been "
+                             "aborted or completed meanwhile.", 404, bucket=bucket, key=key,
+                             upload_id=upload_id) from None
         except BaseException:
             writer.discard()
             raise
