@@ -14,10 +14,12 @@ from pathlib import Path
 
 from sdmaker.errors import ConfigError
 
-__all__ = ["Settings", "allow_mlflow_file_store", "load_settings", "quiet_third_party_logs", "replace_environment",
-           "with_local_key"]
+__all__ = ["S3_PATH_PREFIX", "Settings", "allow_mlflow_file_store", "load_settings", "quiet_third_party_logs",
+           "replace_environment", "with_local_key"]
 
 _TRUE = {"1", "true", "yes", "on"}
+#: The built-in S3 lives on the daemon's port under this path (botocore keeps an endpoint URL's path).
+S3_PATH_PREFIX = "/s3"
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,11 @@ class Settings:
         device: ``auto`` | ``cpu`` | ``cuda`` (``SDMAKER_DEVICE``).
         dtype: ``auto`` | ``fp32`` | ``bf16`` | ``fp16`` (``SDMAKER_DTYPE``).
         aws_endpoint_url_s3: S3-compatible endpoint (``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``).
+        aws_config_s3_endpoint: the AWS config file (``AWS_CONFIG_FILE``, default ``~/.aws/config``) names an
+            S3 endpoint (``endpoint_url`` in the profile or its ``services`` section) that botocore will use.
+        s3_builtin: ``sdmaker up`` serves its own S3 at ``<daemon>/s3`` (``SDMAKER_S3``: ``auto``, the default,
+            or ``off``), data under ``$SDMAKER_HOME/s3``. sdmaker (and ``sdmaker env``) point S3 clients at it
+            unless the user configured an S3 endpoint of their own (:attr:`s3_endpoint_url`).
         env: the raw environment snapshot, for the few places (subprocess spawning) that must pass it on.
         daemon_host / daemon_port: where ``sdmaker up`` listens (``SDMAKER_HOST``, default 127.0.0.1;
             ``SDMAKER_PORT``, default 8765); clients use ``SDMAKER_URL`` (default from these two).
@@ -89,6 +96,8 @@ class Settings:
     device: str = "auto"
     dtype: str = "auto"
     aws_endpoint_url_s3: str | None = None
+    aws_config_s3_endpoint: bool = False
+    s3_builtin: bool = True
     env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
     daemon_host: str = "127.0.0.1"
     daemon_port: int = 8765
@@ -146,6 +155,29 @@ class Settings:
         return self.home / "image-urls"
 
     @property
+    def s3_dir(self) -> Path:
+        """The built-in S3's data: ``index.sqlite3`` and content-addressed ``blobs/``."""
+        return self.home / "s3"
+
+    @property
+    def builtin_s3_url(self) -> str:
+        """Where clients reach the built-in S3: the daemon's own port, under :data:`S3_PATH_PREFIX`."""
+        return self.client_url + S3_PATH_PREFIX
+
+    @property
+    def uses_builtin_s3(self) -> bool:
+        """Whether S3 calls go to the built-in S3: it is on and no endpoint of the user's own is configured."""
+        return self.s3_builtin and not (self.aws_endpoint_url_s3 or self.aws_config_s3_endpoint)
+
+    @property
+    def s3_endpoint_url(self) -> str | None:
+        """The endpoint sdmaker's S3 clients use: the user's (env), the built-in S3's, or None (botocore's own
+        resolution: an endpoint in the AWS config file, else AWS itself)."""
+        if self.aws_endpoint_url_s3:
+            return self.aws_endpoint_url_s3
+        return self.builtin_s3_url if self.uses_builtin_s3 else None
+
+    @property
     def client_url(self) -> str:
         """Base URL clients use to reach the daemon (``SDMAKER_URL`` or host/port)."""
         if self.daemon_url:
@@ -200,6 +232,39 @@ def _machine_memory_bytes() -> int:
     return 8 * 1024**3
 
 
+def _aws_config_has_s3_endpoint(env: Mapping[str, str]) -> bool:
+    """Whether the AWS config file gives S3 an endpoint for the active profile (botocore >= 1.31 reads
+    ``endpoint_url`` in ``[profile X]`` and in the ``[services Y]`` section the profile names under ``s3``).
+
+    ``AWS_IGNORE_CONFIGURED_ENDPOINT_URLS`` turns those off in botocore, and so here.
+    """
+    import configparser
+
+    if _flag(env, "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS"):
+        return False
+    path = Path(env.get("AWS_CONFIG_FILE") or Path(env.get("HOME") or Path.home()) / ".aws" / "config").expanduser()
+    parser = configparser.RawConfigParser()
+    try:
+        parser.read(path, encoding="utf-8")
+    except (OSError, configparser.Error, UnicodeDecodeError):
+        return False
+    profile = env.get("AWS_PROFILE") or env.get("AWS_DEFAULT_PROFILE") or "default"
+    section = "default" if profile == "default" and parser.has_section("default") else f"profile {profile}"
+    if not parser.has_section(section):
+        return False
+    if parser.get(section, "endpoint_url", fallback="").strip():
+        return True
+    services = parser.get(section, "services", fallback="").strip()
+    if not services or not parser.has_section(f"services {services}"):
+        return False
+    nested = configparser.RawConfigParser()
+    try:  # ``s3 =`` followed by indented ``endpoint_url = ...`` lines: a nested block
+        nested.read_string("[s3]\n" + parser.get(f"services {services}", "s3", fallback=""))
+    except configparser.Error:
+        return False
+    return bool(nested.get("s3", "endpoint_url", fallback="").strip())
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Build :class:`Settings` from ``env`` (default: the process environment)."""
     env = dict(os.environ if env is None else env)
@@ -211,6 +276,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         device=_choice(env, "SDMAKER_DEVICE", ("auto", "cpu", "cuda"), "auto"),
         dtype=_choice(env, "SDMAKER_DTYPE", ("auto", "fp32", "bf16", "fp16"), "auto"),
         aws_endpoint_url_s3=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+        aws_config_s3_endpoint=_aws_config_has_s3_endpoint(env),
+        s3_builtin=_choice(env, "SDMAKER_S3", ("auto", "off"), "auto") != "off",
         env=env,
         daemon_host=env.get("SDMAKER_HOST", "").strip() or "127.0.0.1",
         daemon_port=int(_number(env, "SDMAKER_PORT", 8765, minimum=1)),

@@ -25,6 +25,7 @@ resemble, so callers may catch either (``except FileNotFoundError`` still works)
         ├── EndpointNotFoundError (LookupError)       no endpoint (endpoint config, SageMaker model) of that name
         ├── EndpointExistsError (FileExistsError)     an endpoint (endpoint config, SageMaker model) of that name exists
         ├── ControlPlaneError                        a SageMaker control-plane refusal in AWS's shape (``__type``)
+        ├── S3ApiError                               a refusal of the built-in S3, answered as S3's XML ``<Error>``
         ├── QueueFullError                           backpressure: retry later (HTTP 503)
         ├── InvocationTimeoutError (TimeoutError)
         ├── EndpointNotReadyError                    endpoint exists but is not InService
@@ -72,6 +73,7 @@ __all__ = [
     "PickleRefusedError",
     "RequirementsError",
     "QueueFullError",
+    "S3ApiError",
     "S3Error",
     "SdmakerError",
     "ServingError",
@@ -309,6 +311,21 @@ class ControlPlaneError(ServingError):
     def code(self) -> str:
         kind = getattr(self, "kind", None)  # absent on an instance rebuilt from its fields
         return kind.__name__ if kind is not None else type(self).__name__
+
+
+class S3ApiError(ServingError):
+    """A refusal of the built-in S3 server, answered as S3's ``<Error><Code>aws_code</Code>...`` XML body.
+
+    ``aws_code`` and the status are S3's own (``NoSuchKey`` 404, ``BucketAlreadyOwnedByYou`` 409, ...), since
+    boto3 maps them to its exception classes; the fields (``bucket``, ``key``, ...) go into the body too.
+
+    Example: ``S3ApiError("NoSuchKey", "The specified key does not exist.", 404, bucket="b", key="k")``
+    """
+
+    def __init__(self, aws_code: str, message: str, status: int = 400, **fields: Any) -> None:
+        super().__init__(message, aws_code=aws_code, **fields)
+        self.aws_code = aws_code
+        self.status = self.http_status = status
 
 
 class QueueFullError(ServingError):

@@ -21,7 +21,7 @@ from rich.table import Table
 from sdmaker.cli._common import console, get_settings, setup_logging, write_new_file
 from sdmaker.cli._progress import image_bars
 from sdmaker.cli._request_options import request_from_options, request_options
-from sdmaker.config import Settings
+from sdmaker.config import S3_PATH_PREFIX, Settings
 from sdmaker.errors import ConfigError, ServingError
 from sdmaker.files import atomic_write_text
 
@@ -218,7 +218,11 @@ def env_cmd(
     url: Annotated[str | None, typer.Option(help="Daemon URL (default: SDMAKER_URL or 127.0.0.1:SDMAKER_PORT).")]
     = None,
 ) -> None:
-    """Print the exports that point boto3 and the SageMaker SDK at sdmaker: eval "$(sdmaker env)"."""
+    """Print the exports that point boto3 and the SageMaker SDK at sdmaker: eval "$(sdmaker env)".
+
+    S3 goes to the daemon's built-in S3 (AWS_ENDPOINT_URL_S3=<url>/s3) unless an S3 endpoint of your own is
+    configured (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, or endpoint_url in ~/.aws/config) or SDMAKER_S3=off.
+    """
     settings = get_settings()
     url = (url or settings.client_url).rstrip("/")
     config = settings.home / "sagemaker-config.yaml"
@@ -238,6 +242,8 @@ def env_cmd(
         f'export AWS_REGION="${{AWS_REGION:-{settings.region}}}"',
         f"export SAGEMAKER_USER_CONFIG_OVERRIDE={shlex.quote(str(config))}",
     ]
+    if settings.uses_builtin_s3:  # no S3 of the user's own: the daemon's (sdmaker.serving.s3)
+        lines.insert(2, f"export AWS_ENDPOINT_URL_S3={shlex.quote(url + S3_PATH_PREFIX)}")
     for line in lines:
         typer.echo(line)
 

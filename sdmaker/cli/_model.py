@@ -168,7 +168,8 @@ def package_cmd(
 
     Example: sdmaker model package my-sd --code ./code -o model.tar.gz
     """
-    from sdmaker.store import format_for, package_model, resolve_model
+    from sdmaker.store import format_for, is_s3_uri, package_model, resolve_model
+    from sdmaker.store._s3 import client_for
 
     setup_logging(verbose)
     settings = get_settings()
@@ -177,7 +178,7 @@ def package_cmd(
     with byte_progress("packaging") as progress:
         result = package_model(resolved.path, out, code_dir=code, seed_handler=seed_handler,
                                compression=compression,  # type: ignore[arg-type]
-                               progress=progress)
+                               progress=progress, s3_client=client_for(settings) if is_s3_uri(out) else None)
     console.print(f"packaged {resolved.name} ({result.compression}, {result.files} files, "
                   f"{_size(result.bytes_in)} -> {_size(result.bytes_out)}, {result.seconds:.1f}s)", highlight=False)
     console.print(result.path, highlight=False, soft_wrap=True)

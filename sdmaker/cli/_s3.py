@@ -30,7 +30,7 @@ def cp_cmd(
     from sdmaker.store import _s3
 
     setup_logging(verbose)
-    client = _s3.make_client(get_settings().aws_endpoint_url_s3)
+    client = _s3.client_for(get_settings())
     src_s3, dst_s3 = _s3.is_s3_uri(src), _s3.is_s3_uri(dst)
     with byte_progress("copying") as progress:
         if not src_s3 and not dst_s3:

@@ -23,7 +23,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Literal, cast
+from typing import Any, BinaryIO, Literal, cast
 
 from sdmaker.errors import InvalidRequestError, ModelNotFoundError
 from sdmaker.files import Progress, atomic_open, is_weight_file, list_model_files
@@ -262,8 +262,10 @@ def _write_archive(entries: list[_Entry], out: BinaryIO, fmt: str, progress: Pro
 def package_model(src: Path, out: str | Path, *, code_dir: Path | None = None, seed_handler: bool = False,
                   compression: Compression = "auto",
                   progress: Progress | None = None, workers: int | None = None,
-                  gzip_level: int | None = None) -> PackageResult:
+                  gzip_level: int | None = None, s3_client: Any = None) -> PackageResult:
     """Write the model folder ``src`` (+ handler code) as a SageMaker artifact at ``out``.
+
+    ``s3_client`` uploads an ``s3://`` ``out`` (default: boto3's standard configuration).
 
     Args:
         src: a diffusers folder (a store snapshot, an extracted artifact, ...).
@@ -300,7 +302,7 @@ def package_model(src: Path, out: str | Path, *, code_dir: Path | None = None, s
         if upload_to is not None:
             from sdmaker.store._s3 import upload
 
-            final = upload(local, upload_to)
+            final = upload(local, upload_to, client=s3_client)
     finally:
         if tmp_dir is not None:
             import shutil

@@ -65,9 +65,9 @@ def _import_cached(store: Store, src: str, name: str, *, allow_pickle: bool,
 
 
 def _s3_name(uri: str, settings: Settings) -> str:
-    from sdmaker.store._s3 import head, list_keys, make_client
+    from sdmaker.store._s3 import client_for, head, list_keys
 
-    client = make_client(settings.aws_endpoint_url_s3)
+    client = client_for(settings)
     _, key = parse_s3_uri(uri)
     if is_archive_name(key):
         info = head(uri, client=client)

@@ -4,6 +4,9 @@ The client comes from boto3's standard configuration chain: env credentials, ``A
 ``~/.aws``, and ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` (read by botocore itself), so MinIO,
 moto or a real bucket all work without sdmaker-specific settings. Large files go multipart through
 ``boto3.s3.transfer.TransferConfig`` with several threads.
+
+:func:`client_for` is the client sdmaker itself uses: the user's S3 when they configured an endpoint,
+otherwise the daemon's built-in S3 (``settings.s3_endpoint_url``), signed with the daemon's key when it has one.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from sdmaker.config import Settings
 from sdmaker.errors import S3Error
 from sdmaker.files import Progress, atomic_path, list_model_files, staged_dir
 
-__all__ = ["S3Uri", "copy", "download", "download_prefix", "head", "is_s3_uri", "list_keys", "make_client", "parse_s3_uri",
+__all__ = ["S3Uri", "client_for", "copy", "download", "download_prefix", "head", "is_s3_uri", "list_keys", "make_client", "parse_s3_uri",
            "upload", "upload_dir"]
 
 logger = logging.getLogger(__name__)
@@ -67,6 +71,26 @@ def make_client(endpoint_url: str | None = None) -> Any:
 
     config = Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=16)
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+
+
+def client_for(settings: Settings) -> Any:
+    """The S3 client for ``settings``: :attr:`Settings.s3_endpoint_url`, and for the built-in S3 the daemon's
+    SigV4 key (or, when none is configured, whatever credentials boto3 finds, dummies if none: on loopback
+    the built-in S3 checks nothing) and path-style addressing (bucket names never become host names)."""
+    if not settings.uses_builtin_s3:
+        return make_client(settings.s3_endpoint_url)
+    import boto3
+    from botocore.config import Config
+
+    config = Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=16,
+                    s3={"addressing_style": "path"})
+    session = boto3.session.Session()
+    key, secret = settings.auth_access_key_id, settings.auth_secret_access_key
+    if not (key and secret) and session.get_credentials() is None:
+        key, secret = "sdmaker", "sdmaker"
+    return session.client("s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.region, config=config,
+                          aws_access_key_id=key if key and secret else None,
+                          aws_secret_access_key=secret if key and secret else None)
 
 
 def _transfer_config() -> Any:

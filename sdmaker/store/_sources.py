@@ -87,9 +87,9 @@ def open_source(src: str | Path, store: Store, *, allow_pickle: bool = False, pr
     try:
         if is_s3_uri(text):
             settings = settings or load_settings()
-            from sdmaker.store._s3 import download, download_prefix, make_client
+            from sdmaker.store._s3 import client_for, download, download_prefix
 
-            client = make_client(settings.aws_endpoint_url_s3)
+            client = client_for(settings)
             _, key = parse_s3_uri(text)
             staging = store.staging_dir()
             if is_archive_name(key):

@@ -14,6 +14,10 @@ Readers (``list``, ``get``, ``model_path``) take no lock: manifests are replaced
 snapshot directory is renamed into place only once complete. A crash at any point before the manifest
 rename leaves at most unreferenced blobs and tmp files, which the next mutation cleans up.
 
+A new blob whose bytes the built-in S3 already holds (``settings.s3_dir/blobs/<sha256>``, the same content
+addressing) is a hard link to that file, so a model uploaded to sdmaker's S3 and then imported is on disk
+once (:mod:`sdmaker.serving.s3` links to the store's blobs the same way).
+
 Nothing unverified becomes a blob: pickle weights are refused unless allowed, and every
 ``.safetensors`` file's header is checked (``_safetensors.check_safetensors``) on the bytes stored.
 """
@@ -78,6 +82,8 @@ class Store:
         self.manifests = self.root / "manifests"
         self.tmp = self.root / "tmp"
         self.staging = self.root / "staging"
+        #: other content-addressed blob folders whose files may be shared by hard link (the built-in S3's)
+        self.peer_blobs = [settings.s3_dir / "blobs"] if settings is not None else []
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
@@ -294,6 +300,9 @@ class Store:
             blob = self.blob_path(sha)
             if blob.exists():
                 return sha, size
+            if self._link_peer(sha, blob):
+                created.append(blob)
+                return sha, size
             with open(src, "rb") as fh:
                 os.fsync(fh.fileno())
             os.chmod(src, 0o444)
@@ -311,11 +320,32 @@ class Store:
             if blob.exists():  # dedup: identical content is stored once
                 tmp.unlink()
                 return sha, size
+            if self._link_peer(sha, blob):
+                tmp.unlink()
+                created.append(blob)
+                return sha, size
             os.chmod(tmp, 0o444)  # blobs are shared through hard links: never edit one in place
             os.replace(tmp, blob)
         created.append(blob)
         fsync_dir(self.blobs)
         return sha, size
+
+    def _link_peer(self, sha: str, blob: Path) -> bool:
+        """Hard-link a peer's file with digest ``sha`` as ``blob`` (both are read-only content addresses).
+
+        The peer's bytes are re-hashed first: a link shares the inode, so they must be exactly what the name says.
+        """
+        for peer in self.peer_blobs:
+            candidate = peer / sha
+            try:
+                if not candidate.is_file() or hash_file(candidate)[0] != sha:
+                    continue
+                os.link(candidate, blob)
+            except OSError:
+                continue
+            fsync_dir(self.blobs)
+            return True
+        return False
 
     def _build_snapshot(self, manifest: ModelManifest) -> Path:
         snap = self.snapshots / manifest.digest

@@ -1,8 +1,10 @@
-"""The seed article's steps 8-9 with the SageMaker Python SDK 2.x, only the environment pointed at sdmaker.
+"""The seed article's steps 7-9 with the SageMaker Python SDK 2.x, only the environment pointed at sdmaker.
 
-S3 is a moto server (what ``AWS_ENDPOINT_URL_S3`` names), the SageMaker APIs are the shared ``daemon``
-fixture, and ``sdmaker env`` provides every other export (including the SDK config file with
-``DefaultS3Bucket``, which spares the SDK its STS call).
+Two flows: against sdmaker alone (``sdmaker up`` serves the SageMaker APIs *and* S3; ``sdmaker env``
+exports ``AWS_ENDPOINT_URL_S3`` for its built-in S3, the model goes up with ``S3Uploader.upload``), and
+once against a third-party S3 (a moto server, what the user's own ``AWS_ENDPOINT_URL_S3`` names) with the
+shared ``daemon`` fixture. ``sdmaker env`` provides every other export (including the SDK config file
+with ``DefaultS3Bucket``, which spares the SDK its STS call).
 """
 
 from __future__ import annotations
@@ -44,22 +46,12 @@ def _upload_model_tar(model_dir: Path, moto_url: str, tmp_path: Path) -> str:
     return f"s3://{BUCKET}/sd/model.tar.gz"
 
 
-@pytest.mark.slow
-def test_seed_steps_8_and_9_run_unchanged(daemon, moto_server, seed_model_dir, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    s3_model_uri = _upload_model_tar(seed_model_dir, moto_server, tmp_path)
-    exports = _sdmaker_env(daemon.url, tmp_path)
-    assert exports["AWS_ENDPOINT_URL_SAGEMAKER"] == exports["AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME"] == daemon.url
-    assert f"DefaultS3Bucket: {BUCKET}" in Path(exports["SAGEMAKER_USER_CONFIG_OVERRIDE"]).read_text()
-    for key, value in exports.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_server)  # the user's own S3 configuration
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-
+def _fast_sdk_polls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDK sleeps 30 s before its first DescribeEndpoint and between polls (session.py `_wait_until`,
+    DEFAULT_EP_POLL = 30). The endpoint is InService within seconds, so shorten those sleeps for these
+    tests only; the seed's code is untouched."""
     import sagemaker.session
 
-    # The SDK sleeps 30 s before its first DescribeEndpoint and between polls (session.py `_wait_until`,
-    # DEFAULT_EP_POLL = 30). The endpoint is InService within seconds, so shorten those sleeps for this
-    # test only; the seed's code below is untouched.
     real_sleep = time.sleep
 
     class _FastTime:
@@ -72,7 +64,9 @@ def test_seed_steps_8_and_9_run_unchanged(daemon, moto_server, seed_model_dir, t
 
     monkeypatch.setattr(sagemaker.session, "time", _FastTime())
 
-    # ---- the seed's steps 8-9, as written there -------------------------------------------------------
+
+def _seed_steps_8_and_9(s3_model_uri: str, endpoint_name: str) -> list[Image.Image]:
+    """The seed's steps 8-9, as written there."""
     from sagemaker.huggingface.model import HuggingFaceModel
 
     role = "arn:aws:iam::111122223333:role/sm"
@@ -86,7 +80,7 @@ def test_seed_steps_8_and_9_run_unchanged(daemon, moto_server, seed_model_dir, t
     predictor = huggingface_model.deploy(
         initial_instance_count=1,
         instance_type="ml.g4dn.xlarge",
-        endpoint_name="sdk-seed-endpoint",
+        endpoint_name=endpoint_name,
     )
     data = {
         "prompt": ["A bird is flying in space", "Photos of horseback riding under the sea"],
@@ -98,7 +92,67 @@ def test_seed_steps_8_and_9_run_unchanged(daemon, moto_server, seed_model_dir, t
     res = predictor.predict(data=data)
     images = [Image.open(io.BytesIO(base64.b64decode(b64))) for b64 in res["generated_images"]]
     predictor.delete_endpoint()
+    return images
+
+
+@pytest.fixture(scope="module")
+def sdmaker_only(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A daemon with no S3 of the user's own configured: it serves S3 itself (and reads model data from it)."""
+    from conftest import DaemonProcess
+
+    home = tmp_path_factory.mktemp("sdmaker-only-home")
+    d = DaemonProcess(home, env={"HF_HUB_OFFLINE": "1", "AWS_CONFIG_FILE": str(home / "no-aws-config")})
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_PROFILE"):
+        d.env.pop(name, None)
+    d.start()
+    yield d
+    d.stop()
+
+
+@pytest.mark.slow
+def test_seed_notebook_runs_against_sdmaker_alone(sdmaker_only, seed_model_dir, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    exports = _sdmaker_env(sdmaker_only.url, tmp_path)
+    assert exports["AWS_ENDPOINT_URL_S3"] == sdmaker_only.url + "/s3"
+    for key in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in exports.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    _fast_sdk_polls(monkeypatch)
+    archive = tmp_path / "model.tar.gz"  # the seed's step 7: files at the archive root
+    with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
+        for item in sorted(seed_model_dir.iterdir()):
+            tar.add(item, arcname=item.name)
+
+    # ---- the seed's upload, then steps 8-9 ----------------------------------------------------------------
+    import sagemaker
+    from sagemaker.s3 import S3Uploader
+
+    sess = sagemaker.Session()
+    s3_model_uri = S3Uploader.upload(local_path=str(archive), desired_s3_uri=f"s3://{sess.default_bucket()}/sd",
+                                     sagemaker_session=sess)
+    images = _seed_steps_8_and_9(s3_model_uri, "sdk-own-s3-endpoint")
     # ------------------------------------------------------------------------------------------------------
+
+    assert s3_model_uri == f"s3://{BUCKET}/sd/model.tar.gz"
+    assert [(im.format, im.size) for im in images] == [("JPEG", (64, 64))] * 2
+    blob = sdmaker_only.home / "s3" / "blobs"  # the archive is in the daemon's own S3, nowhere else
+    assert any(p.stat().st_size == archive.stat().st_size for p in blob.iterdir())
+
+
+@pytest.mark.slow
+def test_seed_steps_8_and_9_run_unchanged(daemon, moto_server, seed_model_dir, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    s3_model_uri = _upload_model_tar(seed_model_dir, moto_server, tmp_path)
+    exports = _sdmaker_env(daemon.url, tmp_path)
+    assert exports["AWS_ENDPOINT_URL_SAGEMAKER"] == exports["AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME"] == daemon.url
+    assert f"DefaultS3Bucket: {BUCKET}" in Path(exports["SAGEMAKER_USER_CONFIG_OVERRIDE"]).read_text()
+    for key, value in exports.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_server)  # the user's own S3 configuration
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+
+    _fast_sdk_polls(monkeypatch)
+    images = _seed_steps_8_and_9(s3_model_uri, "sdk-seed-endpoint")
 
     assert [(im.format, im.size) for im in images] == [("JPEG", (64, 64))] * 2
     sm = daemon.boto("sagemaker")

@@ -8,6 +8,7 @@ Routes:
 * ``GET /`` -- the web UI, and the JSON routes only it uses (:mod:`._ui`);
 * ``POST /endpoints/{name}/invocations-response-stream`` -- InvokeEndpointWithResponseStream (:mod:`._stream_api`);
 * ``GET /sdmaker/v1/jobs/{id}/events`` -- a job's progress as Server-Sent Events (:mod:`._progress`);
+* ``/s3/...`` -- the built-in S3 (:mod:`sdmaker.serving.s3`, ``SDMAKER_S3=off`` turns it off);
 * ``GET /metrics`` -- Prometheus (:mod:`._metrics`); ``GET /ping`` -- daemon liveness (no auth);
 * ``GET /sdmaker/v1/endpoints[/{name}[/logs]]`` -- sdmaker's own view for the CLI (workers, digest,
   request counts, latency percentiles, worker logs); ``GET /sdmaker/v1/standby`` -- the warm standby
@@ -66,6 +67,7 @@ from sdmaker.serving.daemon._progress import job_events
 from sdmaker.serving.daemon._shapes import input_shape
 from sdmaker.serving.daemon._stream_api import invoke_endpoint_stream
 from sdmaker.serving.daemon._ui import add_ui_routes, is_public_path
+from sdmaker.serving.s3 import mount_s3
 
 __all__ = ["DRAIN_GRACE_S", "Drain", "create_app", "run_daemon"]
 
@@ -200,6 +202,8 @@ def create_app(settings: Settings, *, host: str | None = None, port: int | None 
         settings = with_local_key(settings)
         settings = replace(settings, auth_token=settings.auth_token or settings.local_token)
     check_bind(settings, host)
+    # the daemon's own S3 clients (s3:// model data) reach the built-in S3 at the address it binds
+    settings = replace(settings, daemon_host=host, daemon_port=port or settings.daemon_port, daemon_url=None)
     need_auth = auth_required(settings, host)
     key_auth = settings.local_key
     drain = Drain()
@@ -223,6 +227,8 @@ def create_app(settings: Settings, *, host: str | None = None, port: int | None 
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.drain = drain
     app.add_middleware(HostGuard, policy=HostPolicy(host, port or settings.daemon_port, settings.allowed_hosts))
+    if settings.s3_builtin:  # S3 under /s3 on this port (sdmaker.serving.s3); it checks the same credentials
+        app.state.s3 = mount_s3(app, settings, auth=need_auth, verify=verify_request)
 
     @app.exception_handler(SdmakerError)
     async def _on_error(request: Request, exc: SdmakerError) -> Response:
