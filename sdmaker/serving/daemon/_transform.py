@@ -255,7 +255,9 @@ class TransformJobs:
             else:
                 from sdmaker.store import s3
 
-                self._client = s3.make_client()
+                # the user's S3 when configured, else the daemon's built-in one (called from threads only:
+                # the event loop answers the built-in S3's requests)
+                self._client = s3.client_for(self.settings)
         return self._client
 
     async def _run(self, name: str) -> None:
