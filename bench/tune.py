@@ -136,7 +136,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     if label != "mini":
         return [row("tune: calibration", None, None, "1-SSIM", "NOT MEASURED: the built-in mini's weights are missing")]
     rows: list[dict[str, Any]] = []
-    n = 64 if quick else 128
+    n = 32 if quick else 128
     cal = calibrate(path, n=n, recipes=QUICK_RECIPES if quick else CALIBRATION_RECIPES)
     for p in sorted(cal["points"], key=lambda p: p["distance"]):
         ok = p["delta"] >= -BAR_POINTS
