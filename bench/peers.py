@@ -107,22 +107,35 @@ def _flops(fn: Any) -> float:
 
 
 def run(quick: bool) -> list[dict[str, Any]]:
-    import numpy as np
     import torch
 
-    from bench.engine import gemm_peak, sd21_dir
-    from sdmaker.engine import cpu_has_native_bf16, load_model
+    from bench.engine import sd21_dir
 
     if torch.cuda.is_available():
         return [row("peers: UNet step", None, None, "s/step", "CPU benchmark; skipped on a CUDA machine")]
     size, rounds = (256, 2) if quick else (512, 5)
+    from sdmaker.engine import cpu_has_native_bf16
+
+    return step_rows(sd21_dir("fp32"), sd21_dir("bf16") if cpu_has_native_bf16() else None, size=size,
+                     rounds=rounds, label="SD2.1")
+
+
+def step_rows(fp32_dir: Path, bf16_dir: Path | None, *, size: int, rounds: int, label: str,
+              gemm_n: int = 2048) -> list[dict[str, Any]]:
+    """Interleaved UNet-step rows for the UNet of ``fp32_dir`` (and its bf16 copy) against the peers."""
+    import numpy as np
+    import torch
+
+    from bench.engine import gemm_peak
+    from sdmaker.engine import cpu_has_native_bf16, load_model
+
     flags = ", ".join(cpu_flags()) or "none of " + "/".join(_FLAGS)
     lat = size // 8
     gen = torch.Generator().manual_seed(0)
     sample = torch.randn(2, 4, lat, lat, generator=gen)
     t = torch.tensor([500.0, 500.0])
-    emb = torch.randn(2, 77, 1024, generator=gen)
-    fp32 = load_model(sd21_dir("fp32"), dtype="fp32", digest="-")
+    fp32 = load_model(fp32_dir, dtype="fp32", digest="-")
+    emb = torch.randn(2, 77, int(fp32.pipeline.unet.config.cross_attention_dim), generator=gen)
     steps: dict[str, Any] = {}
 
     def torch_step(unet: Any, dtype: Any) -> Any:
@@ -135,8 +148,8 @@ def run(quick: bool) -> list[dict[str, Any]]:
 
     steps["torch fp32 (seed path)"] = torch_step(fp32.pipeline.unet, torch.float32)
     bf16_name = "torch bf16 (sdmaker)"
-    if cpu_has_native_bf16():
-        bf16 = load_model(sd21_dir("bf16"), dtype="bf16", digest="-")
+    if bf16_dir is not None:
+        bf16 = load_model(bf16_dir, dtype="bf16", digest="-")
         steps[bf16_name] = torch_step(bf16.pipeline.unet, torch.bfloat16)
     flops = _flops(steps["torch fp32 (seed path)"])
     notes: dict[str, str] = {}
@@ -145,7 +158,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     onnx_path: Path | None = None
     if have_onnx and (importlib.util.find_spec("onnxruntime") or importlib.util.find_spec("openvino")):
         try:
-            onnx_path, export_s = export_onnx(fp32.pipeline.unet, (sample, t, emb), CACHE_DIR / f"sd21-unet-{size}.onnx")
+            onnx_path, export_s = export_onnx(fp32.pipeline.unet, (sample, t, emb), CACHE_DIR / f"{label.lower()}-unet-{size}.onnx")
             notes["export"] = f"torch.onnx export {export_s:.0f}s" if export_s else "ONNX export cached"
         except Exception as exc:  # noqa: BLE001 - a peer that cannot be built is reported, not fatal
             logger.exception("ONNX export failed")
@@ -178,7 +191,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
             began = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - began)
-        peaks.append(gemm_peak("bf16" if cpu_has_native_bf16() else "fp32", 2048, repeat=2))
+        peaks.append(gemm_peak("bf16" if cpu_has_native_bf16() else "fp32", gemm_n, repeat=2))
     peak = max(peaks) * 1e9
     floor = flops / peak
     median = {name: float(np.median(v)) for name, v in times.items()}
@@ -186,7 +199,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     ours_name = bf16_name if bf16_name in median else "torch fp32 (seed path)"
     rows = []
     for name, value in median.items():
-        rows.append(row(f"peers: SD2.1 UNet step {size}² CFG 2, {ours_name} vs {name}", ours, value, "s/step",
+        rows.append(row(f"peers: {label} UNet step {size}² CFG 2, {ours_name} vs {name}", ours, value, "s/step",
                         f"median of {rounds} interleaved rounds (best {min(times[name]):.2f}s); {name} reaches "
                         f"{floor / value:.2f} of the bf16 floor ({floor:.2f}s at {peak / 1e9:.0f} GFLOP/s); "
                         f"CPU flags: {flags}; " + "; ".join(v for k, v in notes.items() if k in name.lower()
