@@ -70,29 +70,30 @@ class _UNetStep:
         self.module = Wrapped(unet).eval()
 
 
-def export_onnx(unet: Any, inputs: tuple[Any, ...], out: Path) -> tuple[Path, float]:
-    """Export the fp32 ``unet`` for ``inputs``' shapes to ``out`` (cached); returns (path, seconds spent)."""
+def export_onnx(unet: Any, inputs: tuple[Any, ...], out_dir: Path) -> tuple[Path, float]:
+    """Export the fp32 ``unet`` for ``inputs``' shapes into ``out_dir`` (cached); returns (model path, seconds).
+
+    The model and its external weights file are written into a temp folder renamed into place, so a
+    crashed export is never mistaken for a cached one (and no second in-memory copy is made to rename them).
+    """
+    import os
+    import shutil
+
     import torch
 
-    if out.is_file():
-        return out, 0.0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".building.onnx")
+    model_path = out_dir / "unet.onnx"
+    if model_path.is_file():
+        return model_path, 0.0
+    tmp = out_dir.with_name(out_dir.name + ".building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     started = time.perf_counter()
     with torch.inference_mode(False), torch.no_grad():
-        torch.onnx.export(_UNetStep(unet).module, inputs, str(tmp), input_names=["sample", "timestep", "embeds"],
-                          output_names=["noise"], external_data=True, dynamo=True, optimize=True)
-    data = tmp.with_name(tmp.name + ".data")
-    if data.exists():  # the model file names its weights file: keep the pair's names together
-        import onnx
-
-        model = onnx.load(str(tmp), load_external_data=True)
-        onnx.save_model(model, str(out), save_as_external_data=True, location=out.name + ".data")
-        tmp.unlink()
-        data.unlink()
-    else:
-        tmp.replace(out)
-    return out, time.perf_counter() - started
+        torch.onnx.export(_UNetStep(unet).module, inputs, str(tmp / "unet.onnx"),
+                          input_names=["sample", "timestep", "embeds"], output_names=["noise"],
+                          external_data=True, dynamo=True, optimize=True)
+    os.replace(tmp, out_dir)
+    return model_path, time.perf_counter() - started
 
 
 def _flops(fn: Any) -> float:
@@ -158,7 +159,7 @@ def step_rows(fp32_dir: Path, bf16_dir: Path | None, *, size: int, rounds: int, 
     onnx_path: Path | None = None
     if have_onnx and (importlib.util.find_spec("onnxruntime") or importlib.util.find_spec("openvino")):
         try:
-            onnx_path, export_s = export_onnx(fp32.pipeline.unet, (sample, t, emb), CACHE_DIR / f"{label.lower()}-unet-{size}.onnx")
+            onnx_path, export_s = export_onnx(fp32.pipeline.unet, (sample, t, emb), CACHE_DIR / f"{label.lower()}-unet-{size}-onnx")
             notes["export"] = f"torch.onnx export {export_s:.0f}s" if export_s else "ONNX export cached"
         except Exception as exc:  # noqa: BLE001 - a peer that cannot be built is reported, not fatal
             logger.exception("ONNX export failed")
@@ -170,7 +171,8 @@ def step_rows(fp32_dir: Path, bf16_dir: Path | None, *, size: int, rounds: int, 
         core.set_property({"CACHE_DIR": str(CACHE_DIR / "openvino")})
         started = time.perf_counter()
         compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU")
-        precision = compiled.get_property("INFERENCE_PRECISION_HINT")
+        hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+        precision = hint.to_string() if hasattr(hint, "to_string") else str(hint)
         notes["openvino"] = f"OpenVINO {ov.__version__}, compile {time.perf_counter() - started:.1f}s, precision {precision}"
         request = compiled.create_infer_request()
         steps[f"OpenVINO (default compile, {precision})"] = lambda: request.infer(feeds)
@@ -199,9 +201,12 @@ def step_rows(fp32_dir: Path, bf16_dir: Path | None, *, size: int, rounds: int, 
     ours_name = bf16_name if bf16_name in median else "torch fp32 (seed path)"
     rows = []
     for name, value in median.items():
+        if name == ours_name:
+            continue
         rows.append(row(f"peers: {label} UNet step {size}² CFG 2, {ours_name} vs {name}", ours, value, "s/step",
                         f"median of {rounds} interleaved rounds (best {min(times[name]):.2f}s); {name} reaches "
-                        f"{floor / value:.2f} of the bf16 floor ({floor:.2f}s at {peak / 1e9:.0f} GFLOP/s); "
+                        f"{floor / value:.3g} of the bf16 floor ({floor:.3g}s at {peak / 1e9:.0f} GFLOP/s; "
+                        f"{ours_name} {floor / ours:.3g}); "
                         f"CPU flags: {flags}; " + "; ".join(v for k, v in notes.items() if k in name.lower()
                                                              or (k == "export" and "torch" not in name))))
     if not any("OpenVINO" in n for n in steps):
