@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from sdmaker.engine import LoadedModel, generate
-from sdmaker.schema import SEED_DEFAULTS, ResolvedRequest, parse_request
+from sdmaker.schema import LIMITS, SEED_DEFAULTS, ResolvedRequest, parse_request
 from sdmaker.tuning._metric import METRIC_NAME, image_distances
 
 __all__ = [
@@ -305,8 +305,9 @@ def tune(load: ModelLoader, *, dtypes: Sequence[str], prompts: Sequence[str] | N
     own = ref_model.default_scheduler
     card = _card(ref_model)
     prompt_list = list(prompts or card.get("prompts") or DEFAULT_PROMPTS)
-    h = height or int(card.get("height") or ref_model.native_size)
-    w = width or int(card.get("width") or ref_model.native_size)
+    native = max(LIMITS["size_min"], -(-ref_model.native_size // 8) * 8)  # tiny test UNets are natively < 64 px
+    h = height or int(card.get("height") or native)
+    w = width or int(card.get("width") or native)
     g = guidance_scale if guidance_scale is not None else float(card.get("guidance_scale", SEED_DEFAULTS["guidance_scale"]))
     search = _Search(prompt_list, h, w, g, seed, threshold, on_candidate)
     reference = search.measure(ref_model, Recipe(own, REFERENCE_STEPS, 0, "fp32"), reference=True)
