@@ -43,7 +43,7 @@ def fast_dtypes(device: str) -> list[str]:
 def candidate_table(result: Any) -> Table:
     """Every measured candidate: time per image, speed-up over the reference, distance, kept or rejected."""
     ref_time = result.reference.seconds_per_image or 0.0
-    table = Table("#", "recipe", "s/image", "speed-up", f"distance (bar {result.threshold:.3f})", "status", "note",
+    table = Table("#", "recipe", "s/image", "speed-up", f"distance (bar {result.threshold:.4g})", "status", "note",
                   title=f"model tune: {result.prompts} prompts at {result.width}x{result.height}, "
                         f"guidance {result.guidance_scale:g}, on {result.device}")
     table.columns[-1].overflow = "fold"
@@ -93,7 +93,7 @@ def tune_stored(name: str, settings: Settings, *, height: int | None = None, wid
     verdict = ("kept the reference recipe: no faster recipe stayed within the bar"
                if result.chosen is result.reference else
                f"{result.speedup:.1f}x faster than the reference ({result.reference.recipe.label()}), "
-               f"distance {result.chosen.distance:.4f} <= {result.threshold:.3f}")
+               f"distance {result.chosen.distance:.4f} <= {result.threshold:.4g}")
     console.print(f"[bold]{name}[/bold] now defaults to [bold]{chosen.label()}[/bold]: {verdict}. "
                   f"Tuned in {result.seconds:.0f}s; digest {updated.digest[:12]}. "
                   f"Undo with `sdmaker model tune {name} --reset`.", highlight=False, soft_wrap=True)
