@@ -89,7 +89,8 @@ def test_a_generous_bar_takes_the_fastest_candidate(sd1_dir: Path) -> None:
     chosen = result.chosen
     assert chosen.status == "chosen" and chosen.recipe.steps <= 4
     assert any(c.recipe.deep_cache_interval > 1 for c in result.candidates)
-    assert chosen.seconds_per_image == min(c.seconds_per_image or 1e9 for c in result.candidates if c.kept)
+    fastest = min(c.seconds_per_image or 1e9 for c in result.candidates if c.kept)
+    assert chosen.seconds_per_image is not None and chosen.seconds_per_image <= fastest * 1.1  # ties: least UNet work
     record = result.record()
     assert record["recipe"] == chosen.recipe.to_dict() and len(record["candidates"]) == len(result.candidates)
 
