@@ -289,7 +289,8 @@ class Store:
             manifest = self.get(name)
             before = manifest.tuning.card_before if manifest.tuning else _card_entry(manifest)
             base = self._read_card(before)
-            base_defaults = base.get("defaults") if isinstance(base.get("defaults"), dict) else {}
+            raw = base.get("defaults")
+            base_defaults: dict[str, Any] = dict(raw) if isinstance(raw, dict) else {}
             card = {**base, "defaults": {**base_defaults, **defaults}, "tuned": {**record, "defaults_before": base_defaults}}
             if dtype is None:
                 card.pop("dtype", None)
