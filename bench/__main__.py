@@ -23,7 +23,7 @@ from typing import Any
 
 from bench import BENCH_DIR, row
 
-MODULES = ("quality", "engine", "batching", "package", "deploy", "reliability", "transform", "openai_route", "progress", "scaleout")  # quality first: it picks the recipe
+MODULES = ("quality", "engine", "batching", "package", "deploy", "reliability", "transform", "openai_route", "progress", "scaleout", "tune", "peers")  # quality first: it picks the recipe
 
 
 def machine_metadata() -> dict[str, Any]:
@@ -104,8 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="the <= 10 minute subset")
     parser.add_argument("--only", action="append", choices=MODULES, help="run only this module (repeatable)")
-    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results.json")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, default=None, help="default bench/results.json (--gpu: results-gpu.json)")
+    parser.add_argument("--gpu", action="store_true", help="the GPU run instead (bench/gpu.py; bench/gpu.sh installs "
+                        "the CUDA torch wheel first); writes bench/results-gpu.json")
+    args, rest = parser.parse_known_args(argv)
+    if args.gpu:
+        from bench.gpu import main as gpu_main
+
+        return gpu_main(rest + (["--out", str(args.out)] if args.out is not None else []))
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.out = args.out or BENCH_DIR / "results.json"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     meta = machine_metadata()

@@ -1,11 +1,11 @@
-"""``sdmaker model ...``: import, list, show, remove and package stored models."""
+"""``sdmaker model ...``: import, list, show, tune, remove and package stored models."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.progress import (
@@ -22,7 +22,7 @@ from sdmaker.cli._common import console, err_console, get_settings, setup_loggin
 
 __all__ = ["byte_progress", "register"]
 
-model_app = typer.Typer(help="Import, list, show, remove and package models in the local store.",
+model_app = typer.Typer(help="Import, list, show, tune, remove and package models in the local store.",
                         no_args_is_help=True)
 
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")]
@@ -59,11 +59,13 @@ def import_cmd(
     fit_previews: Annotated[bool, typer.Option("--fit-previews/--no-fit-previews", help=(
         "Fit the model's cheap preview factors (latent-to-RGB) against its VAE now and keep them with it; "
         "otherwise each worker fits them the first time a request asks for a preview."))] = True,
+    tune: Annotated[bool, typer.Option("--tune", help="Then run `sdmaker model tune` on it (minutes; makes the "
+                                       "fastest recipe that keeps its pictures its default).")] = False,
     verbose: Verbose = False,
 ) -> None:
     """Import a model into the store (content-addressed; identical files are stored once).
 
-    Example: sdmaker model import ./sd-folder --name my-sd
+    Example: sdmaker model import ./sd-folder --name my-sd --tune
     """
     from sdmaker.store import Store
 
@@ -79,6 +81,10 @@ def import_cmd(
     if fit_previews and (path / "vae" / "config.json").is_file():
         _fit_previews(path)
     console.print(str(path), highlight=False, soft_wrap=True)
+    if tune:
+        from sdmaker.cli._tune import tune_stored
+
+        tune_stored(manifest.name, settings)
 
 
 def _fit_previews(path: Path) -> None:
@@ -91,6 +97,46 @@ def _fit_previews(path: Path) -> None:
     except Exception as exc:  # noqa: BLE001 - previews are optional: the import itself succeeded
         err_console.print(f"[yellow]warning:[/yellow] preview factors not fitted ({exc}); workers fit them on "
                           "first use", highlight=False)
+
+
+@model_app.command("tune")
+def tune_cmd(
+    name: Annotated[str, typer.Argument(help="Store name.")],
+    reset: Annotated[bool, typer.Option("--reset", help="Undo a tune: the model's defaults as imported.")] = False,
+    height: Annotated[int | None, typer.Option(help="Tune at this height (default: the model's, else native).")] = None,
+    width: Annotated[int | None, typer.Option(help="Tune at this width (default: the model's, else native).")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Largest mean 1-SSIM to the reference images that counts "
+                                                    "as the same pictures (default: calibrated on mini).")] = None,
+    prompts: Annotated[Path | None, typer.Option("--prompts", help="Prompt file, one per line (default: the "
+                                                 "model's own set, else 16 general prompts).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Measure scheduler x steps x DeepCache x precision on the model; make the fastest recipe that keeps its
+    pictures (against its own 50-step fp32 recipe, same seeds) the model's default everywhere it is served.
+
+    Example: sdmaker model tune my-sd ; sdmaker model tune my-sd --reset
+    """
+    from sdmaker.schema import parse_request
+    from sdmaker.store import Store
+
+    setup_logging(verbose)
+    settings = get_settings()
+    store = Store(settings.store_dir, settings=settings)
+    if reset:
+        before = store.get(name)
+        after = store.reset_tuned(name)
+        what = "restored its defaults as imported" if before.tuning else "was not tuned; nothing changed"
+        console.print(f"{name}: {what} ({', '.join(f'{k}={v}' for k, v in after.defaults.items()) or 'no defaults'}"
+                      f"; digest {after.digest[:12]})", highlight=False, soft_wrap=True)
+        return
+    if height is not None or width is not None:  # the schema's size rules, checked before any model is loaded
+        parse_request({"prompt": "x", "height": height, "width": width})
+    from sdmaker.cli._tune import read_prompts, tune_stored
+
+    store.get(name)  # a missing model fails before torch is imported
+    tune_stored(name, settings, height=height, width=width, threshold=threshold,
+                prompts=read_prompts(prompts) if prompts is not None else None, device=device)
 
 
 @model_app.command("list")
@@ -130,6 +176,7 @@ def show_cmd(name: Annotated[str, typer.Argument(help="Store name.")]) -> None:
         ("text encoder", arch.text_encoder_class or "-"), ("tokenizer", arch.tokenizer_class or "-"),
         ("scheduler", arch.scheduler_class or "-"),
         ("defaults", ", ".join(f"{k}={v}" for k, v in m.defaults.items()) or "-"),
+        ("tuned", _tuned_line(m.tuning.record) if m.tuning else "no (`sdmaker model tune " + m.name + "`)"),
     ]
     for key, value in rows:  # plain lines: digests and paths must never be cut to the terminal width
         console.print(f"[bold]{key + ':':<25}[/bold]{value}", highlight=False, soft_wrap=True)
@@ -138,6 +185,22 @@ def show_cmd(name: Annotated[str, typer.Argument(help="Store name.")]) -> None:
     for f in m.files:
         files.add_row(f.path, _size(f.size), f.sha256[:16])
     console.print(files)
+
+
+def _tuned_line(record: dict[str, Any]) -> str:
+    """``model show``'s summary of a tuning record."""
+    recipe, ref = record.get("recipe") or {}, record.get("reference") or {}
+
+    def label(r: dict[str, Any]) -> str:
+        dc = f" + DeepCache {r.get('deep_cache_interval')}" if (r.get("deep_cache_interval") or 0) > 1 else ""
+        return f"{r.get('scheduler') or 'own scheduler'} {r.get('steps')} steps{dc}, {r.get('dtype')}"
+
+    kept = recipe == ref
+    dist = record.get("distance")
+    return (f"{label(recipe)}" + (" (kept the reference: nothing faster stayed within the bar)" if kept else
+            f", {record.get('speedup')}x faster than {label(ref)}, {record.get('metric')} {dist} <= "
+            f"{record.get('threshold')}") + f"; at {record.get('width')}x{record.get('height')} on "
+            f"{record.get('device')}, {len(record.get('candidates') or [])} candidates")
 
 
 @model_app.command("rm")

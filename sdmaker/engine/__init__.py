@@ -14,8 +14,10 @@ from sdmaker.engine._loader import (
     MODEL_CARD_FILE,
     PICKLE_SUFFIXES,
     LoadedModel,
+    card_dtype,
     find_pickle_weights,
     load_model,
+    read_model_card,
     read_model_defaults,
 )
 from sdmaker.engine._random_models import KINDS, build_random_pipeline, clip_bpe_path, minilm_dir
@@ -34,6 +36,7 @@ __all__ = [
     "Placement",
     "StepCallback",
     "build_random_pipeline",
+    "card_dtype",
     "clip_bpe_path",
     "contact_sheet",
     "cpu_has_native_bf16",
@@ -44,6 +47,7 @@ __all__ = [
     "load_model",
     "make_scheduler",
     "minilm_dir",
+    "read_model_card",
     "read_model_defaults",
     "read_recipe",
     "resolve_placement",

@@ -27,8 +27,8 @@ from sdmaker.files import (  # the one pickle rule, digest and model card
     tree_digest,
 )
 
-__all__ = ["MODEL_CARD_FILE", "PICKLE_SUFFIXES", "LoadedModel", "find_pickle_weights", "load_model",
-           "read_model_defaults"]
+__all__ = ["MODEL_CARD_FILE", "PICKLE_SUFFIXES", "LoadedModel", "card_dtype", "find_pickle_weights", "load_model",
+           "read_model_card", "read_model_defaults"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class LoadedModel:
     prediction_type: str = "epsilon"
     default_scheduler: str | None = None
     load_seconds: float = 0.0
+    tuned: dict[str, Any] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     #: approx-preview factors (:class:`~sdmaker.engine.LatentPreview`) kept with the model; fitted on first use if None
     latent_preview: Any = field(default=None, repr=False)
@@ -77,20 +78,44 @@ class LoadedModel:
             "cross_attention_dim": unet_cfg.cross_attention_dim,
             "text_encoder": type(self.pipeline.text_encoder).__name__,
             "defaults": self.defaults,
+            "tuned": self.tuned is not None,
         }
 
 
-def read_model_defaults(root: Path) -> dict[str, Any]:
-    """The model's recommended request defaults from ``sdmaker.json`` (empty when absent)."""
-    card = root / MODEL_CARD_FILE
+def read_model_card(root: Path) -> dict[str, Any]:
+    """The model's ``sdmaker.json`` as a dict (empty when absent): ``defaults``, ``prompts``, ``dtype``, ``tuned``."""
+    card = Path(root) / MODEL_CARD_FILE
     if not card.is_file():
         return {}
     try:
         data = json.loads(card.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelFormatError(f"{card}: not valid JSON ({exc})", model=str(root)) from exc
-    defaults = data.get("defaults", {}) if isinstance(data, dict) else {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_model_defaults(root: Path) -> dict[str, Any]:
+    """The model's recommended request defaults from ``sdmaker.json`` (empty when absent).
+
+    After ``sdmaker model tune`` these include the tuned scheduler, steps and DeepCache interval.
+    """
+    defaults = read_model_card(root).get("defaults", {})
+    if not isinstance(defaults, dict):
+        return {}
     return {k: v for k, v in defaults.items() if k in MODEL_CARD_DEFAULT_KEYS}
+
+
+def card_dtype(card: dict[str, Any], dtype: str) -> str:
+    """The dtype to load with: ``dtype`` unless it is ``auto`` and the model card's tuned precision says fp32.
+
+    ``model tune`` writes ``"dtype": "fp32"`` when the machine's fast precision (bf16 on CPU, fp16 on
+    CUDA) changed the model's pictures; any other tuned precision is what ``auto`` already picks where it
+    is fast, and ``auto`` still decides per machine (a CPU without native bf16 runs fp32). An explicit
+    ``--dtype`` / ``SDMAKER_DTYPE`` always wins.
+    """
+    if dtype == "auto" and card.get("dtype") == "fp32":
+        return "fp32"
+    return dtype
 
 
 def _check_folder(root: Path, allow_pickle: bool) -> None:
@@ -140,7 +165,8 @@ def load_model(
 
     path = Path(path)
     _check_folder(path, allow_pickle)
-    placement = resolve_placement(device, dtype)
+    card = read_model_card(path)
+    placement = resolve_placement(device, card_dtype(card, dtype))
     started = time.perf_counter()
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
@@ -175,6 +201,7 @@ def load_model(
         default_scheduler=scheduler_name_of(pipe.scheduler),
         load_seconds=load_seconds,
         latent_preview=latent_preview,
+        tuned=card["tuned"] if isinstance(card.get("tuned"), dict) else None,
     )
     logger.info("loaded %s (%s, %s, %s) in %.2fs", model.name, prediction_type, placement.device,
                 placement.dtype_name, load_seconds)

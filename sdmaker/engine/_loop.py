@@ -390,5 +390,5 @@ def to_result(model: LoadedModel, job: Job, arrays: np.ndarray) -> GenerationRes
         images=images, request=req, scheduler=req.scheduler or scheduler_name_of(job.scheduler),
         model_name=model.name, model_digest=model.digest,
         timings={"total_s": elapsed, "per_step_s": elapsed / max(steps, 1), "unet_full_calls": float(job.unet_calls)},
-        arrays=arrays,
+        arrays=arrays, dtype=model.placement.dtype_name, tuned=model.tuned is not None,
     )

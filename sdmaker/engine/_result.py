@@ -49,6 +49,8 @@ class GenerationResult:
     model_digest: str
     timings: dict[str, float] = field(default_factory=dict)
     arrays: np.ndarray | None = field(default=None, repr=False)
+    dtype: str | None = None
+    tuned: bool = False
 
     @property
     def seeds(self) -> list[int]:
@@ -64,12 +66,17 @@ class GenerationResult:
             "seed": img.seed,
             "scheduler": self.scheduler,
         })
-        return {
+        recipe: dict[str, Any] = {
             "sdmaker_version": __version__,
             "model": self.model_name,
             "model_digest": self.model_digest,
             "request": single.model_dump(mode="json", exclude=set(PROGRESS_FIELDS)),  # they never change an image
         }
+        if self.dtype is not None:  # precision is a load-time choice, not a request field: recorded beside it
+            recipe["dtype"] = self.dtype
+        if self.tuned:  # the unset fields came from the model's tuned defaults (``sdmaker model tune``)
+            recipe["tuned_defaults"] = True
+        return recipe
 
     def encode(self, index: int) -> bytes:
         """Image ``index`` in the request's format (PNG with its recipe embedded)."""

@@ -5,7 +5,14 @@ Nothing here imports torch: storing, packaging and resolving models are file ope
 
 from sdmaker.store import _s3 as s3  # S3 transfers: s3.upload / download / download_prefix / copy / ...
 from sdmaker.store._archive import DEFAULT_MAX_MEMBERS, DEFAULT_MAX_TOTAL_BYTES, archive_format, safe_extract
-from sdmaker.store._manifest import Architecture, ManifestFile, ModelManifest, read_architecture, validate_name
+from sdmaker.store._manifest import (
+    Architecture,
+    ManifestFile,
+    ModelManifest,
+    Tuning,
+    read_architecture,
+    validate_name,
+)
 from sdmaker.store._package import PackageResult, format_for, package_model
 from sdmaker.store._resolve import ResolvedModel, resolve_model
 from sdmaker.store._s3 import S3Uri, is_s3_uri, parse_s3_uri
@@ -21,6 +28,7 @@ __all__ = [
     "ResolvedModel",
     "S3Uri",
     "Store",
+    "Tuning",
     "archive_format",
     "format_for",
     "is_s3_uri",

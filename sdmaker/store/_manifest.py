@@ -18,7 +18,8 @@ from pydantic import BaseModel, Field
 from sdmaker.errors import InvalidRequestError
 from sdmaker.files import MODEL_CARD_DEFAULT_KEYS, MODEL_CARD_FILE
 
-__all__ = ["NAME_PATTERN", "Architecture", "ManifestFile", "ModelManifest", "read_architecture", "validate_name"]
+__all__ = ["NAME_PATTERN", "Architecture", "ManifestFile", "ModelManifest", "Tuning", "read_architecture",
+           "validate_name"]
 
 #: Store names are file names: no separators, no leading dot, so they can never escape ``manifests/``.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
@@ -65,6 +66,18 @@ class Architecture(BaseModel):
         return self.sample_size * self.vae_scale_factor
 
 
+class Tuning(BaseModel):
+    """A tuned recipe written into the model's ``sdmaker.json`` by ``sdmaker model tune``.
+
+    ``card_before`` is the model card as imported (None: the model had none), kept so that
+    ``model tune --reset`` restores the exact files, and so the model's digest, it had before.
+    ``record`` is what the tuner measured (recipe, reference, metric, threshold, every candidate).
+    """
+
+    card_before: ManifestFile | None = None
+    record: dict[str, Any] = Field(default_factory=dict)
+
+
 class ModelManifest(BaseModel):
     """A stored model. ``digest`` equals :func:`sdmaker.files.tree_digest` of its files."""
 
@@ -78,6 +91,7 @@ class ModelManifest(BaseModel):
     defaults: dict[str, Any] = Field(default_factory=dict)
     source: str | None = None
     sdmaker_version: str | None = None
+    tuning: Tuning | None = None
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)

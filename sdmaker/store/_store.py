@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -33,6 +34,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock, Timeout
 
@@ -47,6 +49,8 @@ from sdmaker.errors import (
     StoreIntegrityError,
 )
 from sdmaker.files import (
+    MODEL_CARD_DEFAULT_KEYS,
+    MODEL_CARD_FILE,
     PREVIEW_FACTORS_SUFFIX,
     Progress,
     atomic_write_text,
@@ -59,7 +63,7 @@ from sdmaker.files import (
     tree_digest_of_hashes,
     unique_tmp,
 )
-from sdmaker.store._manifest import ManifestFile, ModelManifest, read_architecture, validate_name
+from sdmaker.store._manifest import ManifestFile, ModelManifest, Tuning, read_architecture, validate_name
 from sdmaker.store._safetensors import check_safetensors
 
 __all__ = ["Store"]
@@ -274,6 +278,76 @@ class Store:
                     manifest.digest[:12])
         return manifest
 
+    # --- tuned recipes (``sdmaker model tune``) -----------------------------------------------------
+
+    def set_tuned(self, name: str, defaults: dict[str, Any], *, dtype: str | None, record: dict[str, Any]) -> ModelManifest:
+        """Write a tuned recipe into ``name``'s ``sdmaker.json``: the defaults every loader of the model applies.
+
+        The card as imported stays the base (a second tune replaces the first, it does not stack); its
+        ``defaults`` get ``defaults`` on top, ``dtype`` (the precision that kept the pictures) is set, and
+        ``tuned`` holds ``record``. The card is a file of the model, so the digest changes and everything
+        that loads the model from the store (generate, serve, endpoints, batch and async workers, packaged
+        artifacts) sees the tuned recipe without being told.
+        """
+        unknown = sorted(set(defaults) - set(MODEL_CARD_DEFAULT_KEYS))
+        if unknown:
+            raise StoreError(f"tuned defaults may only set {', '.join(MODEL_CARD_DEFAULT_KEYS)}; got {', '.join(unknown)}",
+                             model=name)
+        with self.lock():
+            manifest = self.get(name)
+            before = manifest.tuning.card_before if manifest.tuning else _card_entry(manifest)
+            base = self._read_card(before)
+            raw = base.get("defaults")
+            base_defaults: dict[str, Any] = dict(raw) if isinstance(raw, dict) else {}
+            card = {**base, "defaults": {**base_defaults, **defaults}, "tuned": {**record, "defaults_before": base_defaults}}
+            if dtype is None:
+                card.pop("dtype", None)
+            else:
+                card["dtype"] = dtype
+            text = json.dumps(card, indent=2, sort_keys=False) + "\n"
+            tmp = unique_tmp(self.tmp, "card-")
+            tmp.write_text(text, encoding="utf-8")
+            created: list[Path] = []
+            sha, size = self._add_blob(tmp, None, move=True, created=created)
+            tmp.unlink(missing_ok=True)  # left behind when an identical card blob already existed
+            entry = ManifestFile(path=MODEL_CARD_FILE, sha256=sha, size=size)
+            return self._replace_card(manifest, entry, Tuning(card_before=before, record=record))
+
+    def reset_tuned(self, name: str) -> ModelManifest:
+        """Undo :meth:`set_tuned`: the model card (and so the digest) as imported. A no-op when not tuned."""
+        with self.lock():
+            manifest = self.get(name)
+            if manifest.tuning is None:
+                return manifest
+            return self._replace_card(manifest, manifest.tuning.card_before, None)
+
+    def _read_card(self, entry: ManifestFile | None) -> dict[str, Any]:
+        if entry is None:
+            return {}
+        try:
+            data = json.loads(self.blob_path(entry.sha256).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise StoreIntegrityError(f"the model card blob {entry.sha256} is unreadable: {exc}",
+                                      path=MODEL_CARD_FILE) from exc
+        return data if isinstance(data, dict) else {}
+
+    def _replace_card(self, manifest: ModelManifest, card: ManifestFile | None, tuning: Tuning | None) -> ModelManifest:
+        """Commit ``manifest`` with its card file replaced by ``card`` (None: no card). Lock held."""
+        files = [f for f in manifest.files if f.path != MODEL_CARD_FILE] + ([card] if card is not None else [])
+        files.sort(key=lambda f: f.path)
+        raw = self._read_card(card).get("defaults")
+        defaults = {k: v for k, v in raw.items() if k in MODEL_CARD_DEFAULT_KEYS} if isinstance(raw, dict) else {}
+        updated = manifest.model_copy(update={
+            "files": files, "digest": tree_digest_of_hashes((f.path, f.sha256) for f in files),
+            "total_size": sum(f.size for f in files), "defaults": defaults, "tuning": tuning,
+        })
+        self._build_snapshot(updated)
+        atomic_write_text(self._manifest_path(manifest.name), updated.to_json())  # the commit point
+        self._gc()
+        logger.info("%s: model card %s (digest %s)", manifest.name, "tuned" if tuning else "restored",
+                    updated.digest[:12])
+        return updated
+
     def remove(self, name: str) -> ModelManifest:
         """Delete ``name`` and garbage-collect the blobs no other model uses."""
         with self.lock():
@@ -372,6 +446,7 @@ class Store:
     def _gc(self) -> int:
         manifests = self.list()
         live_blobs = {f.sha256 for m in manifests for f in m.files}
+        live_blobs |= {m.tuning.card_before.sha256 for m in manifests if m.tuning and m.tuning.card_before}
         live_snaps = {m.digest for m in manifests}
         freed = 0
         for snap in list(self.snapshots.iterdir()) if self.snapshots.is_dir() else []:
@@ -390,6 +465,10 @@ class Store:
         if freed:
             logger.info("store gc freed %d bytes", freed)
         return freed
+
+
+def _card_entry(manifest: ModelManifest) -> ManifestFile | None:
+    return next((f for f in manifest.files if f.path == MODEL_CARD_FILE), None)
 
 
 def _remove(path: Path) -> None:

@@ -15,12 +15,20 @@ from typing import Any
 
 from sdmaker.files import MODEL_CARD_FILE, staged_dir
 
-__all__ = ["DEFAULT_SETTINGS", "check_export_dest", "export_builtin"]
+__all__ = ["DEFAULT_SETTINGS", "check_export_dest", "export_builtin", "tune_prompts"]
 
 #: Recommended request defaults of the built-in model (what ``sdmaker eval`` measures by default).
 DEFAULT_SETTINGS: dict[str, Any] = {"height": 64, "width": 64, "num_inference_steps": 10, "guidance_scale": 2.5,
                                     "scheduler": "dpmpp_2m", "deep_cache_interval": 2}
 _KEEP = ("model_index.json", "unet", "vae", "scheduler")
+
+
+def tune_prompts(n: int = 16) -> list[str]:
+    """The model's own prompt set for ``sdmaker model tune`` (the card's ``prompts``): in-domain captions drawn
+    with another seed than the eval set's, so tuning never picks a recipe on the prompts eval reports on."""
+    from sdmaker.training._eval import EVAL_SEED, eval_prompts
+
+    return [item.prompt for item in eval_prompts(n, EVAL_SEED + 1)]
 
 
 def check_export_dest(dest: Path, *, overwrite: bool) -> None:
@@ -89,7 +97,8 @@ def export_builtin(vae_dir: Path, unet_dir: Path, dest: Path, *, name: str = "mi
         # the cheap preview's factors ship with the model (fitted on the fp32 VAE, as the engine runs it)
         factors = fit_latent_preview(AutoencoderKL.from_pretrained(vae_dir).to(torch.float32))
         (staged / MODEL_CARD_FILE).write_text(json.dumps({"name": name, "defaults": defaults,
-                                                          PREVIEW_KEY: factors.to_json()}, indent=2) + "\n")
+                                                          PREVIEW_KEY: factors.to_json(),
+                                                          "prompts": tune_prompts()}, indent=2) + "\n")
         if card is not None:
             (staged / "README.md").write_text(card)
         elif (dest / "README.md").is_file():
