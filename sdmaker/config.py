@@ -72,6 +72,10 @@ class Settings:
             request grew a worker past 8 GiB).
         memory_budget_pixels: set the per-worker budget directly, in pixels (height x width x images held at
             once; ``SDMAKER_MEMORY_BUDGET_PIXELS``; unset or 0: derived from ``memory_bytes``).
+        autoscaling_window_s: the period over which the local autoscaler averages its metrics
+            (``SDMAKER_AUTOSCALING_WINDOW``, default 60 s like CloudWatch's 1-minute period):
+            invocations per instance are counted over it, concurrent requests (a high-resolution metric)
+            over a sixth of it. Tests shorten it.
     """
 
     home: Path
@@ -105,6 +109,7 @@ class Settings:
     max_instances: int = field(default_factory=lambda: max(8, 4 * (os.cpu_count() or 1)))
     memory_bytes: int = field(default_factory=lambda: _machine_memory_bytes())
     memory_budget_pixels: int | None = None
+    autoscaling_window_s: float = 60.0
 
     @property
     def store_dir(self) -> Path:
@@ -212,6 +217,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_instances=int(_number(env, "SDMAKER_MAX_INSTANCES", max(8, 4 * (os.cpu_count() or 1)), minimum=1)),
         memory_bytes=int(_number(env, "SDMAKER_MEMORY_MB", 0, minimum=0) * 1024**2) or _machine_memory_bytes(),
         memory_budget_pixels=int(_number(env, "SDMAKER_MEMORY_BUDGET_PIXELS", 0, minimum=0)) or None,
+        autoscaling_window_s=_number(env, "SDMAKER_AUTOSCALING_WINDOW", 60.0, minimum=1),
     )
     return with_local_key(settings) if settings.local_key else settings
 
