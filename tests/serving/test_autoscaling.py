@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from botocore.exceptions import ClientError
+from conftest import DaemonProcess
 
 from sdmaker.serving.daemon._scaling import (
     CONCURRENCY_METRIC,
@@ -29,7 +30,6 @@ from sdmaker.serving.daemon._scaling import (
     desired_capacity,
     parse_resource_id,
 )
-from conftest import DaemonProcess
 
 DIMENSION = "sagemaker:variant:DesiredInstanceCount"
 
@@ -232,6 +232,7 @@ def test_scales_out_under_load_and_back_in_when_idle(scaled: DaemonProcess, scri
     aas.deregister_scalable_target(ServiceNamespace="sagemaker", ResourceId=_rid(name), ScalableDimension=DIMENSION)
 
 
+@pytest.mark.slow  # the built-in mini loads twice
 def test_min_capacity_zero_cold_start(scaled: DaemonProcess) -> None:
     name = "as-zero"
     assert scaled.deploy(name, "mini")["EndpointStatus"] == "InService"
@@ -302,6 +303,28 @@ def test_capacity_update_drains_in_flight_requests_and_survives_restart(scaled: 
     assert [a["ActivityId"] for a in after] == [a["ActivityId"] for a in before]
 
 
+def test_sdmaker_env_points_boto3_application_autoscaling_at_the_daemon(
+        scaled: DaemonProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import boto3
+    from typer.testing import CliRunner
+
+    from sdmaker.cli import app
+
+    monkeypatch.setenv("SDMAKER_HOME", str(tmp_path))
+    res = CliRunner().invoke(app, ["env", "--url", scaled.url])
+    assert res.exit_code == 0, res.output
+    exports = dict(line.removeprefix("export ").split("=", 1) for line in res.output.splitlines()
+                   if line.startswith("export AWS_ENDPOINT_URL_"))
+    for key in ("AWS_ENDPOINT_URL", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_APPLICATION_AUTO_SCALING",
+                       exports["AWS_ENDPOINT_URL_APPLICATION_AUTO_SCALING"])
+    client = boto3.client("application-autoscaling", region_name="us-east-1", aws_access_key_id="testing",
+                          aws_secret_access_key="testing")
+    assert client.meta.endpoint_url == scaled.url
+    assert "ScalableTargets" in client.describe_scalable_targets(ServiceNamespace="sagemaker")
+
+
 # -- in-process: the seam's arithmetic and the signing scope ---------------------------------------------------
 
 
@@ -343,3 +366,41 @@ def test_sigv4_for_application_autoscaling_verifies() -> None:
     for key, value in request.headers.items():
         headers.setdefault(key.lower(), []).append(value if isinstance(value, str) else value.decode())
     assert verify_request(settings, method="POST", path="/", query="", headers=headers, body=body) == "sigv4:AKIDTEST"
+
+
+def test_target_tracking_decisions_and_cooldowns(tmp_path: Path) -> None:
+    """The loop's decisions on recorded samples: both metrics, cooldowns, DisableScaleIn, the full-window rule."""
+    from types import SimpleNamespace
+
+    from sdmaker.config import Settings
+    from sdmaker.serving.daemon._autoscaler import Autoscaler, _Tracked
+    from sdmaker.serving.daemon._state import StateDB
+
+    manager = SimpleNamespace(db=StateDB(tmp_path / "state.sqlite3"),
+                              settings=Settings(home=tmp_path, autoscaling_window_s=6.0))
+    scaler = Autoscaler(manager)  # type: ignore[arg-type]
+    per_minute = TrackingPolicy("inv", INVOCATIONS_METRIC, 60.0, scale_out_cooldown_s=10, scale_in_cooldown_s=20)
+    busy = _Tracked("ep", "AllTraffic", ScalingTarget(1, 4, (per_minute,)), native=False)
+    busy.samples.extend((float(t), 3 * t, 2) for t in range(7))  # 3 answered per second: 180 a minute
+    count, cause = scaler._decide(busy, 1, now=6.0) or (None, "")
+    assert count == 3 and "180 per instance over the last 6 s, above its target of 60" in cause
+    busy.last_scale_out = 0.0
+    assert scaler._decide(busy, 1, now=6.0) is None  # within ScaleOutCooldown of the last scale-out
+    assert scaler._decide(busy, 3, now=6.0) is None  # at the desired count already
+
+    idle = _Tracked("ep", "AllTraffic", ScalingTarget(1, 4, (per_minute,)), native=False)
+    idle.samples.extend((float(t), 100, 0) for t in range(7))
+    assert scaler._decide(idle, 3, now=6.0) == (1, "policy inv: SageMakerVariantInvocationsPerInstance was 0 per "
+                                                   "instance over the last 6 s, below its target of 60")
+    idle.last_scaling = 0.0
+    assert scaler._decide(idle, 3, now=6.0) is None  # within ScaleInCooldown of the last activity
+    short = _Tracked("ep", "AllTraffic", idle.target, native=False)
+    short.samples.extend((float(t), 100, 0) for t in range(3))
+    assert scaler._decide(short, 3, now=2.0) is None  # scale in only on a full window of low load
+    held = _Tracked("ep", "AllTraffic", ScalingTarget(1, 4, (TrackingPolicy(
+        "c", CONCURRENCY_METRIC, 1.0, scale_in_cooldown_s=0, disable_scale_in=True),)), native=False)
+    held.samples.extend(idle.samples)
+    assert scaler._decide(held, 3, now=6.0) is None  # DisableScaleIn
+    held.samples.append((6.5, 100, 9))  # in flight over the last second (window / 6): 0 and 9, 4.5 on average
+    decision = scaler._decide(held, 3, now=6.5)
+    assert decision is not None and decision[0] == 4  # 5 wanted, MaxCapacity 4

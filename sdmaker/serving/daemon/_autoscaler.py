@@ -29,9 +29,11 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from sdmaker.config import Settings
 from sdmaker.errors import SdmakerError
+from sdmaker.serving.daemon._live import LiveEndpoint
 from sdmaker.serving.daemon._scaling import (
     CONCURRENCY_METRIC,
     INVOCATIONS_METRIC,
@@ -41,14 +43,26 @@ from sdmaker.serving.daemon._scaling import (
     resource_id,
 )
 from sdmaker.serving.daemon._scaling_store import ScalingStore
-from sdmaker.serving.daemon._state import EndpointStatus
+from sdmaker.serving.daemon._state import EndpointStatus, StateDB
 
-if TYPE_CHECKING:
-    from sdmaker.serving.daemon._endpoints import EndpointManager
-
-__all__ = ["Autoscaler"]
+__all__ = ["Autoscaler", "ScaledEndpoints"]
 
 logger = logging.getLogger(__name__)
+
+
+class ScaledEndpoints(Protocol):
+    """What the autoscaler needs of the endpoint manager (:class:`~._endpoints.EndpointManager`): the seam's
+    three calls, plus the settings, the database and the live endpoints whose counters it samples."""
+
+    settings: Settings
+    db: StateDB
+    live: dict[str, LiveEndpoint]
+
+    async def set_instance_count(self, endpoint: str, variant: str, count: int) -> None: ...
+
+    async def apply_scaling(self, endpoint: str, variant: str, target: ScalingTarget | None) -> bool: ...
+
+    def instance_counts(self, endpoint: str) -> tuple[int, int]: ...
 
 
 @dataclass
@@ -58,7 +72,8 @@ class _Tracked:
     endpoint: str
     variant: str
     target: ScalingTarget
-    native: bool = False
+    #: whether the endpoint's backend scales it natively; ``None``: not asked yet (after a daemon restart)
+    native: bool | None = None
     #: (monotonic time, invocations answered so far, requests pending) samples within the window
     samples: collections.deque[tuple[float, int, int]] = field(default_factory=collections.deque)
     last_scale_out: float = float("-inf")
@@ -68,13 +83,14 @@ class _Tracked:
 class Autoscaler:
     """The scaling targets of one daemon, their activities, and the target-tracking loop (local backend)."""
 
-    def __init__(self, manager: EndpointManager) -> None:
+    def __init__(self, manager: ScaledEndpoints) -> None:
         self.manager = manager
         self.store = ScalingStore(manager.db)
         self.window_s = manager.settings.autoscaling_window_s
         self.tick_s = max(0.25, min(1.0, self.window_s / 12))
         self._tracked: dict[str, _Tracked] = {}
         self._activities: dict[str, asyncio.Task[None]] = {}
+        self._running: set[asyncio.Task[None]] = set()  # every activity task, for close()
         self._locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self._loop: asyncio.Task[None] | None = None
 
@@ -87,7 +103,7 @@ class Autoscaler:
 
     async def close(self) -> None:
         """Stop the loop and any activity in progress (a growing pool stops the workers it was starting)."""
-        tasks = [t for t in [self._loop, *self._activities.values()] if t is not None]
+        tasks = [t for t in [self._loop, *self._running] if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -128,18 +144,31 @@ class Autoscaler:
     def initial_instances(self, endpoint: str, variant: str, initial: int) -> int:
         """Instances a (re)starting endpoint gets: its stored count (a restart keeps a scaled count), else
         ``initial`` (``InitialInstanceCount``), within its scalable target's bounds."""
-        count = self.store.count(endpoint)
-        count = initial if count is None else count
+        stored = self.store.count(endpoint)
+        count = initial if stored is None else stored
         target = self.store.scaling_target(resource_id(endpoint, variant))
-        return target.clamp(count) if target is not None else count
+        if target is not None and target.clamp(count) != count:
+            count = target.clamp(count)
+            self.store.set_count(endpoint, variant, count)  # what DescribeEndpoint reports as desired
+        return count
 
     def scale(self, endpoint: str, variant: str, count: int, *, cause: str) -> asyncio.Task[None]:
         """Start a scaling activity to ``count`` instances (recorded; after the endpoint's current one)."""
         task = asyncio.create_task(self._activity(endpoint, variant, count, cause), name=f"scale-{endpoint}")
-        self._activities[endpoint] = task
-        task.add_done_callback(lambda t: self._activities.pop(endpoint, None) if self._activities.get(endpoint) is t
-                               else None)
+        self._track_task(endpoint, task)
         return task
+
+    def _track_task(self, endpoint: str, task: asyncio.Task[None]) -> None:
+        """``task`` is the endpoint's current activity until it ends (``busy`` meanwhile; cancelled on close)."""
+        self._activities[endpoint] = task
+        self._running.add(task)
+
+        def done(finished: asyncio.Task[None]) -> None:
+            self._running.discard(finished)
+            if self._activities.get(endpoint) is finished:
+                del self._activities[endpoint]
+
+        task.add_done_callback(done)
 
     def busy(self, endpoint: str) -> bool:
         return endpoint in self._activities
@@ -147,7 +176,7 @@ class Autoscaler:
     def wake(self, endpoint: str) -> None:
         """A request found no instance: start one now (the loop retries if an activity is running)."""
         tracked = self._tracked.get(endpoint)
-        if tracked is None or tracked.native or self.busy(endpoint):
+        if tracked is None or tracked.native is not False or self.busy(endpoint):
             return
         count = max(1, tracked.target.min_capacity)
         self.scale(endpoint, tracked.variant, count, cause="a request arrived while the variant had no instance "
@@ -192,7 +221,14 @@ class Autoscaler:
     def _tick(self, now: float) -> None:
         for tracked in list(self._tracked.values()):
             rt = self.manager.live.get(tracked.endpoint)
-            if tracked.native or rt is None or rt.pool is None or rt.status is not EndpointStatus.IN_SERVICE:
+            if rt is None or rt.pool is None or rt.status is not EndpointStatus.IN_SERVICE:
+                continue
+            if tracked.native is None:  # hand the stored target to the endpoint's backend once
+                if not self.busy(tracked.endpoint):
+                    self._track_task(tracked.endpoint, asyncio.create_task(
+                        self._apply(tracked), name=f"apply-scaling-{tracked.endpoint}"))
+                continue
+            if tracked.native:
                 continue
             samples = tracked.samples
             samples.append((now, rt.invocations, rt.pending))
@@ -216,6 +252,14 @@ class Autoscaler:
                 if count > current:
                     tracked.last_scale_out = now
                 self.scale(tracked.endpoint, tracked.variant, count, cause=cause)
+
+    async def _apply(self, tracked: _Tracked) -> None:
+        try:
+            tracked.native = await self.manager.apply_scaling(tracked.endpoint, tracked.variant, tracked.target)
+        except SdmakerError as exc:  # e.g. SDMAKER_MAX_INSTANCES lowered since: the loop still keeps the bounds
+            logger.warning("endpoint %s: its scalable target no longer fits this backend: %s", tracked.endpoint,
+                           exc.message)
+            tracked.native = False
 
     def _metric_total(self, metric: str, samples: collections.deque[tuple[float, int, int]],
                       now: float) -> float | None:

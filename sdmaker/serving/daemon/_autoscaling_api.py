@@ -180,6 +180,9 @@ async def _deregister_scalable_target(c: _Ctx) -> dict[str, Any]:
     if c.manager.db.endpoint(endpoint) is not None:
         try:
             await _apply(c, endpoint, variant, None)
+            if c.manager.instance_counts(endpoint)[1] == 0:  # nothing would start an instance any more
+                c.manager.scaling.scale(endpoint, variant, 1, cause="the scalable target was deregistered while "
+                                        "the variant had no instance")
         except SdmakerError as exc:  # the target is gone either way
             logger.warning("endpoint %s: deregistering its scalable target: %s", endpoint, exc)
     c.manager.scaling.refresh()

@@ -252,6 +252,14 @@ async def _update_endpoint_weights_and_capacities(c: _Ctx) -> dict[str, Any]:
         if wanted.get("DesiredInstanceCount") is None:
             continue
         count = int(wanted["DesiredInstanceCount"])
+        if count == 0:
+            target = c.manager.scaling.store.scaling_target(f"endpoint/{name}/variant/{wanted['VariantName']}")
+            if target is None or target.min_capacity > 0:
+                raise ControlPlaneError(
+                    "DesiredInstanceCount 0 needs a scalable target with MinCapacity 0 (application-autoscaling "
+                    "RegisterScalableTarget), which starts an instance when a request arrives (at "
+                    f"'desiredWeightsAndCapacities.{i}.member.desiredInstanceCount')",
+                    field=f"desiredWeightsAndCapacities.{i}.member.desiredInstanceCount")
         await asyncio.to_thread(c.manager.check_instance_count, name, count,
                                 f"desiredWeightsAndCapacities.{i}.member.desiredInstanceCount")
         try:
