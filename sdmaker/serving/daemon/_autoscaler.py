@@ -74,6 +74,8 @@ class _Tracked:
     target: ScalingTarget
     #: whether the endpoint's backend scales it natively; ``None``: not asked yet (after a daemon restart)
     native: bool | None = None
+    #: the pool the target was last handed to: a new pool (restart, UpdateEndpoint) gets it again
+    applied_to: object | None = None
     #: (monotonic time, invocations answered so far, requests pending) samples within the window
     samples: collections.deque[tuple[float, int, int]] = field(default_factory=collections.deque)
     last_scale_out: float = float("-inf")
@@ -117,7 +119,10 @@ class Autoscaler:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self.store.forget_count(endpoint)
-        self._tracked.pop(endpoint, None)
+        tracked = self._tracked.get(endpoint)
+        if tracked is not None:  # a later endpoint of this name starts afresh under the same target
+            tracked.native = tracked.applied_to = None
+            tracked.samples.clear()
 
     def refresh(self) -> None:
         """Re-read the targets and policies (after an API call changed them); keeps each one's history."""
@@ -136,8 +141,11 @@ class Autoscaler:
         self._tracked = tracked
 
     def set_native(self, endpoint: str, native: bool) -> None:
-        if endpoint in self._tracked:
-            self._tracked[endpoint].native = native
+        """The endpoint's current pool was just handed its target (``apply_scaling`` answered ``native``)."""
+        tracked = self._tracked.get(endpoint)
+        if tracked is not None:
+            rt = self.manager.live.get(endpoint)
+            tracked.native, tracked.applied_to = native, rt.pool if rt is not None else None
 
     # -- counts ------------------------------------------------------------------------------------------
 
@@ -223,7 +231,7 @@ class Autoscaler:
             rt = self.manager.live.get(tracked.endpoint)
             if rt is None or rt.pool is None or rt.status is not EndpointStatus.IN_SERVICE:
                 continue
-            if tracked.native is None:  # hand the stored target to the endpoint's backend once
+            if tracked.native is None or tracked.applied_to is not rt.pool:  # a new pool: hand it the target
                 if not self.busy(tracked.endpoint):
                     self._track_task(tracked.endpoint, asyncio.create_task(
                         self._apply(tracked), name=f"apply-scaling-{tracked.endpoint}"))
@@ -254,6 +262,8 @@ class Autoscaler:
                 self.scale(tracked.endpoint, tracked.variant, count, cause=cause)
 
     async def _apply(self, tracked: _Tracked) -> None:
+        rt = self.manager.live.get(tracked.endpoint)
+        tracked.applied_to = rt.pool if rt is not None else None
         try:
             tracked.native = await self.manager.apply_scaling(tracked.endpoint, tracked.variant, tracked.target)
         except SdmakerError as exc:  # e.g. SDMAKER_MAX_INSTANCES lowered since: the loop still keeps the bounds

@@ -454,15 +454,23 @@ class EndpointManager:
     async def apply_scaling(self, endpoint: str, variant: str, target: ScalingTarget | None) -> bool:
         """Check ``target`` (``None``: deregistered) against what this backend can hold, and take it.
 
-        Returns whether the backend scales natively (Ray Serve's autoscaler, from
-        :meth:`ScalingTarget.ray_autoscaling_config`); ``False`` here: sdmaker's own target-tracking loop
-        (:mod:`._autoscaler`) drives :meth:`set_instance_count`.
+        Returns whether the backend scales natively: a pool with an ``apply_autoscaling(config)`` method (the
+        Ray backend) gets :meth:`ScalingTarget.ray_autoscaling_config` (with the endpoint's median latency as
+        the time per request) and Serve scales it; the local pool returns ``False``: sdmaker's own
+        target-tracking loop (:mod:`._autoscaler`) drives :meth:`set_instance_count`. The loop hands the
+        target again to every new pool (daemon restart, UpdateEndpoint).
 
         Raises:
             InvalidRequestError: a ``MaxCapacity`` this machine's cores or memory cannot hold (field
                 ``maxCapacity``), or not the variant the endpoint serves.
         """
         self._scaled_variant(endpoint, variant)
+        rt = self.live.get(endpoint)
+        # a pool that scales natively takes Serve's autoscaling_config (the Ray backend's RayPool)
+        native = getattr(rt.pool, "apply_autoscaling", None) if rt is not None and rt.pool is not None else None
+        if native is not None and rt is not None:
+            await native(None if target is None else target.ray_autoscaling_config(rt.percentile(0.5)))
+            return True
         if target is not None:
             await asyncio.to_thread(self.check_instance_count, endpoint, target.max_capacity, "maxCapacity")
         return False
