@@ -254,6 +254,7 @@ def test_min_capacity_zero_cold_start(scaled: DaemonProcess) -> None:
     aas.deregister_scalable_target(ServiceNamespace="sagemaker", ResourceId=_rid(name), ScalableDimension=DIMENSION)
 
 
+@pytest.mark.slow  # restarts the daemon
 def test_capacity_update_drains_in_flight_requests_and_survives_restart(scaled: DaemonProcess,
                                                                         scripted_model_dir: Path) -> None:
     name = "as-cap"
