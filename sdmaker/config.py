@@ -88,6 +88,10 @@ class Settings:
             a JSON object, inline or a file path; see :mod:`sdmaker.serving.daemon.ray._resources`).
         ray_head_url: the daemon URL replicas on other nodes fetch models from (``SDMAKER_RAY_HEAD_URL``; default
             the bind address, or this node's Ray IP when bound to 0.0.0.0).
+        autoscaling_window_s: the period over which the local autoscaler averages its metrics
+            (``SDMAKER_AUTOSCALING_WINDOW``, default 60 s like CloudWatch's 1-minute period):
+            invocations per instance are counted over it, concurrent requests (a high-resolution metric)
+            over a sixth of it. Tests shorten it.
     """
 
     home: Path
@@ -127,6 +131,7 @@ class Settings:
     ray_address: str | None = None
     ray_instance_types: str | None = None
     ray_head_url: str | None = None
+    autoscaling_window_s: float = 60.0
 
     @property
     def store_dir(self) -> Path:
@@ -306,6 +311,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ray_address=env.get("SDMAKER_RAY_ADDRESS", "").strip() or None,
         ray_instance_types=env.get("SDMAKER_RAY_INSTANCE_TYPES", "").strip() or None,
         ray_head_url=env.get("SDMAKER_RAY_HEAD_URL", "").strip() or None,
+        autoscaling_window_s=_number(env, "SDMAKER_AUTOSCALING_WINDOW", 60.0, minimum=1),
     )
     return with_local_key(settings) if settings.local_key else settings
 

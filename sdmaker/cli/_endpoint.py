@@ -234,6 +234,8 @@ def env_cmd(
         f"export AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME={shlex.quote(url)}",
         # transform job logs, which the SageMaker SDK tails while it waits (CloudWatch Logs subset)
         f"export AWS_ENDPOINT_URL_CLOUDWATCH_LOGS={shlex.quote(url)}",
+        # boto3's name for application-autoscaling (its service id is "Application Auto Scaling")
+        f"export AWS_ENDPOINT_URL_APPLICATION_AUTO_SCALING={shlex.quote(url)}",
         # a daemon with credentials needs them; otherwise keep the user's (S3 may need real ones) or dummies
         f"export AWS_ACCESS_KEY_ID={shlex.quote(key)}" if key else 'export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-sdmaker}"',
         f"export AWS_SECRET_ACCESS_KEY={shlex.quote(secret)}" if key and secret else

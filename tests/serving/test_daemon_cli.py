@@ -56,6 +56,7 @@ def test_env_prints_exports_and_writes_the_sdk_config(cli_env: dict) -> None:  #
     assert res.exit_code == 0, res.output
     assert f"export AWS_ENDPOINT_URL_SAGEMAKER={cli_env['url']}" in res.output
     assert f"export AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME={cli_env['url']}" in res.output
+    assert f"export AWS_ENDPOINT_URL_APPLICATION_AUTO_SCALING={cli_env['url']}" in res.output
     config = Path(cli_env["SDMAKER_HOME"]) / "sagemaker-config.yaml"
     assert f"export SAGEMAKER_USER_CONFIG_OVERRIDE={config}" in res.output
     assert "DefaultS3Bucket: my-bucket" in config.read_text()

@@ -29,7 +29,8 @@ from pathlib import Path
 from sdmaker.errors import InvalidRequestError, QueueFullError
 from sdmaker.schema import SEED_DEFAULTS
 
-__all__ = ["BATCH_SIZE_GROUPS", "Admission", "Work", "memory_budget_pixels", "work_of_body", "OPAQUE_WORK"]
+__all__ = ["BATCH_SIZE_GROUPS", "WORKER_BASE_BYTES", "Admission", "Work", "memory_budget_pixels", "work_of_body",
+           "worker_memory_floor", "OPAQUE_WORK"]
 
 #: A deliberately slow prior (worker-seconds per megapixel-step, about SD 1.5 in fp32 on 2 busy CPU cores):
 #: until the endpoint has served a request, queueing beyond its free slots is judged by it.
@@ -151,6 +152,20 @@ def memory_budget_pixels(model_dir: Path, dtype: str, worker_memory_bytes: int) 
     """
     room = (worker_memory_bytes - _RUNTIME_BYTES - _weights_bytes(model_dir)) * _MEMORY_FRACTION
     return max(64 * 64, int(room / bytes_per_pixel(model_dir, dtype)))
+
+
+#: What a worker process holds before its model: the interpreter with torch and diffusers imported (about
+#: 0.5 GiB resident on CPU); the floor :func:`worker_memory_floor` adds to the weights.
+WORKER_BASE_BYTES = 512 * 1024**2
+
+
+def worker_memory_floor(model_dir: Path, dtype: str) -> int:
+    """Bytes one worker of this model needs at least: its runtime, the weights and one 64x64 image at work.
+
+    What the autoscaler checks a ``MaxCapacity`` against: that many workers must fit the endpoint's memory.
+    """
+    return WORKER_BASE_BYTES + _weights_bytes(model_dir) + int(64 * 64 * bytes_per_pixel(model_dir, dtype)
+                                                               / _MEMORY_FRACTION)
 
 
 #: Size groups a worker's step batcher runs side by side (``StepBatcher(max_groups=...)``'s default; the

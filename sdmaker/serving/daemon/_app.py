@@ -3,6 +3,8 @@
 Routes:
 
 * ``POST /`` with ``X-Amz-Target: SageMaker.*`` -- the control plane (:mod:`._control_plane`);
+* ``POST /`` with ``X-Amz-Target: AnyScaleFrontendService.*`` -- Application Auto Scaling for endpoint
+  variants (:mod:`._autoscaling_api`);
 * ``POST /endpoints/{name}/invocations`` -- InvokeEndpoint (:mod:`._invoke_api`);
 * ``POST /v1/images/generations`` -- the OpenAI Images API (:mod:`._openai`);
 * ``GET /`` -- the web UI, and the JSON routes only it uses (:mod:`._ui`);
@@ -58,6 +60,8 @@ from sdmaker.serving._hosts import HostGuard, HostPolicy
 from sdmaker.serving._http import read_body
 from sdmaker.serving.daemon._artifact_api import artifact_response
 from sdmaker.serving.daemon._auth import auth_required, check_bind, verify_request
+from sdmaker.serving.daemon._autoscaling_api import TARGET_PREFIX as AUTOSCALING_TARGET
+from sdmaker.serving.daemon._autoscaling_api import autoscaling_api
 from sdmaker.serving.daemon._control_plane import control_plane, control_plane_error
 from sdmaker.serving.daemon._endpoints import EndpointManager
 from sdmaker.serving.daemon._invoke_api import invoke_endpoint, runtime_error_response
@@ -279,6 +283,8 @@ def create_app(settings: Settings, *, host: str | None = None, port: int | None 
             return control_plane_error("SerializationException", "request body is not valid JSON")
         if not isinstance(body, dict):
             return control_plane_error("SerializationException", "request body must be a JSON object")
+        if request.headers.get("x-amz-target", "").startswith(AUTOSCALING_TARGET):
+            return await autoscaling_api(request, body)  # application-autoscaling, same port and auth
         return await control_plane(request, body)
 
     @app.post("/endpoints/{name}/invocations")

@@ -3,13 +3,15 @@
 Enough for ``boto3.client("sagemaker")`` (and its ``endpoint_in_service`` waiter) and for the SageMaker
 Python SDK's ``Model.deploy`` / ``Predictor.delete_endpoint``: CreateModel, DescribeModel, DeleteModel,
 CreateEndpointConfig, DescribeEndpointConfig, DeleteEndpointConfig, CreateEndpoint, DescribeEndpoint,
-ListEndpoints, UpdateEndpoint, DeleteEndpoint (contract section 5). Errors are
+ListEndpoints, UpdateEndpoint, UpdateEndpointWeightsAndCapacities (``DesiredInstanceCount``), DeleteEndpoint
+(contract section 5). Errors are
 ``{"__type": "ValidationException", "message": ...}`` with AWS's own texts, because the SDK matches on
 them (e.g. "Could not find endpoint" means "absent").
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -192,7 +194,6 @@ def _endpoint_name(c: _Ctx) -> str:
 async def _describe_endpoint(c: _Ctx) -> dict[str, Any]:
     rec = c.manager.require(_endpoint_name(c))
     config = c.manager.db.get("endpoint_configs", rec.config_name)
-    rt = c.manager.live.get(rec.name)
     out: dict[str, Any] = {"EndpointName": rec.name, "EndpointArn": c.arn("endpoint", rec.name),
                            "EndpointConfigName": rec.config_name, "EndpointStatus": rec.status,
                            "CreationTime": rec.created, "LastModifiedTime": rec.modified}
@@ -200,9 +201,8 @@ async def _describe_endpoint(c: _Ctx) -> dict[str, Any]:
         out["FailureReason"] = rec.failure_reason
     if config is not None:
         variants = []
+        current, wanted = c.manager.instance_counts(rec.name)  # serving now, and asked for (scaled or initial)
         for v in config.body["ProductionVariants"][:1]:
-            wanted = int(v.get("InitialInstanceCount") or 1)
-            current = rt.pool.ready_count if rt is not None and rt.pool is not None else 0
             variants.append({
                 "VariantName": v.get("VariantName", "AllTraffic"),
                 "DeployedImages": [{"SpecifiedImage": _IMAGE, "ResolvedImage": _IMAGE, "ResolutionTime": rec.created}],
@@ -247,6 +247,31 @@ async def _update_endpoint(c: _Ctx) -> dict[str, Any]:
     return {"EndpointArn": c.arn("endpoint", name)}
 
 
+async def _update_endpoint_weights_and_capacities(c: _Ctx) -> dict[str, Any]:
+    """Only ``DesiredInstanceCount`` has an effect (sdmaker serves one variant, so weights do not matter)."""
+    name = _endpoint_name(c)
+    for i, wanted in enumerate(c.body["DesiredWeightsAndCapacities"], 1):
+        if wanted.get("DesiredInstanceCount") is None:
+            continue
+        count = int(wanted["DesiredInstanceCount"])
+        if count == 0:
+            target = c.manager.scaling.store.scaling_target(f"endpoint/{name}/variant/{wanted['VariantName']}")
+            if target is None or target.min_capacity > 0:
+                raise ControlPlaneError(
+                    "DesiredInstanceCount 0 needs a scalable target with MinCapacity 0 (application-autoscaling "
+                    "RegisterScalableTarget), which starts an instance when a request arrives (at "
+                    f"'desiredWeightsAndCapacities.{i}.member.desiredInstanceCount')",
+                    field=f"desiredWeightsAndCapacities.{i}.member.desiredInstanceCount")
+        await asyncio.to_thread(c.manager.check_instance_count, name, count,
+                                f"desiredWeightsAndCapacities.{i}.member.desiredInstanceCount")
+        try:
+            c.manager.update_instance_count(name, str(wanted["VariantName"]), count)
+        except EndpointNotReadyError:
+            raise ControlPlaneError(f'Cannot update in-progress endpoint "{c.arn("endpoint", name)}".',
+                                    kind=EndpointNotReadyError) from None
+    return {"EndpointArn": c.arn("endpoint", name)}
+
+
 async def _delete_endpoint(c: _Ctx) -> dict[str, Any]:
     await c.manager.delete(_endpoint_name(c))
     return {}
@@ -263,6 +288,7 @@ OPERATIONS: dict[str, Callable[[_Ctx], Awaitable[dict[str, Any]]]] = {
     "DescribeEndpoint": _describe_endpoint,
     "ListEndpoints": _list_endpoints,
     "UpdateEndpoint": _update_endpoint,
+    "UpdateEndpointWeightsAndCapacities": _update_endpoint_weights_and_capacities,
     "DeleteEndpoint": _delete_endpoint,
     **TRANSFORM_OPERATIONS,  # CreateTransformJob, DescribeTransformJob, ListTransformJobs, StopTransformJob
 }

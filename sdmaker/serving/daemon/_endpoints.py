@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import sys
 import time
@@ -41,15 +42,18 @@ from sdmaker.errors import (
     EndpointExistsError,
     EndpointNotFoundError,
     EndpointNotReadyError,
+    InvalidRequestError,
     QueueFullError,
     SdmakerError,
 )
-from sdmaker.serving.daemon._admission import BATCH_SIZE_GROUPS, OPAQUE_WORK, Work
+from sdmaker.serving.daemon._admission import BATCH_SIZE_GROUPS, OPAQUE_WORK, Work, worker_memory_floor
+from sdmaker.serving.daemon._autoscaler import Autoscaler
 from sdmaker.serving.daemon._events import EventHub
 from sdmaker.serving.daemon._live import LiveEndpoint
 from sdmaker.serving.daemon._logs import rotate_if_large
 from sdmaker.serving.daemon._pool import ChunkCallback, WorkerPool
 from sdmaker.serving.daemon._progress import done_event
+from sdmaker.serving.daemon._scaling import ScalingTarget
 from sdmaker.serving.daemon._standby import StandbyPool
 from sdmaker.serving.daemon._state import EndpointRecord, EndpointStats, EndpointStatus, StateDB
 from sdmaker.serving.daemon._transform import TransformJobs
@@ -58,6 +62,7 @@ from sdmaker.serving.daemon._variant import (
     FORBIDDEN_ENV,
     VariantPlan,
     instance_profile,
+    memory_budget_for,
     model_ref,
     plan_variant,
     python_for,
@@ -98,6 +103,8 @@ class EndpointManager:
         self._closed = False
         #: batch transform jobs (CreateTransformJob), each on its own workers
         self.transforms = TransformJobs(settings, self.db, self.root, self.standbys)
+        #: scalable targets, policies, activities and the local target-tracking loop (._autoscaler)
+        self.scaling = Autoscaler(self)
 
     # -- lifecycle of the manager ------------------------------------------------------------------
 
@@ -115,6 +122,7 @@ class EndpointManager:
         self._standby_task = asyncio.create_task(self._start_standbys(restoring), name="standby-start")
         if self.settings.log_max_bytes > 0:
             self._rotate_task = asyncio.create_task(self._rotate_logs(), name="log-rotation")
+        self.scaling.start()
 
     async def _write_stats(self) -> None:
         """Write every endpoint's changed statistics off the event loop: a group commit of finished requests.
@@ -178,6 +186,7 @@ class EndpointManager:
     async def close(self) -> None:
         """Stop every worker; the database keeps the endpoints for the next start."""
         self._closed = True
+        await self.scaling.close()  # before the pools: a resize in progress stops the workers it started
         for background in (self._standby_task, self._rotate_task):
             if background is not None:
                 background.cancel()
@@ -252,6 +261,13 @@ class EndpointManager:
             self._log(name, f"warning: {plan.warning}")
         spec = WorkerSpec(config=plan.config, python=python, run_dir=self.root / name / "run",
                           startup_timeout_s=plan.startup_timeout_s)
+        # a scaled count (stored, or within a scalable target's bounds) wins over InitialInstanceCount
+        instances = self.scaling.initial_instances(name, str(variant.get("VariantName", "AllTraffic")),
+                                                   plan.count // plan.workers_per_instance)
+        if instances * plan.workers_per_instance != plan.count:
+            count = instances * plan.workers_per_instance
+            budget = await asyncio.to_thread(memory_budget_for, plan, count)
+            plan = dataclasses.replace(plan, count=count, memory_budget_pixels=budget)
         pool = WorkerPool(spec, plan.count, tag=f"v{self._generation}", standbys=self.standbys)
         max_batch = plan.config.max_batch
         batching = f", step batching up to {max_batch} requests per worker" if max_batch else ""
@@ -296,6 +312,7 @@ class EndpointManager:
         self._variant(config_name)  # fail fast on a dangling config
         if not self.db.add_endpoint(name, config_name, EndpointStatus.CREATING):
             raise EndpointExistsError(f"endpoint {name} exists already", endpoint=name)
+        self.scaling.store.forget_count(name)  # a new endpoint starts at its InitialInstanceCount
         self.db.delete("endpoint_stats", name)  # a save that raced the delete of an earlier endpoint of this name
         self._launch(name, config_name)
 
@@ -307,6 +324,7 @@ class EndpointManager:
             raise EndpointNotReadyError(f"endpoint {name} is {rec.status}; only an InService endpoint can be "
                                         "updated", status=rec.status.value)
         self._variant(config_name)
+        self.scaling.store.forget_count(name)  # the new config's InitialInstanceCount (within any target's bounds)
         self._set_status(name, EndpointStatus.UPDATING)
         rt.task = asyncio.create_task(self._swap(name, config_name, rt), name=f"update-{name}")
 
@@ -332,6 +350,7 @@ class EndpointManager:
 
     async def delete(self, name: str) -> None:
         self.require(name)
+        await self.scaling.forget(name)
         self.db.delete("endpoints", name)
         self.db.delete("endpoint_stats", name)
         rt = self.live.pop(name, None)
@@ -384,8 +403,10 @@ class EndpointManager:
         """
         pool = rt.pool  # read the pool and enter it without awaiting in between (see WorkerPool.close)
         assert pool is not None
+        if not pool.workers:  # scaled to zero (MinCapacity 0): a worker starts for this request, which waits
+            self.scaling.wake(rt.name)
         rt.admission.check(work, name=rt.name, timeout_s=rt.timeout_s, workers=max(1, pool.ready_count),
-                           free_slots=pool.free_slots - pool.waiting,
+                           free_slots=(pool.free_slots if pool.workers else pool.spec.slots) - pool.waiting,
                            budget_pixels=pool.budget_pixels,
                            share=BATCH_SIZE_GROUPS if pool.spec.max_batch > 0 else 1)
         rt.admission.taken(work)
@@ -428,6 +449,143 @@ class EndpointManager:
             rt.latencies.append(time.monotonic() - started)
             await asyncio.shield(self._stats_changed())  # the counts are on disk before the answer goes out
         return reply
+
+    # -- instance counts and autoscaling: the seam each backend implements (local worker pools here) ------
+
+    def _scaled_variant(self, endpoint: str, variant: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(production variant, model body) of ``endpoint`` when ``variant`` is the variant it serves."""
+        rec = self.require(endpoint)
+        body, model = self._variant(rec.config_name)
+        served = str(body.get("VariantName", "AllTraffic"))
+        if variant != served:
+            raise InvalidRequestError(f"endpoint {endpoint} has no variant {variant!r}: sdmaker serves its first "
+                                      f"variant, {served!r}", field="VariantName", value=variant)
+        return body, model
+
+    async def set_instance_count(self, endpoint: str, variant: str, count: int) -> None:
+        """Run ``count`` instances of ``endpoint``'s ``variant`` from now on; returns once they serve.
+
+        The count is stored first, so a restarted daemon brings the endpoint back at it. Local backend: the
+        variant's pool grows (new workers take requests once ready) or shrinks (retired workers finish their
+        in-flight requests first, up to the invocation timeout; none is dropped). An endpoint whose pool is
+        still starting gets ``count`` when it is built. 0 is allowed: a request then waits while one starts.
+
+        Raises:
+            EndpointNotFoundError / InvalidRequestError: no such endpoint, or not the variant it serves.
+            WorkerStartError: a new worker failed to start (the count stays what it was).
+        """
+        self._scaled_variant(endpoint, variant)
+        self.scaling.store.set_count(endpoint, variant, count)
+        rt = self.live.get(endpoint)
+        if rt is None or rt.pool is None or rt.plan is None:
+            return
+        pool, plan = rt.pool, rt.plan
+        workers = count * plan.workers_per_instance
+        before = len(pool.workers)
+        if workers == before:
+            return
+        self._log(endpoint, f"scaling from {before // plan.workers_per_instance} to {count} instance(s)")
+        # while old and new workers run side by side, each gets the smaller (larger count's) memory budget
+        pool.budget_pixels = await asyncio.to_thread(memory_budget_for, plan, max(workers, before))
+        try:
+            await pool.resize(workers, drain_s=rt.timeout_s)
+        except BaseException:
+            self.scaling.store.set_count(endpoint, variant, len(pool.workers) // plan.workers_per_instance)
+            raise
+        finally:
+            pool.budget_pixels = await asyncio.to_thread(memory_budget_for, plan, len(pool.workers))
+        self._log(endpoint, f"now {count} instance(s)")
+
+    async def apply_scaling(self, endpoint: str, variant: str, target: ScalingTarget | None) -> bool:
+        """Check ``target`` (``None``: deregistered) against what this backend can hold, and take it.
+
+        Returns whether the backend scales natively: a pool with an ``apply_autoscaling(config)`` method (the
+        Ray backend) gets :meth:`ScalingTarget.ray_autoscaling_config` (with the endpoint's median latency as
+        the time per request) and Serve scales it; the local pool returns ``False``: sdmaker's own
+        target-tracking loop (:mod:`._autoscaler`) drives :meth:`set_instance_count`. The loop hands the
+        target again to every new pool (daemon restart, UpdateEndpoint).
+
+        Raises:
+            InvalidRequestError: a ``MaxCapacity`` this machine's cores or memory cannot hold (field
+                ``maxCapacity``), or not the variant the endpoint serves.
+        """
+        self._scaled_variant(endpoint, variant)
+        rt = self.live.get(endpoint)
+        # a pool that scales natively takes Serve's autoscaling_config (the Ray backend's RayPool)
+        native = getattr(rt.pool, "apply_autoscaling", None) if rt is not None and rt.pool is not None else None
+        if native is not None and rt is not None:
+            await native(None if target is None else target.ray_autoscaling_config(rt.percentile(0.5)))
+            return True
+        if target is not None:
+            await asyncio.to_thread(self.check_instance_count, endpoint, target.max_capacity, "maxCapacity")
+        return False
+
+    def check_instance_count(self, endpoint: str, count: int, field: str) -> None:
+        """Refuse ``count`` instances of ``endpoint`` when this machine cannot hold that many workers: more than
+        ``SDMAKER_MAX_INSTANCES`` processes (its cores), or more than its memory fits (``SDMAKER_MEMORY_MB``
+        shared by workers that each need their runtime, the weights and one small image)."""
+        rec = self.require(endpoint)
+        _, model = self._variant(rec.config_name)
+        container = model.get("PrimaryContainer") or (model.get("Containers") or [{}])[0]
+        per_instance = str((container.get("Environment") or {}).get("SAGEMAKER_MODEL_SERVER_WORKERS") or "1")
+        workers = count * max(1, int(per_instance) if per_instance.isdigit() else 1)
+        shown = f"1 validation error detected: Value '{count}' at '{field}' failed to satisfy constraint:"
+        if workers > self.settings.max_instances:
+            raise InvalidRequestError(
+                f"{shown} {count} instance(s) x SAGEMAKER_MODEL_SERVER_WORKERS ({per_instance}) worker processes "
+                f"must be less than or equal to {self.settings.max_instances}, what this machine's cores may hold "
+                "(SDMAKER_MAX_INSTANCES)", field=field, value=count, allowed=f"<= {self.settings.max_instances}")
+        rt = self.live.get(endpoint)
+        if rt is None or rt.plan is None:
+            return  # the model is not resolved yet: its memory need is unknown
+        floor = worker_memory_floor(rt.plan.config.model_dir, rt.plan.config.dtype)
+        memory = self.settings.memory_bytes
+        if workers * floor > memory:
+            fits = memory // floor // max(1, workers // max(1, count))
+            raise InvalidRequestError(
+                f"{shown} {workers} worker(s) of model {rt.plan.model_name} need at least {floor / 2**20:.0f} MiB "
+                f"each, and this endpoint's workers share {memory / 2**20:.0f} MiB (SDMAKER_MEMORY_MB): at most "
+                f"{fits} instance(s) fit", field=field, value=count, allowed=f"<= {fits}")
+
+    def instance_counts(self, endpoint: str) -> tuple[int, int]:
+        """(current, desired) instances of ``endpoint``: serving now, and asked for (scaled or initial)."""
+        rt = self.live.get(endpoint)
+        per = rt.plan.workers_per_instance if rt is not None and rt.plan is not None else 1
+        current = rt.pool.ready_count // per if rt is not None and rt.pool is not None else 0
+        desired = self.scaling.store.count(endpoint)
+        if desired is None:
+            rec = self.require(endpoint)
+            config = self.db.get("endpoint_configs", rec.config_name)
+            variants = config.body["ProductionVariants"] if config is not None else [{}]
+            desired = int(variants[0].get("InitialInstanceCount") or 1)
+        return current, desired
+
+    def update_instance_count(self, endpoint: str, variant: str, count: int) -> None:
+        """``UpdateEndpointWeightsAndCapacities``: ``Updating`` while the count changes, then ``InService``."""
+        rec = self.require(endpoint)
+        rt = self.live.get(endpoint)
+        if rec.status is not EndpointStatus.IN_SERVICE or rt is None or rt.pool is None:
+            raise EndpointNotReadyError(f"endpoint {endpoint} is {rec.status}; only an InService endpoint can be "
+                                        "updated", status=rec.status.value)
+        self._scaled_variant(endpoint, variant)
+        self._set_status(endpoint, EndpointStatus.UPDATING)
+
+        async def run() -> None:
+            try:
+                await self.set_instance_count(endpoint, variant, count)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the old count keeps serving
+                reason = exc.message if isinstance(exc, SdmakerError) else f"{type(exc).__name__}: {exc}"
+                self._log(endpoint, f"instance count change failed: {reason}")
+                self._set_status(endpoint, EndpointStatus.IN_SERVICE,
+                                 failure_reason=f"UpdateEndpointWeightsAndCapacities failed: {reason}"[:2048])
+            else:
+                self._set_status(endpoint, EndpointStatus.IN_SERVICE, failure_reason=None)
+            finally:
+                rt.task = None
+
+        rt.task = asyncio.create_task(run(), name=f"capacity-{endpoint}")
 
     # -- sdmaker's own view (CLI describe) ---------------------------------------------------------
 

@@ -40,6 +40,8 @@ class LiveEndpoint:
     saved_invocations: int = -1
     #: the work taken and not finished, and the measured throughput (issue 11's backpressure)
     admission: Admission = field(default_factory=Admission)
+    #: the plan the current pool was started from (its workers' configuration; autoscaling resizes it)
+    plan: VariantPlan | None = None
 
     def install(self, pool: Pool, plan: VariantPlan) -> Pool | None:
         """Serve from ``pool`` (started from ``plan``) from now on; returns the pool it replaces, to drain.
@@ -47,6 +49,7 @@ class LiveEndpoint:
         Limits the model's Environment does not set keep their current values (the daemon's defaults).
         """
         old, self.pool = self.pool, pool
+        self.plan = plan
         pool.budget_pixels = plan.memory_budget_pixels
         self.default_handler, self.instance_type, self.model_name = (plan.default_handler, plan.instance_type,
                                                                      plan.model_name)

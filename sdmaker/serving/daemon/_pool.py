@@ -74,14 +74,19 @@ class WorkerPool:
         self.spec = spec
         self.tag = tag
         self.workers = [Worker(spec, i, tag, standbys) for i in range(count)]
+        self._standbys = standbys
+        self._next_index = count  # a worker added by resize() gets a fresh index (its own status file)
+        self._retiring: set[Worker] = set()  # removed by resize(), draining their in-flight requests
+        self._resize_lock = asyncio.Lock()
+        self._old_clients: list[httpx.AsyncClient] = []  # replaced by a larger one; closed with the pool
         # woken whenever a slot frees up or a worker (re)starts: waiting requests then pick a worker
         self._room = asyncio.Condition()
         #: pixels (height x width x images) each worker holds now, by index; ``budget_pixels`` caps it
         self._held: dict[int, int] = {w.index: 0 for w in self.workers}
         self.budget_pixels: int | None = None
-        self._client = httpx.AsyncClient(limits=httpx.Limits(max_connections=count * spec.slots * 2 + 4),
-                                         timeout=httpx.Timeout(10.0))
-        self._monitors: list[asyncio.Task[None]] = []
+        self._client = self._new_client(count)
+        self._client_workers = count
+        self._monitors: dict[Worker, asyncio.Task[None]] = {}
         self._closing = False
         self._on_change = on_change
         self.in_flight = 0
@@ -100,8 +105,73 @@ class WorkerPool:
             await self.close()
             raise
         for w in self.workers:
-            self._offer(w)
-            self._monitors.append(asyncio.create_task(self._monitor(w), name=f"monitor-{self.tag}-{w.index}"))
+            self._serve(w)
+
+    def _new_client(self, workers: int) -> httpx.AsyncClient:
+        return httpx.AsyncClient(limits=httpx.Limits(max_connections=max(1, workers) * self.spec.slots * 2 + 4),
+                                 timeout=httpx.Timeout(10.0))
+
+    def _serve(self, worker: Worker) -> None:
+        """A ready ``worker`` takes requests, and its monitor restarts it whenever it exits."""
+        self._offer(worker)
+        self._monitors[worker] = asyncio.create_task(self._monitor(worker), name=f"monitor-{self.tag}-{worker.index}")
+
+    async def resize(self, count: int, *, drain_s: float) -> None:
+        """Grow or shrink to ``count`` workers (0 allowed) without dropping a request (autoscaling).
+
+        Growing: new workers start (from warm standbys when they fit) and take requests once ready; if one
+        fails to start, all the new ones are stopped and :class:`~sdmaker.errors.WorkerStartError` is raised.
+        Shrinking: the workers to retire (not serving first, then the least busy, the newest) leave the
+        dispatcher at once, so no new request goes to them; they stop once their in-flight requests are
+        answered, or after ``drain_s`` (a request still running then is retried on another worker, as after
+        any worker death). One resize at a time.
+        """
+        async with self._resize_lock:
+            if self._closing:
+                return
+            if count > len(self.workers):
+                await self._grow(count - len(self.workers))
+            elif count < len(self.workers):
+                await self._shrink(len(self.workers) - count, drain_s)
+
+    async def _grow(self, extra: int) -> None:
+        new = [Worker(self.spec, self._next_index + i, self.tag, self._standbys) for i in range(extra)]
+        self._next_index += extra
+        if len(self.workers) + extra > self._client_workers:  # more connections: a larger client from now on
+            self._old_clients.append(self._client)
+            self._client_workers = len(self.workers) + extra
+            self._client = self._new_client(self._client_workers)
+        for w in new:
+            self._held[w.index] = 0
+        self.workers.extend(new)  # Starting: the dispatcher skips them until they are ready
+        try:
+            for w in new:
+                await w.spawn()
+            await asyncio.gather(*(w.wait_ready(self._client) for w in new))
+        except BaseException:
+            self.workers = [w for w in self.workers if w not in new]
+            await asyncio.gather(*(w.stop() for w in new), return_exceptions=True)
+            raise
+        for w in new:
+            self._serve(w)
+
+    async def _shrink(self, fewer: int, drain_s: float) -> None:
+        order = sorted(self.workers, key=lambda w: (w.serving, w.inflight, -w.index))
+        retire = order[:fewer]
+        self.workers = [w for w in self.workers if w not in retire]  # no new request goes to them
+        self._retiring.update(retire)
+        for w in retire:
+            monitor = self._monitors.pop(w, None)
+            if monitor is not None:
+                monitor.cancel()
+        deadline = time.monotonic() + drain_s
+        while any(w.inflight > 0 and w.alive for w in retire) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.gather(*(w.stop() for w in retire), return_exceptions=True)
+        for w in retire:
+            self._retiring.discard(w)
+            self._held.pop(w.index, None)
+        self._wake()  # requests waiting on a retired worker's slot pick another worker
 
     async def close(self, *, drain_s: float = 0.0) -> None:
         """Stop all workers; with ``drain_s`` first let in-flight requests finish (blue/green swap)."""
@@ -109,10 +179,11 @@ class WorkerPool:
         deadline = time.monotonic() + drain_s
         while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for task in [*self._monitors, *self._settling]:
+        for task in [*self._monitors.values(), *self._settling]:
             task.cancel()
-        await asyncio.gather(*(w.stop() for w in self.workers), return_exceptions=True)
-        await self._client.aclose()
+        await asyncio.gather(*(w.stop() for w in [*self.workers, *self._retiring]), return_exceptions=True)
+        for client in [*self._old_clients, self._client]:
+            await client.aclose()
 
     async def _monitor(self, worker: Worker) -> None:
         """Restart ``worker`` whenever it exits while the pool is open."""
@@ -142,6 +213,9 @@ class WorkerPool:
                         return
                     continue
                 failures = 0
+                if worker not in self.workers:  # retired by resize() meanwhile
+                    await worker.stop()
+                    return
                 self._offer(worker)
                 self._changed()
                 break
@@ -205,7 +279,8 @@ class WorkerPool:
     async def _acquire(self, deadline: float, pixels: int = 0) -> tuple[Worker, int]:
         async with self._room:
             while True:
-                if all(w.state == WorkerState.FAILED for w in self.workers):
+                # no worker at all (scaled to zero): wait while the autoscaler starts one
+                if self.workers and all(w.state == WorkerState.FAILED for w in self.workers):
                     raise InvocationFailedError("every worker of this endpoint failed to restart; see endpoint "
                                                 "logs", original_status=500)
                 worker = self._pick(pixels)

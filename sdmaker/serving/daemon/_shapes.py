@@ -42,18 +42,18 @@ _TYPE_NAME = {"structure": "a structure", "map": "a map", "list": "a list", "str
               "boolean": "a Boolean", "timestamp": "a Timestamp", "blob": "a Blob"}
 
 
-@functools.lru_cache(maxsize=1)
-def _model() -> Mapping[str, Any]:
-    """botocore's SageMaker service model (loaded once per process, about 0.3 s)."""
+@functools.lru_cache(maxsize=4)
+def _model(service: str = "sagemaker") -> Mapping[str, Any]:
+    """botocore's service model of ``service`` (loaded once per process, about 0.3 s for SageMaker's)."""
     from botocore.loaders import Loader
 
-    model: Mapping[str, Any] = Loader().load_service_model("sagemaker", "service-2")
+    model: Mapping[str, Any] = Loader().load_service_model(service, "service-2")
     return model
 
 
-def input_shape(operation: str) -> str | None:
+def input_shape(operation: str, service: str = "sagemaker") -> str | None:
     """The name of ``operation``'s input shape (``None`` for an operation the model does not know)."""
-    op = _model()["operations"].get(operation)
+    op = _model(service)["operations"].get(operation)
     return op["input"]["shape"] if op and "input" in op else None
 
 
@@ -90,8 +90,8 @@ def _wrong_type(path: str, value: Any, kind: str) -> ControlPlaneError:
                              "SerializationException", field=path)
 
 
-def _check(value: Any, shape_name: str, path: str, depth: int) -> None:
-    shape = _model()["shapes"][shape_name]
+def _check(value: Any, shape_name: str, path: str, depth: int, service: str = "sagemaker") -> None:
+    shape = _model(service)["shapes"][shape_name]
     kind = shape["type"]
     skip = _UNCHECKED.get(shape_name, frozenset())
     if value is None:
@@ -108,7 +108,7 @@ def _check(value: Any, shape_name: str, path: str, depth: int) -> None:
         for name, member_value in value.items():
             member = members.get(name)
             if member is not None:
-                _check(member_value, member["shape"], _member_path(path, name), depth + 1)
+                _check(member_value, member["shape"], _member_path(path, name), depth + 1, service)
             elif _deeper_than(member_value, _MAX_DEPTH - depth):
                 raise ControlPlaneError(f"Request nested too deeply at '{_member_path(path, str(name))[:80]}'",
                                         "SerializationException", field=path)
@@ -120,17 +120,17 @@ def _check(value: Any, shape_name: str, path: str, depth: int) -> None:
         for i, item in enumerate(value, 1):
             if item is None:
                 raise _constraint(f"{path}.{i}.member", None, "Member must not be null")
-            _check(item, shape["member"]["shape"], f"{path}.{i}.member", depth + 1)
+            _check(item, shape["member"]["shape"], f"{path}.{i}.member", depth + 1, service)
         return
     if kind == "map":
         if not isinstance(value, dict):
             raise _wrong_type(path, value, kind)
         _length(value, shape, path, "length")
         for key, item in value.items():
-            _check(key, shape["key"]["shape"], path, depth + 1)
+            _check(key, shape["key"]["shape"], path, depth + 1, service)
             if item is None:
                 raise _constraint(f"{path}.{key}", None, "Member must not be null")
-            _check(item, shape["value"]["shape"], f"{path}.{excerpt(key, 40)[1:-1]}", depth + 1)
+            _check(item, shape["value"]["shape"], f"{path}.{excerpt(key, 40)[1:-1]}", depth + 1, service)
         return
     if kind == "string":
         if not isinstance(value, str):
@@ -193,18 +193,19 @@ def _range(value: float, shape: Mapping[str, Any], path: str) -> None:
         raise _constraint(path, value, f"Member must have value less than or equal to {shape['max']}")
 
 
-def check_input(operation: str, body: Mapping[str, Any]) -> None:
-    """Validate ``body`` against ``operation``'s input shape in botocore's SageMaker model.
+def check_input(operation: str, body: Mapping[str, Any], service: str = "sagemaker") -> None:
+    """Validate ``body`` against ``operation``'s input shape in botocore's model of ``service`` (SageMaker's,
+    or ``application-autoscaling``'s for the autoscaling API).
 
     Raises:
         ControlPlaneError: ``SerializationException`` for a member of the wrong JSON type,
             ``ValidationException`` for a missing required member or a value outside its constraint.
             Messages name the member (AWS's lower-camel path) and quote at most 80 characters of the value.
     """
-    shape = input_shape(operation)
+    shape = input_shape(operation, service)
     if shape is None:
         return
     try:
-        _check(dict(body), shape, "", 0)
+        _check(dict(body), shape, "", 0, service)
     except RecursionError:
         raise ControlPlaneError("Request nested too deeply", "SerializationException") from None

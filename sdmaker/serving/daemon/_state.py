@@ -103,6 +103,15 @@ class StateDB:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
+    def add_schema(self, sql: str) -> None:
+        """Create another concept's tables (``CREATE TABLE IF NOT EXISTS ...``) in this database."""
+        with self._lock:
+            self._db.executescript(sql)
+
+    def run(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """One statement in its own transaction, for the modules that keep their own tables here."""
+        return self._run(sql, args)
+
     # -- models and endpoint configs (same shape) ------------------------------------------------
 
     def put(self, table: str, name: str, body: dict[str, Any]) -> bool:

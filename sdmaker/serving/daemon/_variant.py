@@ -24,7 +24,7 @@ from sdmaker.serving._requirements import prepare_model_environment
 from sdmaker.serving.daemon._admission import memory_budget_pixels
 
 __all__ = ["DAEMON_SECRETS", "DEFAULT_MAX_BATCH", "FORBIDDEN_ENV", "VariantPlan", "cpu_count", "instance_profile",
-           "max_batch_for", "model_ref", "plan_variant", "program_name", "python_for", "resolve_model_dir",
+           "max_batch_for", "memory_budget_for", "model_ref", "plan_variant", "program_name", "python_for", "resolve_model_dir",
            "worker_environment"]
 
 _ACCELERATED = ("ml.g", "ml.p", "ml.inf", "ml.trn")
@@ -139,6 +139,8 @@ class VariantPlan:
     memory_budget_pixels: int
     #: said once in the endpoint log (e.g. a GPU instance type on a machine without one)
     warning: str | None
+    #: ``SAGEMAKER_MODEL_SERVER_WORKERS``: worker processes per instance (``count`` = instances x this)
+    workers_per_instance: int = 1
 
 
 def plan_variant(variant: Mapping[str, Any], model: Mapping[str, Any], *, model_dir: Path, digest: str | None,
@@ -160,9 +162,17 @@ def plan_variant(variant: Mapping[str, Any], model: Mapping[str, Any], *, model_
     queue = env.get("SDMAKER_MAX_QUEUE")
     return VariantPlan(
         config=config, count=count, default_handler=default_handler, instance_type=variant.get("InstanceType"),
-        model_name=str(variant["ModelName"]), warning=warning,
+        model_name=str(variant["ModelName"]), warning=warning, workers_per_instance=max(1, per_instance),
         startup_timeout_s=float(variant.get("ContainerStartupHealthCheckTimeoutInSeconds")
                                 or settings.startup_timeout_s),
         timeout_s=float(timeout) if timeout else None, max_queue=int(queue) if queue else None,
         memory_budget_pixels=effective.memory_budget_pixels or memory_budget_pixels(
             model_dir, effective.dtype, effective.memory_bytes // count))
+
+
+def memory_budget_for(plan: VariantPlan, workers: int) -> int:
+    """The per-worker memory budget (pixels) when ``workers`` of ``plan`` share the endpoint's memory: what a
+    resized pool's workers get (autoscaling), by the rule :func:`plan_variant` applies at start."""
+    effective = load_settings(plan.config.environment or {})
+    return effective.memory_budget_pixels or memory_budget_pixels(
+        plan.config.model_dir, effective.dtype, effective.memory_bytes // max(1, workers))
