@@ -70,6 +70,8 @@ class Settings:
             machine's ``MemTotal`` from ``/proc/meminfo``, 8 GiB where there is none). Each endpoint derives
             its per-worker memory budget in pixels from it and the model (issue 11: one 1536x1536 x 32 images
             request grew a worker past 8 GiB).
+        async_max_queue: asynchronous inference jobs one endpoint may hold queued before a submit gets 503 with
+            ``Retry-After`` (``SDMAKER_ASYNC_MAX_QUEUE``, default 1000).
         memory_budget_pixels: set the per-worker budget directly, in pixels (height x width x images held at
             once; ``SDMAKER_MEMORY_BUDGET_PIXELS``; unset or 0: derived from ``memory_bytes``).
     """
@@ -105,6 +107,7 @@ class Settings:
     max_instances: int = field(default_factory=lambda: max(8, 4 * (os.cpu_count() or 1)))
     memory_bytes: int = field(default_factory=lambda: _machine_memory_bytes())
     memory_budget_pixels: int | None = None
+    async_max_queue: int = 1000
 
     @property
     def store_dir(self) -> Path:
@@ -212,6 +215,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_instances=int(_number(env, "SDMAKER_MAX_INSTANCES", max(8, 4 * (os.cpu_count() or 1)), minimum=1)),
         memory_bytes=int(_number(env, "SDMAKER_MEMORY_MB", 0, minimum=0) * 1024**2) or _machine_memory_bytes(),
         memory_budget_pixels=int(_number(env, "SDMAKER_MEMORY_BUDGET_PIXELS", 0, minimum=0)) or None,
+        async_max_queue=int(_number(env, "SDMAKER_ASYNC_MAX_QUEUE", 1000, minimum=1)),
     )
     return with_local_key(settings) if settings.local_key else settings
 

@@ -348,16 +348,20 @@ class EndpointManager:
         return rt
 
     async def invoke(self, rt: LiveEndpoint, body: bytes, headers: dict[str, str], *,
-                     validated: bool = False, work: Work = OPAQUE_WORK) -> WorkerReply:
+                     validated: bool = False, work: Work = OPAQUE_WORK, job_id: str | None = None,
+                     timeout_s: float | None = None) -> WorkerReply:
         """Send one request to ``rt``'s workers, counting it; ``validated``: the body is canonical JSON the
-        daemon already validated (the worker skips its own validation).
+        daemon already validated (the worker skips its own validation). ``job_id``: the request's job in
+        :attr:`events` (an asynchronous inference job's InferenceId), whose progress it reports;
+        ``timeout_s``: this request's budget instead of the endpoint's (InvocationTimeoutSeconds).
 
         Admission first (:class:`~._admission.Admission`): a request over the memory budget or too large for
         the timeout is a 400, one the work ahead of it would make late a 503 with ``Retry-After``, at once.
         """
         pool = rt.pool  # read the pool and enter it without awaiting in between (see WorkerPool.close)
         assert pool is not None
-        rt.admission.check(work, name=rt.name, timeout_s=rt.timeout_s, workers=max(1, pool.ready_count),
+        timeout_s = rt.timeout_s if timeout_s is None else timeout_s
+        rt.admission.check(work, name=rt.name, timeout_s=timeout_s, workers=max(1, pool.ready_count),
                            free_slots=pool.free_slots - pool.waiting,
                            budget_pixels=pool.budget_pixels,
                            share=BATCH_SIZE_GROUPS if pool.spec.max_batch > 0 else 1)
@@ -367,7 +371,7 @@ class EndpointManager:
         service_s: float | None = None
         concurrency = 1.0
         try:
-            reply = await pool.invoke(body, headers, timeout_s=rt.timeout_s, validated=validated,
+            reply = await pool.invoke(body, headers, timeout_s=timeout_s, validated=validated,
                                       pixels=work.pixels)
             if reply.status < 300:
                 service_s, concurrency = reply.service_s, reply.concurrency
