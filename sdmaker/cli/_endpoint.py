@@ -240,12 +240,16 @@ def create_cmd(
     max_batch: Annotated[int | None, typer.Option(min=0, max=256, help=(
         "Concurrent requests per worker that share UNet steps (SDMAKER_MAX_BATCH; 0 = off; default 8 for "
         "models without code/inference.py, off for those with it)."))] = None,
+    async_output: Annotated[str | None, typer.Option(help=(
+        "s3://bucket/prefix: make it an asynchronous inference endpoint writing results there "
+        "(invoke --async, InvokeEndpointAsync)."))] = None,
 ) -> None:
     """Deploy MODEL as endpoint NAME (CreateModel + CreateEndpointConfig + CreateEndpoint)."""
     env = {} if max_batch is None else {"SDMAKER_MAX_BATCH": str(max_batch)}
     with _client(get_settings()) as client:
         info = client.create_endpoint(name, model=model, workers=workers, instance_type=instance_type,
-                                      timeout_s=timeout, environment=env or None, wait=wait)
+                                      timeout_s=timeout, environment=env or None, wait=wait,
+                                      async_output=async_output)
     console.print(f"{name}: {info['status']}", highlight=False)
 
 
@@ -336,9 +340,18 @@ def invoke_cmd(
     request_values: dict[str, Any],
     name: Annotated[str, typer.Argument(help="Endpoint name.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("sdmaker-out"),
+    run_async: Annotated[bool, typer.Option("--async", help=(
+        "Queue it (InvokeEndpointAsync) and print the job id and output location; follow it with "
+        "`sdmaker jobs show|wait`."))] = False,
 ) -> None:
     """Generate images on an endpoint and write them to --out as <endpoint>-NN-seedS.ext (never overwriting)."""
     request = request_from_options(request_values)  # validated before anything is sent (or torch imported)
+    if run_async:
+        with _client(get_settings()) as client:
+            answer = client.invoke_async(name, request.model_dump(mode="json", exclude_unset=True))
+        console.print(f"job {answer['InferenceId']} queued; result: {answer['OutputLocation']}", highlight=False,
+                      soft_wrap=True)
+        return
     with _client(get_settings()) as client:
         gen = client.generate(name, **request.model_dump(exclude_unset=True))
     seeds = gen.raw.get("seeds") if isinstance(gen.raw.get("seeds"), list) else None

@@ -205,7 +205,7 @@ def create_app(settings: Settings, *, host: str | None = None, port: int | None 
         await manager.start()
         jobs = AsyncJobs(settings, manager, draining=lambda: drain.draining)
         await jobs.start()
-        metrics.set_backlog_source(lambda: {**{n: (0, 0.0) for n in manager.live}, **jobs.backlog()})
+        metrics.set_backlog_source(lambda: {**dict.fromkeys(manager.live, (0, 0.0)), **jobs.backlog()})
         input_shape("CreateModel")  # load botocore's SageMaker model now, not in the first control-plane call
         logger.info("sdmaker daemon ready (home %s, auth %s)", settings.home, "on" if need_auth else "off")
         try:
