@@ -241,3 +241,65 @@ def test_client_and_cli(daemon: Any, echo_endpoint: str, monkeypatch: pytest.Mon
     listed = runner.invoke(app, ["jobs", "list", "--endpoint", echo_endpoint, "--json"])
     assert listed.exit_code == 0 and "client-job" in listed.output
     assert runner.invoke(app, ["jobs", "show", "nope-nope"]).exit_code == 1
+
+
+@pytest.mark.slow
+def test_sagemaker_sdk_async_flow_runs_unchanged(daemon: Any, moto_server: str, seed_model_dir: Path,
+                                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``HuggingFaceModel.deploy(async_inference_config=...)``, ``predict_async`` + ``get_result`` and
+    ``predict`` on the AsyncPredictor, as the SDK documents them; only the environment points at sdmaker."""
+    import base64
+    import contextlib
+    import io
+    import tarfile
+
+    import sagemaker.session
+    from PIL import Image
+    from test_sdk import _sdmaker_env
+
+    bucket = "sdmaker-seed"
+    archive = tmp_path / "model.tar.gz"
+    with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
+        for item in sorted(seed_model_dir.iterdir()):
+            tar.add(item, arcname=item.name)
+    s3 = s3_client(moto_server)
+    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou, s3.exceptions.BucketAlreadyExists):
+        s3.create_bucket(Bucket=bucket)
+    s3.upload_file(str(archive), bucket, "async/model.tar.gz")
+    for key, value in _sdmaker_env(daemon.url, tmp_path).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_server)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    real_sleep = time.sleep
+
+    class _FastTime:  # the SDK sleeps 30 s between DescribeEndpoint polls (see test_sdk.py)
+        def __getattr__(self, name: str) -> Any:
+            return getattr(time, name)
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            real_sleep(min(seconds, 0.5))
+
+    monkeypatch.setattr(sagemaker.session, "time", _FastTime())
+
+    # ---- the SDK's asynchronous inference flow, as documented -----------------------------------------
+    from sagemaker.async_inference import AsyncInferenceConfig, WaiterConfig
+    from sagemaker.huggingface.model import HuggingFaceModel
+
+    huggingface_model = HuggingFaceModel(model_data=f"s3://{bucket}/async/model.tar.gz",
+                                         role="arn:aws:iam::111122223333:role/sm", transformers_version="4.26",
+                                         pytorch_version="1.13", py_version="py39")
+    predictor = huggingface_model.deploy(
+        initial_instance_count=1, instance_type="ml.g4dn.xlarge", endpoint_name="sdk-async-endpoint",
+        async_inference_config=AsyncInferenceConfig(output_path=f"s3://{bucket}/async-out"))
+    data = {"prompt": "A bird is flying in space", "height": 64, "width": 64, "num_inference_steps": 2}
+    response = predictor.predict_async(data=data)
+    result = response.get_result(WaiterConfig(max_attempts=300, delay=1))
+    direct = predictor.predict(data)
+    predictor.delete_endpoint()
+    # ------------------------------------------------------------------------------------------------------
+
+    assert response.output_path.startswith(f"s3://{bucket}/async-out/")
+    for answer in (result, direct):
+        image = Image.open(io.BytesIO(base64.b64decode(answer["generated_images"][0])))
+        assert (image.format, image.size) == ("JPEG", (64, 64))
