@@ -23,7 +23,7 @@ from typing import Any
 
 from bench import BENCH_DIR, row
 
-MODULES = ("quality", "engine", "batching", "package", "deploy", "reliability")  # quality first: it picks the recipe
+MODULES = ("quality", "engine", "batching", "package", "deploy", "reliability", "async_jobs")  # quality first: it picks the recipe
 
 
 def machine_metadata() -> dict[str, Any]:

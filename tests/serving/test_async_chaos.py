@@ -66,6 +66,12 @@ def _wait(check: Any, what: str, timeout_s: float = 120) -> None:
         time.sleep(0.1)
 
 
+def _listed(d: DaemonProcess, ids: list[str]) -> set[str]:
+    """The states of the jobs ``ids`` (one list call)."""
+    jobs = httpx.get(f"{d.url}/sdmaker/v1/jobs", params={"endpoint": ENDPOINT, "limit": 50}, timeout=30).json()["jobs"]
+    return {j["state"] for j in jobs if j["id"] in ids}
+
+
 def _versions(moto_server: str, bucket: str) -> dict[str, int]:
     """Every object key of the bucket with how many versions were written to it."""
     s3 = s3_client(moto_server)
@@ -122,10 +128,10 @@ def test_kill_9_of_daemon_and_workers_loses_and_duplicates_nothing(chaos_daemon:
     for cycle in range(cycles):
         ids = [f"chaos-{cycle}-{k}" for k in range(per_cycle)]
         for k, job_id in enumerate(ids):
-            answer = _submit(chaos_daemon, {"sleep": 0.2 + 0.1 * (k % 3), "id": job_id}, job_id)
+            answer = _submit(chaos_daemon, {"sleep": 0.5 + 0.25 * (k % 3), "id": job_id}, job_id)
             assert answer.status_code == 202, answer.text
         all_ids += ids
-        _wait(lambda ids=ids: any(job(chaos_daemon.url, i)["state"] == "running" for i in ids), "a running job")
+        _wait(lambda ids=ids: _listed(chaos_daemon, ids) & {"running", "succeeded"}, f"cycle {cycle}: a started job")
         if cycle % 2:  # a worker dies under its jobs first
             workers = httpx.get(f"{chaos_daemon.url}/sdmaker/v1/endpoints/{ENDPOINT}", timeout=30).json()["workers"]
             busy = [w["pid"] for w in workers if w["state"] == "Busy"] or [w["pid"] for w in workers]
