@@ -37,7 +37,8 @@ def versioned_bucket(moto_server: str) -> str:
 def chaos_daemon(tmp_path_factory: pytest.TempPathFactory, moto_server: str, scripted_model_dir: Path,
                  versioned_bucket: str):  # type: ignore[no-untyped-def]
     d = DaemonProcess(tmp_path_factory.mktemp("chaos-home"), env={
-        "AWS_ENDPOINT_URL_S3": moto_server, "HF_HUB_OFFLINE": "1", "SDMAKER_ASYNC_MAX_QUEUE": str(MAX_QUEUE)})
+        "AWS_ENDPOINT_URL_S3": moto_server, "HF_HUB_OFFLINE": "1", "SDMAKER_ASYNC_MAX_QUEUE": str(MAX_QUEUE),
+        "SDMAKER_STANDBY_WORKERS": "0"})  # the scripted model starts a fresh process either way
     d.start()
     deploy_async(d, ENDPOINT, scripted_model_dir, f"s3://{versioned_bucket}/out",
                  failure=f"s3://{versioned_bucket}/failed", max_concurrent=4,
@@ -46,12 +47,14 @@ def chaos_daemon(tmp_path_factory: pytest.TempPathFactory, moto_server: str, scr
     d.stop()
 
 
-def _submit(d: DaemonProcess, body: dict[str, Any], inference_id: str | None = None) -> httpx.Response:
+def _submit(d: DaemonProcess, body: dict[str, Any], inference_id: str | None = None,
+            http: httpx.Client | None = None) -> httpx.Response:
     headers = {"X-Amzn-SageMaker-Content-Type": "application/json"}
     if inference_id:
         headers["X-Amzn-SageMaker-Inference-Id"] = inference_id
-    return httpx.post(f"{d.url}/endpoints/{ENDPOINT}/async-invocations", content=json.dumps(body).encode(),
-                      headers=headers, timeout=30)
+    post = http.post if http is not None else httpx.post
+    return post(f"{d.url}/endpoints/{ENDPOINT}/async-invocations", content=json.dumps(body).encode(),
+                headers=headers, timeout=30)
 
 
 def _restart(d: DaemonProcess, sig: int) -> None:
@@ -125,13 +128,16 @@ def test_kill_9_of_daemon_and_workers_loses_and_duplicates_nothing(chaos_daemon:
                                                                    versioned_bucket: str) -> None:
     cycles, per_cycle = 20, 10
     all_ids: list[str] = []
+    in_flight: list[int] = []  # jobs queued or running just before each kill
     for cycle in range(cycles):
         ids = [f"chaos-{cycle}-{k}" for k in range(per_cycle)]
-        for k, job_id in enumerate(ids):
-            answer = _submit(chaos_daemon, {"sleep": 0.5 + 0.25 * (k % 3), "id": job_id}, job_id)
-            assert answer.status_code == 202, answer.text
+        with httpx.Client() as http:  # all ten queued at once: 4 run (MaxConcurrentInvocationsPerInstance), 6 wait
+            for k, job_id in enumerate(ids):
+                answer = _submit(chaos_daemon, {"sleep": 1.0 + 0.5 * (k % 3), "id": job_id}, job_id, http)
+                assert answer.status_code == 202, answer.text
         all_ids += ids
         _wait(lambda ids=ids: _listed(chaos_daemon, ids) & {"running", "succeeded"}, f"cycle {cycle}: a started job")
+        in_flight.append(sum(job(chaos_daemon.url, i)["state"] in ("queued", "running") for i in ids))
         if cycle % 2:  # a worker dies under its jobs first
             workers = httpx.get(f"{chaos_daemon.url}/sdmaker/v1/endpoints/{ENDPOINT}", timeout=30).json()["workers"]
             busy = [w["pid"] for w in workers if w["state"] == "Busy"] or [w["pid"] for w in workers]
@@ -154,6 +160,7 @@ def test_kill_9_of_daemon_and_workers_loses_and_duplicates_nothing(chaos_daemon:
     assert len(succeeded) == cycles * per_cycle, [(i["id"], i["state"], i["failure_reason"]) for i in infos
                                                    if i["state"] != "succeeded"]
     assert without_output == [] and duplicated == {} and both == []
+    assert sum(in_flight) >= cycles * per_cycle // 2, in_flight  # the kills did land on jobs in flight
     for info in succeeded[:3]:
         bucket, name = info["output_location"][5:].split("/", 1)
         echoed = json.loads(s3.get_object(Bucket=bucket, Key=name)["Body"].read())["echo"]
