@@ -287,7 +287,9 @@ def describe_cmd(name: str, as_json: Annotated[bool, typer.Option("--json")] = F
             ("timeout", f"{info.get('timeout_s', '-')} s"), ("queue", f"{info.get('queue_depth', 0)} / "
                                                               f"{info.get('max_queue', '-')}"),
             ("expected wait", f"{info.get('expected_wait_s') or 0:.1f} s"),
-            ("step batching", f"up to {info['max_batch']} requests per worker" if info.get("max_batch") else "off")]
+            ("step batching", f"up to {info['max_batch']} requests per worker" if info.get("max_batch") else "off"),
+            ("async backlog", f"{info.get('ApproximateBacklogSize', 0)} job(s), oldest queued "
+                              f"{info.get('ApproximateAgeOfOldestRequest', 0):.1f} s")]
     for key, value in rows:
         console.print(f"[bold]{key:>18}[/bold]  {value}", highlight=False)
     for w in info.get("workers", []):
