@@ -124,6 +124,7 @@ def test_sigterm_finishes_or_requeues_running_jobs(chaos_daemon: DaemonProcess, 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # 20 daemon restarts, each restarting its worker: minutes on a loaded 2-core machine
 def test_kill_9_of_daemon_and_workers_loses_and_duplicates_nothing(chaos_daemon: DaemonProcess, moto_server: str,
                                                                    versioned_bucket: str) -> None:
     cycles, per_cycle = 20, 10
