@@ -87,6 +87,25 @@ def _submit_ms(d: BenchDaemon, name: str, count: int) -> list[float]:
     return out
 
 
+def _load() -> str:
+    """The 1-minute load average (a loaded machine queues the daemon behind other processes)."""
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "?"
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (``/proc/PID/stat``; 0 where there is none)."""
+    import os
+
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run(quick: bool) -> list[dict[str, Any]]:
     import httpx
 
@@ -98,13 +117,15 @@ def run(quick: bool) -> list[dict[str, Any]]:
                                            "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
         name = _deploy(d, s3_url)
         _submit_ms(d, name, _QUEUED)  # fill the queue (one runs, the rest wait: each takes minutes)
+        cpu_before = _cpu_s(d.proc.pid)
         timed = _submit_ms(d, name, 100 if quick else 300)
+        cpu_ms = (_cpu_s(d.proc.pid) - cpu_before) * 1000 / len(timed)
         backlog = httpx.get(f"{d.url}/sdmaker/v1/endpoints/{name}", timeout=30).json()["ApproximateBacklogSize"]
         ordered = sorted(timed)
         p99 = ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
         return [row(f"async: InvokeEndpointAsync submit latency p99, >= {_QUEUED} jobs queued", p99, TARGET_MS, "ms",
                     f"{len(timed)} submits, inline JSON body, keep-alive HTTP; median {statistics.median(timed):.1f} ms, "
-                    f"max {ordered[-1]:.1f} ms; backlog {backlog} jobs at the end; the job is in SQLite before the "
+                    f"max {ordered[-1]:.1f} ms; daemon CPU {cpu_ms:.1f} ms per submit; load average {_load()}; backlog {backlog} jobs at the end; the job is in SQLite before the "
                     f"202; baseline = the issue's {TARGET_MS:g} ms target")]
     finally:
         if d is not None:
