@@ -78,6 +78,7 @@ __all__ = [
     "JobStore",
     "JobSubmission",
     "async_config_of",
+    "result_locations",
 ]
 
 logger = logging.getLogger(__name__)
