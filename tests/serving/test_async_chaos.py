@@ -99,9 +99,10 @@ def test_a_full_queue_answers_503_with_retry_after(chaos_daemon: DaemonProcess) 
     refused = _submit(chaos_daemon, {"n": 2})
     assert refused.status_code == 503 and refused.headers["x-amzn-ErrorType"] == "ServiceUnavailable"
     assert int(refused.headers["Retry-After"]) > 0 and "SDMAKER_ASYNC_MAX_QUEUE" in refused.json()["message"]
-    for job_id in ids:
+    for job_id in ids:  # clear the queue for the next tests (a job may have finished meanwhile: it stays so)
         httpx.post(f"{chaos_daemon.url}/sdmaker/v1/jobs/{job_id}/cancel", timeout=60)
-    assert {job(chaos_daemon.url, i)["state"] for i in ids} == {"cancelled"}
+    states = [job(chaos_daemon.url, i)["state"] for i in ids]
+    assert set(states) <= {"cancelled", "succeeded"} and states.count("cancelled") >= MAX_QUEUE
 
 
 @pytest.mark.slow
