@@ -77,6 +77,8 @@ class Settings:
             machine's ``MemTotal`` from ``/proc/meminfo``, 8 GiB where there is none). Each endpoint derives
             its per-worker memory budget in pixels from it and the model (issue 11: one 1536x1536 x 32 images
             request grew a worker past 8 GiB).
+        async_max_queue: asynchronous inference jobs one endpoint may hold queued before a submit gets 503 with
+            ``Retry-After`` (``SDMAKER_ASYNC_MAX_QUEUE``, default 1000).
         memory_budget_pixels: set the per-worker budget directly, in pixels (height x width x images held at
             once; ``SDMAKER_MEMORY_BUDGET_PIXELS``; unset or 0: derived from ``memory_bytes``).
         openai_model: what the OpenAI Images API runs for a request without ``model`` or with a model name
@@ -132,6 +134,7 @@ class Settings:
     ray_instance_types: str | None = None
     ray_head_url: str | None = None
     autoscaling_window_s: float = 60.0
+    async_max_queue: int = 1000
 
     @property
     def store_dir(self) -> Path:
@@ -312,6 +315,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ray_instance_types=env.get("SDMAKER_RAY_INSTANCE_TYPES", "").strip() or None,
         ray_head_url=env.get("SDMAKER_RAY_HEAD_URL", "").strip() or None,
         autoscaling_window_s=_number(env, "SDMAKER_AUTOSCALING_WINDOW", 60.0, minimum=1),
+        async_max_queue=int(_number(env, "SDMAKER_ASYNC_MAX_QUEUE", 1000, minimum=1)),
     )
     return with_local_key(settings) if settings.local_key else settings
 

@@ -32,6 +32,7 @@ resemble, so callers may catch either (``except FileNotFoundError`` still works)
         ├── PayloadTooLargeError (ValueError)        request body over the endpoint's limit (413)
         ├── WorkerStartError                         a worker process failed to load its model
         ├── InvocationFailedError                    the model code answered an error (SageMaker ModelError)
+        ├── JobNotFoundError (LookupError)           no asynchronous inference job of that id (404)
         └── AuthenticationError (PermissionError)    missing or bad SigV4 signature / bearer token
 
 Errors carry structured fields as well as a message, so the server can put them in a JSON
@@ -60,6 +61,7 @@ __all__ = [
     "EngineError",
     "GenerationCancelledError",
     "InvocationFailedError",
+    "JobNotFoundError",
     "PayloadTooLargeError",
     "WorkerStartError",
     "InvalidRequestError",
@@ -360,6 +362,12 @@ class InvocationFailedError(ServingError):
     """The model code answered an error (SageMaker ``ModelError``); ``original_status`` is its HTTP status."""
 
     http_status = 424
+
+
+class JobNotFoundError(ServingError, LookupError):
+    """No asynchronous inference job of that id (``GET /sdmaker/v1/jobs/{id}``); ``job_id`` names it."""
+
+    http_status = 404
 
 
 class AuthenticationError(ServingError, PermissionError):

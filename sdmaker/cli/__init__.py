@@ -43,6 +43,10 @@ from sdmaker.cli import _endpoint  # noqa: E402
 
 _endpoint.register(app)
 
+from sdmaker.cli import _jobs  # noqa: E402
+
+_jobs.register(app)
+
 from sdmaker.cli import _model, _s3  # noqa: E402
 
 _model.register(app)

@@ -265,12 +265,16 @@ def create_cmd(
     max_batch: Annotated[int | None, typer.Option(min=0, max=256, help=(
         "Concurrent requests per worker that share UNet steps (SDMAKER_MAX_BATCH; 0 = off; default 8 for "
         "models without code/inference.py, off for those with it)."))] = None,
+    async_output: Annotated[str | None, typer.Option(help=(
+        "s3://bucket/prefix: make it an asynchronous inference endpoint writing results there "
+        "(invoke --async, InvokeEndpointAsync)."))] = None,
 ) -> None:
     """Deploy MODEL as endpoint NAME (CreateModel + CreateEndpointConfig + CreateEndpoint)."""
     env = {} if max_batch is None else {"SDMAKER_MAX_BATCH": str(max_batch)}
     with _client(get_settings()) as client:
         info = client.create_endpoint(name, model=model, workers=workers, instance_type=instance_type,
-                                      timeout_s=timeout, environment=env or None, wait=wait)
+                                      timeout_s=timeout, environment=env or None, wait=wait,
+                                      async_output=async_output)
     console.print(f"{name}: {info['status']}", highlight=False)
 
 
@@ -308,7 +312,9 @@ def describe_cmd(name: str, as_json: Annotated[bool, typer.Option("--json")] = F
             ("timeout", f"{info.get('timeout_s', '-')} s"), ("queue", f"{info.get('queue_depth', 0)} / "
                                                               f"{info.get('max_queue', '-')}"),
             ("expected wait", f"{info.get('expected_wait_s') or 0:.1f} s"),
-            ("step batching", f"up to {info['max_batch']} requests per worker" if info.get("max_batch") else "off")]
+            ("step batching", f"up to {info['max_batch']} requests per worker" if info.get("max_batch") else "off"),
+            ("async backlog", f"{info.get('ApproximateBacklogSize', 0)} job(s), oldest queued "
+                              f"{info.get('ApproximateAgeOfOldestRequest', 0):.1f} s")]
     for key, value in rows:
         console.print(f"[bold]{key:>18}[/bold]  {value}", highlight=False)
     for w in info.get("workers", []):
@@ -367,9 +373,18 @@ def invoke_cmd(
     request_values: dict[str, Any],
     name: Annotated[str, typer.Argument(help="Endpoint name.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("sdmaker-out"),
+    run_async: Annotated[bool, typer.Option("--async", help=(
+        "Queue it (InvokeEndpointAsync) and print the job id and output location; follow it with "
+        "`sdmaker jobs show|wait`."))] = False,
 ) -> None:
     """Generate images on an endpoint and write them to --out as <endpoint>-NN-seedS.ext (never overwriting)."""
     request = request_from_options(request_values)  # validated before anything is sent (or torch imported)
+    if run_async:
+        with _client(get_settings()) as client:
+            answer = client.invoke_async(name, request.model_dump(mode="json", exclude_unset=True))
+        console.print(f"job {answer['InferenceId']} queued; result: {answer['OutputLocation']}", highlight=False,
+                      soft_wrap=True)
+        return
     images = len(request.prompts) * (request.num_images_per_prompt or 1)
     seeds = [request.seed + i for i in range(images)] if request.seed is not None else None
     with _client(get_settings()) as client, image_bars(images, request.num_inference_steps or 1, seeds) as bars:

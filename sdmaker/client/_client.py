@@ -260,6 +260,59 @@ class Client:
                                "with `sdmaker up`", url=self.url) from exc
         return InvokeResult(body=bytes(result), content_type=content, request_id=request_id)
 
+    # -- asynchronous inference --------------------------------------------------------------------
+
+    def invoke_async(self, endpoint: str, body: bytes | dict[str, Any] | None = None, *,
+                     input_location: str | None = None, content_type: str = "application/json",
+                     accept: str | None = None, inference_id: str | None = None, ttl_s: int | None = None,
+                     timeout_s: int | None = None, custom_attributes: str | None = None) -> dict[str, Any]:
+        """``InvokeEndpointAsync``: queue ``body`` (inline, <= 128,000 bytes) or the object at ``input_location``.
+
+        Returns ``{"InferenceId", "OutputLocation", "FailureLocation"}``; follow the job with :meth:`job` /
+        :meth:`wait_job`. A full queue raises :class:`~sdmaker.errors.QueueFullError` (retry later).
+        """
+        headers = {"X-Amzn-SageMaker-Content-Type": content_type}
+        for name, value in (("Accept", accept), ("Inference-Id", inference_id), ("InputLocation", input_location),
+                            ("RequestTTLSeconds", ttl_s), ("InvocationTimeoutSeconds", timeout_s),
+                            ("Custom-Attributes", custom_attributes)):
+            if value is not None:
+                headers[f"X-Amzn-SageMaker-{name}"] = str(value)
+        payload = json.dumps(body).encode() if isinstance(body, dict) else (body or b"")
+        response = self._send("POST", f"/endpoints/{endpoint}/async-invocations", content=payload, headers=headers)
+        return dict(response.json())
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        """One asynchronous job: state, queue position, step i of n, timestamps, output/failure location."""
+        return dict(self._send("GET", f"/sdmaker/v1/jobs/{job_id}").json())
+
+    def jobs(self, *, endpoint: str | None = None, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Asynchronous jobs, newest first."""
+        params: dict[str, Any] = {"limit": limit}
+        if endpoint:
+            params["endpoint"] = endpoint
+        if state:
+            params["state"] = state
+        return list(self._send("GET", "/sdmaker/v1/jobs", params=params).json()["jobs"])
+
+    def wait_job(self, job_id: str, *, timeout_s: float = 3600.0, poll_s: float = 0.5) -> dict[str, Any]:
+        """Poll until the job is succeeded, failed, expired or cancelled; its final status.
+
+        Raises:
+            InvocationTimeoutError: still queued or running after ``timeout_s``.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            info = self.job(job_id)
+            if info["state"] not in ("queued", "running"):
+                return info
+            if time.monotonic() > deadline:
+                raise InvocationTimeoutError(f"job {job_id} still {info['state']} after {timeout_s:g} s", job_id=job_id)
+            time.sleep(poll_s)
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        """Cancel a queued or running job (its failure object says so); its status afterwards."""
+        return dict(self._send("POST", f"/sdmaker/v1/jobs/{job_id}/cancel").json())
+
     def generate(self, endpoint: str, prompt: str | list[str] | None = None, *,
                  on_progress: Callable[[dict[str, Any]], None] | None = None, **fields: Any) -> Generation:
         """Text-to-image with the shared request schema (validated here before anything is sent).
@@ -290,14 +343,20 @@ class Client:
 
     def create_endpoint(self, name: str, *, model: str, workers: int = 1, instance_type: str = "ml.m5.xlarge",
                         timeout_s: float | None = None, environment: dict[str, str] | None = None,
-                        wait: bool = True, wait_timeout_s: float = 900.0) -> dict[str, Any]:
-        """CreateModel + CreateEndpointConfig + CreateEndpoint named ``name``; waits for InService by default."""
-        self._create_model_and_config(name, name, model, workers, instance_type, timeout_s, environment)
+                        wait: bool = True, wait_timeout_s: float = 900.0,
+                        async_output: str | None = None) -> dict[str, Any]:
+        """CreateModel + CreateEndpointConfig + CreateEndpoint named ``name``; waits for InService by default.
+
+        ``async_output``: an ``s3://`` prefix makes it an asynchronous inference endpoint (AsyncInferenceConfig
+        with that S3OutputPath; failures under ``<prefix>/failures``)."""
+        self._create_model_and_config(name, name, model, workers, instance_type, timeout_s, environment,
+                                      async_output)
         self.sagemaker("CreateEndpoint", {"EndpointName": name, "EndpointConfigName": name})
         return self.wait_for_endpoint(name, timeout_s=wait_timeout_s) if wait else self.describe_endpoint(name)
 
     def _create_model_and_config(self, name: str, config: str, model: str, workers: int, instance_type: str,
-                                 timeout_s: float | None, environment: dict[str, str] | None) -> None:
+                                 timeout_s: float | None, environment: dict[str, str] | None,
+                                 async_output: str | None = None) -> None:
         env = dict(environment or {})
         if timeout_s is not None:
             env["SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS"] = str(int(timeout_s))
@@ -305,9 +364,13 @@ class Client:
         self.sagemaker("CreateModel", {"ModelName": config, "PrimaryContainer": {
             "Image": "sdmaker/local-worker:latest", "ModelDataUrl": model_ref, "Environment": env},
             "ExecutionRoleArn": "arn:aws:iam::000000000000:role/sdmaker"})
-        self.sagemaker("CreateEndpointConfig", {"EndpointConfigName": config, "ProductionVariants": [{
+        body: dict[str, Any] = {"EndpointConfigName": config, "ProductionVariants": [{
             "VariantName": "AllTraffic", "ModelName": config, "InitialInstanceCount": workers,
-            "InstanceType": instance_type, "InitialVariantWeight": 1.0}]})
+            "InstanceType": instance_type, "InitialVariantWeight": 1.0}]}
+        if async_output:
+            body["AsyncInferenceConfig"] = {"OutputConfig": {"S3OutputPath": async_output.rstrip("/"),
+                                                             "S3FailurePath": async_output.rstrip("/") + "/failures"}}
+        self.sagemaker("CreateEndpointConfig", body)
 
     def update_endpoint(self, name: str, *, model: str, workers: int = 1, instance_type: str = "ml.m5.xlarge",
                         timeout_s: float | None = None, wait: bool = True,

@@ -22,8 +22,8 @@ from sdmaker.config import Settings
 from sdmaker.errors import S3Error
 from sdmaker.files import Progress, atomic_path, list_model_files, staged_dir
 
-__all__ = ["S3Uri", "client_for", "copy", "download", "download_prefix", "head", "is_s3_uri", "list_keys", "make_client", "parse_s3_uri",
-           "upload", "upload_dir"]
+__all__ = ["S3Uri", "client_for", "copy", "download", "download_prefix", "exists", "get_bytes", "head", "is_s3_uri",
+           "list_keys", "make_client", "parse_s3_uri", "put_bytes", "upload", "upload_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +155,47 @@ def head(uri: str, *, client: Any = None) -> dict[str, Any]:
     client = client or make_client()
     with _mapped("head", bucket, key):
         return dict(client.head_object(Bucket=bucket, Key=key))
+
+
+def exists(uri: str, *, client: Any = None) -> bool:
+    """Whether the object ``uri`` exists (``HeadObject``); other errors (access, no bucket) raise ``S3Error``."""
+    bucket, key = parse_s3_uri(uri)
+    client = client or make_client()
+    try:
+        with _mapped("head", bucket, key):
+            client.head_object(Bucket=bucket, Key=key)
+    except S3Error as exc:
+        if exc.fields.get("aws_code") in ("404", "NoSuchKey", "NotFound"):
+            return False
+        raise
+    return True
+
+
+def get_bytes(uri: str, *, limit: int, client: Any = None) -> tuple[bytes, str | None]:
+    """The body of the object ``uri`` and its ``ContentType``; ``S3Error`` when it is over ``limit`` bytes
+    (read no further than that: a 1 GB object never lands in memory)."""
+    bucket, key = parse_s3_uri(uri)
+    client = client or make_client()
+    with _mapped("download", bucket, key):
+        answer = client.get_object(Bucket=bucket, Key=key)
+        size = int(answer.get("ContentLength") or 0)
+        if size > limit:
+            answer["Body"].close()
+            raise S3Error(f"download {uri}: the object has {size} bytes, the limit is {limit}", bucket=bucket,
+                          key=key, aws_code="EntityTooLarge")
+        data = answer["Body"].read(limit + 1)
+    if len(data) > limit:
+        raise S3Error(f"download {uri}: the object is larger than {limit} bytes", bucket=bucket, key=key,
+                      aws_code="EntityTooLarge")
+    return data, answer.get("ContentType")
+
+
+def put_bytes(uri: str, data: bytes, *, content_type: str, client: Any = None) -> None:
+    """``PutObject`` of a complete body: S3 shows the object whole or not at all, never a part of it."""
+    bucket, key = parse_s3_uri(uri)
+    client = client or make_client()
+    with _mapped("upload to", bucket, key):
+        client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
 
 
 def upload(path: Path, uri: str, progress: Progress | None = None, *, client: Any = None) -> str:

@@ -11,6 +11,8 @@ Routes:
 * ``POST /endpoints/{name}/invocations-response-stream`` -- InvokeEndpointWithResponseStream (:mod:`._stream_api`);
 * ``GET /sdmaker/v1/jobs/{id}/events`` -- a job's progress as Server-Sent Events (:mod:`._progress`);
 * ``/s3/...`` -- the built-in S3 (:mod:`sdmaker.serving.s3`, ``SDMAKER_S3=off`` turns it off);
+* ``POST /endpoints/{name}/async-invocations`` -- InvokeEndpointAsync, and ``/sdmaker/v1/jobs[/{id}[/cancel]]``
+  -- the asynchronous inference jobs (:mod:`._async_api`, :mod:`._jobs`);
 * ``GET /metrics`` -- Prometheus (:mod:`._metrics`); ``GET /ping`` -- daemon liveness (no auth);
 * ``GET /sdmaker/v1/endpoints[/{name}[/logs]]`` -- sdmaker's own view for the CLI (workers, digest,
   request counts, latency percentiles, worker logs); ``GET /sdmaker/v1/standby`` -- the warm standby
@@ -59,12 +61,14 @@ from sdmaker.errors import (
 from sdmaker.serving._hosts import HostGuard, HostPolicy
 from sdmaker.serving._http import read_body
 from sdmaker.serving.daemon._artifact_api import artifact_response
+from sdmaker.serving.daemon._async_api import invoke_endpoint_async
 from sdmaker.serving.daemon._auth import auth_required, check_bind, verify_request
 from sdmaker.serving.daemon._autoscaling_api import TARGET_PREFIX as AUTOSCALING_TARGET
 from sdmaker.serving.daemon._autoscaling_api import autoscaling_api
 from sdmaker.serving.daemon._control_plane import control_plane, control_plane_error
 from sdmaker.serving.daemon._endpoints import EndpointManager
 from sdmaker.serving.daemon._invoke_api import invoke_endpoint, runtime_error_response
+from sdmaker.serving.daemon._jobs import AsyncJobs
 from sdmaker.serving.daemon._metrics import CONTENT_TYPE_LATEST, DaemonMetrics
 from sdmaker.serving.daemon._openai import FILES_PREFIX, add_openai_routes, is_openai_path, openai_error_response
 from sdmaker.serving.daemon._progress import job_events
@@ -150,6 +154,7 @@ class DaemonState(TypedDict):
     settings: Settings
     manager: EndpointManager
     metrics: DaemonMetrics
+    jobs: AsyncJobs
     auth: bool
     key_auth: bool
 
@@ -219,12 +224,16 @@ def create_app(settings: Settings, *, host: str | None = None, port: int | None 
         metrics.set_queue_depth_source(lambda: {n: (rt.queue_depth, rt.expected_wait_s)
                                                  for n, rt in manager.live.items()})
         await manager.start()
+        jobs = AsyncJobs(settings, manager, draining=lambda: drain.draining)
+        await jobs.start()
+        metrics.set_backlog_source(lambda: {**dict.fromkeys(manager.live, (0, 0.0)), **jobs.backlog()})
         input_shape("CreateModel")  # load botocore's SageMaker model now, not in the first control-plane call
         logger.info("sdmaker daemon ready (home %s, auth %s)", settings.home, "on" if need_auth else "off")
         try:
             yield {"settings": settings, "manager": manager, "metrics": metrics, "auth": need_auth,
-                   "key_auth": key_auth}
+                   "key_auth": key_auth, "jobs": jobs}
         finally:
+            await jobs.close()  # running async jobs finish or go back to the queue, before the workers stop
             await manager.close()
 
     app = FastAPI(title="sdmaker daemon", version=__version__, lifespan=lifespan, dependencies=[Depends(_guard)],
@@ -305,6 +314,27 @@ def create_app(settings: Settings, *, host: str | None = None, port: int | None 
         manager: EndpointManager = request.state.manager
         return await job_events(request, job_id, manager.events)
 
+    @app.post("/endpoints/{name}/async-invocations", status_code=202)
+    async def sagemaker_invoke_async(request: Request, name: str) -> Response:
+        if drain.draining:
+            return runtime_error_response(drain.error(), settings, name)
+        return await invoke_endpoint_async(request, name)
+
+    @app.get("/sdmaker/v1/jobs")
+    async def list_jobs(request: Request, endpoint: str | None = None, state: str | None = None,
+                        limit: int = 100) -> dict[str, Any]:
+        """Asynchronous inference jobs, newest first (filters: endpoint, state)."""
+        return {"jobs": request.state.jobs.jobs(endpoint=endpoint, state=state, limit=limit)}
+
+    @app.get("/sdmaker/v1/jobs/{job_id}")
+    async def job(request: Request, job_id: str) -> dict[str, Any]:
+        """One job: state, queue position, step i of n, timestamps, output and failure locations."""
+        return dict(request.state.jobs.job(job_id))
+
+    @app.post("/sdmaker/v1/jobs/{job_id}/cancel")
+    async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
+        return dict(await request.state.jobs.cancel(job_id))
+
     @app.get("/metrics")
     async def prometheus(request: Request) -> Response:
         return Response(request.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -312,7 +342,8 @@ def create_app(settings: Settings, *, host: str | None = None, port: int | None 
     @app.get("/sdmaker/v1/endpoints")
     async def list_details(request: Request) -> dict[str, Any]:
         manager: EndpointManager = request.state.manager
-        return {"endpoints": [manager.details(r.name) for r in manager.db.endpoints()]}
+        return {"endpoints": [{**manager.details(r.name), **request.state.jobs.backlog_of(r.name)}
+                              for r in manager.db.endpoints()]}
 
     @app.get("/sdmaker/v1/standby")
     async def standby(request: Request) -> dict[str, Any]:
@@ -323,7 +354,7 @@ def create_app(settings: Settings, *, host: str | None = None, port: int | None 
     @app.get("/sdmaker/v1/endpoints/{name}")
     async def details(request: Request, name: str) -> dict[str, Any]:
         manager: EndpointManager = request.state.manager
-        return manager.details(name)
+        return {**manager.details(name), **request.state.jobs.backlog_of(name)}
 
     @app.get("/sdmaker/v1/artifacts/{digest}")
     async def artifact(request: Request, digest: str) -> Response:

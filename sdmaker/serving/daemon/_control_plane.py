@@ -199,6 +199,8 @@ async def _describe_endpoint(c: _Ctx) -> dict[str, Any]:
                            "CreationTime": rec.created, "LastModifiedTime": rec.modified}
     if rec.failure_reason:
         out["FailureReason"] = rec.failure_reason
+    if config is not None and "AsyncInferenceConfig" in config.body:
+        out["AsyncInferenceConfig"] = config.body["AsyncInferenceConfig"]
     if config is not None:
         variants = []
         current, wanted = c.manager.instance_counts(rec.name)  # serving now, and asked for (scaled or initial)

@@ -390,9 +390,11 @@ class EndpointManager:
 
     async def invoke(self, rt: LiveEndpoint, body: bytes, headers: dict[str, str], *,
                      validated: bool = False, work: Work = OPAQUE_WORK, job_id: str | None = None,
-                     on_chunk: ChunkCallback | None = None) -> WorkerReply:
+                     on_chunk: ChunkCallback | None = None, timeout_s: float | None = None) -> WorkerReply:
         """Send one request to ``rt``'s workers, counting it; ``validated``: the body is canonical JSON the
-        daemon already validated (the worker skips its own validation).
+        daemon already validated (the worker skips its own validation). ``job_id``: the request's job in
+        :attr:`events` (an asynchronous inference job's InferenceId), whose progress it reports;
+        ``timeout_s``: this request's budget instead of the endpoint's (InvocationTimeoutSeconds).
 
         ``job_id``: the request's events go to :attr:`events` under that id: ``queued`` (position) now,
         ``started`` when a worker takes it, the worker's ``step``/``preview`` events while it runs, then ``done``
@@ -405,7 +407,8 @@ class EndpointManager:
         assert pool is not None
         if not pool.workers:  # scaled to zero (MinCapacity 0): a worker starts for this request, which waits
             self.scaling.wake(rt.name)
-        rt.admission.check(work, name=rt.name, timeout_s=rt.timeout_s, workers=max(1, pool.ready_count),
+        timeout_s = rt.timeout_s if timeout_s is None else timeout_s
+        rt.admission.check(work, name=rt.name, timeout_s=timeout_s, workers=max(1, pool.ready_count),
                            free_slots=(pool.free_slots if pool.workers else pool.spec.slots) - pool.waiting,
                            budget_pixels=pool.budget_pixels,
                            share=BATCH_SIZE_GROUPS if pool.spec.max_batch > 0 else 1)
@@ -423,7 +426,7 @@ class EndpointManager:
                 events.publish(job_id, type_, data)
 
         try:
-            reply = await pool.invoke(body, headers, timeout_s=rt.timeout_s, validated=validated,
+            reply = await pool.invoke(body, headers, timeout_s=timeout_s, validated=validated,
                                       pixels=work.pixels, job_id=job_id, on_event=on_event, on_chunk=on_chunk)
             if reply.status < 300:
                 service_s, concurrency = reply.service_s, reply.concurrency

@@ -154,6 +154,15 @@ def check_endpoint_config(body: Mapping[str, Any], settings: Settings,
                         f"less than or equal to {settings.max_instances}{hint}")
     async_config = body.get("AsyncInferenceConfig")
     if isinstance(async_config, dict):
+        output = async_config.get("OutputConfig") or {}
+        for key in ("S3OutputPath", "S3FailurePath"):
+            path = output.get(key) if isinstance(output, dict) else None
+            member = f"asyncInferenceConfig.outputConfig.{key[0].lower()}{key[1:]}"
+            if path is None and key == "S3OutputPath":
+                raise _fail(member, "null", "Member must not be null (asynchronous results are written there)")
+            if path is not None and (not isinstance(path, str) or not path.startswith("s3://")
+                                     or not path[5:].split("/")[0]):
+                raise _fail(member, path, "Member must be an s3://bucket[/prefix] URI (sdmaker writes to S3 only)")
         client = async_config.get("ClientConfig") or {}
         if isinstance(client, dict) and "MaxConcurrentInvocationsPerInstance" in client:
             _number(client["MaxConcurrentInvocationsPerInstance"],

@@ -38,6 +38,19 @@ class DaemonMetrics:
                                    "(measured throughput; admission answers 503 past the timeout).",
                                    ["endpoint"], registry=self.registry)
         self._depths: Callable[[], dict[str, tuple[int, float]]] | None = None
+        self.async_requests = Counter("sdmaker_async_invocations", "InvokeEndpointAsync submits answered.",
+                                      ["endpoint", "status"], registry=self.registry)
+        self.backlog_size = Gauge("sdmaker_async_approximate_backlog_size",
+                                  "ApproximateBacklogSize: asynchronous requests queued or running.", ["endpoint"],
+                                  registry=self.registry)
+        self.backlog_age = Gauge("sdmaker_async_approximate_age_of_oldest_request_seconds",
+                                 "ApproximateAgeOfOldestRequest: seconds the oldest queued asynchronous request "
+                                 "has waited.", ["endpoint"], registry=self.registry)
+        self._backlog: Callable[[], dict[str, tuple[int, float]]] | None = None
+
+    def set_backlog_source(self, source: Callable[[], dict[str, tuple[int, float]]]) -> None:
+        """Read (backlog size, age of the oldest request) per endpoint at scrape time (asynchronous inference)."""
+        self._backlog = source
 
     def set_queue_depth_source(self, source: Callable[[], dict[str, tuple[int, float]]]) -> None:
         """Read (queue depth, expected wait) per endpoint at scrape time (they change too often to push)."""
@@ -50,4 +63,10 @@ class DaemonMetrics:
             for name, (depth, wait) in self._depths().items():
                 self.queue_depth.labels(endpoint=name).set(depth)
                 self.expected_wait.labels(endpoint=name).set(wait)
+        if self._backlog is not None:
+            self.backlog_size.clear()
+            self.backlog_age.clear()
+            for name, (size, age) in self._backlog().items():
+                self.backlog_size.labels(endpoint=name).set(size)
+                self.backlog_age.labels(endpoint=name).set(age)
         return generate_latest(self.registry)
