@@ -111,6 +111,8 @@ def sdmaker_only(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-u
 
 @pytest.mark.slow
 def test_seed_notebook_runs_against_sdmaker_alone(sdmaker_only, seed_model_dir, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The seed's notebook (S3Uploader.upload, deploy, predict), then the SDK's async and batch-transform flows,
+    against one `sdmaker up` and nothing else: its own S3 holds the model, the inputs and the results."""
     exports = _sdmaker_env(sdmaker_only.url, tmp_path)
     assert exports["AWS_ENDPOINT_URL_S3"] == sdmaker_only.url + "/s3"
     for key in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_PROFILE"):
@@ -138,6 +140,63 @@ def test_seed_notebook_runs_against_sdmaker_alone(sdmaker_only, seed_model_dir, 
     assert [(im.format, im.size) for im in images] == [("JPEG", (64, 64))] * 2
     blob = sdmaker_only.home / "s3" / "blobs"  # the archive is in the daemon's own S3, nowhere else
     assert any(p.stat().st_size == archive.stat().st_size for p in blob.iterdir())
+
+    # ---- the SDK's asynchronous inference and batch transform flows, on the same daemon and its S3 ---------
+    import json
+
+    from sagemaker.async_inference import AsyncInferenceConfig, WaiterConfig
+    from sagemaker.huggingface.model import HuggingFaceModel
+
+    _fast_sdk_clock(monkeypatch)  # transform's log tailing waits on the clock, not only on sleeps
+    model = HuggingFaceModel(model_data=s3_model_uri, role="arn:aws:iam::111122223333:role/sm",
+                             transformers_version="4.26", pytorch_version="1.13", py_version="py39")
+    predictor = model.deploy(initial_instance_count=1, instance_type="ml.m5.xlarge", endpoint_name="sdk-own-s3-async",
+                             async_inference_config=AsyncInferenceConfig(output_path=f"s3://{BUCKET}/async-out"))
+    data = {"prompt": "A bird is flying in space", "height": 64, "width": 64, "num_inference_steps": 2}
+    result = predictor.predict_async(data=data).get_result(WaiterConfig(max_attempts=300, delay=1))
+    predictor.delete_endpoint()
+    s3 = boto3.client("s3")  # the environment `sdmaker env` exported: the daemon's own S3
+    s3.put_object(Bucket=BUCKET, Key="batch/prompts.jsonl", Body="".join(
+        json.dumps({"prompt": f"a red circle number {i}", "height": 64, "width": 64, "num_inference_steps": 2,
+                    "seed": 100 + i}) + "\n" for i in range(3)).encode())
+    transformer = model.transformer(instance_count=1, instance_type="ml.m5.xlarge",
+                                    output_path=f"s3://{BUCKET}/batch-out", assemble_with="Line",
+                                    accept="application/json")
+    transformer.transform(data=f"s3://{BUCKET}/batch/prompts.jsonl", content_type="application/json",
+                          split_type="Line")
+    transformer.wait()
+    # ------------------------------------------------------------------------------------------------------
+
+    image = Image.open(io.BytesIO(base64.b64decode(result["generated_images"][0])))
+    assert (image.format, image.size) == ("JPEG", (64, 64))
+    out = s3.get_object(Bucket=BUCKET, Key="batch-out/prompts.jsonl.out")["Body"].read().decode().splitlines()
+    assert len(out) == 3  # one answer per record, in order; the seed's handler answers with the image alone
+    for line in out:
+        image = Image.open(io.BytesIO(base64.b64decode(json.loads(line)["generated_images"][0])))
+        assert image.size == (64, 64)
+
+
+def _fast_sdk_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Like :func:`_fast_sdk_polls`, and the SDK's clock moves on by the time a sleep skipped (its log tailing
+    while a transform job runs describes the job every 30 s of *clock* time)."""
+    import sagemaker.session
+
+    real_sleep, skipped = time.sleep, [0.0]
+
+    class _FastTime:
+        def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+            return getattr(time, name)
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            real_sleep(min(seconds, 0.3))
+            skipped[0] += max(0.0, seconds - 0.3)
+
+        @staticmethod
+        def time() -> float:
+            return time.time() + skipped[0]
+
+    monkeypatch.setattr(sagemaker.session, "time", _FastTime())
 
 
 @pytest.mark.slow
