@@ -212,6 +212,7 @@ def test_caps_name_the_field_and_the_limit() -> None:
                               {"m": {"SAGEMAKER_MODEL_SERVER_WORKERS": "8"}})
     with pytest.raises(InvalidRequestError, match="maxConcurrentInvocationsPerInstance.*1000"):
         check_endpoint_config({"ProductionVariants": [variant], "AsyncInferenceConfig": {
+            "OutputConfig": {"S3OutputPath": "s3://bucket/out"},
             "ClientConfig": {"MaxConcurrentInvocationsPerInstance": 10**6}}}, settings)
     model_cases = [
         ({"SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS": "99999"}, "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS.*3600"),

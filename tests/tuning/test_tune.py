@@ -64,7 +64,9 @@ def test_distance_is_zero_for_the_same_images_and_grows_with_change() -> None:
 @pytest.mark.slow
 def test_keeps_the_reference_where_fast_recipes_change_the_pictures(tmp_path: Path) -> None:
     """mini with a scheduler config it was not trained for (epsilon instead of its v-prediction): its pictures
-    then depend on every step, so no faster sampler, step count or DeepCache interval stays within the bar."""
+    then depend on every step, so no fast sampler, step count or DeepCache interval stays within the bar. A
+    recipe close to the reference (e.g. 40 steps) may keep them, and then the tuner may take it; nothing at half
+    the reference's steps or fewer does."""
     from sdmaker.models import assemble_builtin, is_builtin_ready
 
     if not is_builtin_ready("mini"):
@@ -74,7 +76,10 @@ def test_keeps_the_reference_where_fast_recipes_change_the_pictures(tmp_path: Pa
     config.write_text(json.dumps({**json.loads(config.read_text()), "prediction_type": "epsilon"}))
     card = json.loads((folder / MODEL_CARD_FILE).read_text())
     result = tune(_loader(folder), dtypes=[], prompts=card["prompts"][:4])
-    assert result.chosen is result.reference
+    chosen = result.chosen
+    assert chosen is result.reference or (chosen.distance is not None and chosen.distance <= QUALITY_THRESHOLD
+                                          and chosen.recipe.steps > REFERENCE_STEPS // 2)
+    assert not [c for c in result.candidates if c.kept and c.recipe.steps <= REFERENCE_STEPS // 2]
     ref = result.reference.recipe
     assert (ref.scheduler, ref.steps, ref.deep_cache_interval, ref.dtype) == ("dpmpp_2m", REFERENCE_STEPS, 0, "fp32")
     rejected = [c for c in result.candidates if c.status == "rejected"]
