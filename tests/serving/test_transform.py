@@ -273,7 +273,7 @@ def test_sagemaker_sdk_transformer_runs_unchanged(daemon: Any, moto_server: str,
     import io
 
     from PIL import Image
-    from test_sdk import BUCKET, _sdmaker_env, _upload_model_tar
+    from test_sdk import BUCKET, _fast_sdk_clock, _sdmaker_env, _upload_model_tar
 
     model_uri = _upload_model_tar(sd1_dir, moto_server, tmp_path)
     exports = _sdmaker_env(daemon.url, tmp_path)
@@ -286,26 +286,9 @@ def test_sagemaker_sdk_transformer_runs_unchanged(daemon: Any, moto_server: str,
                 "seed": 100 + i} for i in range(4)]
     s3.put_object(Bucket=BUCKET, Key="batch/prompts.jsonl", Body=_lines(*prompts))
 
-    import sagemaker.session
-
     # The SDK polls every 10 s and describes the job every 30 s while it tails logs; a clock that skips the
     # sleeps keeps this test short without changing the SDK's calls.
-    real_sleep, skipped = time.sleep, [0.0]
-
-    class _FastTime:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(time, name)
-
-        @staticmethod
-        def sleep(seconds: float) -> None:
-            real_sleep(min(seconds, 0.3))
-            skipped[0] += max(0.0, seconds - 0.3)
-
-        @staticmethod
-        def time() -> float:
-            return time.time() + skipped[0]
-
-    monkeypatch.setattr(sagemaker.session, "time", _FastTime())
+    _fast_sdk_clock(monkeypatch)
 
     # ---- the SageMaker SDK, as a user writes it ------------------------------------------------------------
     from sagemaker.huggingface.model import HuggingFaceModel
