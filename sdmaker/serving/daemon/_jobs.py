@@ -66,6 +66,7 @@ from sdmaker.errors import (
 from sdmaker.serving.daemon._admission import OPAQUE_WORK, work_of_body
 from sdmaker.serving.daemon._endpoints import EndpointManager
 from sdmaker.serving.daemon._invoke_api import validate_default_body, with_fixed_seed
+from sdmaker.serving.daemon._sqlite import SqliteFile
 from sdmaker.serving.daemon._state import EndpointStatus
 
 __all__ = [
@@ -192,7 +193,7 @@ def _record(row: tuple[Any, ...]) -> JobRecord:
                      failure, ttl, timeout, created, started, finished, attempts, reason)
 
 
-class JobStore:
+class JobStore(SqliteFile):
     """The job table, in its own SQLite file beside the daemon's state (one connection, serialised by a lock).
 
     Every method is one short transaction, called on the event loop (well under a millisecond with WAL):
@@ -201,25 +202,7 @@ class JobStore:
     """
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def _run(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
-
-    def _change(self, sql: str, args: tuple[Any, ...] = ()) -> int:
-        with self._lock:
-            return self._db.execute(sql, args).rowcount
+        super().__init__(path, _SCHEMA, synchronous_normal=True)
 
     def insert(self, job_id: str, sub: JobSubmission) -> bool:
         """Store a new queued job; False when the id is taken."""

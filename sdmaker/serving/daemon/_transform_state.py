@@ -15,11 +15,12 @@ from __future__ import annotations
 import enum
 import json
 import sqlite3
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from sdmaker.serving.daemon._sqlite import SqliteFile
 
 __all__ = ["FileRecord", "FileStatus", "JobRecord", "TransformDB", "TransformStatus"]
 
@@ -83,24 +84,11 @@ class FileRecord:
     error: str | None
 
 
-class TransformDB:
+class TransformDB(SqliteFile):
     """Thread-safe access to ``transform.sqlite3`` (one connection, serialised by a lock)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def _run(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        super().__init__(path, _SCHEMA, timeout=30)
 
     # -- jobs ------------------------------------------------------------------------------------------
 
