@@ -77,6 +77,12 @@ class Settings:
             machine's ``MemTotal`` from ``/proc/meminfo``, 8 GiB where there is none). Each endpoint derives
             its per-worker memory budget in pixels from it and the model (issue 11: one 1536x1536 x 32 images
             request grew a worker past 8 GiB).
+        mme_memory_bytes: the memory the target models a multi-model endpoint keeps loaded share
+            (``SDMAKER_MME_MEMORY_MB``, also settable in the model's Environment; default ``memory_bytes``).
+            Each loaded model costs what one of its workers needs at least (runtime + weights); a new one
+            evicts the least recently used until it fits.
+        mme_load_wait_s: how long an invocation waits for its target model to load before it gets
+            ``ModelNotReadyException`` (429) while the load goes on (``SDMAKER_MME_LOAD_WAIT``, default 60 s).
         async_max_queue: asynchronous inference jobs one endpoint may hold queued before a submit gets 503 with
             ``Retry-After`` (``SDMAKER_ASYNC_MAX_QUEUE``, default 1000).
         memory_budget_pixels: set the per-worker budget directly, in pixels (height x width x images held at
@@ -135,6 +141,8 @@ class Settings:
     ray_head_url: str | None = None
     autoscaling_window_s: float = 60.0
     async_max_queue: int = 1000
+    mme_memory_bytes: int | None = None
+    mme_load_wait_s: float = 60.0
 
     @property
     def store_dir(self) -> Path:
@@ -316,6 +324,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ray_head_url=env.get("SDMAKER_RAY_HEAD_URL", "").strip() or None,
         autoscaling_window_s=_number(env, "SDMAKER_AUTOSCALING_WINDOW", 60.0, minimum=1),
         async_max_queue=int(_number(env, "SDMAKER_ASYNC_MAX_QUEUE", 1000, minimum=1)),
+        mme_memory_bytes=int(_number(env, "SDMAKER_MME_MEMORY_MB", 0, minimum=0) * 1024**2) or None,
+        mme_load_wait_s=_number(env, "SDMAKER_MME_LOAD_WAIT", 60.0, minimum=0),
     )
     return with_local_key(settings) if settings.local_key else settings
 

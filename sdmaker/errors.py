@@ -70,6 +70,7 @@ __all__ = [
     "ModelExistsError",
     "ModelFormatError",
     "ModelNotFoundError",
+    "ModelNotReadyError",
     "OfflineError",
     "OutOfMemoryError",
     "PickleRefusedError",
@@ -346,6 +347,13 @@ class EndpointNotReadyError(ServingError):
     """The endpoint exists but is not ``InService`` (still creating, updating, or failed)."""
 
     http_status = 400
+
+
+class ModelNotReadyError(ServingError):
+    """A multi-model endpoint is still loading the target model (SageMaker ``ModelNotReadyException``, 429):
+    the load goes on, retry shortly; ``target_model`` names it."""
+
+    http_status = 429
 
 
 class PayloadTooLargeError(ServingError, ValueError):

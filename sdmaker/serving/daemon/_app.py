@@ -70,6 +70,7 @@ from sdmaker.serving.daemon._endpoints import EndpointManager
 from sdmaker.serving.daemon._invoke_api import invoke_endpoint, runtime_error_response
 from sdmaker.serving.daemon._jobs import AsyncJobs
 from sdmaker.serving.daemon._metrics import CONTENT_TYPE_LATEST, DaemonMetrics
+from sdmaker.serving.daemon._multi_model import MultiModelPool
 from sdmaker.serving.daemon._openai import FILES_PREFIX, add_openai_routes, is_openai_path, openai_error_response
 from sdmaker.serving.daemon._progress import job_events
 from sdmaker.serving.daemon._shapes import input_shape
@@ -223,6 +224,8 @@ def create_app(settings: Settings, *, host: str | None = None, port: int | None 
         metrics = DaemonMetrics()
         metrics.set_queue_depth_source(lambda: {n: (rt.queue_depth, rt.expected_wait_s)
                                                  for n, rt in manager.live.items()})
+        metrics.set_model_cache_source(lambda: {n: rt.pool.stats for n, rt in manager.live.items()
+                                                 if isinstance(rt.pool, MultiModelPool)})
         await manager.start()
         jobs = AsyncJobs(settings, manager, draining=lambda: drain.draining)
         await jobs.start()

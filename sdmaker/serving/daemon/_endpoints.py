@@ -51,6 +51,7 @@ from sdmaker.serving.daemon._autoscaler import Autoscaler
 from sdmaker.serving.daemon._events import EventHub
 from sdmaker.serving.daemon._live import LiveEndpoint
 from sdmaker.serving.daemon._logs import rotate_if_large
+from sdmaker.serving.daemon._multi_model import MultiModelPool, is_multi_model
 from sdmaker.serving.daemon._pool import ChunkCallback, WorkerPool
 from sdmaker.serving.daemon._progress import done_event
 from sdmaker.serving.daemon._scaling import ScalingTarget
@@ -237,11 +238,24 @@ class EndpointManager:
                               "exist", field="ModelName")
         return variant, model.body
 
-    async def _build_pool(self, name: str, config_name: str) -> tuple[Pool, VariantPlan]:
+    def _multi_model_pool(self, name: str, prefix: str, variant: dict[str, Any], model: dict[str, Any]) -> Pool:
+        """A multi-model endpoint's pool: nothing loads until a request names a target model (._multi_model)."""
+        if self.ray is not None:
+            raise ConfigError("multi-model endpoints (Mode MultiModel) run on the local backend only, not on Ray",
+                              field="Mode")
+        self._log(name, f"multi-model endpoint on {prefix}: target models load on first use")
+        self.db.set_endpoint(name, model_digest=None, model_path=prefix)
+        return MultiModelPool(endpoint=name, prefix=prefix, variant=variant, model=model, settings=self.settings,
+                              run_dir=self.root / name / "run", log=lambda text: self._log(name, text),
+                              log_file=self.log_file(name), standbys=self.standbys)
+
+    async def _build_pool(self, name: str, config_name: str) -> tuple[Pool, VariantPlan | None]:
         """Resolve the model, prepare its environment, start its workers; a ready pool and the plan it follows."""
         variant, model = self._variant(config_name)
         container = model.get("PrimaryContainer") or (model.get("Containers") or [{}])[0]
         ref = model_ref(container)
+        if is_multi_model(container):
+            return self._multi_model_pool(name, ref, variant, model), None
         self._log(name, f"resolving model data {ref}")
         model_dir, digest, display_name = await asyncio.to_thread(resolve_model_dir, ref, self.settings)
         python = await asyncio.to_thread(python_for, model_dir, self.settings)
@@ -405,13 +419,15 @@ class EndpointManager:
         """
         pool = rt.pool  # read the pool and enter it without awaiting in between (see WorkerPool.close)
         assert pool is not None
-        if not pool.workers:  # scaled to zero (MinCapacity 0): a worker starts for this request, which waits
+        multi_model = isinstance(pool, MultiModelPool)  # each target model has its own worker and queue
+        if not pool.workers and not multi_model:  # scaled to zero (MinCapacity 0): a worker starts for this request
             self.scaling.wake(rt.name)
         timeout_s = rt.timeout_s if timeout_s is None else timeout_s
-        rt.admission.check(work, name=rt.name, timeout_s=timeout_s, workers=max(1, pool.ready_count),
-                           free_slots=(pool.free_slots if pool.workers else pool.spec.slots) - pool.waiting,
-                           budget_pixels=pool.budget_pixels,
-                           share=BATCH_SIZE_GROUPS if pool.spec.max_batch > 0 else 1)
+        if not multi_model:
+            rt.admission.check(work, name=rt.name, timeout_s=timeout_s, workers=max(1, pool.ready_count),
+                               free_slots=(pool.free_slots if pool.workers else pool.spec.slots) - pool.waiting,
+                               budget_pixels=pool.budget_pixels,
+                               share=BATCH_SIZE_GROUPS if pool.spec.max_batch > 0 else 1)
         rt.admission.taken(work)
         rt.pending += 1
         started = time.monotonic()
@@ -610,4 +626,6 @@ class EndpointManager:
                         "invocations": rt.invocations, "errors": rt.errors, "default_handler": rt.default_handler,
                         "latency_p50_s": rt.percentile(0.50), "latency_p95_s": rt.percentile(0.95),
                         "workers": [w.describe() for w in rt.pool.workers] if rt.pool else []})
+            if isinstance(rt.pool, MultiModelPool):
+                out["multi_model"] = rt.pool.describe()
         return out

@@ -20,6 +20,11 @@ make it miss its timeout (admission),
 or the daemon is shutting down
 over the memory budget, or too large   ValidationError      400
 for the timeout even when idle
+multi-model endpoint: no or a bad      ValidationError      400
+TargetModel, none such under the
+prefix, TargetModel on another endpoint
+multi-model endpoint: the target       ModelNotReady-       429
+model still loads after the load wait  Exception
 =====================================  ===================  ======
 
 Every answer carries ``X-Sdmaker-Job-Id`` (the caller's own when it sent one): the job whose progress
@@ -45,6 +50,7 @@ from sdmaker.errors import (
     InvalidRequestError,
     InvocationFailedError,
     InvocationTimeoutError,
+    ModelNotReadyError,
     PayloadTooLargeError,
     QueueFullError,
     SdmakerError,
@@ -57,6 +63,7 @@ from sdmaker.serving._protocol import JOB_ID_HEADER, SEEDS_HEADER
 from sdmaker.serving.daemon._admission import OPAQUE_WORK, work_of_body
 from sdmaker.serving.daemon._endpoints import EndpointManager
 from sdmaker.serving.daemon._metrics import DaemonMetrics
+from sdmaker.serving.daemon._multi_model import TARGET_MODEL_HEADER, MultiModelPool
 from sdmaker.serving.daemon._progress import job_id_from
 
 __all__ = ["invoke_endpoint", "runtime_error_response", "validate_default_body", "with_fixed_seed"]
@@ -125,6 +132,8 @@ def _error_body(exc: SdmakerError, settings: Settings, endpoint: str | None) -> 
         return 400, "ValidationError", {"message": exc.message}
     if isinstance(exc, QueueFullError):
         return 503, "ServiceUnavailable", {"message": exc.message}
+    if isinstance(exc, ModelNotReadyError):  # botocore raises client.exceptions.ModelNotReadyException
+        return 429, "ModelNotReadyException", {"Message": exc.message, "message": exc.message}
     if isinstance(exc, (InvocationTimeoutError, InvocationFailedError)):
         original = 0 if isinstance(exc, InvocationTimeoutError) else int(exc.fields.get("original_status", 500))
         text = _TIMEOUT_TEXT if isinstance(exc, InvocationTimeoutError) else exc.message
@@ -182,6 +191,9 @@ async def invoke_endpoint(request: Request, name: str) -> Response:
             job_id = job_id_from(request.headers, manager.events)
             rt = manager.live_for_invoke(name)
             headers = dict(request.headers)
+            if TARGET_MODEL_HEADER in headers and not isinstance(rt.pool, MultiModelPool):
+                raise InvalidRequestError(f"Endpoint {name} is not a multi-model endpoint and does not support "
+                                          "target model header.", field="TargetModel")
             canonical = validate_default_body(body, headers.get("content-type")) if rt.default_handler else None
             if canonical is not None:
                 headers["content-type"] = "application/json"  # what the canonical body is, whatever came in

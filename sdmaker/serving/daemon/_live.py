@@ -43,13 +43,20 @@ class LiveEndpoint:
     #: the plan the current pool was started from (its workers' configuration; autoscaling resizes it)
     plan: VariantPlan | None = None
 
-    def install(self, pool: Pool, plan: VariantPlan) -> Pool | None:
+    def install(self, pool: Pool, plan: VariantPlan | None) -> Pool | None:
         """Serve from ``pool`` (started from ``plan``) from now on; returns the pool it replaces, to drain.
 
         Limits the model's Environment does not set keep their current values (the daemon's defaults).
+        ``plan`` is ``None`` for a multi-model endpoint: each target model has its own (._multi_model), and
+        bodies go to the target's handler unchecked (which handler that is, only the target model says).
         """
         old, self.pool = self.pool, pool
         self.plan = plan
+        if plan is None:
+            self.default_handler = False
+            self.instance_type = getattr(pool, "instance_type", None)
+            self.model_name = getattr(pool, "model_name", None)
+            return old
         pool.budget_pixels = plan.memory_budget_pixels
         self.default_handler, self.instance_type, self.model_name = (plan.default_handler, plan.instance_type,
                                                                      plan.model_name)

@@ -6,11 +6,47 @@ daemons in one process (tests) never share counters.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.registry import Collector
 
-__all__ = ["CONTENT_TYPE_LATEST", "DaemonMetrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "MME_TIME_METRICS", "DaemonMetrics"]
+
+#: CloudWatch's multi-model endpoint timings -> the Prometheus summaries (count, sum) that carry them.
+MME_TIME_METRICS = {"ModelLoadingWaitTime": "sdmaker_mme_model_loading_wait_seconds",
+                    "ModelDownloadingTime": "sdmaker_mme_model_downloading_seconds",
+                    "ModelLoadingTime": "sdmaker_mme_model_loading_seconds",
+                    "ModelUnloadingTime": "sdmaker_mme_model_unloading_seconds"}
+
+
+class _ModelCacheCollector(Collector):
+    """Multi-model endpoint metrics, read from each endpoint's ``ModelCacheStats`` at scrape time."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], dict[str, Any]] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.source() if self.source is not None else {}
+        lookups = CounterMetricFamily("sdmaker_mme_model_cache_lookups",
+                                      "ModelCacheHit: InvokeEndpoint requests of a multi-model endpoint whose target "
+                                      "model was loaded (result=hit) or not (miss).", labels=["endpoint", "result"])
+        loaded = GaugeMetricFamily("sdmaker_mme_loaded_model_count", "LoadedModelCount: target models loaded.",
+                                   labels=["endpoint"])
+        timings = {key: SummaryMetricFamily(name, f"{key}: seconds, per sample.", labels=["endpoint"])
+                   for key, name in MME_TIME_METRICS.items()}
+        for endpoint, st in stats.items():
+            lookups.add_metric([endpoint, "hit"], st.hits)
+            lookups.add_metric([endpoint, "miss"], st.misses)
+            loaded.add_metric([endpoint], st.loaded)
+            for key, family in timings.items():
+                count, total = st.times[key]
+                family.add_metric([endpoint], count_value=int(count), sum_value=total)
+        yield lookups
+        yield loaded
+        yield from timings.values()
 
 #: Latency buckets in seconds: tiny CPU models answer in ~0.1 s, full SD on CPU takes minutes.
 _BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
@@ -47,6 +83,12 @@ class DaemonMetrics:
                                  "ApproximateAgeOfOldestRequest: seconds the oldest queued asynchronous request "
                                  "has waited.", ["endpoint"], registry=self.registry)
         self._backlog: Callable[[], dict[str, tuple[int, float]]] | None = None
+        self._model_cache = _ModelCacheCollector()
+        self.registry.register(self._model_cache)
+
+    def set_model_cache_source(self, source: Callable[[], dict[str, Any]]) -> None:
+        """Read each multi-model endpoint's ``ModelCacheStats`` (by endpoint name) at scrape time."""
+        self._model_cache.source = source
 
     def set_backlog_source(self, source: Callable[[], dict[str, tuple[int, float]]]) -> None:
         """Read (backlog size, age of the oldest request) per endpoint at scrape time (asynchronous inference)."""

@@ -50,7 +50,8 @@ _POLL_S = 0.1
 #: Headers forwarded to the worker (SageMaker strips everything else, contract 1.4/1.5); the pool adds the daemon's
 #: validation mark (:data:`~sdmaker.serving._protocol.VALIDATED_HEADER`), which the daemon sets itself.
 FORWARDED_HEADERS = ("content-type", "accept", "x-amzn-sagemaker-custom-attributes",
-                     "x-amzn-sagemaker-inference-id", "x-amzn-sagemaker-target-variant")
+                     "x-amzn-sagemaker-inference-id", "x-amzn-sagemaker-target-variant",
+                     "x-amzn-sagemaker-target-model")
 
 
 def _exited(pid: int) -> bool:

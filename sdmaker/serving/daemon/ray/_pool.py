@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from sdmaker.errors import (
     ERROR_CODE_HEADER,
@@ -37,6 +37,9 @@ from sdmaker.serving._protocol import DEADLINE_HEADER, JOB_ID_HEADER, TIMEOUT_ST
 from sdmaker.serving.daemon._pool import WorkerPool
 from sdmaker.serving.daemon._worker_process import FORWARDED_HEADERS, WorkerReply
 from sdmaker.serving.daemon.ray._resources import ReplicaResources
+
+if TYPE_CHECKING:
+    from sdmaker.serving.daemon._multi_model import MultiModelPool
 
 __all__ = ["Pool", "PoolShape", "RayPool", "ReplicaView"]
 
@@ -406,4 +409,4 @@ def _death_text(cause: Any) -> str:
 
 
 #: What an endpoint runs on: local worker processes or a Ray Serve application (the backend seam).
-Pool: TypeAlias = "WorkerPool | RayPool"
+Pool: TypeAlias = "WorkerPool | RayPool | MultiModelPool"

@@ -1,0 +1,137 @@
+"""Multi-model endpoints (issue 16): ``Mode: MultiModel`` + ``TargetModel``, an LRU of loaded models bounded by
+memory, ``ModelNotReadyException`` while a model loads, the MME metrics, and the SDK's ``MultiDataModel``.
+
+The boto3 tests use the shared ``daemon`` (its S3 is a moto server); the SDK test uses this module's own daemon
+with no S3 configured, so the model artifacts live in sdmaker's built-in S3.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import httpx
+import pytest
+from botocore.exceptions import ClientError
+
+ROLE = "arn:aws:iam::111122223333:role/sm"
+
+
+def _tar(folder: Path, out: Path) -> Path:
+    """A SageMaker artifact: the folder's files at the archive root."""
+    with tarfile.open(out, "w:gz", compresslevel=1) as tar:
+        for item in sorted(folder.iterdir()):
+            tar.add(item, arcname=item.name)
+    return out
+
+
+def _s3(url: str):  # type: ignore[no-untyped-def]
+    return boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing",
+                        aws_secret_access_key="testing")
+
+
+def _deploy_mme(daemon, name: str, prefix: str, env: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+    sm = daemon.boto("sagemaker")
+    sm.create_model(ModelName=name, ExecutionRoleArn=ROLE, PrimaryContainer={
+        "Image": "sdmaker", "Mode": "MultiModel", "ModelDataUrl": prefix, "Environment": env})
+    sm.create_endpoint_config(EndpointConfigName=name, ProductionVariants=[{
+        "VariantName": "AllTraffic", "ModelName": name, "InitialInstanceCount": 1, "InstanceType": "ml.m5.large"}])
+    sm.create_endpoint(EndpointName=name, EndpointConfigName=name)
+    sm.get_waiter("endpoint_in_service").wait(EndpointName=name, WaiterConfig={"Delay": 0.5, "MaxAttempts": 240})
+
+
+def _echo(rt, endpoint: str, target: str | None, **body: object) -> dict:  # type: ignore[no-untyped-def]
+    kwargs = {"TargetModel": target} if target is not None else {}
+    reply = rt.invoke_endpoint(EndpointName=endpoint, Body=json.dumps(body), ContentType="application/json",
+                               Accept="application/json", **kwargs)
+    return json.loads(reply["Body"].read())
+
+
+def _metric(text: str, name: str, endpoint: str, extra: str = "") -> float:
+    pattern = rf'^{name}\{{endpoint="{endpoint}"{extra}\}} (\S+)$'
+    found = re.search(pattern, text, re.M)
+    assert found, f"{name} for {endpoint} not in /metrics"
+    return float(found.group(1))
+
+
+@pytest.fixture(scope="module")
+def mme_prefix(daemon, moto_server, scripted_model_dir, tmp_path_factory):  # type: ignore[no-untyped-def]
+    """Three code-only models under one moto S3 prefix (a, sub/b, c) and the memory one of them costs."""
+    from sdmaker.serving.daemon._admission import worker_memory_floor
+
+    bucket = f"mme-{uuid.uuid4().hex[:8]}"
+    s3 = _s3(moto_server)
+    s3.create_bucket(Bucket=bucket)
+    archive = _tar(scripted_model_dir, tmp_path_factory.mktemp("mme") / "model.tar.gz")
+    for key in ("a.tar.gz", "sub/b.tar.gz", "c.tar.gz"):
+        s3.upload_file(str(archive), bucket, f"models/{key}")
+    return f"s3://{bucket}/models/", worker_memory_floor(scripted_model_dir, "auto")
+
+
+def test_target_models_load_on_first_use_into_an_lru_bounded_by_memory(daemon, mme_prefix) -> None:  # type: ignore[no-untyped-def]
+    prefix, floor = mme_prefix
+    budget_mb = int(2.5 * floor / 2**20)  # two loaded models fit, a third evicts the least recently used
+    _deploy_mme(daemon, "mme-lru", prefix, {"SDMAKER_MME_MEMORY_MB": str(budget_mb)})
+    sm, rt = daemon.boto("sagemaker"), daemon.boto("sagemaker-runtime")
+    container = sm.describe_model(ModelName="mme-lru")["PrimaryContainer"]
+    assert (container["Mode"], container["ModelDataUrl"]) == ("MultiModel", prefix)
+
+    a = _echo(rt, "mme-lru", "a.tar.gz", n=1)
+    assert a["echo"] == {"n": 1}
+    assert _echo(rt, "mme-lru", "a.tar.gz", n=2)["pid"] == a["pid"]  # a warm hit: the same worker
+    b = _echo(rt, "mme-lru", "sub/b.tar.gz")
+    assert b["pid"] != a["pid"]  # one worker process per target model
+    c = _echo(rt, "mme-lru", "c.tar.gz")  # no room for a third: a (least recently used) is unloaded
+    assert _echo(rt, "mme-lru", "sub/b.tar.gz")["pid"] == b["pid"]
+    assert _echo(rt, "mme-lru", "c.tar.gz")["pid"] == c["pid"]
+    assert _echo(rt, "mme-lru", "a.tar.gz")["pid"] not in (a["pid"], b["pid"], c["pid"])  # loaded again
+
+    details = httpx.get(f"{daemon.url}/sdmaker/v1/endpoints/mme-lru", timeout=10).json()["multi_model"]
+    assert [m["target_model"] for m in details["models"]] == ["a.tar.gz", "c.tar.gz"]  # b was evicted for a
+    text = httpx.get(f"{daemon.url}/metrics", timeout=10).text
+    assert _metric(text, "sdmaker_mme_model_cache_lookups_total", "mme-lru", ',result="hit"') == 3
+    assert _metric(text, "sdmaker_mme_model_cache_lookups_total", "mme-lru", ',result="miss"') == 4
+    assert _metric(text, "sdmaker_mme_loaded_model_count", "mme-lru") == 2
+    assert _metric(text, "sdmaker_mme_model_unloading_seconds_count", "mme-lru") == 2
+    assert _metric(text, "sdmaker_mme_model_loading_seconds_count", "mme-lru") == 4
+    assert _metric(text, "sdmaker_mme_model_loading_wait_seconds_count", "mme-lru") == 4
+
+    # errors, in AWS's shapes
+    for target, match in ((None, "needs TargetModel"), ("../a.tar.gz", "relative path"),
+                          ("/abs.tar.gz", "relative path"), ("sub//b.tar.gz", "relative path"),
+                          ("missing.tar.gz", r"Failed to download model data\(bucket: .*key: models/missing.tar.gz\)")):
+        with pytest.raises(ClientError, match=match) as info:
+            _echo(rt, "mme-lru", target)
+        assert (info.value.response["Error"]["Code"], info.value.response["ResponseMetadata"]["HTTPStatusCode"]) == (
+            "ValidationError", 400)
+    sm.delete_endpoint(EndpointName="mme-lru")
+
+
+def test_a_loading_model_answers_model_not_ready_then_serves(daemon, mme_prefix, scripted_model_dir) -> None:  # type: ignore[no-untyped-def]
+    prefix, _ = mme_prefix
+    _deploy_mme(daemon, "mme-slow", prefix, {"SCRIPTED_LOAD_SECONDS": "4", "SDMAKER_MME_LOAD_WAIT": "0.2"})
+    rt = daemon.boto("sagemaker-runtime")
+    with pytest.raises(rt.exceptions.ModelNotReadyException) as info:
+        _echo(rt, "mme-slow", "a.tar.gz")
+    assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 429
+    assert "still loading" in info.value.response["Error"]["Message"]
+    for _ in range(240):  # the load went on: a retry finds the model loaded
+        try:
+            assert _echo(rt, "mme-slow", "a.tar.gz", ok=1)["echo"] == {"ok": 1}
+            break
+        except rt.exceptions.ModelNotReadyException:
+            time.sleep(0.25)
+    else:
+        pytest.fail("the model never finished loading")
+    daemon.boto("sagemaker").delete_endpoint(EndpointName="mme-slow")
+
+    # a TargetModel on a single-model endpoint is refused, as AWS does
+    daemon.deploy("single-target", scripted_model_dir)
+    with pytest.raises(ClientError, match="is not a multi-model endpoint and does not support target model header"):
+        _echo(rt, "single-target", "a.tar.gz")
+    daemon.boto("sagemaker").delete_endpoint(EndpointName="single-target")
