@@ -135,3 +135,71 @@ def test_a_loading_model_answers_model_not_ready_then_serves(daemon, mme_prefix,
     with pytest.raises(ClientError, match="is not a multi-model endpoint and does not support target model header"):
         _echo(rt, "single-target", "a.tar.gz")
     daemon.boto("sagemaker").delete_endpoint(EndpointName="single-target")
+
+
+@pytest.fixture(scope="module")
+def builtin_s3_daemon(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """A daemon with no S3 of the user's own: model artifacts go to (and load from) its built-in S3."""
+    from conftest import DaemonProcess
+
+    home = tmp_path_factory.mktemp("mme-home")
+    d = DaemonProcess(home, env={"HF_HUB_OFFLINE": "1", "AWS_CONFIG_FILE": str(home / "no-aws-config")})
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_PROFILE"):
+        d.env.pop(name, None)
+    d.start()
+    yield d
+    d.stop()
+
+
+@pytest.mark.slow
+def test_sdk_multi_data_model_runs_unchanged_on_the_builtin_s3(builtin_s3_daemon, sd1_dir, scripted_model_dir,
+                                                               tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The SageMaker SDK's MultiDataModel flow (deploy, add_model from a file and from S3, list_models,
+    predict(target_model=...)), only the environment pointed at sdmaker (``sdmaker env``)."""
+    from test_sdk import _fast_sdk_polls, _sdmaker_env
+
+    d = builtin_s3_daemon
+    for key in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in _sdmaker_env(d.url, tmp_path).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    _fast_sdk_polls(monkeypatch)
+    sd_archive = _tar(sd1_dir, tmp_path / "sd.tar.gz")
+    echo_archive = _tar(scripted_model_dir, tmp_path / "echo.tar.gz")
+
+    # ---- the SDK's own MultiDataModel flow, unchanged -------------------------------------------------------
+    import sagemaker
+    from sagemaker.huggingface.model import HuggingFaceModel
+    from sagemaker.multidatamodel import MultiDataModel
+    from sagemaker.s3 import S3Uploader
+
+    sess = sagemaker.Session()
+    bucket = sess.default_bucket()
+    staged = S3Uploader.upload(local_path=str(echo_archive), desired_s3_uri=f"s3://{bucket}/staging",
+                               sagemaker_session=sess)
+    model = HuggingFaceModel(role=ROLE, transformers_version="4.26", pytorch_version="1.13", py_version="py39",
+                             sagemaker_session=sess)
+    mme = MultiDataModel(name="sdk-mme", model_data_prefix=f"s3://{bucket}/mme/", model=model,
+                         sagemaker_session=sess)
+    predictor = mme.deploy(initial_instance_count=1, instance_type="ml.m5.xlarge", endpoint_name="sdk-mme")
+    mme.add_model(model_data_source=str(sd_archive), model_data_path="sd.tar.gz")
+    mme.add_model(model_data_source=staged, model_data_path="tools/echo.tar.gz")
+    listed = sorted(mme.list_models())
+    image = predictor.predict({"inputs": "a red circle on the left", "parameters": {
+        "height": 64, "width": 64, "num_inference_steps": 2, "seed": 3}}, target_model="sd.tar.gz")
+    again = predictor.predict({"inputs": "a red circle on the left", "parameters": {
+        "height": 64, "width": 64, "num_inference_steps": 2, "seed": 3}}, target_model="sd.tar.gz")
+    echoed = predictor.predict({"hello": "mme"}, target_model="tools/echo.tar.gz")
+    text = httpx.get(f"{d.url}/metrics", timeout=10).text  # (not the SDK's: while the endpoint exists)
+    predictor.delete_endpoint()
+    # ------------------------------------------------------------------------------------------------------
+
+    assert listed == ["sd.tar.gz", "tools/echo.tar.gz"]
+    # same seed, same image: the second request was a warm hit on the worker the first one loaded
+    assert image["generated_images"] == again["generated_images"] and len(image["generated_images"]) == 1
+    assert echoed["echo"] == {"hello": "mme"}
+    desc = d.boto("sagemaker").describe_model(ModelName="sdk-mme")["PrimaryContainer"]
+    assert (desc["Mode"], desc["ModelDataUrl"]) == ("MultiModel", f"s3://{bucket}/mme/")
+    assert _metric(text, "sdmaker_mme_model_cache_lookups_total", "sdk-mme", ',result="hit"') == 1
+    assert _metric(text, "sdmaker_mme_loaded_model_count", "sdk-mme") == 2
