@@ -35,10 +35,10 @@ def _s3(url: str):  # type: ignore[no-untyped-def]
                         aws_secret_access_key="testing")
 
 
-def _deploy_mme(daemon, name: str, prefix: str, env: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+def _deploy_mme(daemon, name: str, prefix: str, env: dict[str, str], **container: object) -> None:  # type: ignore[no-untyped-def]
     sm = daemon.boto("sagemaker")
     sm.create_model(ModelName=name, ExecutionRoleArn=ROLE, PrimaryContainer={
-        "Image": "sdmaker", "Mode": "MultiModel", "ModelDataUrl": prefix, "Environment": env})
+        "Image": "sdmaker", "Mode": "MultiModel", "ModelDataUrl": prefix, "Environment": env, **container})
     sm.create_endpoint_config(EndpointConfigName=name, ProductionVariants=[{
         "VariantName": "AllTraffic", "ModelName": name, "InitialInstanceCount": 1, "InstanceType": "ml.m5.large"}])
     sm.create_endpoint(EndpointName=name, EndpointConfigName=name)
@@ -129,6 +129,18 @@ def test_a_loading_model_answers_model_not_ready_then_serves(daemon, mme_prefix,
     else:
         pytest.fail("the model never finished loading")
     daemon.boto("sagemaker").delete_endpoint(EndpointName="mme-slow")
+
+    # ModelCacheSetting Disabled: each model is unloaded once its requests are answered
+    _deploy_mme(daemon, "mme-nocache", prefix, {}, MultiModelConfig={"ModelCacheSetting": "Disabled"})
+    first = _echo(rt, "mme-nocache", "a.tar.gz")["pid"]
+    for _ in range(240):
+        text = httpx.get(f"{daemon.url}/metrics", timeout=10).text
+        if _metric(text, "sdmaker_mme_model_unloading_seconds_count", "mme-nocache") == 1:
+            break
+        time.sleep(0.25)
+    assert _metric(text, "sdmaker_mme_loaded_model_count", "mme-nocache") == 0
+    assert _echo(rt, "mme-nocache", "a.tar.gz")["pid"] != first
+    daemon.boto("sagemaker").delete_endpoint(EndpointName="mme-nocache")
 
     # a TargetModel on a single-model endpoint is refused, as AWS does
     daemon.deploy("single-target", scripted_model_dir)

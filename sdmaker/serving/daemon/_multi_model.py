@@ -16,7 +16,8 @@ The loaded models form an LRU cache bounded by memory: each costs what one worke
 estimate), and a model that does not fit evicts the least recently used ones (each drains its in-flight
 requests first) until it does. The budget is ``SDMAKER_MME_MEMORY_MB`` (the model's Environment first, then
 the daemon's; default ``SDMAKER_MEMORY_MB``), and the number of processes is capped by
-``SDMAKER_MAX_INSTANCES``.
+``SDMAKER_MAX_INSTANCES``. ``MultiModelConfig.ModelCacheSetting: Disabled`` (CreateModel) unloads a model as
+soon as its requests are answered, as AWS does for endpoints whose models are each invoked rarely.
 
 While a model loads, requests for it wait up to ``SDMAKER_MME_LOAD_WAIT`` seconds (default 60), then get
 ``ModelNotReadyException`` (429) while the load goes on; a retry then finds it loaded. CloudWatch's MME
@@ -177,6 +178,9 @@ class MultiModelPool:
         self.memory_budget = effective.mme_memory_bytes or effective.memory_bytes
         self.load_wait_s = effective.mme_load_wait_s
         self.max_models = max(1, settings.max_instances)
+        #: ``MultiModelConfig.ModelCacheSetting: Disabled``: a model is unloaded once its requests are answered
+        self.cache_models = (container.get("MultiModelConfig") or {}).get("ModelCacheSetting") != "Disabled"
+        self._unloading: set[asyncio.Task[None]] = set()
         self.model_name = str(variant.get("ModelName"))
         self.instance_type = variant.get("InstanceType")
         self.spec = _Shape()
@@ -232,6 +236,8 @@ class MultiModelPool:
 
     async def close(self, *, drain_s: float = 0.0) -> None:
         self._closing = True
+        for task in list(self._unloading):
+            task.cancel()
         entries = list(self._models.values())
         self._models.clear()
         for entry in entries:
@@ -269,13 +275,15 @@ class MultiModelPool:
             finally:
                 entry.in_flight -= 1
                 entry.last_used = time.monotonic()
+                if not self.cache_models and entry.in_flight == 0 and entry.pool is not None:
+                    self._unload_soon(entry)
         finally:
             self.in_flight -= 1
 
     async def _loaded(self, target: str) -> _Loaded:
         """The loaded entry of ``target`` (counted as a hit), else start or join its load and wait for it."""
         entry = self._models.get(target)
-        if entry is not None and entry.error is not None and entry.task is None:
+        if entry is not None and entry.pool is None and entry.task is None:
             del self._models[target]  # a failed load is retried by the next request
             entry = None
         if entry is not None and entry.pool is not None:
@@ -399,6 +407,17 @@ class MultiModelPool:
                     f"multi-model endpoint {self.endpoint} cannot make room for {entry.target} ({need / 2**20:.0f} "
                     f"MiB): the other models are loading; retry later", endpoint=self.endpoint, retry_after=2)
             await self._unload(victim, reason=f"to make room for {entry.target}")
+
+    def _unload_soon(self, entry: _Loaded) -> None:
+        """Unload ``entry`` in the background (model caching disabled: the answer does not wait for it)."""
+        async def unload() -> None:
+            async with self._room:
+                if entry.in_flight == 0 and self._models.get(entry.target) is entry:
+                    await self._unload(entry, reason="after its request (ModelCacheSetting Disabled)")
+
+        task = asyncio.create_task(unload(), name=f"mme-unload-{self.endpoint}-{entry.target}")
+        self._unloading.add(task)
+        task.add_done_callback(self._unloading.discard)
 
     async def _unload(self, victim: _Loaded, *, reason: str) -> None:
         """Take ``victim`` out of the cache (new requests load it afresh) and stop its worker once its
