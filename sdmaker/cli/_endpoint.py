@@ -315,6 +315,15 @@ def describe_cmd(name: str, as_json: Annotated[bool, typer.Option("--json")] = F
             ("step batching", f"up to {info['max_batch']} requests per worker" if info.get("max_batch") else "off"),
             ("async backlog", f"{info.get('ApproximateBacklogSize', 0)} job(s), oldest queued "
                               f"{info.get('ApproximateAgeOfOldestRequest', 0):.1f} s")]
+    mme = info.get("multi_model")
+    if mme:  # a multi-model endpoint: its prefix, memory and loaded target models (each with its own worker)
+        hits = mme["metrics"]["ModelCacheHit"]
+        rows.append(("multi-model", f"{mme['prefix']}: {len(mme['models'])} model(s), {mme['memory_used_mib']:.0f} "
+                                    f"of {mme['memory_budget_mib']:.0f} MiB, cache hits {hits['hits']} / misses "
+                                    f"{hits['misses']}"))
+        rows += [(m["target_model"], f"{m['state']}, {m['memory_mib']:.0f} MiB, {m['hits']} hit(s), idle "
+                                     f"{m['idle_s']:.0f} s{' ' + m['error'] if m.get('error') else ''}")
+                 for m in mme["models"]]
     for key, value in rows:
         console.print(f"[bold]{key:>18}[/bold]  {value}", highlight=False)
     for w in info.get("workers", []):

@@ -73,7 +73,7 @@ def mme_prefix(daemon, moto_server, scripted_model_dir, tmp_path_factory):  # ty
     return f"s3://{bucket}/models/", worker_memory_floor(scripted_model_dir, "auto")
 
 
-def test_target_models_load_on_first_use_into_an_lru_bounded_by_memory(daemon, mme_prefix) -> None:  # type: ignore[no-untyped-def]
+def test_target_models_load_on_first_use_into_an_lru_bounded_by_memory(daemon, mme_prefix, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     prefix, floor = mme_prefix
     budget_mb = int(2.5 * floor / 2**20)  # two loaded models fit, a third evicts the least recently used
     _deploy_mme(daemon, "mme-lru", prefix, {"SDMAKER_MME_MEMORY_MB": str(budget_mb)})
@@ -93,6 +93,14 @@ def test_target_models_load_on_first_use_into_an_lru_bounded_by_memory(daemon, m
 
     details = httpx.get(f"{daemon.url}/sdmaker/v1/endpoints/mme-lru", timeout=10).json()["multi_model"]
     assert [m["target_model"] for m in details["models"]] == ["a.tar.gz", "c.tar.gz"]  # b was evicted for a
+    from typer.testing import CliRunner
+
+    from sdmaker.cli import app
+
+    monkeypatch.setenv("SDMAKER_URL", daemon.url)
+    shown = CliRunner().invoke(app, ["endpoint", "describe", "mme-lru"])
+    assert shown.exit_code == 0, shown.output
+    assert "cache hits 3 / misses 4" in shown.output and "a.tar.gz" in shown.output
     text = httpx.get(f"{daemon.url}/metrics", timeout=10).text
     assert _metric(text, "sdmaker_mme_model_cache_lookups_total", "mme-lru", ',result="hit"') == 3
     assert _metric(text, "sdmaker_mme_model_cache_lookups_total", "mme-lru", ',result="miss"') == 4
