@@ -8,6 +8,7 @@ with no S3 configured, so the model artifacts live in sdmaker's built-in S3.
 from __future__ import annotations
 
 import json
+import os
 import re
 import tarfile
 import time
@@ -171,29 +172,15 @@ def builtin_s3_daemon(tmp_path_factory):  # type: ignore[no-untyped-def]
     d.stop()
 
 
-@pytest.mark.slow
-def test_sdk_multi_data_model_runs_unchanged_on_the_builtin_s3(builtin_s3_daemon, sd1_dir, scripted_model_dir,
-                                                               tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """The SageMaker SDK's MultiDataModel flow (deploy, add_model from a file and from S3, list_models,
-    predict(target_model=...)), only the environment pointed at sdmaker (``sdmaker env``)."""
-    from test_sdk import _fast_sdk_polls, _sdmaker_env
-
-    d = builtin_s3_daemon
-    for key in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_PROFILE"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in _sdmaker_env(d.url, tmp_path).items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    _fast_sdk_polls(monkeypatch)
-    sd_archive = _tar(sd1_dir, tmp_path / "sd.tar.gz")
-    echo_archive = _tar(scripted_model_dir, tmp_path / "echo.tar.gz")
-
-    # ---- the SDK's own MultiDataModel flow, unchanged -------------------------------------------------------
+def _multi_data_model_flow(with_sd: bool, sd1_dir: Path, scripted_model_dir: Path, tmp_path: Path) -> dict:
+    """The SageMaker SDK's MultiDataModel flow, unchanged (deploy, add_model from a file and from S3,
+    list_models, predict(target_model=...)); the environment already points the SDK at sdmaker."""
     import sagemaker
     from sagemaker.huggingface.model import HuggingFaceModel
     from sagemaker.multidatamodel import MultiDataModel
     from sagemaker.s3 import S3Uploader
 
+    echo_archive = _tar(scripted_model_dir, tmp_path / "echo.tar.gz")
     sess = sagemaker.Session()
     bucket = sess.default_bucket()
     staged = S3Uploader.upload(local_path=str(echo_archive), desired_s3_uri=f"s3://{bucket}/staging",
@@ -203,23 +190,58 @@ def test_sdk_multi_data_model_runs_unchanged_on_the_builtin_s3(builtin_s3_daemon
     mme = MultiDataModel(name="sdk-mme", model_data_prefix=f"s3://{bucket}/mme/", model=model,
                          sagemaker_session=sess)
     predictor = mme.deploy(initial_instance_count=1, instance_type="ml.m5.xlarge", endpoint_name="sdk-mme")
-    mme.add_model(model_data_source=str(sd_archive), model_data_path="sd.tar.gz")
+    out: dict = {"bucket": bucket}
+    if with_sd:
+        mme.add_model(model_data_source=str(_tar(sd1_dir, tmp_path / "sd.tar.gz")), model_data_path="sd.tar.gz")
     mme.add_model(model_data_source=staged, model_data_path="tools/echo.tar.gz")
-    listed = sorted(mme.list_models())
-    image = predictor.predict({"inputs": "a red circle on the left", "parameters": {
-        "height": 64, "width": 64, "num_inference_steps": 2, "seed": 3}}, target_model="sd.tar.gz")
-    again = predictor.predict({"inputs": "a red circle on the left", "parameters": {
-        "height": 64, "width": 64, "num_inference_steps": 2, "seed": 3}}, target_model="sd.tar.gz")
-    echoed = predictor.predict({"hello": "mme"}, target_model="tools/echo.tar.gz")
-    text = httpx.get(f"{d.url}/metrics", timeout=10).text  # (not the SDK's: while the endpoint exists)
+    out["listed"] = sorted(mme.list_models())
+    if with_sd:
+        data = {"inputs": "a red circle on the left", "parameters": {"height": 64, "width": 64,
+                                                                      "num_inference_steps": 2, "seed": 3}}
+        out["images"] = [predictor.predict(data, target_model="sd.tar.gz")["generated_images"] for _ in range(2)]
+    out["echoed"] = [predictor.predict({"hello": i}, target_model="tools/echo.tar.gz") for i in range(2)]
+    out["metrics"] = httpx.get(f"{os.environ['AWS_ENDPOINT_URL_SAGEMAKER']}/metrics", timeout=10).text
     predictor.delete_endpoint()
-    # ------------------------------------------------------------------------------------------------------
+    return out
 
-    assert listed == ["sd.tar.gz", "tools/echo.tar.gz"]
-    # same seed, same image: the second request was a warm hit on the worker the first one loaded
-    assert image["generated_images"] == again["generated_images"] and len(image["generated_images"]) == 1
-    assert echoed["echo"] == {"hello": "mme"}
-    desc = d.boto("sagemaker").describe_model(ModelName="sdk-mme")["PrimaryContainer"]
-    assert (desc["Mode"], desc["ModelDataUrl"]) == ("MultiModel", f"s3://{bucket}/mme/")
-    assert _metric(text, "sdmaker_mme_model_cache_lookups_total", "sdk-mme", ',result="hit"') == 1
-    assert _metric(text, "sdmaker_mme_loaded_model_count", "sdk-mme") == 2
+
+def _point_the_sdk_at(daemon_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s3_url: str | None) -> None:
+    from test_sdk import _fast_sdk_polls, _sdmaker_env
+
+    for key in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in _sdmaker_env(daemon_url, tmp_path).items():
+        monkeypatch.setenv(key, value)
+    if s3_url is not None:  # the user's own S3
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_url)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    _fast_sdk_polls(monkeypatch)
+
+
+@pytest.mark.slow
+def test_sdk_multi_data_model_runs_unchanged_with_moto_s3(daemon, moto_server, sd1_dir, scripted_model_dir,
+                                                          tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    _point_the_sdk_at(daemon.url, tmp_path, monkeypatch, moto_server)
+    out = _multi_data_model_flow(True, sd1_dir, scripted_model_dir, tmp_path)
+    assert out["listed"] == ["sd.tar.gz", "tools/echo.tar.gz"]
+    first, again = out["images"]
+    assert first == again and len(first) == 1  # same seed, same image: the second request was a warm hit
+    assert [e["echo"] for e in out["echoed"]] == [{"hello": 0}, {"hello": 1}]
+    assert out["echoed"][0]["pid"] == out["echoed"][1]["pid"]
+    assert _metric(out["metrics"], "sdmaker_mme_model_cache_lookups_total", "sdk-mme", ',result="hit"') == 2
+    assert _metric(out["metrics"], "sdmaker_mme_loaded_model_count", "sdk-mme") == 2
+    desc = daemon.boto("sagemaker").describe_model(ModelName="sdk-mme")["PrimaryContainer"]
+    assert (desc["Mode"], desc["ModelDataUrl"]) == ("MultiModel", f"s3://{out['bucket']}/mme/")
+    assert _s3(moto_server).head_object(Bucket=out["bucket"], Key="mme/sd.tar.gz")["ContentLength"] > 0
+
+
+@pytest.mark.slow
+def test_sdk_multi_data_model_runs_unchanged_on_the_builtin_s3(builtin_s3_daemon, sd1_dir, scripted_model_dir,
+                                                               tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The same flow against one `sdmaker up` and nothing else: its own S3 holds the artifacts."""
+    _point_the_sdk_at(builtin_s3_daemon.url, tmp_path, monkeypatch, None)
+    out = _multi_data_model_flow(False, sd1_dir, scripted_model_dir, tmp_path)
+    assert out["listed"] == ["tools/echo.tar.gz"]
+    assert [e["echo"] for e in out["echoed"]] == [{"hello": 0}, {"hello": 1}]
+    assert _metric(out["metrics"], "sdmaker_mme_model_cache_lookups_total", "sdk-mme", ',result="hit"') == 1
+    assert any((builtin_s3_daemon.home / "s3").rglob("*"))  # the artifacts went to the daemon's own S3
