@@ -1,8 +1,8 @@
 """Multi-model endpoints (issue 16): ``Mode: MultiModel`` + ``TargetModel``, an LRU of loaded models bounded by
 memory, ``ModelNotReadyException`` while a model loads, the MME metrics, and the SDK's ``MultiDataModel``.
 
-The boto3 tests use the shared ``daemon`` (its S3 is a moto server); the SDK test uses this module's own daemon
-with no S3 configured, so the model artifacts live in sdmaker's built-in S3.
+The boto3 tests and one SDK test use the shared ``daemon`` (its S3 is a moto server); the other SDK test uses
+this module's own daemon with no S3 configured, so the model artifacts live in sdmaker's built-in S3.
 """
 
 from __future__ import annotations
