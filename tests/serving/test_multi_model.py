@@ -245,3 +245,37 @@ def test_sdk_multi_data_model_runs_unchanged_on_the_builtin_s3(builtin_s3_daemon
     assert [e["echo"] for e in out["echoed"]] == [{"hello": 0}, {"hello": 1}]
     assert _metric(out["metrics"], "sdmaker_mme_model_cache_lookups_total", "sdk-mme", ',result="hit"') == 1
     assert any((builtin_s3_daemon.home / "s3").rglob("*"))  # the artifacts went to the daemon's own S3
+
+
+@pytest.mark.parametrize("target", ["a.tar.gz", "sub/dir/b.tar.gz", "v1.2/model-x_y.tar.gz"])
+def test_target_model_paths_that_are_accepted(target: str) -> None:
+    from sdmaker.serving.daemon._multi_model import check_target_model
+
+    assert check_target_model(target, "e") == target
+
+
+@pytest.mark.parametrize("target", [None, "", "../a.tar.gz", "sub/../../a.tar.gz", "/etc/passwd", "./a.tar.gz",
+                                    "sub//a.tar.gz", "a\\..\\b.tar.gz", "a\x00.tar.gz", "é.tar.gz", "x" * 1025])
+def test_target_model_paths_that_are_refused(target: str | None) -> None:
+    from sdmaker.errors import InvalidRequestError
+    from sdmaker.serving.daemon._multi_model import check_target_model
+
+    with pytest.raises(InvalidRequestError) as info:
+        check_target_model(target, "e")
+    assert info.value.fields["field"] == "TargetModel" and info.value.http_status == 400
+
+
+def test_targets_resolve_under_an_s3_a_folder_or_a_store_name_prefix(tmp_path: Path) -> None:
+    from sdmaker.config import load_settings
+    from sdmaker.serving.daemon._multi_model import MultiModelPool
+
+    def ref(prefix: str, target: str) -> str:
+        pool = MultiModelPool(endpoint="e", prefix=prefix, variant={"ModelName": "m"}, model={"PrimaryContainer": {}},
+                              settings=load_settings({"SDMAKER_HOME": str(tmp_path)}), run_dir=tmp_path,
+                              log=lambda _: None, log_file=tmp_path / "log")
+        return pool._ref(target)
+
+    assert ref("s3://b/models/", "x/a.tar.gz") == "s3://b/models/x/a.tar.gz"
+    assert ref("s3://b/models", "a.tar.gz") == "s3://b/models/a.tar.gz"
+    assert ref(str(tmp_path), "a.tar.gz") == str(tmp_path / "a.tar.gz")
+    assert ref("team-", "sd") == "team-sd"  # a store-name prefix
