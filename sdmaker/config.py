@@ -82,7 +82,8 @@ class Settings:
             Each loaded model costs what one of its workers needs at least (runtime + weights); a new one
             evicts the least recently used until it fits.
         mme_load_wait_s: how long an invocation waits for its target model to load before it gets
-            ``ModelNotReadyException`` (429) while the load goes on (``SDMAKER_MME_LOAD_WAIT``, default 60 s).
+            ``ModelNotReadyException`` (429) while the load goes on (``SDMAKER_MME_LOAD_WAIT``, default 30 s:
+            a cold answer, load included, then still fits botocore's 60 s read timeout).
         async_max_queue: asynchronous inference jobs one endpoint may hold queued before a submit gets 503 with
             ``Retry-After`` (``SDMAKER_ASYNC_MAX_QUEUE``, default 1000).
         memory_budget_pixels: set the per-worker budget directly, in pixels (height x width x images held at
@@ -142,7 +143,7 @@ class Settings:
     autoscaling_window_s: float = 60.0
     async_max_queue: int = 1000
     mme_memory_bytes: int | None = None
-    mme_load_wait_s: float = 60.0
+    mme_load_wait_s: float = 30.0
 
     @property
     def store_dir(self) -> Path:
@@ -325,7 +326,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         autoscaling_window_s=_number(env, "SDMAKER_AUTOSCALING_WINDOW", 60.0, minimum=1),
         async_max_queue=int(_number(env, "SDMAKER_ASYNC_MAX_QUEUE", 1000, minimum=1)),
         mme_memory_bytes=int(_number(env, "SDMAKER_MME_MEMORY_MB", 0, minimum=0) * 1024**2) or None,
-        mme_load_wait_s=_number(env, "SDMAKER_MME_LOAD_WAIT", 60.0, minimum=0),
+        mme_load_wait_s=_number(env, "SDMAKER_MME_LOAD_WAIT", 30.0, minimum=0),
     )
     return with_local_key(settings) if settings.local_key else settings
 

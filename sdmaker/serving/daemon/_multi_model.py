@@ -19,7 +19,7 @@ the daemon's; default ``SDMAKER_MEMORY_MB``), and the number of processes is cap
 ``SDMAKER_MAX_INSTANCES``. ``MultiModelConfig.ModelCacheSetting: Disabled`` (CreateModel) unloads a model as
 soon as its requests are answered, as AWS does for endpoints whose models are each invoked rarely.
 
-While a model loads, requests for it wait up to ``SDMAKER_MME_LOAD_WAIT`` seconds (default 60), then get
+While a model loads, requests for it wait up to ``SDMAKER_MME_LOAD_WAIT`` seconds (default 30), then get
 ``ModelNotReadyException`` (429) while the load goes on; a retry then finds it loaded. CloudWatch's MME
 metrics are kept per endpoint (:class:`ModelCacheStats`) and exported on ``/metrics``: ModelCacheHit,
 ModelLoadingWaitTime, ModelDownloadingTime, ModelLoadingTime, ModelUnloadingTime, LoadedModelCount.
