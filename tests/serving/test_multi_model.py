@@ -77,7 +77,7 @@ def mme_prefix(daemon, moto_server, scripted_model_dir, tmp_path_factory):  # ty
 def test_target_models_load_on_first_use_into_an_lru_bounded_by_memory(daemon, mme_prefix, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     prefix, floor = mme_prefix
     budget_mb = int(2.5 * floor / 2**20)  # two loaded models fit, a third evicts the least recently used
-    _deploy_mme(daemon, "mme-lru", prefix, {"SDMAKER_MME_MEMORY_MB": str(budget_mb)})
+    _deploy_mme(daemon, "mme-lru", prefix, {"SDMAKER_MME_MEMORY_MB": str(budget_mb), "SDMAKER_MME_LOAD_WAIT": "300"})
     sm, rt = daemon.boto("sagemaker"), daemon.boto("sagemaker-runtime")
     container = sm.describe_model(ModelName="mme-lru")["PrimaryContainer"]
     assert (container["Mode"], container["ModelDataUrl"]) == ("MultiModel", prefix)
@@ -140,7 +140,8 @@ def test_a_loading_model_answers_model_not_ready_then_serves(daemon, mme_prefix,
     daemon.boto("sagemaker").delete_endpoint(EndpointName="mme-slow")
 
     # ModelCacheSetting Disabled: each model is unloaded once its requests are answered
-    _deploy_mme(daemon, "mme-nocache", prefix, {}, MultiModelConfig={"ModelCacheSetting": "Disabled"})
+    _deploy_mme(daemon, "mme-nocache", prefix, {"SDMAKER_MME_LOAD_WAIT": "300"},
+                MultiModelConfig={"ModelCacheSetting": "Disabled"})
     first = _echo(rt, "mme-nocache", "a.tar.gz")["pid"]
     for _ in range(240):
         text = httpx.get(f"{daemon.url}/metrics", timeout=10).text
@@ -186,7 +187,7 @@ def _multi_data_model_flow(with_sd: bool, sd1_dir: Path, scripted_model_dir: Pat
     staged = S3Uploader.upload(local_path=str(echo_archive), desired_s3_uri=f"s3://{bucket}/staging",
                                sagemaker_session=sess)
     model = HuggingFaceModel(role=ROLE, transformers_version="4.26", pytorch_version="1.13", py_version="py39",
-                             sagemaker_session=sess)
+                             sagemaker_session=sess, env={"SDMAKER_MME_LOAD_WAIT": "300"})  # a loaded test machine
     mme = MultiDataModel(name="sdk-mme", model_data_prefix=f"s3://{bucket}/mme/", model=model,
                          sagemaker_session=sess)
     predictor = mme.deploy(initial_instance_count=1, instance_type="ml.m5.xlarge", endpoint_name="sdk-mme")
