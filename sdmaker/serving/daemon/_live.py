@@ -56,6 +56,11 @@ class LiveEndpoint:
             self.default_handler = False
             self.instance_type = getattr(pool, "instance_type", None)
             self.model_name = getattr(pool, "model_name", None)
+            timeout_s, max_queue = getattr(pool, "timeout_s", None), getattr(pool, "max_queue", None)
+            if timeout_s is not None:
+                self.timeout_s = timeout_s
+            if max_queue is not None:
+                self.max_queue = max_queue
             return old
         pool.budget_pixels = plan.memory_budget_pixels
         self.default_handler, self.instance_type, self.model_name = (plan.default_handler, plan.instance_type,

@@ -177,6 +177,10 @@ class MultiModelPool:
         effective = load_settings(worker_environment(settings, env, 1))  # the model's Environment first
         self.memory_budget = effective.mme_memory_bytes or effective.memory_bytes
         self.load_wait_s = effective.mme_load_wait_s
+        # the endpoint's limits from the model's Environment, as for a single model (._variant.plan_variant)
+        timeout, queue = env.get("SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS"), env.get("SDMAKER_MAX_QUEUE")
+        self.timeout_s: float | None = float(timeout) if timeout else None
+        self.max_queue: int | None = int(queue) if queue else None
         self.max_models = max(1, settings.max_instances)
         #: ``MultiModelConfig.ModelCacheSetting: Disabled``: a model is unloaded once its requests are answered
         self.cache_models = (container.get("MultiModelConfig") or {}).get("ModelCacheSetting") != "Disabled"
