@@ -77,7 +77,8 @@ def mme_prefix(daemon, moto_server, scripted_model_dir, tmp_path_factory):  # ty
 def test_target_models_load_on_first_use_into_an_lru_bounded_by_memory(daemon, mme_prefix, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     prefix, floor = mme_prefix
     budget_mb = int(2.5 * floor / 2**20)  # two loaded models fit, a third evicts the least recently used
-    _deploy_mme(daemon, "mme-lru", prefix, {"SDMAKER_MME_MEMORY_MB": str(budget_mb), "SDMAKER_MME_LOAD_WAIT": "300"})
+    _deploy_mme(daemon, "mme-lru", prefix, {"SDMAKER_MME_MEMORY_MB": str(budget_mb), "SDMAKER_MME_LOAD_WAIT": "300",
+                                            "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS": "90"})
     sm, rt = daemon.boto("sagemaker"), daemon.boto("sagemaker-runtime")
     container = sm.describe_model(ModelName="mme-lru")["PrimaryContainer"]
     assert (container["Mode"], container["ModelDataUrl"]) == ("MultiModel", prefix)
@@ -92,7 +93,9 @@ def test_target_models_load_on_first_use_into_an_lru_bounded_by_memory(daemon, m
     assert _echo(rt, "mme-lru", "c.tar.gz")["pid"] == c["pid"]
     assert _echo(rt, "mme-lru", "a.tar.gz")["pid"] not in (a["pid"], b["pid"], c["pid"])  # loaded again
 
-    details = httpx.get(f"{daemon.url}/sdmaker/v1/endpoints/mme-lru", timeout=10).json()["multi_model"]
+    described = httpx.get(f"{daemon.url}/sdmaker/v1/endpoints/mme-lru", timeout=10).json()
+    assert described["timeout_s"] == 90  # the model's Environment sets the endpoint's limits, as for one model
+    details = described["multi_model"]
     assert [m["target_model"] for m in details["models"]] == ["a.tar.gz", "c.tar.gz"]  # b was evicted for a
     from typer.testing import CliRunner
 
