@@ -118,10 +118,13 @@ def run(quick: bool) -> list[dict[str, Any]]:
     return [
         row("multi-model endpoint: warm TargetModel hit vs cold load (mini)", warm_s, cold, "s",
             f"cold = first request for a.tar.gz: S3 download + extraction into the store {download:.2f} s, model "
-            f"load in {how} {loading:.2f} s, then the generation; warm = median of {_WARM_REPEAT} hits "
+            f"load in {how} {loading:.2f} s, the rest ({cold - download - loading:.2f} s) the first generation "
+            f"in a new process (lazy init) and the hops; warm = median of {_WARM_REPEAT} hits "
             f"(min {min(warm):.3f} s); standby ready before: {standby}; {common}"),
         row("multi-model endpoint: reload after eviction (store-cached) vs cold load (mini)", reload_s, cold, "s",
             f"a.tar.gz evicted by b.tar.gz (SDMAKER_MME_MEMORY_MB={budget_mb} holds one mini), then requested "
             f"again: store lookup {reload_download:.2f} s (no download), unloading b {unload:.2f} s, model load "
-            f"{reload_loading:.2f} s, then the generation; {common}"),
+            f"{reload_loading:.2f} s, the rest "
+            f"({reload_s - reload_download - unload - reload_loading:.2f} s) the first generation in a new process "
+            f"and the hops; {common}"),
     ]
