@@ -131,3 +131,24 @@ def test_txt2img_img2img_and_inpaint_share_unet_calls(sd1_model) -> None:  # typ
     for a, b in zip(solo, batched, strict=True):
         assert a is not None and b is not None
         assert float(np.abs(a - b).max()) <= 1e-4
+
+
+def test_nine_channel_inpainting_unet_matches_diffusers(sd1_model) -> None:  # type: ignore[no-untyped-def]
+    """A 9-channel inpainting UNet (mask and masked-image latents as inputs), random weights, same components."""
+    import dataclasses
+    import threading
+
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config({**sd1_model.pipeline.unet.config, "in_channels": 9}).eval()
+    base = sd1_model.pipeline
+    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=unet,
+                                   scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    model = dataclasses.replace(sd1_model, pipeline=pipe, lock=threading.Lock())
+    for kw in ({"strength": 0.75}, {}):
+        req = _req(mask_image=MASK, **kw)
+        result = generate(model, req)
+        assert result.arrays is not None
+        assert float(np.abs(result.arrays - reference(model, req)).max()) <= 1e-4
