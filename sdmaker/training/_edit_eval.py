@@ -129,17 +129,20 @@ class EditReport:
 def evaluate_edits(model: Any, task: str, *, n: int = 32, steps: int | None = None, seed: int = 0,
                    guidance_scale: float | None = None, strength: float | None = None,
                    on_batch: Callable[[int, int], None] | None = None, keep_images: bool = False) -> EditReport:
-    """Run ``task``'s held-out cases on ``model`` (a LoadedModel) and score them with the analyser."""
-    from sdmaker.engine import generate
+    """Run ``task``'s held-out cases on ``model`` (a LoadedModel) and score them with the analyser.
+
+    The cases go through the step batcher together (one UNet call per step for up to :data:`BATCH` of them),
+    which gives each one the image it would get alone (the batching tests hold it to that).
+    """
+    from sdmaker.engine import StepBatcher
     from sdmaker.schema import parse_request
 
     started = time.perf_counter()
     cases = edit_cases(task, n)
     mask = _png_b64(right_half_mask()) if task == "inpaint" else None
-    rows: list[dict[str, Any]] = []
-    settings: dict[str, Any] = {}
-    for i, case in enumerate(cases):
-        source = render(case.source)
+    sources = [render(case.source) for case in cases]
+    requests = []
+    for i, (case, source) in enumerate(zip(cases, sources, strict=True)):
         data: dict[str, Any] = {"prompt": case.prompt, "image": _png_b64(source), "seed": seed + i, "format": "png"}
         if mask is not None:
             data["mask_image"] = mask
@@ -148,18 +151,25 @@ def evaluate_edits(model: Any, task: str, *, n: int = 32, steps: int | None = No
         for key, value in (("num_inference_steps", steps), ("guidance_scale", guidance_scale)):
             if value is not None:
                 data[key] = value
-        request = parse_request(data).resolve(model.defaults)
+        requests.append(parse_request(data).resolve(model.defaults))
+    settings: dict[str, Any] = {}
+    if requests:
+        request = requests[0]
         settings = {"num_inference_steps": request.num_inference_steps, "guidance_scale": request.guidance_scale,
                     "strength": request.strength, "scheduler": request.scheduler or model.default_scheduler,
                     "deep_cache_interval": request.deep_cache_interval, "size": f"{request.width}x{request.height}",
                     "seed": seed}
-        output = generate(model, request).images[0].image
-        row: dict[str, Any] = {"prompt": case.prompt, **score_edit(task, case, source, output)}
-        if keep_images:
-            row["image"], row["source"] = output, source
-        rows.append(row)
-        if on_batch is not None and ((i + 1) % BATCH == 0 or i + 1 == len(cases)):
-            on_batch(i + 1, len(cases))
+    rows: list[dict[str, Any]] = []
+    with StepBatcher(model, max_batch=BATCH, max_queue=max(64, len(requests)), heavy_step_s=None) as batcher:
+        jobs = [batcher.submit_async(r) for r in requests]
+        for i, (case, source, job) in enumerate(zip(cases, sources, jobs, strict=True)):
+            output = job.result().images[0].image
+            row: dict[str, Any] = {"prompt": case.prompt, **score_edit(task, case, source, output)}
+            if keep_images:
+                row["image"], row["source"] = output, source
+            rows.append(row)
+            if on_batch is not None and ((i + 1) % BATCH == 0 or i + 1 == len(cases)):
+                on_batch(i + 1, len(cases))
     keys = [k for k in rows[0] if isinstance(rows[0][k], float)] if rows else []
     metrics = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
     return EditReport(task, metrics, len(rows), settings, time.perf_counter() - started, rows)
