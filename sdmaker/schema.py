@@ -28,13 +28,15 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from sdmaker.errors import EXCERPT_CHARS, InvalidRequestError, excerpt, utf8_safe
 
 __all__ = [
     "FORMATS",
+    "INPUT_IMAGE_FORMATS",
     "LIMITS",
+    "STRENGTH_DEFAULTS",
     "SCHEDULERS",
     "FieldSpec",
     "GenerateRequest",
@@ -46,6 +48,8 @@ __all__ = [
     "SchedulerName",
     "body_text",
     "content_charset",
+    "decode_input_image",
+    "input_image_info",
     "parse_json_body",
     "parse_request",
     "payload_from_csv",
@@ -77,7 +81,13 @@ LIMITS: dict[str, Any] = {
     "seed_max": 2**63 - 1,
     "deep_cache_max": 10,
     "preview_every_max": 500,
+    "input_image_side_max": 2048,  # an input image (image, mask_image): at most size_max per side
 }
+
+#: Default ``strength`` when ``image`` is given: diffusers' own defaults (img2img 0.8, inpainting 1.0).
+STRENGTH_DEFAULTS: dict[str, float] = {"img2img": 0.8, "inpaint": 1.0}
+#: Input image formats accepted in ``image`` and ``mask_image``.
+INPUT_IMAGE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP")
 
 #: The seed article's defaults, used for any field neither the request nor the model sets.
 SEED_DEFAULTS: dict[str, Any] = {
@@ -144,6 +154,36 @@ class GenerateRequest(BaseModel):
         description="A preview every N steps (0 = auto: every step for approx, about 4 per run for vae).",
     )
 
+    image: str | None = Field(
+        default=None,
+        description="Input image (base64 PNG/JPEG/WebP) for image-to-image, or inpainting with mask_image. "
+                    "width/height default to its size (rounded down to a multiple of 8); given, it is resized to them.",
+    )
+    mask_image: str | None = Field(
+        default=None,
+        description="Inpainting mask (base64 PNG/JPEG/WebP, the image's size): white = repaint, black = keep. "
+                    "Pixels outside the mask come back unchanged.",
+    )
+    strength: float | None = Field(
+        default=None, ge=0.0, le=1.0, strict=True,
+        description="How much of the input image is repainted (0..1, with image only): the steps actually run are "
+                    "int(num_inference_steps x strength). Default 0.8 (image-to-image), 1.0 (inpainting).",
+    )
+
+    @field_validator("image", "mask_image")
+    @classmethod
+    def _check_input_image(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            input_image_info(value, info.field_name or "image")
+        return value
+
+    @field_validator("strength")
+    @classmethod
+    def _finite_strength(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
     @field_validator("prompt", "negative_prompt", mode="before")
     @classmethod
     def _check_prompt(cls, value: Any) -> Any:
@@ -190,7 +230,52 @@ class GenerateRequest(BaseModel):
             raise ValueError(
                 f"height x width = {self.height}x{self.width} exceeds {LIMITS['pixels_max']} pixels"
             )
+        self._check_edit()
         return self
+
+    def _check_edit(self) -> None:
+        """The image-to-image / inpainting fields: together, of matching sizes, giving at least one step."""
+        if self.image is None:
+            for name in ("mask_image", "strength"):
+                if getattr(self, name) is not None:
+                    raise InvalidRequestError(f"{name} needs an input image: give image too", field=name,
+                                              allowed="only with image")
+            return
+        width, height = input_image_info(self.image)
+        if self.mask_image is not None:
+            mask_size = input_image_info(self.mask_image, "mask_image")
+            if mask_size != (width, height):
+                raise InvalidRequestError(
+                    f"mask_image is {mask_size[0]}x{mask_size[1]} but image is {width}x{height}: they must match",
+                    field="mask_image", value=f"{mask_size[0]}x{mask_size[1]}", allowed=f"{width}x{height}")
+        if self.width is None or self.height is None:  # the output size defaults to the image's
+            w, h = self.width or width // 8 * 8, self.height or height // 8 * 8
+            if min(w, h) < LIMITS["size_min"] or w * h > LIMITS["pixels_max"]:
+                raise InvalidRequestError(
+                    f"image is {width}x{height}: as the output size that is outside {LIMITS['size_min']}.."
+                    f"{LIMITS['size_max']} per side / {LIMITS['pixels_max']} pixels; give width and height to "
+                    "resize it", field="image", value=f"{width}x{height}")
+        strength = self.edit_strength
+        steps = self.num_inference_steps
+        if steps is not None and strength is not None and int(steps * strength) < 1:
+            raise InvalidRequestError(
+                f"strength={strength} x num_inference_steps={steps} runs no step (int({steps} x {strength}) = 0); "
+                "raise strength or the steps", field="strength", value=strength)
+
+    @property
+    def edit_kind(self) -> str | None:
+        """``txt2img`` is None; ``img2img`` with an image, ``inpaint`` with an image and a mask."""
+        if self.image is None:
+            return None
+        return "inpaint" if self.mask_image is not None else "img2img"
+
+    @property
+    def edit_strength(self) -> float | None:
+        """The strength the engine runs with: the request's, else the kind's default; None for text-to-image."""
+        kind = self.edit_kind
+        if kind is None:
+            return None
+        return self.strength if self.strength is not None else STRENGTH_DEFAULTS[kind]
 
     @property
     def prompts(self) -> list[str]:
@@ -200,6 +285,11 @@ class GenerateRequest(BaseModel):
         """Fill unset fields from the model's defaults, then the seed's; pick a seed if none was given."""
         defaults = {**SEED_DEFAULTS, **(model_defaults or {})}
         data = self.model_dump()
+        if data["image"] is not None:  # an input image sets the output size, before the model's defaults
+            width, height = input_image_info(data["image"])
+            data["width"] = data["width"] or width // 8 * 8
+            data["height"] = data["height"] or height // 8 * 8
+            data["strength"] = self.edit_strength
         for name in ("height", "width", "num_inference_steps", "guidance_scale", "num_images_per_prompt"):
             if data[name] is None:
                 data[name] = defaults[name]
@@ -234,6 +324,46 @@ class ResolvedRequest(GenerateRequest):
         """
         total = len(self.prompts) * self.num_images_per_prompt
         return [(self.seed + i) % (LIMITS["seed_max"] + 1) for i in range(total)]
+
+
+def decode_input_image(value: str, field: str = "image") -> bytes:
+    """The bytes of a base64 input image (a ``data:image/...;base64,`` prefix is accepted); 400 naming ``field``."""
+    import base64
+    import binascii
+
+    text = value.strip()
+    if text.startswith("data:") and "," in text[:100]:
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequestError(f"{field} is not base64 text: send the PNG/JPEG file's bytes base64-encoded",
+                                  field=field, value=excerpt(value)) from None
+
+
+def input_image_info(value: str, field: str = "image") -> tuple[int, int]:
+    """``(width, height)`` of a base64 input image, read from its header only (cheap: no pixel decoding).
+
+    Raises :class:`InvalidRequestError` naming ``field`` for bytes that are not a PNG/JPEG/WebP image or an
+    image over :data:`LIMITS` (``input_image_side_max`` per side).
+    """
+    import PIL.Image
+
+    data = decode_input_image(value, field)
+    try:
+        with PIL.Image.open(io.BytesIO(data)) as img:
+            fmt, size = img.format, img.size
+    except (OSError, ValueError, PIL.Image.DecompressionBombError):
+        raise InvalidRequestError(f"{field} is not a PNG, JPEG or WebP image: send the file's bytes base64-encoded",
+                                  field=field, value=excerpt(value)) from None
+    if fmt not in INPUT_IMAGE_FORMATS:
+        raise InvalidRequestError(f"{field} is a {fmt} image: send PNG, JPEG or WebP", field=field, value=fmt,
+                                  allowed=", ".join(INPUT_IMAGE_FORMATS))
+    side = LIMITS["input_image_side_max"]
+    if max(size) > side or min(size) < 1:
+        raise InvalidRequestError(f"{field} is {size[0]}x{size[1]}: at most {side} pixels per side", field=field,
+                                  value=f"{size[0]}x{size[1]}", allowed=f"1..{side} per side")
+    return size
 
 
 def _random_seed() -> int:
@@ -408,6 +538,11 @@ def parse_request(data: Any, *, cls: type[GenerateRequest] = GenerateRequest) ->
         # pydantic reports union members as extra loc parts (e.g. "prompt.str"); the field is the first.
         field = _field_name(loc[0]) if loc else None
         value = first.get("input")
+        raised = (first.get("ctx") or {}).get("error")
+        # a check that names its own field (the edit fields) keeps its message and field
+        if isinstance(raised, InvalidRequestError) and raised.field is not None and field in (None, raised.field):
+            raise InvalidRequestError(raised.message, field=raised.field, value=raised.value,
+                                      allowed=raised.allowed) from None
         allowed = _describe_allowed(field) if field else None
         msg = _message(first)
         text = f"{field}={excerpt(value)}: {msg}" if field else msg

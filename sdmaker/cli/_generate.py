@@ -46,6 +46,8 @@ def generate_cmd(
     if options.get("format") is None and recipe is None:
         options["format"] = "png"
     # validated before torch is imported (sdmaker.engine): a bad --height fails at once, not 10 s later
+    if recipe and recipe.get("inputs"):  # an edit: the recipe keeps the input images' digests, not the images
+        _check_inputs(recipe["inputs"], options)
     request = request_from_options(options, recipe["request"] if recipe else None,
                                    missing_prompt="give --prompt (or --from IMAGE.png)")
     from sdmaker.engine import generate
@@ -61,6 +63,26 @@ def generate_cmd(
     for i, img in enumerate(result.images):
         path = write_new_file(out, f"{i:02d}-seed{img.seed}", _EXT[resolved.format], result.encode(i))
         console.print(str(path), highlight=False, soft_wrap=True)
+
+
+def _check_inputs(digests: dict[str, Any], options: dict[str, Any]) -> None:
+    """An edited image regenerates from its recipe only with the same input files: refuse missing ones, warn on others."""
+    import hashlib
+
+    from sdmaker.schema import decode_input_image
+
+    for name, option in (("image", "--image"), ("mask_image", "--mask")):
+        want = digests.get(f"{name}_sha256")
+        if want is None:
+            continue
+        value = options.get(name)
+        if value is None:
+            raise typer.BadParameter(f"this image was made from an input {name} (sha256 {want[:12]}): give it with "
+                                     f"{option}", param_hint=option)
+        got = hashlib.sha256(decode_input_image(value, name)).hexdigest()
+        if got != want:
+            err_console.print(f"[yellow]warning:[/yellow] {option} has sha256 {got[:12]}, the image was made from "
+                              f"{want[:12]}: the result will differ", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -21,7 +21,7 @@ import typer
 
 from sdmaker.schema import FieldSpec, GenerateRequest, parse_request, request_fields
 
-__all__ = ["ALIASES", "request_from_options", "request_options"]
+__all__ = ["ALIASES", "FILE_FIELDS", "request_from_options", "request_options"]
 
 #: Extra option names per field (kept for the README and scripts). A long alias is what ``--help`` shows; the
 #: derived ``--field-name`` stays accepted as a hidden twin (two long names in one row are cut off at 80 columns).
@@ -32,6 +32,14 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "guidance_scale": ("-g",),
     "num_images_per_prompt": ("--num-images",),
     "deep_cache_interval": ("--deep-cache",),
+    "mask_image": ("--mask",),
+}
+
+#: Fields whose option takes a file path on the command line (sent as base64, as the schema wants).
+FILE_FIELDS: dict[str, str] = {
+    "image": "Input image file (PNG/JPEG/WebP) for image-to-image, or inpainting with --mask; width/height default "
+             "to its size.",
+    "mask_image": "Inpainting mask file, the image's size: white = repaint, black = keep.",
 }
 
 #: The help panel the request options are listed under (apart from the command's own options).
@@ -79,6 +87,19 @@ def _merge_twin(kwargs: dict[str, Any], spec: FieldSpec) -> Any:
     return twin if value is None else value
 
 
+def _file_base64(path: str, name: str) -> str:
+    """The file at ``path`` as base64 text (the CLI takes files where the schema takes base64)."""
+    import base64
+    from pathlib import Path
+
+    option = "--mask" if name == "mask_image" else f"--{name}"
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot read {path}: {exc.strerror or exc}", param_hint=option) from None
+    return base64.b64encode(data).decode("ascii")
+
+
 def request_options(*, schema: type[GenerateRequest] = GenerateRequest,
                     descriptions: Mapping[str, str] | None = None) -> Callable[[_F], _F]:
     """Decorate a command: one option per field of ``schema``, handed to it as ``request_values``.
@@ -99,10 +120,14 @@ def request_options(*, schema: type[GenerateRequest] = GenerateRequest,
         @functools.wraps(command)
         def wrapper(**kwargs: Any) -> Any:
             fields = {spec.name: _merge_twin(kwargs, spec) for spec in specs}
+            for name in FILE_FIELDS:
+                if fields.get(name) is not None:
+                    fields[name] = _file_base64(fields[name], name)
             return command(**kwargs, request_values=fields)
 
+        helps = {**FILE_FIELDS, **(descriptions or {})}
         params = [*(p for p in own if p.default is inspect.Parameter.empty),
-                  *(p for s in specs for p in _options(s, (descriptions or {}).get(s.name))),
+                  *(p for s in specs for p in _options(s, helps.get(s.name))),
                   *(p for p in own if p.default is not inspect.Parameter.empty)]
         wrapper.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
             [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params])

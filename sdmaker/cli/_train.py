@@ -103,6 +103,9 @@ def eval_cmd(
     prompt_seed: Annotated[int | None, typer.Option(help="Draw another prompt set (for tuning settings).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     sheet: Annotated[Path | None, typer.Option(help="Also write a contact sheet PNG of the generations.")] = None,
+    kind: Annotated[str, typer.Option("--task", help="txt2img (the prompt set), or the edit evals: img2img (red circle "
+                                           "recoloured blue at strength 0.7), inpaint (a yellow star into a "
+                                           "masked right half); --n 32 by default for those.")] = "txt2img",
     no_track: _NoTrack = False,
     verbose: _Verbose = False,
 ) -> None:
@@ -111,9 +114,15 @@ def eval_cmd(
     from sdmaker.training._tracking import Tracker
 
     setup_logging(verbose)
+    if kind not in ("txt2img", "img2img", "inpaint"):
+        raise typer.BadParameter(f"{kind!r}: one of txt2img, img2img, inpaint", param_hint="--task")
     settings = get_settings()
     loaded = load_model_ref(model, settings)
     name = loaded.name
+    if kind != "txt2img":
+        _edit_eval(loaded, kind, n=n if n != 128 else 32, steps=steps, guidance_scale=guidance_scale, seed=seed,
+                   as_json=as_json, sheet=sheet)
+        return
     with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True) as progress:
         task = progress.add_task("eval", total=n)
@@ -150,6 +159,36 @@ def eval_cmd(
         cells = [f"{report.metrics[key]:.1%}" if key in report.metrics else "-"]
         cells += [f"{report.groups[g][key]:.1%}" if key in report.groups[g] else "-" for g in groups]
         table.add_row(key, *cells)
+    console.print(table)
+    console.print(f"{report.seconds:.0f}s", highlight=False)
+
+
+def _edit_eval(loaded: Any, task: str, *, n: int, steps: int | None, guidance_scale: float | None, seed: int,
+               as_json: bool, sheet: Path | None) -> None:
+    """``sdmaker eval --task img2img|inpaint``: the edit evals (:mod:`sdmaker.training._edit_eval`)."""
+    from sdmaker.training._edit_eval import evaluate_edits
+
+    with Progress(TextColumn(f"[bold]eval {task}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console, transient=True) as progress:
+        bar = progress.add_task("eval", total=n)
+        report = evaluate_edits(loaded, task, n=n, steps=steps, guidance_scale=guidance_scale, seed=seed,
+                                on_batch=lambda done, total: progress.update(bar, completed=done),
+                                keep_images=sheet is not None)
+    if sheet is not None:
+        from sdmaker.training._sampling import contact_sheet
+
+        images = [im for r in report.rows for im in (r["source"], r["image"])]
+        contact_sheet(images, [r["prompt"] for r in report.rows for _ in (0, 1)], cols=8).save(sheet)
+    data = {"model": loaded.name, "digest": loaded.digest, **report.to_dict()}
+    if as_json:
+        console.print_json(json.dumps(data))
+        return
+    table = Table(title=f"eval {task} {loaded.name} ({report.n} held-out cases, {report.settings['num_inference_steps']}"
+                        f" steps x strength {report.settings['strength']})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in report.metrics.items():
+        table.add_row(key, f"{value:.4f}" if key == "unmasked_diff" else f"{value:.1%}")
     console.print(table)
     console.print(f"{report.seconds:.0f}s", highlight=False)
 

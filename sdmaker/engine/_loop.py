@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from sdmaker.engine._deepcache import UNetUnits, check_deepcache_support
+from sdmaker.engine._edit import Edit, prepare_edit
 from sdmaker.engine._loader import LoadedModel
 from sdmaker.engine._preview import LatentPreview, ProgressCallback, StepProgress, fit_latent_preview, preview_interval
 from sdmaker.engine._result import GeneratedImage, GenerationResult, StepCallback, negatives_of
@@ -72,6 +73,8 @@ class Job:
     preview_every: int = 0
     #: when the job's first step began (ETA = time per step so far x steps left)
     running_since: float = field(default_factory=time.perf_counter)
+    #: image-to-image / inpainting: extra UNet inputs, the mask blend after each step, the paste-back
+    edit: Edit | None = None
 
     @property
     def done(self) -> bool:
@@ -89,7 +92,8 @@ class Job:
 
     def model_input(self) -> torch.Tensor:
         latents = torch.cat([self.latents] * 2) if self.cfg else self.latents
-        return self.scheduler.scale_model_input(latents, self.timesteps[self.step])
+        sample = self.scheduler.scale_model_input(latents, self.timesteps[self.step])
+        return sample if self.edit is None else self.edit.unet_input(sample, self.cfg)
 
     def advance(self, noise_pred: torch.Tensor) -> None:
         """Guidance + ``scheduler.step`` on this job's slice of the UNet output; then report progress."""
@@ -100,6 +104,8 @@ class Job:
         self.latents = self.scheduler.step(noise_pred, t, self.latents, **self.extra_step_kwargs,
                                            return_dict=False)[0]
         self.step += 1
+        if self.edit is not None:
+            self.latents = self.edit.blend(self.latents, self.step, self.timesteps, self.scheduler)
         if self.failure is not None:
             return
         try:
@@ -280,8 +286,12 @@ def prepare_jobs(model: LoadedModel, items: Sequence[tuple[GenerateRequest, Step
         scheduler = scheduler_for(model, req)
         scheduler.set_timesteps(req.num_inference_steps, device=device)
         shape = (n, unet.config.in_channels, req.height // pipe.vae_scale_factor, req.width // pipe.vae_scale_factor)
-        latents = randn_tensor(shape, generator=generators, device=device, dtype=pos.dtype)
-        latents = latents * scheduler.init_noise_sigma
+        timesteps, edit = list(scheduler.timesteps), None
+        if req.image is not None:  # image-to-image / inpainting: later start, latents from the image
+            timesteps, latents, edit = prepare_edit(pipe, req, scheduler, generators, device, pos.dtype)
+        else:
+            latents = randn_tensor(shape, generator=generators, device=device, dtype=pos.dtype)
+            latents = latents * scheduler.init_noise_sigma
         timestep_cond = None
         if not guided:
             w = torch.tensor(req.guidance_scale - 1).repeat(n)
@@ -289,9 +299,9 @@ def prepare_jobs(model: LoadedModel, items: Sequence[tuple[GenerateRequest, Step
                 device=device, dtype=latents.dtype)
         jobs.append(Job(
             request=req, seeds=seeds, generators=generators, negatives=negatives_of(req), scheduler=scheduler,
-            timesteps=list(scheduler.timesteps), extra_step_kwargs=_step_kwargs(scheduler, generators), cfg=cfg,
+            timesteps=timesteps, extra_step_kwargs=_step_kwargs(scheduler, generators), cfg=cfg,
             embeds=embeds, latents=latents, timestep_cond=timestep_cond, on_step=on_step,
-            deep_cache_interval=interval, deep_cache_branch=deep_cache_branch, on_progress=on_progress,
+            deep_cache_interval=interval, deep_cache_branch=deep_cache_branch, on_progress=on_progress, edit=edit,
         ))
         job = jobs[-1]
         job.preview_every = preview_interval(req.preview, req.preview_every, len(job.timesteps))
@@ -371,7 +381,8 @@ def decode_jobs(model: LoadedModel, jobs: list[Job]) -> list[np.ndarray]:
                                 generator=generators)[0]
         arrays = pipe.image_processor.postprocess(image, output_type="np", do_denormalize=[True] * image.shape[0])
     sizes = [j.latents.shape[0] for j in jobs]
-    return list(np.split(arrays, np.cumsum(sizes)[:-1]))
+    parts = np.split(arrays, np.cumsum(sizes)[:-1])
+    return [part if j.edit is None else j.edit.paste(part) for j, part in zip(jobs, parts, strict=True)]
 
 
 def to_result(model: LoadedModel, job: Job, arrays: np.ndarray) -> GenerationResult:

@@ -6,6 +6,7 @@ the same type without importing one another.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,9 +16,9 @@ from PIL import Image
 
 from sdmaker import __version__
 from sdmaker.engine._images import MIME_TYPES, encode_image
-from sdmaker.schema import PROGRESS_FIELDS, ResolvedRequest
+from sdmaker.schema import PROGRESS_FIELDS, ResolvedRequest, decode_input_image
 
-__all__ = ["GeneratedImage", "GenerationResult", "StepCallback", "negatives_of"]
+__all__ = ["INPUT_IMAGE_FIELDS", "GeneratedImage", "GenerationResult", "StepCallback", "input_digests", "negatives_of"]
 
 #: ``on_step(step, total)`` is called after each denoising step (1-based ``step``).
 StepCallback = Callable[[int, int], None]
@@ -70,8 +71,12 @@ class GenerationResult:
             "sdmaker_version": __version__,
             "model": self.model_name,
             "model_digest": self.model_digest,
-            "request": single.model_dump(mode="json", exclude=set(PROGRESS_FIELDS)),  # they never change an image
+            # progress fields never change an image; input images are recorded by digest, not by their bytes
+            "request": single.model_dump(mode="json", exclude={*PROGRESS_FIELDS, *INPUT_IMAGE_FIELDS}),
         }
+        inputs = input_digests(self.request)
+        if inputs:
+            recipe["inputs"] = inputs
         if self.dtype is not None:  # precision is a load-time choice, not a request field: recorded beside it
             recipe["dtype"] = self.dtype
         if self.tuned:  # the unset fields came from the model's tuned defaults (``sdmaker model tune``)
@@ -86,6 +91,20 @@ class GenerationResult:
     @property
     def mime_type(self) -> str:
         return MIME_TYPES[self.request.format]
+
+
+#: Request fields that carry input images: the recipe records their sha256 digests instead (``inputs``).
+INPUT_IMAGE_FIELDS: tuple[str, ...] = ("image", "mask_image")
+
+
+def input_digests(request: ResolvedRequest) -> dict[str, str]:
+    """``{"image_sha256": ..., "mask_image_sha256": ...}`` of the request's input images (the decoded bytes)."""
+    out: dict[str, str] = {}
+    for name in INPUT_IMAGE_FIELDS:
+        value = getattr(request, name, None)
+        if value is not None:
+            out[f"{name}_sha256"] = hashlib.sha256(decode_input_image(value, name)).hexdigest()
+    return out
 
 
 def negatives_of(request: ResolvedRequest) -> list[str | None]:

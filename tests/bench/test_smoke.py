@@ -138,3 +138,11 @@ def test_progress_preview_cost_smoke() -> None:
     rows = preview_cost(True, repeats=1, steps=2)
     _check_rows(rows)
     assert "approx preview" in rows[0]["name"] and "VAE decode" in rows[0]["notes"]
+
+
+def test_edit_strength_smoke(sd2_model) -> None:  # type: ignore[no-untyped-def]
+    from bench.edit import _strength_rows
+
+    rows = _strength_rows(sd2_model, quick=True, steps=4, images=1)
+    _check_rows(rows)
+    assert "UNet calls 2 vs 4" in rows[0]["notes"]

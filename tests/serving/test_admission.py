@@ -294,3 +294,19 @@ def test_a_small_request_beside_a_huge_one_is_judged_by_its_fair_share_not_the_w
     with pytest.raises(QueueFullError):  # no free slot: it queues behind everything
         adm.check(small, name="ep", timeout_s=10, workers=1, free_slots=0, budget_pixels=None,
                   share=BATCH_SIZE_GROUPS)
+
+
+def test_edit_work_takes_the_image_size_and_strength() -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    from sdmaker.serving.daemon._admission import work_of_body
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1024, 768)).save(buf, "PNG")
+    image = base64.b64encode(buf.getvalue()).decode("ascii")
+    work = work_of_body(json.dumps({"prompt": "x", "image": image, "num_inference_steps": 20,
+                                    "strength": 0.5}).encode())
+    assert work.pixels == 1024 * 768 and work.units == 1024 * 768 * 10 / 1e6

@@ -149,3 +149,44 @@ def test_off_loopback_auth_is_the_bearer_token(auth_daemon: DaemonProcess) -> No
     assert httpx.get(auth_daemon.url + "/sdmaker/v1/gallery").status_code == 403
     assert httpx.get(auth_daemon.url + "/sdmaker/v1/gallery",
                      headers={"Authorization": "Bearer tok-openai"}).status_code == 200
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_edits_inpaint_with_an_openai_alpha_mask_and_img2img(client: openai.OpenAI) -> None:
+    src = np.full((64, 64, 3), 255, dtype=np.uint8)
+    src[20:44, 4:28] = (220, 30, 30)
+    alpha = np.full((64, 64), 255, dtype=np.uint8)
+    alpha[:, 32:] = 0  # OpenAI's convention: transparent = edit
+    mask = Image.fromarray(np.dstack([np.zeros_like(src), alpha[..., None]]), "RGBA")
+    answer = client.images.edit(model="mini", image=("in.png", _png(Image.fromarray(src)), "image/png"),
+                                mask=("mask.png", _png(mask), "image/png"), prompt="a yellow star on the right",
+                                extra_body={"seed": 5, **_FAST})
+    assert answer.data is not None and len(answer.data) == 1 and answer.size == "64x64"
+    png = base64.b64decode(answer.data[0].b64_json or "")
+    out = _pixels(png)
+    assert np.array_equal(out[:, :32], src[:, :32])  # the kept half comes back exactly
+    recipe = json.loads(Image.open(io.BytesIO(png)).info["sdmaker"])
+    assert recipe["request"]["strength"] == 1.0 and set(recipe["inputs"]) == {"image_sha256", "mask_image_sha256"}
+    # no mask, opaque image: image-to-image at the given strength
+    again = client.images.edit(model="mini", image=("in.png", _png(Image.fromarray(src)), "image/png"),
+                               prompt="a blue circle on the left", extra_body={"seed": 5, "strength": 0.5, **_FAST})
+    png = base64.b64decode((again.data or [])[0].b64_json or "")
+    recipe = json.loads(Image.open(io.BytesIO(png)).info["sdmaker"])
+    assert recipe["request"]["strength"] == 0.5 and set(recipe["inputs"]) == {"image_sha256"}
+
+
+@pytest.mark.parametrize(("files", "param"), [
+    ({"image": ("in.png", b"not an image", "image/png")}, "image"),
+    ({"mask": ("m.png", _png(Image.new("L", (64, 64))), "image/png")}, "image"),  # no image
+    ({"image": ("in.png", _png(Image.new("RGB", (64, 64))), "image/png"),
+      "mask": ("m.png", _png(Image.new("L", (72, 64))), "image/png")}, "mask"),
+])
+def test_bad_edits_are_bad_requests_naming_the_parameter(oa_daemon: DaemonProcess, files: dict, param: str) -> None:
+    got = httpx.post(oa_daemon.url + "/v1/images/edits", files=files, data={"prompt": "x"}, timeout=60)
+    assert got.status_code == 400, got.text
+    assert got.json()["error"]["param"] == param

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdmaker.errors import InvalidRequestError, QueueFullError
-from sdmaker.schema import SEED_DEFAULTS
+from sdmaker.schema import SEED_DEFAULTS, STRENGTH_DEFAULTS, input_image_info
 
 __all__ = ["BATCH_SIZE_GROUPS", "WORKER_BASE_BYTES", "Admission", "Work", "memory_budget_pixels", "work_of_body",
            "worker_memory_floor", "OPAQUE_WORK"]
@@ -90,6 +90,14 @@ def work_of_body(canonical: bytes | None, *, default_size: int = 512) -> Work:
     height = _int(data.get("height"), default_size)
     width = _int(data.get("width"), default_size)
     steps = _int(data.get("num_inference_steps"), int(SEED_DEFAULTS["num_inference_steps"]))
+    image = data.get("image")
+    if isinstance(image, str):  # an edit: the output size defaults to the image's; strength scales the steps
+        with contextlib.suppress(InvalidRequestError):
+            w, h = input_image_info(image)
+            height, width = _int(data.get("height"), h // 8 * 8), _int(data.get("width"), w // 8 * 8)
+        strength = data.get("strength")
+        default = STRENGTH_DEFAULTS["inpaint" if data.get("mask_image") else "img2img"]
+        steps = max(1, int(steps * (strength if isinstance(strength, (int, float)) else default)))
     prompt = data.get("prompt", data.get("inputs"))
     prompts = len(prompt) if isinstance(prompt, list) and prompt else 1
     images = prompts * _int(data.get("num_images_per_prompt"), int(SEED_DEFAULTS["num_images_per_prompt"]))

@@ -33,6 +33,20 @@ spirit only: ``input_tokens`` are the prompt's whitespace-separated words and ``
 latent pixels generated (``images x (width/8) x (height/8) / 16``): sdmaker has no tokenizer in the
 daemon and bills nothing.
 
+``POST /v1/images/edits`` (``client.images.edit``) takes the same fields as multipart/form-data, plus:
+
+=================  ==========================================================================================
+``image``          required: one PNG/JPEG/WebP file (``image[]`` with one file is accepted too)
+``mask``           optional PNG of the image's size. OpenAI's convention: where its alpha is transparent
+                   (< 128) is repainted, opaque is kept. A mask without alpha is read as sdmaker's
+                   ``mask_image``: white = repaint. No mask: the image's own transparent pixels are the
+                   mask when it has any (as DALL-E 2), else the whole image is redrawn (image-to-image)
+``strength``       sdmaker extra (0..1): how much is repainted; default 0.8 without a mask, 1.0 with one
+=================  ==========================================================================================
+
+``size`` defaults to the image's own size (``auto``); another size resizes the image. Outside the mask,
+the answer's pixels are the input's, exactly.
+
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` and status codes (400 bad
 input, 401 credentials, 404 unknown model, 413 body too large, 503 overloaded with ``Retry-After``, 500
 the model failed, 504 timeout), so the OpenAI client raises its typed exceptions
@@ -77,7 +91,7 @@ from sdmaker.serving.daemon._endpoints import EndpointManager
 from sdmaker.serving.daemon._generate import Generated, generate, model_defaults, new_job_id, resolve_target
 from sdmaker.serving.daemon._metrics import DaemonMetrics
 
-__all__ = ["FILES_PREFIX", "QUALITY_STEPS", "URL_TTL_S", "add_openai_routes", "generations", "image_file",
+__all__ = ["FILES_PREFIX", "QUALITY_STEPS", "URL_TTL_S", "add_openai_routes", "edits", "generations", "image_file",
            "is_openai_path", "openai_error_response"]
 
 logger = logging.getLogger(__name__)
@@ -99,7 +113,12 @@ _EXTRA_FIELDS = ("seed", "negative_prompt", "num_inference_steps", "guidance_sca
                  "deep_cache_interval")
 #: request-schema field -> the OpenAI parameter an error about it names
 _PARAM_OF = {"num_images_per_prompt": "n", "height": "size", "width": "size", "format": "output_format",
-             "quality": "output_compression"}
+             "quality": "output_compression", "mask_image": "mask"}
+#: ``/v1/images/edits`` form fields that are not in the JSON API (``input_fidelity`` is accepted, without effect)
+_EDIT_FIELDS = ("image", "image[]", "mask", "strength", "input_fidelity")
+#: form fields (strings on the wire) -> the JSON type the JSON API's checks expect
+_FORM_INTS = ("n", "output_compression", "partial_images", "seed", "num_inference_steps", "deep_cache_interval")
+_FORM_FLOATS = ("guidance_scale", "strength")
 
 
 def is_openai_path(path: str) -> bool:
@@ -215,10 +234,11 @@ def _choice(body: dict[str, Any], key: str, allowed: tuple[str, ...], default: s
     return str(value)
 
 
-def _schema_request(body: dict[str, Any], opts: _Options, defaults: dict[str, Any]) -> GenerateRequest:
-    """The OpenAI request as the one request schema (which does the validation)."""
+def _schema_request(body: dict[str, Any], opts: _Options, defaults: dict[str, Any],
+                    edit: dict[str, Any] | None = None) -> GenerateRequest:
+    """The OpenAI request as the one request schema (which does the validation); ``edit``: image fields."""
     payload: dict[str, Any] = {"prompt": body.get("prompt"), "num_images_per_prompt": opts.n,
-                               "format": opts.output_format}
+                               "format": opts.output_format, **(edit or {})}
     if "prompt" not in body:
         raise _bad("Missing required parameter: 'prompt'.", "prompt")
     if opts.width is not None:
@@ -318,8 +338,6 @@ async def image_file(request: Request, name: str) -> Response:
 async def generations(request: Request) -> Response:
     """``POST /v1/images/generations``."""
     settings: Settings = request.state.settings
-    manager: EndpointManager = request.state.manager
-    metrics: DaemonMetrics = request.state.metrics
     try:
         raw = await read_body(request, settings.max_body_bytes)
         try:
@@ -328,11 +346,122 @@ async def generations(request: Request) -> Response:
             raise _bad("We could not parse the JSON body of your request.", "body") from None
         if not isinstance(body, dict):
             raise _bad("The request body must be a JSON object.", "body")
+    except SdmakerError as exc:
+        return openai_error_response(exc)
+    return await _images(request, body, None)
+
+
+async def edits(request: Request) -> Response:
+    """``POST /v1/images/edits``: multipart/form-data, image-to-image or inpainting (module docstring)."""
+    settings: Settings = request.state.settings
+    try:
+        raw = await read_body(request, settings.max_body_bytes)
+        form = _form_fields(raw, request.headers.get("content-type") or "")
+        body, edit = _edit_fields(form)
+    except SdmakerError as exc:
+        return openai_error_response(exc)
+    return await _images(request, body, edit)
+
+
+def _form_fields(raw: bytes, content_type: str) -> dict[str, list[tuple[str | None, bytes]]]:
+    """A multipart/form-data body: name -> [(filename or None, bytes)], parsed by the standard library."""
+    from email import policy
+    from email.parser import BytesParser
+
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise _bad("Send /v1/images/edits as multipart/form-data (image, mask, prompt, ...).", "body")
+    message = BytesParser(policy=policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n" + raw)
+    if not message.is_multipart():
+        raise _bad("The multipart/form-data body could not be parsed.", "body")
+    fields: dict[str, list[tuple[str | None, bytes]]] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not isinstance(name, str):
+            raise _bad("A form part has no name.", "body")
+        payload = part.get_payload(decode=True)
+        fields.setdefault(name, []).append((part.get_filename(), payload if isinstance(payload, bytes) else b""))
+    return fields
+
+
+def _edit_fields(form: dict[str, list[tuple[str | None, bytes]]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The form as the JSON API's body (typed values) and the schema's image fields (base64, sdmaker's mask)."""
+    body: dict[str, Any] = {}
+    for name, values in form.items():
+        if name in ("image", "image[]", "mask"):
+            continue
+        if len(values) != 1:
+            raise _bad(f"'{name}' is given {len(values)} times", name)
+        text = values[0][1].decode("utf-8", "replace")
+        if name in _FORM_INTS:
+            try:
+                body[name] = int(text)
+            except ValueError:
+                raise _bad(f"Invalid value for '{name}': {text[:40]!r}; expected an integer", name) from None
+        elif name in _FORM_FLOATS:
+            try:
+                body[name] = float(text)
+            except ValueError:
+                raise _bad(f"Invalid value for '{name}': {text[:40]!r}; expected a number", name) from None
+        elif name == "stream":
+            body[name] = text.lower() in ("true", "1")
+        else:
+            body[name] = text
+    images = form.get("image", []) + form.get("image[]", [])
+    if len(images) != 1:
+        raise _bad("Give exactly one 'image' file to edit." if images else "Missing required parameter: 'image'.",
+                   "image")
+    masks = form.get("mask", [])
+    if len(masks) > 1:
+        raise _bad("Give at most one 'mask' file.", "mask")
+    image = images[0][1]
+    mask = _sdmaker_mask(masks[0][1] if masks else None, image)
+    edit: dict[str, Any] = {"image": base64.b64encode(image).decode("ascii")}
+    if mask is not None:
+        edit["mask_image"] = base64.b64encode(mask).decode("ascii")
+    strength = body.pop("strength", None)
+    if strength is not None:
+        edit["strength"] = strength
+    body.pop("input_fidelity", None)
+    return body, edit
+
+
+def _sdmaker_mask(mask: bytes | None, image: bytes) -> bytes | None:
+    """An OpenAI mask (transparent = edit) as sdmaker's ``mask_image`` PNG (white = repaint).
+
+    A mask without alpha is taken as sdmaker's own already. No mask: the image's transparent pixels, if any.
+    """
+    from PIL import Image
+
+    source, param = (mask, "mask") if mask is not None else (image, "image")
+    try:
+        with Image.open(io.BytesIO(source)) as img:
+            has_alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
+            alpha = img.convert("RGBA").getchannel("A") if has_alpha else None
+    except (OSError, ValueError, Image.DecompressionBombError):
+        raise _bad(f"'{param}' is not a PNG, JPEG or WebP image.", param) from None
+    if alpha is None:
+        return mask
+    lowest = alpha.getextrema()[0]
+    if mask is None and isinstance(lowest, int) and lowest >= 128:
+        return None  # an opaque image and no mask: image-to-image
+    repaint = alpha.point(lambda a: 255 if a < 128 else 0)
+    buf = io.BytesIO()
+    repaint.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+async def _images(request: Request, body: dict[str, Any], edit: dict[str, Any] | None) -> Response:
+    """Generate (``edit`` None) or edit images as the OpenAI request ``body`` asks; the answer both routes give."""
+    settings: Settings = request.state.settings
+    manager: EndpointManager = request.state.manager
+    metrics: DaemonMetrics = request.state.metrics
+    try:
         opts = _Options(body, settings)
-        gen_request = _schema_request(body, opts, {})  # bad input is refused before any endpoint is started
+        gen_request = _schema_request(body, opts, {}, edit)  # bad input is refused before any endpoint is started
         rt = await resolve_target(manager, settings, opts.target)
         if QUALITY_STEPS[opts.quality] != 1.0:  # steps relative to the model's own default
-            gen_request = _schema_request(body, opts, model_defaults(manager, rt.name))
+            gen_request = _schema_request(body, opts, model_defaults(manager, rt.name), edit)
         gen_request = _with_previews(gen_request, opts.partial_images if opts.stream else 0)
     except SdmakerError as exc:
         return openai_error_response(exc)
@@ -438,6 +567,13 @@ def add_openai_routes(app: FastAPI, drain: Any) -> None:
         if drain.draining:
             return openai_error_response(drain.error())
         response: Response = await drain.run(generations(request))
+        return response
+
+    @app.post("/v1/images/edits")
+    async def images_edits(request: Request) -> Response:
+        if drain.draining:
+            return openai_error_response(drain.error())
+        response: Response = await drain.run(edits(request))
         return response
 
     @app.get(FILES_PREFIX + "{name}")
