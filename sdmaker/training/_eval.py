@@ -11,8 +11,8 @@ Each prompt set is a pure function of ``(n, seed)``: scenes drawn with a seed ne
 * ``concept``: scenes featuring the opt-in concepts (a heart and/or pink, what the shipped LoRA teaches),
   captioned with the held-out templates; groups ``concept_one`` and ``concept_two``.
 
-``drawn`` is "drawn right": every shape has the right colour and class, in the right place (position for
-one shape, relation for two); ``all`` also needs the right sizes and background.
+``drawn`` is "drawn right": the right background, and every shape of the right colour and class in the right
+place (position for one shape, relation for two); ``all`` also needs the right sizes.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def score_item(item: EvalItem, analysis: Analysis) -> dict[str, Any]:
         out["size"] = float(det is not None and det.size == exp.size)
         out["position"] = float(det is not None and det.position == exp.position)
         out["all"] = float(all(out[k] for k in ("background", "color", "shape", "size", "position")))
-        out["drawn"] = float(all(out[k] for k in ("color", "shape", "position")))
+        out["drawn"] = float(all(out[k] for k in ("background", "color", "shape", "position")))
         return out
     out["count"] = float(len(detected) == 2)
     if len(detected) < 2:
@@ -153,7 +153,7 @@ def score_item(item: EvalItem, analysis: Analysis) -> dict[str, Any]:
     out["relation"] = float(axis_ok)
     out["two_shape_both"] = float(axis_ok and all(colors) and all(shapes))
     out["all"] = float(out["two_shape_both"] and out["background"] and all(sizes))
-    out["drawn"] = out["two_shape_both"]
+    out["drawn"] = float(out["two_shape_both"] and out["background"])
     return out
 
 

@@ -133,7 +133,7 @@ def sample_scene(rng: random.Random, *, two_shape_prob: float = 0.35, heldout: s
 
 def sample_concept_scene(rng: random.Random, *, extra_shapes: tuple[str, ...] = (), extra_colors: tuple[str, ...] = (),
                          two_shape_prob: float = 0.35, jitter: float = 1.0) -> Scene:
-    """A scene in which at least one shape is an extra shape or has an extra colour (a concept scene).
+    """A scene that features an extra shape or colour (a concept scene): on a shape, or as the background.
 
     Backgrounds and partners come from the base palette and shapes plus the extras, so the new words are
     seen in every role and beside every old one. Held-out pairs of the base domain stay held out.
@@ -161,7 +161,8 @@ def sample_concept_scene(rng: random.Random, *, extra_shapes: tuple[str, ...] = 
     two = rng.random() < two_shape_prob
     pairs = [_pair() for _ in range(2 if two else 1)]
     k = rng.randrange(len(pairs))
-    if not any(c in extra_colors or s in extra_shapes for c, s in pairs):  # make shape k a concept one
+    if not any(c in extra_colors or s in extra_shapes for c, s in pairs):  # make shape k a concept one (where it
+        # can: with the only extra colour as the background and colour mode, the background is the concept)
         color, shape = pairs[k]
         modes = (["shape"] if extra_shapes else []) + (["color"] if extra_colors else []) + (
             ["both"] if extra_shapes and extra_colors else [])

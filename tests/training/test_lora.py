@@ -111,7 +111,7 @@ def test_concept_is_opt_in_and_the_analyser_knows_it() -> None:
     for i in range(60):
         scene = sample_concept_scene(scene_rng(3, i), extra_shapes=("heart",), extra_colors=("pink",),
                                      two_shape_prob=0.4)
-        assert any(s.shape == "heart" or s.color == "pink" for s in scene.shapes)
+        assert scene.background == "pink" or any(s.shape == "heart" or s.color == "pink" for s in scene.shapes)
         right += score_item(EvalItem("", scene, "x"), analyse(render(scene)))["all"]
     assert right / 60 >= 0.97
     items = eval_prompts(32, prompt_set="concept")
