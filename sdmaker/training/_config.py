@@ -169,13 +169,10 @@ def _check_lora(cfg: dict[str, Any]) -> None:
         raise ConfigError("a lora config needs 'base': the model it adapts (a built-in name such as mini, or a "
                           "model folder)", field="base")
     lora = cfg["lora"]
-    for key in ("rank", "alpha"):
-        if not isinstance(lora.get(key), (int, float)) or isinstance(lora.get(key), bool) or lora[key] <= 0:
-            raise ConfigError(f"lora.{key}={lora.get(key)!r} must be a positive number", field=f"lora.{key}",
+    for key in ("rank", "alpha"):  # integers: PEFT's LoraConfig types lora_alpha as int
+        if not isinstance(lora.get(key), int) or isinstance(lora.get(key), bool) or lora[key] <= 0:
+            raise ConfigError(f"lora.{key}={lora.get(key)!r} must be a positive integer", field=f"lora.{key}",
                               value=lora.get(key))
-    if not isinstance(lora["rank"], int):
-        raise ConfigError(f"lora.rank={lora['rank']!r} must be a positive integer", field="lora.rank",
-                          value=lora["rank"])
     targets = lora.get("target_modules")
     if not isinstance(targets, list) or not targets or any(t not in LORA_TARGETS for t in targets):
         raise ConfigError(f"lora.target_modules={targets!r} must be a non-empty list of {', '.join(LORA_TARGETS)}",

@@ -265,7 +265,7 @@ def _lora_unet(cfg: dict[str, Any]) -> Any:
     unet = UNet2DConditionModel.from_pretrained(Path(cfg["base_path"]) / "unet", torch_dtype=torch.float32)
     unet.requires_grad_(False)
     lora = cfg["lora"]
-    unet.add_adapter(LoraConfig(r=int(lora["rank"]), lora_alpha=float(lora["alpha"]),
+    unet.add_adapter(LoraConfig(r=int(lora["rank"]), lora_alpha=int(lora["alpha"]),
                                 target_modules=list(lora["target_modules"]), init_lora_weights=True))
     return unet
 
@@ -273,7 +273,7 @@ def _lora_unet(cfg: dict[str, Any]) -> Any:
 def lora_metadata(cfg: dict[str, Any]) -> dict[str, Any]:
     """What the adapter file records about itself (diffusers' ``lora_adapter_metadata``: a LoraConfig)."""
     lora = cfg["lora"]
-    return {"r": int(lora["rank"]), "lora_alpha": float(lora["alpha"]),
+    return {"r": int(lora["rank"]), "lora_alpha": int(lora["alpha"]),
             "target_modules": sorted(lora["target_modules"]), "init_lora_weights": True, "use_dora": False,
             "use_rslora": False, "lora_bias": False, "peft_type": "LORA"}
 
