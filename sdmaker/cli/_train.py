@@ -14,7 +14,7 @@ from sdmaker.cli._common import console, err_console, get_settings, load_model_r
 
 __all__ = ["register"]
 
-train_app = typer.Typer(help="Train the VAE or UNet of a scene model (checkpoints, --resume, MLflow).",
+train_app = typer.Typer(help="Train the VAE, UNet or a LoRA adapter of a scene model (checkpoints, --resume, MLflow).",
                         no_args_is_help=True)
 
 _Config = Annotated[Path, typer.Option("--config", "-c", help="Training config (JSON or YAML).", exists=True,
@@ -34,6 +34,12 @@ def _run(kind: str, config: Path, resume: bool, quick: bool, out: Path | None, n
     setup_logging(verbose)
     settings = get_settings()
     cfg = load_config(config, quick=quick, kind=kind, overrides=overrides)
+    if kind == "lora":  # the base model by name (built-in, store) or folder, and its digest
+        from sdmaker.store import resolve_model
+        from sdmaker.training._config import prepare_lora
+
+        resolved = resolve_model(cfg["base"], settings)
+        cfg = prepare_lora(cfg, resolved.path, resolved.digest)
     out = out or Path("runs") / (cfg["name"] + ("-quick" if quick else ""))
     columns = (TextColumn(f"[bold]train {kind}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.1f} img/s"),
@@ -73,6 +79,15 @@ def train_unet(config: _Config, resume: _Resume = False, quick: _Quick = False, 
          overrides={"vae": str(vae.resolve())} if vae else None)
 
 
+@train_app.command("lora")
+def train_lora(config: _Config, resume: _Resume = False, quick: _Quick = False, out: _Out = None,
+               base: Annotated[str | None, typer.Option(help="Base model: built-in name, store name or folder "
+                                                             "(overrides the config's).")] = None,
+               no_track: _NoTrack = False, verbose: _Verbose = False) -> None:
+    """Train a LoRA adapter (PEFT) on a frozen base model's UNet; writes it in diffusers' LoRA layout."""
+    _run("lora", config, resume, quick, out, no_track, verbose, overrides={"base": base} if base else None)
+
+
 @train_app.command("export")
 def train_export(
     vae: Annotated[Path, typer.Option(help="Trained VAE folder (runs/<vae>/model).", exists=True)],
@@ -101,6 +116,11 @@ def eval_cmd(
     n: Annotated[int, typer.Option("--n", help="Number of held-out prompts.")] = 128,
     seed: Annotated[int, typer.Option(help="Base seed of the generations.")] = 0,
     prompt_seed: Annotated[int | None, typer.Option(help="Draw another prompt set (for tuning settings).")] = None,
+    prompt_set: Annotated[str, typer.Option("--set", help="Prompt set: base (held-out templates), paraphrase "
+                                                          "(held-out phrasings) or concept (heart/pink).")] = "base",
+    lora: Annotated[Path | None, typer.Option("--lora", help="Fuse this LoRA adapter (folder or .safetensors) "
+                                                             "into the model first.")] = None,
+    lora_scale: Annotated[float, typer.Option("--lora-scale", help="Scale of the --lora adapter.")] = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     sheet: Annotated[Path | None, typer.Option(help="Also write a contact sheet PNG of the generations.")] = None,
     kind: Annotated[str, typer.Option("--task", help="txt2img (the prompt set), or the edit evals: img2img (red circle "
@@ -110,15 +130,25 @@ def eval_cmd(
     verbose: _Verbose = False,
 ) -> None:
     """Generate the held-out prompt set and score it per attribute with the scene analyser."""
-    from sdmaker.training._eval import EVAL_SEED, evaluate
+    from sdmaker.errors import ConfigError
+    from sdmaker.training._eval import EVAL_SEED, PROMPT_SETS, evaluate
     from sdmaker.training._tracking import Tracker
 
     setup_logging(verbose)
     if kind not in ("txt2img", "img2img", "inpaint"):
         raise typer.BadParameter(f"{kind!r}: one of txt2img, img2img, inpaint", param_hint="--task")
+    if prompt_set not in PROMPT_SETS:
+        raise ConfigError(f"--set {prompt_set!r} is not valid; allowed: {', '.join(PROMPT_SETS)}", field="set",
+                          value=prompt_set)
     settings = get_settings()
     loaded = load_model_ref(model, settings)
     name = loaded.name
+    adapter: dict[str, Any] = {}
+    if lora is not None:
+        from sdmaker.training._lora import fuse_lora
+
+        adapter = fuse_lora(loaded, lora, scale=lora_scale)
+        name = f"{name}+lora:{Path(adapter['path']).parent.name}@{lora_scale:g}"
     if kind != "txt2img":
         _edit_eval(loaded, kind, n=n if n != 128 else 32, steps=steps, guidance_scale=guidance_scale, seed=seed,
                    as_json=as_json, sheet=sheet)
@@ -128,7 +158,7 @@ def eval_cmd(
         task = progress.add_task("eval", total=n)
         report = evaluate(loaded, n=n, steps=steps, scheduler=scheduler, guidance_scale=guidance_scale,
                           deep_cache_interval=deep_cache, seed=seed,
-                          prompt_seed=EVAL_SEED if prompt_seed is None else prompt_seed,
+                          prompt_seed=EVAL_SEED if prompt_seed is None else prompt_seed, prompt_set=prompt_set,
                           on_batch=lambda done, total: progress.update(task, completed=done),
                           keep_images=sheet is not None)
     if sheet is not None:
@@ -138,21 +168,24 @@ def eval_cmd(
                       cols=8).save(sheet)
     if not no_track:
         tracker = Tracker(settings.mlflow_dir, "sdmaker-eval")
-        tracker.start(f"eval-{name}", {"model": name, "model_digest": loaded.digest, "n": n, **report.settings})
+        tracker.start(f"eval-{name}", {"model": name, "model_digest": loaded.digest, "n": n, **report.settings,
+                                       **({"lora": adapter["path"], "lora_scale": lora_scale} if adapter else {})})
         tracker.log_metrics(report.metrics, 0)
         for group, values in report.groups.items():
             tracker.log_metrics({f"{group}.{k}": v for k, v in values.items() if k != "n"}, 0)
         tracker.end()
-    data = {"model": name, "digest": loaded.digest, **report.to_dict()}
+    data = {"model": name, "digest": loaded.digest, **report.to_dict(),
+            **({"lora": {k: adapter.get(k) for k in ("path", "scale", "base_digest")}} if adapter else {})}
     if as_json:
         console.print_json(json.dumps(data))
         return
-    keys = ("overall", "color", "shape", "size", "position", "relation", "two_shape_both", "background", "all")
-    table = Table(title=f"eval {name} ({n} held-out prompts, {report.settings['num_inference_steps']} steps, "
+    keys = ("overall", "color", "shape", "size", "position", "relation", "two_shape_both", "background", "drawn", "all")
+    table = Table(title=f"eval {name} ({n} held-out {prompt_set} prompts, {report.settings['num_inference_steps']} steps, "
                         f"{report.settings['scheduler']}, guidance {report.settings['guidance_scale']})")
     table.add_column("metric")
     table.add_column("all", justify="right")
-    groups = [g for g in ("one", "one_heldout", "two", "two_heldout", "heldout_pairs") if g in report.groups]
+    groups = [g for g in ("one", "one_heldout", "two", "two_heldout", "heldout_pairs", "para_one", "para_two",
+                          "concept_one", "concept_two") if g in report.groups]
     for g in groups:
         table.add_column(f"{g} (n={int(report.groups[g]['n'])})", justify="right")
     for key in keys:

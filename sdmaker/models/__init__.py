@@ -16,9 +16,13 @@ from pathlib import Path
 from sdmaker.errors import ConfigError, ModelNotFoundError
 from sdmaker.files import staged_dir
 
-__all__ = ["BUILTIN_NAMES", "TOKENIZER_MAX_LENGTH", "assemble_builtin", "assemble_from", "builtin_dir", "is_builtin_ready"]
+__all__ = ["BUILTIN_LORAS", "BUILTIN_NAMES", "TOKENIZER_MAX_LENGTH", "assemble_builtin", "assemble_from", "builtin_dir",
+           "builtin_lora_dir", "is_builtin_ready"]
 
 BUILTIN_NAMES = ("mini",)
+#: LoRA adapters trained by ``sdmaker train lora`` and shipped as examples (``loras/<name>/``: diffusers
+#: layout ``pytorch_lora_weights.safetensors``, ``sdmaker-lora.json`` with the base digest, README).
+BUILTIN_LORAS = ("heart-pink",)
 #: Captions of the scene domain are < 24 word pieces; the pipeline pads every prompt to this length.
 TOKENIZER_MAX_LENGTH = 32
 _TEXT_ENCODER_FILES = ("config.json", "model.safetensors")
@@ -33,6 +37,14 @@ def builtin_dir(name: str) -> Path:
         raise ModelNotFoundError(f"built-in model {name!r} does not exist (built-ins: {', '.join(BUILTIN_NAMES)})",
                                  model=name)
     return Path(__file__).parent / name
+
+
+def builtin_lora_dir(name: str) -> Path:
+    """Folder of the shipped LoRA adapter ``name`` inside the package."""
+    if name not in BUILTIN_LORAS:
+        raise ModelNotFoundError(f"built-in LoRA {name!r} does not exist (built-ins: {', '.join(BUILTIN_LORAS)})",
+                                 model=name)
+    return Path(__file__).parent / "loras" / name
 
 
 def is_builtin_ready(name: str) -> bool:

@@ -20,12 +20,14 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from sdmaker.training._scenes import COLORS, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, shape_points
+from sdmaker.training._scenes import ALL_COLORS, ALL_SHAPES, IMAGE_SIZE, POSITIONS, SIZES, shape_points
 
 __all__ = ["Analysis", "DetectedShape", "analyse"]
 
-_PALETTE_NAMES = list(COLORS)
-_PALETTE = np.array([COLORS[n] for n in _PALETTE_NAMES], dtype=np.float32)
+# every colour and shape the domain knows, the opt-in concepts (pink, heart) included: the judge must see a
+# pink heart as one, also when it judges the base model (where one would be a mistake)
+_PALETTE_NAMES = list(ALL_COLORS)
+_PALETTE = np.array([ALL_COLORS[n] for n in _PALETTE_NAMES], dtype=np.float32)
 _FG_THRESHOLD = 45.0  # RGB distance from the background that counts as foreground
 _MIN_MASS = 8.0  # pixels of coverage below which a component is noise
 _SS = 4
@@ -112,7 +114,7 @@ def _classify(cov: np.ndarray) -> tuple[str, str, tuple[float, float], float]:
     """Best (shape, size) template for a coverage map, and its anchor."""
     cx, cy = _centroid(cov)
     best: tuple[float, str, str, tuple[float, float]] = (-1.0, "circle", "small", (cx, cy))
-    for shape in SHAPES:
+    for shape in ALL_SHAPES:
         for size in SIZES:
             probe = _template(shape, size, 32.0, 32.0)
             px, py = _centroid(probe)

@@ -14,10 +14,11 @@ from typing import Any
 
 from sdmaker.errors import ConfigError
 
-__all__ = ["DEFAULTS", "LOSS_WEIGHTINGS", "PREDICTION_TYPES", "SCHEDULE_KEYS", "config_digest", "data_for_step", "decay_start", "load_config", "require_trained_vae"]
+__all__ = ["DEFAULTS", "LORA_TARGETS", "LOSS_WEIGHTINGS", "PREDICTION_TYPES", "SCHEDULE_KEYS", "config_digest",
+           "data_for_step", "decay_start", "load_config", "prepare_lora", "require_trained_vae"]
 
 DEFAULTS: dict[str, Any] = {
-    "kind": "unet",  # vae | unet
+    "kind": "unet",  # vae | unet | lora
     "name": "run",
     "seed": 0,
     "steps": 1000,
@@ -51,8 +52,18 @@ DEFAULTS: dict[str, Any] = {
     "kl_weight": 1e-6,
     "vae": None,  # unet: folder of the trained VAE (relative to the config file or absolute)
     "max_length": 32,
+    # lora: the base model (built-in name or model folder; the CLI resolves it, :func:`prepare_lora`) and the
+    # adapter (PEFT LoraConfig: rank r, lora_alpha, the attention projections it adapts)
+    "base": None,
+    "lora": {"rank": 8, "alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]},
+    # unet/lora: start from these weights (a UNet folder) instead of a fresh init (fine-tuning)
+    "init_from": None,
 }
-_KINDS = ("vae", "unet")
+_KINDS = ("vae", "unet", "lora")
+#: Module names a LoRA may adapt: the attention projections of the UNet's transformer blocks and their
+#: feed-forward layers (``ff.net.0.proj``, ``ff.net.2``), and the blocks' in/out projections.
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+_EXTRA_DATA_KEYS = ("extra_shapes", "extra_colors", "concept_prob")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 LOSS_WEIGHTINGS = ("min_snr", "min_snr_plus_one")
 
@@ -117,12 +128,66 @@ def load_config(path: Path, *, quick: bool = False, kind: str | None = None,
         if cfg[key] not in allowed:
             raise ConfigError(f"{key}={cfg[key]!r} is not valid; allowed: {', '.join(allowed)}", field=key,
                               value=cfg[key])
+    _check_data(cfg["data"])
+    if cfg["kind"] == "lora":
+        _check_lora(cfg)
+    if cfg["init_from"]:
+        cfg["init_from"] = str(Path(cfg["init_from"]).resolve())
     if cfg["kind"] == "unet":
         if not cfg["vae"]:
             raise ConfigError("a unet config needs 'vae': the folder of the trained VAE", field="vae")
         cfg["vae"] = str(Path(cfg["vae"]).resolve())
     cfg["config_path"] = str(path.resolve())
     return cfg
+
+
+def _check_data(data: dict[str, Any]) -> None:
+    """The opt-in concept keys of ``data``: known extra shapes/colours and a probability."""
+    from sdmaker.training._scenes import EXTRA_COLORS, EXTRA_SHAPES
+
+    for key, known in (("extra_shapes", EXTRA_SHAPES), ("extra_colors", tuple(EXTRA_COLORS))):
+        value = data.get(key, [])
+        if not isinstance(value, list) or any(v not in known for v in value):
+            raise ConfigError(f"data.{key}={value!r} must be a list of {', '.join(known)}", field=f"data.{key}",
+                              value=value)
+    from sdmaker.training._captions import CAPTION_STYLES
+
+    if data.get("captions", "base") not in CAPTION_STYLES:
+        raise ConfigError(f"data.captions={data.get('captions')!r} is not valid; allowed: {', '.join(CAPTION_STYLES)}",
+                          field="data.captions", value=data.get("captions"))
+    prob = data.get("concept_prob", 0.0)
+    if not isinstance(prob, (int, float)) or not 0.0 <= prob <= 1.0:
+        raise ConfigError(f"data.concept_prob={prob!r} must be a number from 0 to 1", field="data.concept_prob",
+                          value=prob)
+    if prob and not (data.get("extra_shapes") or data.get("extra_colors")):
+        raise ConfigError("data.concept_prob needs data.extra_shapes or data.extra_colors",
+                          field="data.concept_prob", value=prob)
+
+
+def _check_lora(cfg: dict[str, Any]) -> None:
+    if not cfg["base"]:
+        raise ConfigError("a lora config needs 'base': the model it adapts (a built-in name such as mini, or a "
+                          "model folder)", field="base")
+    lora = cfg["lora"]
+    for key in ("rank", "alpha"):  # integers: PEFT's LoraConfig types lora_alpha as int
+        if not isinstance(lora.get(key), int) or isinstance(lora.get(key), bool) or lora[key] <= 0:
+            raise ConfigError(f"lora.{key}={lora.get(key)!r} must be a positive integer", field=f"lora.{key}",
+                              value=lora.get(key))
+    targets = lora.get("target_modules")
+    if not isinstance(targets, list) or not targets or any(t not in LORA_TARGETS for t in targets):
+        raise ConfigError(f"lora.target_modules={targets!r} must be a non-empty list of {', '.join(LORA_TARGETS)}",
+                          field="lora.target_modules", value=targets)
+
+
+def prepare_lora(cfg: dict[str, Any], base_dir: Path, base_digest: str) -> dict[str, Any]:
+    """``cfg`` with the resolved base model: its folder, digest, VAE and what its UNet predicts.
+
+    The digest enters :func:`config_digest`, so a checkpoint only resumes on the same base weights.
+    """
+    base_dir = Path(base_dir)
+    sched = json.loads((base_dir / "scheduler" / "scheduler_config.json").read_text())
+    return {**cfg, "base_path": str(base_dir.resolve()), "base_digest": base_digest,
+            "vae": str((base_dir / "vae").resolve()), "prediction_type": sched.get("prediction_type", "epsilon")}
 
 
 def require_trained_vae(cfg: dict[str, Any]) -> Path:
@@ -178,12 +243,12 @@ def data_for_step(cfg: dict[str, Any], step: int) -> dict[str, Any]:
 
 #: Keys added after checkpoints existed: left out of the digest at these values, so older checkpoints
 #: (which trained with exactly these) still resume.
-_LATER_KEYS = {key: DEFAULTS[key] for key in ("prediction_type", "loss_weighting")}
+_LATER_KEYS = {key: DEFAULTS[key] for key in ("prediction_type", "loss_weighting", "base", "lora", "init_from")}
 
 
 def config_digest(cfg: dict[str, Any]) -> str:
     """Digest of the settings that determine the weights (a checkpoint only resumes the same run)."""
     keep = {k: v for k, v in cfg.items() if k not in ("config_path", "checkpoint_every", "log_every", "num_workers",
-                                                      "sample_every", "name", *SCHEDULE_KEYS)
+                                                      "sample_every", "name", "base_path", *SCHEDULE_KEYS)
             and not (k in _LATER_KEYS and v == _LATER_KEYS[k])}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]

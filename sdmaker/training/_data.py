@@ -19,7 +19,7 @@ import torch
 
 from sdmaker.training._captions import caption
 from sdmaker.training._config import data_for_step
-from sdmaker.training._scenes import render, sample_scene, scene_rng
+from sdmaker.training._scenes import render, sample_concept_scene, sample_scene, scene_rng
 
 __all__ = ["TextEncoderCache", "UnetBatches", "VaeBatches", "image_to_tensor", "make_loader"]
 
@@ -35,8 +35,15 @@ def _samples(cfg: dict[str, Any], step: int) -> list[tuple[Any, str, random.Rand
     out = []
     for i in range(cfg["batch_size"]):
         rng = scene_rng(cfg["seed"], step * cfg["batch_size"] + i)
-        scene = sample_scene(rng, two_shape_prob=data["two_shape_prob"], heldout="exclude", jitter=data["jitter"])
-        out.append((scene, caption(scene, rng, split="train"), rng))
+        # concept scenes (opt-in: a LoRA's data) mixed with ordinary ones, so the old domain is not forgotten;
+        # without extras no extra random draw is made, so the base recipe's data is unchanged
+        extras = tuple(data.get("extra_shapes", ())), tuple(data.get("extra_colors", ()))
+        if (extras[0] or extras[1]) and rng.random() < float(data.get("concept_prob", 0.5)):
+            scene = sample_concept_scene(rng, extra_shapes=extras[0], extra_colors=extras[1],
+                                         two_shape_prob=data["two_shape_prob"], jitter=data["jitter"])
+        else:
+            scene = sample_scene(rng, two_shape_prob=data["two_shape_prob"], heldout="exclude", jitter=data["jitter"])
+        out.append((scene, caption(scene, rng, split="train", style=data.get("captions", "base")), rng))
     return out
 
 

@@ -1,9 +1,18 @@
-"""Evaluate a scene model: generate the held-out prompt set and score the images with the analyser.
+"""Evaluate a scene model: generate a held-out prompt set and score the images with the analyser.
 
-The prompt set is a pure function of ``(n, seed)``: scenes drawn with a seed never used for training,
-captioned only with the held-out templates (:data:`EVAL_TEMPLATES`), in four groups:
-``one`` (one shape, trained colour/shape pairs), ``one_heldout`` (one shape of a held-out pair),
-``two`` and ``two_heldout`` (two shapes; the latter includes at least one held-out pair).
+Each prompt set is a pure function of ``(n, seed)``: scenes drawn with a seed never used for training.
+
+* ``base`` (the default): captioned only with the held-out templates (:data:`EVAL_TEMPLATES`), in four
+  groups: ``one`` (one shape, trained colour/shape pairs), ``one_heldout`` (one shape of a held-out pair),
+  ``two`` and ``two_heldout`` (two shapes; the latter includes at least one held-out pair).
+* ``paraphrase``: the same kind of scenes (trained pairs), captioned with the held-out paraphrase templates
+  and phrases (:data:`PARAPHRASE_TEMPLATES`: other words for positions, sizes, backgrounds and relations,
+  other sentence shapes); groups ``para_one`` and ``para_two``.
+* ``concept``: scenes featuring the opt-in concepts (a heart and/or pink, what the shipped LoRA teaches),
+  captioned with the held-out templates; groups ``concept_one`` and ``concept_two``.
+
+``drawn`` is "drawn right": the right background, and every shape of the right colour and class in the right
+place (position for one shape, relation for two); ``all`` also needs the right sizes.
 """
 
 from __future__ import annotations
@@ -16,14 +25,27 @@ from typing import Any
 
 from sdmaker.training._analyser import Analysis, DetectedShape, analyse
 from sdmaker.training._captions import caption
-from sdmaker.training._scenes import Scene, ShapeSpec, sample_scene, scene_rng
+from sdmaker.training._scenes import (
+    EXTRA_COLORS,
+    EXTRA_SHAPES,
+    Scene,
+    ShapeSpec,
+    sample_concept_scene,
+    sample_scene,
+    scene_rng,
+)
 
-__all__ = ["EVAL_SEED", "EvalItem", "EvalReport", "eval_prompts", "evaluate", "score_item", "summarise"]
+__all__ = ["EVAL_SEED", "PROMPT_SETS", "EvalItem", "EvalReport", "eval_prompts", "evaluate", "score_item",
+           "summarise"]
 
 logger = logging.getLogger(__name__)
 
 EVAL_SEED = 424242
 _GROUPS = (("one", 0.3125), ("one_heldout", 0.3125), ("two", 0.25), ("two_heldout", 0.125))
+_PARA_GROUPS = (("para_one", 0.625), ("para_two", 0.375))
+_CONCEPT_GROUPS = (("concept_one", 0.625), ("concept_two", 0.375))
+#: Prompt sets ``sdmaker eval --set`` knows (module docstring).
+PROMPT_SETS = ("base", "paraphrase", "concept")
 BATCH = 16
 
 
@@ -48,8 +70,36 @@ class EvalReport:
                 "seconds": round(self.seconds, 2)}
 
 
-def eval_prompts(n: int = 128, seed: int = EVAL_SEED) -> list[EvalItem]:
-    """The deterministic held-out prompt set of size ``n`` (group sizes in the module docstring)."""
+def _counts(n: int, groups: tuple[tuple[str, float], ...]) -> list[int]:
+    counts = [max(1, round(n * frac)) for _, frac in groups]
+    counts[0] += n - sum(counts)
+    return counts
+
+
+def _extra_prompts(n: int, seed: int, prompt_set: str) -> list[EvalItem]:
+    groups = _PARA_GROUPS if prompt_set == "paraphrase" else _CONCEPT_GROUPS
+    items: list[EvalItem] = []
+    for g, ((group, _), count) in enumerate(zip(groups, _counts(n, groups), strict=True)):
+        two = group.endswith("two")
+        for i in range(count):
+            # seeds of their own: neither the base set's nor training's (seed 0 .. few)
+            rng = scene_rng(seed + (50_000 if prompt_set == "paraphrase" else 60_000) + 1000 * g, i)
+            if prompt_set == "paraphrase":
+                scene = sample_scene(rng, two_shape_prob=1.0 if two else 0.0, heldout="exclude")
+                items.append(EvalItem(caption(scene, rng, split="paraphrase"), scene, group))
+            else:
+                scene = sample_concept_scene(rng, extra_shapes=EXTRA_SHAPES, extra_colors=tuple(EXTRA_COLORS),
+                                             two_shape_prob=1.0 if two else 0.0)
+                items.append(EvalItem(caption(scene, rng, split="eval"), scene, group))
+    return items[:n]
+
+
+def eval_prompts(n: int = 128, seed: int = EVAL_SEED, prompt_set: str = "base") -> list[EvalItem]:
+    """The deterministic held-out prompt set ``prompt_set`` of size ``n`` (groups in the module docstring)."""
+    if prompt_set not in PROMPT_SETS:
+        raise ValueError(f"prompt set {prompt_set!r} is not one of {', '.join(PROMPT_SETS)}")
+    if prompt_set != "base":
+        return _extra_prompts(n, seed, prompt_set)
     items: list[EvalItem] = []
     counts = [max(1, round(n * frac)) for _, frac in _GROUPS]
     counts[0] += n - sum(counts)
@@ -83,10 +133,11 @@ def score_item(item: EvalItem, analysis: Analysis) -> dict[str, Any]:
         out["size"] = float(det is not None and det.size == exp.size)
         out["position"] = float(det is not None and det.position == exp.position)
         out["all"] = float(all(out[k] for k in ("background", "color", "shape", "size", "position")))
+        out["drawn"] = float(all(out[k] for k in ("background", "color", "shape", "position")))
         return out
     out["count"] = float(len(detected) == 2)
     if len(detected) < 2:
-        for key in ("color", "shape", "size", "relation", "two_shape_both", "all"):
+        for key in ("color", "shape", "size", "relation", "two_shape_both", "all", "drawn"):
             out[key] = 0.0
         return out
     exp_sorted, det_sorted = _order(expected, scene.relation), _order(detected[:2], scene.relation)
@@ -102,6 +153,7 @@ def score_item(item: EvalItem, analysis: Analysis) -> dict[str, Any]:
     out["relation"] = float(axis_ok)
     out["two_shape_both"] = float(axis_ok and all(colors) and all(shapes))
     out["all"] = float(out["two_shape_both"] and out["background"] and all(sizes))
+    out["drawn"] = float(out["two_shape_both"] and out["background"])
     return out
 
 
@@ -112,7 +164,7 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float | None:
 
 def summarise(items: list[EvalItem], scores: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, dict]]:
     """Overall and per-group accuracies. ``overall`` = mean of colour, shape, position, two_shape_both."""
-    keys = ("background", "color", "shape", "size", "position", "relation", "two_shape_both", "count", "all")
+    keys = ("background", "color", "shape", "size", "position", "relation", "two_shape_both", "count", "all", "drawn")
     metrics = {k: v for k in keys if (v := _mean(scores, k)) is not None}
     parts = [metrics.get(k) for k in ("color", "shape", "position", "two_shape_both")]
     metrics["overall"] = sum(p for p in parts if p is not None) / len([p for p in parts if p is not None])
@@ -122,25 +174,26 @@ def summarise(items: list[EvalItem], scores: list[dict[str, Any]]) -> tuple[dict
         groups[name] = {k: v for k in keys if (v := _mean(rows, k)) is not None}
         groups[name]["n"] = float(len(rows))
     held = [s for it, s in zip(items, scores, strict=True) if it.group.endswith("heldout")]
-    groups["heldout_pairs"] = {k: v for k in keys if (v := _mean(held, k)) is not None}
-    groups["heldout_pairs"]["n"] = float(len(held))
+    if held:
+        groups["heldout_pairs"] = {k: v for k in keys if (v := _mean(held, k)) is not None}
+        groups["heldout_pairs"]["n"] = float(len(held))
     return metrics, groups
 
 
 def evaluate(model: Any, *, n: int = 128, steps: int | None = None, scheduler: str | None = None,
              guidance_scale: float | None = None, deep_cache_interval: int | None = None, seed: int = 0,
-             prompt_seed: int = EVAL_SEED,
+             prompt_seed: int = EVAL_SEED, prompt_set: str = "base",
              on_batch: Callable[[int, int], None] | None = None, keep_images: bool = False) -> EvalReport:
     """Generate the prompt set with ``model`` (a LoadedModel) at its defaults unless overridden, and score it.
 
     ``prompt_seed`` other than :data:`EVAL_SEED` draws a different prompt set (tune settings on that one,
-    report on the default one).
+    report on the default one); ``prompt_set`` picks which (:data:`PROMPT_SETS`).
     """
     from sdmaker.engine import generate
     from sdmaker.schema import parse_request
 
     started = time.perf_counter()
-    items = eval_prompts(n, prompt_seed)
+    items = eval_prompts(n, prompt_seed, prompt_set)
     scores: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
     resolved_settings: dict[str, Any] = {}
@@ -157,7 +210,7 @@ def evaluate(model: Any, *, n: int = 128, steps: int | None = None, scheduler: s
                              "scheduler": request.scheduler or model.default_scheduler,
                              "deep_cache_interval": request.deep_cache_interval,
                              "height": request.height, "width": request.width, "seed": seed,
-                             "prompt_seed": prompt_seed}
+                             "prompt_seed": prompt_seed, "prompt_set": prompt_set}
         result = generate(model, request)
         for item, img in zip(chunk, result.images, strict=True):
             analysis = analyse(img.image)

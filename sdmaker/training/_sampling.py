@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 
 from sdmaker.training._scenes import render, sample_scene, scene_rng
 
-__all__ = ["SAMPLE_PROMPTS", "build_pipeline", "contact_sheet", "sample_grid", "vae_latent_scale"]
+__all__ = ["CONCEPT_SAMPLE_PROMPTS", "SAMPLE_PROMPTS", "build_pipeline", "contact_sheet", "sample_grid", "vae_latent_scale"]
 
 SAMPLE_PROMPTS = (
     "a large red circle in the center on a white background",
@@ -21,6 +21,18 @@ SAMPLE_PROMPTS = (
     "white background, a small orange star above a small green triangle",
     "a large white triangle in the bottom right corner on a purple background",
     "a large black square at the top, green background",
+)
+
+#: Sample prompts of a run whose data adds the opt-in concepts (a LoRA teaching heart and pink).
+CONCEPT_SAMPLE_PROMPTS = (
+    "a large pink heart in the center on a white background",
+    "black background, small red heart at the top left",
+    "a large pink square on the right, blue background",
+    "a small green heart at the bottom on a pink background",
+    "a large pink circle to the left of a large yellow heart, black background",
+    "white background, a small orange star above a small pink triangle",
+    "a large red circle in the center on a white background",
+    "a large blue circle to the left of a large yellow square, black background",
 )
 
 
@@ -104,7 +116,9 @@ def sample_grid(run: Any, out_dir: Path, step: int, text_model_dir: Path | None)
             text_model_dir = minilm_dir()
         vae = AutoencoderKL.from_pretrained(cfg["vae"]).eval()
         pipe = build_pipeline(model, vae, text_model_dir, cfg["max_length"], prediction_type=cfg["prediction_type"])
-        prompts = list(SAMPLE_PROMPTS)
+        data = cfg.get("data", {})
+        prompts = list(CONCEPT_SAMPLE_PROMPTS if data.get("extra_shapes") or data.get("extra_colors")
+                       else SAMPLE_PROMPTS)
         gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
         images = pipe(prompts, num_inference_steps=20, guidance_scale=5.0, generator=gens, height=64,
                       width=64).images

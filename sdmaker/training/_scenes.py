@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from PIL import Image, ImageDraw
 
 __all__ = [
-    "COLORS", "HELDOUT_PAIRS", "IMAGE_SIZE", "POSITIONS", "RELATIONS", "SHAPES", "SIZES",
-    "Scene", "ShapeSpec", "render", "sample_scene", "scene_rng", "shape_points",
+    "ALL_COLORS", "ALL_SHAPES", "COLORS", "EXTRA_COLORS", "EXTRA_SHAPES", "HELDOUT_PAIRS", "IMAGE_SIZE", "POSITIONS",
+    "RELATIONS", "SHAPES", "SIZES", "Scene", "ShapeSpec", "render", "sample_concept_scene", "sample_scene", "scene_rng",
+    "shape_points",
 ]
 
 IMAGE_SIZE = 64
@@ -37,6 +38,13 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "black": (20, 20, 20),
 }
 SHAPES = ("circle", "square", "triangle", "star")
+#: Concepts the built-in model never saw (issue 16): a LoRA adapter teaches them. Opt-in only: the base
+#: model's data and eval draw from COLORS/SHAPES alone; a config names them in ``data.extra_shapes`` /
+#: ``data.extra_colors``. The analyser knows them all, so the judge can tell a heart or pink when it sees one.
+EXTRA_COLORS: dict[str, tuple[int, int, int]] = {"pink": (250, 120, 200)}
+EXTRA_SHAPES = ("heart",)
+ALL_COLORS: dict[str, tuple[int, int, int]] = {**COLORS, **EXTRA_COLORS}
+ALL_SHAPES = SHAPES + EXTRA_SHAPES
 #: Radius of the circumscribed circle in pixels of the 64x64 image.
 SIZES: dict[str, float] = {"small": 7.0, "large": 12.0}
 #: Anchor (x, y) of one shape at each named position.
@@ -123,6 +131,76 @@ def sample_scene(rng: random.Random, *, two_shape_prob: float = 0.35, heldout: s
     return Scene(background, (spec,))
 
 
+def sample_concept_scene(rng: random.Random, *, extra_shapes: tuple[str, ...] = (), extra_colors: tuple[str, ...] = (),
+                         two_shape_prob: float = 0.35, jitter: float = 1.0) -> Scene:
+    """A scene that features an extra shape or colour (a concept scene): on a shape, or as the background.
+
+    Backgrounds and partners come from the base palette and shapes plus the extras, so the new words are
+    seen in every role and beside every old one. Held-out pairs of the base domain stay held out.
+    """
+    for name in extra_shapes:
+        if name not in EXTRA_SHAPES:
+            raise ValueError(f"unknown extra shape {name!r} (known: {', '.join(EXTRA_SHAPES)})")
+    for name in extra_colors:
+        if name not in EXTRA_COLORS:
+            raise ValueError(f"unknown extra colour {name!r} (known: {', '.join(EXTRA_COLORS)})")
+    if not extra_shapes and not extra_colors:
+        raise ValueError("a concept scene needs at least one extra shape or colour")
+    colors, shapes = [*COLORS, *extra_colors], [*SHAPES, *extra_shapes]
+    background = rng.choice(colors)
+
+    def _jit(xy: tuple[float, float]) -> tuple[float, float]:
+        return (xy[0] + rng.uniform(-jitter, jitter), xy[1] + rng.uniform(-jitter, jitter))
+
+    def _pair() -> tuple[str, str]:
+        while True:
+            color, shape = rng.choice([c for c in colors if c != background]), rng.choice(shapes)
+            if (color, shape) not in HELDOUT_PAIRS:
+                return color, shape
+
+    two = rng.random() < two_shape_prob
+    pairs = [_pair() for _ in range(2 if two else 1)]
+    k = rng.randrange(len(pairs))
+    if not any(c in extra_colors or s in extra_shapes for c, s in pairs):  # make shape k a concept one (where it
+        # can: with the only extra colour as the background and colour mode, the background is the concept)
+        color, shape = pairs[k]
+        modes = (["shape"] if extra_shapes else []) + (["color"] if extra_colors else []) + (
+            ["both"] if extra_shapes and extra_colors else [])
+        mode = rng.choice(modes)
+        if mode in ("shape", "both"):
+            shape = rng.choice(extra_shapes)
+        if mode in ("color", "both"):
+            options = [c for c in extra_colors if c != background]
+            color = rng.choice(options) if options else color
+            if color not in extra_colors and not extra_shapes:
+                background = rng.choice(list(COLORS))  # the only extra colour was the background
+                color = rng.choice(extra_colors)
+                pairs = [(c if c != background else color, s) for c, s in pairs]
+        pairs[k] = (color, shape)
+    if two:
+        relation = rng.choice(RELATIONS)
+        anchors = _REL_ANCHORS[relation]
+        specs = tuple(ShapeSpec(c, s, rng.choice(list(SIZES)), _jit(a)) for (c, s), a in zip(pairs, anchors,
+                                                                                              strict=True))
+        return Scene(background, specs, relation)
+    position = rng.choice(list(POSITIONS))
+    color, shape = pairs[0]
+    return Scene(background, (ShapeSpec(color, shape, rng.choice(list(SIZES)), _jit(POSITIONS[position]), position),))
+
+
+def _heart(cx: float, cy: float, r: float, n: int = 48) -> list[tuple[float, float]]:
+    """The classic parametric heart, ``r`` wide either side, centred on its bounding box."""
+    raw = []
+    for k in range(n):
+        t = 2 * math.pi * k / n
+        x = 16 * math.sin(t) ** 3
+        y = -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t))
+        raw.append((x, y))
+    ys = [y for _, y in raw]
+    mid = (max(ys) + min(ys)) / 2
+    return [(cx + x * r / 16, cy + (y - mid) * r / 16) for x, y in raw]
+
+
 def shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
     """Polygon of ``shape`` (None for a circle), in the same units as the centre and radius."""
     if shape == "square":
@@ -139,6 +217,8 @@ def shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[float
             ang = -math.pi / 2 + k * math.pi / 5
             pts.append((cx + rad * math.cos(ang), cy + rad * math.sin(ang) + r * 0.095))
         return pts
+    if shape == "heart":
+        return _heart(cx, cy, r)
     if shape == "circle":
         return None
     raise ValueError(f"unknown shape {shape!r}")
@@ -158,8 +238,8 @@ def _draw(draw: ImageDraw.ImageDraw, spec: ShapeSpec, fill: tuple[int, ...] | in
 def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     """Anti-aliased RGB rendering of ``scene`` at ``size`` x ``size`` (anchors are in 64x64 units)."""
     big = size * _SUPERSAMPLE
-    img = Image.new("RGB", (big, big), COLORS[scene.background])
+    img = Image.new("RGB", (big, big), ALL_COLORS[scene.background])
     draw = ImageDraw.Draw(img)
     for spec in scene.shapes:
-        _draw(draw, spec, COLORS[spec.color], big / IMAGE_SIZE)
+        _draw(draw, spec, ALL_COLORS[spec.color], big / IMAGE_SIZE)
     return img.resize((size, size), Image.Resampling.LANCZOS)

@@ -30,7 +30,7 @@ from sdmaker.training._data import UnetBatches, VaeBatches, make_loader
 from sdmaker.training._models import build_scheduler, build_unet, build_vae
 from sdmaker.training._tracking import Tracker
 
-__all__ = ["CHECKPOINT_FILE", "EXPORT_DIR", "TRAINING_FILE", "loss_weights", "ProgressFn", "TrainResult", "train"]
+__all__ = ["CHECKPOINT_FILE", "EXPORT_DIR", "LORA_FILE", "TRAINING_FILE", "lora_metadata", "loss_weights", "ProgressFn", "TrainResult", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 EXPORT_DIR = "model"
 #: Beside an exported UNet: the training facts its pipeline needs (``prediction_type``).
 TRAINING_FILE = "sdmaker-training.json"
+#: Beside an exported LoRA: its base model (name and digest), rank, alpha, targets and the concept it teaches.
+LORA_FILE = "sdmaker-lora.json"
 #: ``progress(step, total, metrics)`` after every optimisation step.
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 
@@ -133,22 +135,53 @@ class _Run:
         if cfg["kind"] == "vae":
             self.model = build_vae(cfg["model"])
             self.vae_scaling = 1.0
+        elif cfg["kind"] == "lora":
+            from diffusers import AutoencoderKL
+
+            self.vae_scaling = float(AutoencoderKL.load_config(str(require_trained_vae(cfg))).get("scaling_factor", 1.0))
+            self.model = _lora_unet(cfg)
+            self._noise_schedule(cfg)
         else:
             from diffusers import AutoencoderKL
 
             vae_cfg = AutoencoderKL.load_config(str(require_trained_vae(cfg)))
             factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
             self.vae_scaling = float(vae_cfg.get("scaling_factor", 1.0))
-            self.model = build_unet(cfg["model"], sample_size=64 // factor, in_channels=vae_cfg["latent_channels"],
-                                    cross_attention_dim=384)
-            self.noise_sched = build_scheduler("ddpm", cfg["prediction_type"])
-            ac = self.noise_sched.alphas_cumprod
-            self.snr = ac / (1 - ac)
+            if cfg.get("init_from"):  # fine-tuning: the architecture and weights of an existing UNet
+                from diffusers import UNet2DConditionModel
+
+                self.model = UNet2DConditionModel.from_pretrained(cfg["init_from"], torch_dtype=torch.float32)
+            else:
+                self.model = build_unet(cfg["model"], sample_size=64 // factor,
+                                        in_channels=vae_cfg["latent_channels"], cross_attention_dim=384)
+            self._noise_schedule(cfg)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.ema = [p.detach().clone() for p in self.params]
         self.opt = torch.optim.AdamW(self.params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg))
+
+    def _noise_schedule(self, cfg: dict[str, Any]) -> None:
+        self.noise_sched = build_scheduler("ddpm", cfg["prediction_type"])
+        ac = self.noise_sched.alphas_cumprod
+        self.snr = ac / (1 - ac)
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """The trained weights: the whole model, or only the adapter's (a LoRA's base is frozen and not saved)."""
+        if self.cfg["kind"] != "lora":
+            return self.model.state_dict()
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def load_trained_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.cfg["kind"] != "lora":
+            self.model.load_state_dict(state)
+            return
+        result = self.model.load_state_dict(state, strict=False)
+        trained = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        if result.unexpected_keys or trained - set(state):
+            raise ConfigError("the checkpoint's adapter weights do not match this config's adapter "
+                              f"(missing {sorted(trained - set(state))[:3]}, unexpected {result.unexpected_keys[:3]})",
+                              field="lora")
 
     def loss(self, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         gen = _step_generator(self.cfg["seed"], step)
@@ -187,7 +220,7 @@ class _Run:
     def state(self, step: int, run_id: str | None, best: float, out_dir: Path) -> dict[str, Any]:
         """Everything an exact resume needs, plus the folder it was written in (a copy elsewhere is a branch)."""
         return {
-            "step": step, "config_digest": config_digest(self.cfg), "model": self.model.state_dict(),
+            "step": step, "config_digest": config_digest(self.cfg), "model": self.trained_state(),
             "ema": [t.clone() for t in self.ema], "optimizer": self.opt.state_dict(),
             "lr_scheduler": self.sched.state_dict(), "torch_rng": torch.get_rng_state(),
             "numpy_rng": np.random.get_state(), "python_rng": random.getstate(), "mlflow_run_id": run_id,
@@ -200,7 +233,7 @@ class _Run:
                               "(or start without --resume in a new --out folder)", field="config")
         if "lr_plan" in ckpt:
             check_resumable(ckpt["lr_plan"], self.cfg, int(ckpt["step"]))
-        self.model.load_state_dict(ckpt["model"])
+        self.load_trained_state(ckpt["model"])
         for dst, src in zip(self.ema, ckpt["ema"], strict=True):
             dst.copy_(src)
         self.opt.load_state_dict(ckpt["optimizer"])
@@ -220,10 +253,57 @@ class _Run:
         return model.eval()
 
 
+def _lora_unet(cfg: dict[str, Any]) -> Any:
+    """The base model's UNet (fp32, frozen) with a fresh PEFT LoRA adapter on ``lora.target_modules``.
+
+    The adapter's A matrices are initialised from torch's global RNG (seeded by the caller) and its B
+    matrices are zero, so step 0 is exactly the base model.
+    """
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    unet = UNet2DConditionModel.from_pretrained(Path(cfg["base_path"]) / "unet", torch_dtype=torch.float32)
+    unet.requires_grad_(False)
+    lora = cfg["lora"]
+    unet.add_adapter(LoraConfig(r=int(lora["rank"]), lora_alpha=int(lora["alpha"]),
+                                target_modules=list(lora["target_modules"]), init_lora_weights=True))
+    return unet
+
+
+def lora_metadata(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What the adapter file records about itself (diffusers' ``lora_adapter_metadata``: a LoraConfig)."""
+    lora = cfg["lora"]
+    return {"r": int(lora["rank"]), "lora_alpha": int(lora["alpha"]),
+            "target_modules": sorted(lora["target_modules"]), "init_lora_weights": True, "use_dora": False,
+            "use_rslora": False, "lora_bias": False, "peft_type": "LORA"}
+
+
+def _export_lora(run: _Run, dest: Path) -> None:
+    """Write the EMA adapter in diffusers' LoRA layout (``pytorch_lora_weights.safetensors``) + its facts."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    model = run.ema_model()
+    layers = {k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    StableDiffusionPipeline.save_lora_weights(dest, unet_lora_layers=layers,
+                                              unet_lora_adapter_metadata=lora_metadata(run.cfg))
+    data = run.cfg.get("data", {})
+    facts = {"kind": "lora", "base": run.cfg["base"], "base_digest": run.cfg["base_digest"],
+             **{k: v for k, v in lora_metadata(run.cfg).items() if k in ("r", "lora_alpha", "target_modules")},
+             "extra_shapes": data.get("extra_shapes", []), "extra_colors": data.get("extra_colors", []),
+             "steps": int(run.cfg["steps"]), "config": run.cfg["name"], "config_digest": config_digest(run.cfg)}
+    (dest / LORA_FILE).write_text(json.dumps(facts, indent=2) + "\n")
+
+
 def _export(run: _Run, out_dir: Path) -> Path:
     """Save the EMA model as a diffusers component folder (``out_dir/model``), atomically."""
     from sdmaker.training._sampling import vae_latent_scale
 
+    if run.cfg["kind"] == "lora":
+        dest = out_dir / EXPORT_DIR
+        with staged_dir(dest) as tmp:
+            _export_lora(run, tmp)
+        return dest
     model = run.ema_model()
     if run.cfg["kind"] == "vae":
         scale = vae_latent_scale(model, run.cfg)

@@ -1,0 +1,140 @@
+"""LoRA training (issue 16): PEFT adapter on the frozen built-in UNet, diffusers layout, exact resume, MLflow;
+the opt-in heart/pink concept; the held-out paraphrase prompt set."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdmaker.cli import app
+from sdmaker.cli._common import run_app
+from sdmaker.training._config import load_config, prepare_lora
+from sdmaker.training._trainer import CHECKPOINT_FILE, LORA_FILE, train
+
+ROOT = Path(__file__).resolve().parents[2]
+LORA_CONFIG = ROOT / "configs" / "train" / "lora-heart-pink.json"
+
+
+def _quick_cfg(**overrides: object) -> dict:
+    from sdmaker.models import builtin_dir
+
+    cfg = load_config(LORA_CONFIG, quick=True, overrides=dict(overrides))
+    return prepare_lora(cfg, builtin_dir("mini"), "test-base-digest")
+
+
+def _state(run_dir: Path) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(run_dir / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    out = {f"model.{k}": v for k, v in ckpt["model"].items()}
+    out.update({f"ema.{i}": t for i, t in enumerate(ckpt["ema"])})
+    for idx, st in ckpt["optimizer"]["state"].items():
+        out.update({f"opt.{idx}.{k}": v for k, v in st.items() if torch.is_tensor(v)})
+    return out
+
+
+def test_quick_lora_trains_only_the_adapter_and_resumes_exactly(tmp_path: Path) -> None:
+    cfg = _quick_cfg()
+    straight = train(cfg, tmp_path / "straight")
+    assert straight.status == "finished" and straight.model_dir is not None
+    stopped = train(cfg, tmp_path / "resumed", stop_after=2)
+    assert stopped.status == "stopped" and stopped.steps_done == 2
+    resumed = train(cfg, tmp_path / "resumed", resume=True)
+    assert resumed.steps_done == cfg["steps"]
+    a, b = _state(tmp_path / "straight"), _state(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # only adapter weights are trained and checkpointed, not the frozen base UNet
+    model_keys = [k for k in a if k.startswith("model.")]
+    assert model_keys and all(".lora_A." in k or ".lora_B." in k for k in model_keys)
+    assert any(float(v.abs().max()) > 0 for k, v in a.items() if ".lora_B." in k)  # B left its zero init
+    # diffusers' LoRA layout, which load_lora_weights reads
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    weights = straight.model_dir / "pytorch_lora_weights.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        keys = list(f.keys())
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert keys and all(re.fullmatch(r"unet\..+\.lora_[AB]\.weight", k) for k in keys)
+    assert meta["unet.r"] == cfg["lora"]["rank"] and sorted(meta["unet.target_modules"]) == sorted(
+        cfg["lora"]["target_modules"])
+    state, _ = StableDiffusionPipeline.lora_state_dict(str(straight.model_dir))
+    assert set(state) == set(keys)
+    facts = json.loads((straight.model_dir / LORA_FILE).read_text())
+    assert facts["base_digest"] == "test-base-digest" and facts["extra_shapes"] == ["heart"]
+
+
+def test_train_lora_cli_resolves_the_base_and_tracks_in_mlflow(tmp_path: Path, sdmaker_home: Path) -> None:
+    out = tmp_path / "lora"
+    assert run_app(app, ["train", "lora", "--config", str(LORA_CONFIG), "--quick", "--out", str(out)]) == 0
+    facts = json.loads((out / "model" / LORA_FILE).read_text())
+    assert facts["base"] == "mini" and len(facts["base_digest"]) == 64
+    runs = list((sdmaker_home / "mlruns").glob("*/*/metrics/loss"))
+    assert runs, "no MLflow loss curve"
+    assert run_app(app, ["train", "lora", "--config", str(ROOT / "configs" / "train" / "mini-vae.json"),
+                         "--quick", "--out", str(tmp_path / "x")]) == 1  # not a lora config
+
+
+def test_lora_config_errors_name_the_field(tmp_path: Path) -> None:
+    from sdmaker.errors import ConfigError
+
+    bad = tmp_path / "bad.json"
+    for body, field in (({"kind": "lora"}, "base"),
+                        ({"kind": "lora", "base": "mini", "lora": {"rank": 0}}, "lora.rank"),
+                        ({"kind": "lora", "base": "mini", "lora": {"target_modules": ["conv1"]}}, "lora.target_modules"),
+                        ({"kind": "lora", "base": "mini", "data": {"extra_shapes": ["hexagon"]}}, "data.extra_shapes")):
+        bad.write_text(json.dumps(body))
+        with pytest.raises(ConfigError) as err:
+            load_config(bad)
+        assert field in str(err.value)
+
+
+def test_concept_is_opt_in_and_the_analyser_knows_it() -> None:
+    from sdmaker.training._analyser import analyse
+    from sdmaker.training._data import _samples
+    from sdmaker.training._eval import EvalItem, eval_prompts, score_item
+    from sdmaker.training._scenes import render, sample_concept_scene, scene_rng
+
+    base = load_config(ROOT / "configs" / "train" / "mini-unet.json", quick=True)
+    words = {w for s in range(20) for _, text, _ in _samples(base, s) for w in text.split()}
+    words |= {w for it in eval_prompts(128) for w in it.prompt.split()}
+    assert not words & {"heart", "pink"}  # the base model's data and eval never show the concept
+    concept = {w for s in range(20) for _, text, _ in _samples({**base, "data": {
+        **base["data"], "extra_shapes": ["heart"], "extra_colors": ["pink"], "concept_prob": 0.6}}, s)
+        for w in text.split()}
+    assert {"heart", "pink"} <= concept
+    right = 0
+    for i in range(60):
+        scene = sample_concept_scene(scene_rng(3, i), extra_shapes=("heart",), extra_colors=("pink",),
+                                     two_shape_prob=0.4)
+        assert scene.background == "pink" or any(s.shape == "heart" or s.color == "pink" for s in scene.shapes)
+        right += score_item(EvalItem("", scene, "x"), analyse(render(scene)))["all"]
+    assert right / 60 >= 0.97
+    items = eval_prompts(32, prompt_set="concept")
+    assert all("heart" in it.prompt or "pink" in it.prompt for it in items)
+
+
+def test_paraphrase_set_is_held_out_but_its_words_are_trained() -> None:
+    from sdmaker.training import _captions as C
+    from sdmaker.training._eval import eval_prompts
+    from sdmaker.training._scenes import sample_scene, scene_rng
+
+    train = set()
+    for i in range(6000):
+        rng = scene_rng(1, i)
+        scene = sample_scene(rng, two_shape_prob=0.5)
+        train.add(C.caption(scene, rng, split="train", style="wide"))
+        train.add(C.caption(scene, rng, split="train"))
+    items = eval_prompts(128, prompt_set="paraphrase")
+    assert {it.group for it in items} == {"para_one", "para_two"}
+    assert not {it.prompt for it in items} & train
+    held = [p for v in (*C._PARA_POSITION.values(), *C._PARA_RELATION.values()) for p in v]
+    joined = "\n".join(train)
+    for phrase in held:
+        assert not re.search(rf"\b{re.escape(phrase)}\b", joined), phrase
+    vocab = set(re.findall(r"[a-z-]+", joined))
+    assert {w for it in items for w in re.findall(r"[a-z-]+", it.prompt)} <= vocab
