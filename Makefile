@@ -30,8 +30,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m sdmaker demo
 
+# Two test processes (pytest-xdist; whole modules each, so a module's daemon fixture is started once): most
+# tests wait on subprocesses and sockets, so two overlap well even on 2 cores. TEST_WORKERS=0 runs in one.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -7,6 +7,10 @@ This top-level module stays import-light (no torch) so that the client and CLI s
 
 from typing import Any
 
+from sdmaker.config import openmp_spin_default as _openmp_spin_default
+
+_openmp_spin_default()  # before anything imports torch: see its docstring
+
 __version__ = "0.1.0"
 
 __all__ = ["Client", "Predictor", "__version__"]

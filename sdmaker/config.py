@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sdmaker.errors import ConfigError
 
-__all__ = ["S3_PATH_PREFIX", "Settings", "allow_mlflow_file_store", "load_settings", "quiet_third_party_logs",
+__all__ = ["S3_PATH_PREFIX", "Settings", "OPENMP_SPIN_COUNT", "allow_mlflow_file_store", "load_settings", "openmp_spin_default", "quiet_third_party_logs",
            "replace_environment", "with_local_key"]
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -361,6 +361,29 @@ def quiet_third_party_logs() -> None:
     for key, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
                        ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
         os.environ.setdefault(key, value)
+
+
+#: libgomp's spin count when it knows it has more threads than CPUs (its "throttled" value, OMP_WAIT_POLICY unset)
+OPENMP_SPIN_COUNT = "100"
+
+
+def openmp_spin_default() -> None:
+    """Make torch's OpenMP threads stop spinning almost at once when they wait, as libgomp does when oversubscribed.
+
+    libgomp (the OpenMP runtime of torch's CPU wheels) lets a waiting thread spin 300,000 times before it sleeps,
+    unless it counts more OpenMP threads than CPUs in its own process; it cannot see other processes. On a
+    machine busy with other work, the spinning threads then take the cores the working threads need: one
+    ``mini`` generation on the thread that loaded the model took 50-80 s at load 14 on 2 cores, against 0.5-0.9 s
+    on a second thread (whose extra pool makes libgomp throttle itself to 100 spins). 100 spins everywhere gives
+    every thread the second thread's behaviour; the server's batcher thread already ran so. It must be set before
+    torch loads libgomp, so ``import sdmaker`` calls this; a ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY`` the user
+    set is kept, and nothing changes once torch is imported. Measured by ``python -m bench --only openmp``.
+    """
+    import sys
+
+    if "torch" in sys.modules or "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ:
+        return
+    os.environ["GOMP_SPINCOUNT"] = OPENMP_SPIN_COUNT
 
 
 def allow_mlflow_file_store() -> None:

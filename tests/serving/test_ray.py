@@ -267,62 +267,46 @@ def test_seed_sdk_cells_against_sdmaker_up_ray(ray_daemon: DaemonProcess, moto_s
     assert [w["model_source"] for w in info["workers"] if w["state"] in ("Ready", "Busy")] == ["s3"], info["workers"]
 
 
-_SCALING_SCENARIO = """
-import asyncio, json, sys, time
-from pathlib import Path
-from sdmaker.config import Settings
-from sdmaker.serving.daemon.ray import RayCluster, RayPool, ReplicaResources
-
-address, digest, home = sys.argv[1:4]
-cluster = RayCluster(Settings(home=Path(home), ray_address=address, ray_head_url="http://127.0.0.1:9"))
-cluster.connect()
-spec = {"digest": digest, "s3_uri": None, "head_url": cluster.head_url, "token": "-", "cache_dir": None,
-        "model_env": {}, "threads": 1, "model_name": "scripted", "device": "cpu", "max_batch": 0,
-        "startup_timeout_s": 120}
-pool = RayPool(app=cluster.app_name("scale", 1), spec=spec, resources=ReplicaResources(1), count=1, max_batch=0,
-               max_queue=50, startup_timeout_s=300)
-
-async def scenario():
-    seen = []
-    await pool.start()
-    seen.append(pool.ready_count)
-    await pool.set_autoscaling(1, 2, 1.0, scale_out_cooldown_s=1.0, scale_in_cooldown_s=3.0)
-    load = [asyncio.ensure_future(pool.invoke(json.dumps({"sleep": 3}).encode(), {"content-type": "application/json"},
-                                              timeout_s=120)) for _ in range(12)]
-    while pool.ready_count < 2 and not all(t.done() for t in load):
-        await asyncio.sleep(0.5)
-        await pool._refresh()
-    seen.append(pool.ready_count)
-    replies = await asyncio.gather(*load)
-    seen.append(sorted({r.status for r in replies}))
-    deadline = time.monotonic() + 120
-    while pool.ready_count > 1 and time.monotonic() < deadline:
-        await asyncio.sleep(1.0)
-        await pool._refresh()
-    seen.append(pool.ready_count)
-    await pool.close()
-    return seen
-
-print("SEEN " + json.dumps(asyncio.run(scenario())), flush=True)
-"""
+_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
 
 
-def test_autoscaling_maps_onto_serve_replicas(ray_cluster: Any, scripted_model_dir: Path, tmp_path: Path) -> None:
-    """The autoscaling seam on Ray, driven directly (the Application Auto Scaling API lives on another branch):
-    Serve's autoscaler takes the variant from 1 to 2 replicas under load and back to 1 when idle. Run as its own
-    driver process, as the daemon is."""
-    import shutil
+@pytest.mark.slow
+def test_autoscaling_api_takes_ray_replicas_from_1_to_2_and_back(ray_daemon: DaemonProcess,
+                                                                 scripted_model_dir: Path) -> None:
+    """The Application Auto Scaling API, as boto3 calls it, on a Ray endpoint: a target-tracking policy on
+    concurrent requests (target 1, short cooldowns) becomes Serve's autoscaling, which takes the variant to 2
+    replicas under 12 concurrent requests and back to 1 when idle; every request is answered."""
+    desc = ray_daemon.deploy("scaled", scripted_model_dir, count=1, instance_type="ml.m5.large")
+    assert desc["EndpointStatus"] == "InService", desc
+    aas = ray_daemon.boto("application-autoscaling")
+    rid = "endpoint/scaled/variant/AllTraffic"
+    aas.register_scalable_target(ServiceNamespace="sagemaker", ResourceId=rid, ScalableDimension=_DIMENSION,
+                                 MinCapacity=1, MaxCapacity=2)
+    aas.put_scaling_policy(
+        PolicyName="concurrency", ServiceNamespace="sagemaker", ResourceId=rid, ScalableDimension=_DIMENSION,
+        PolicyType="TargetTrackingScaling", TargetTrackingScalingPolicyConfiguration={
+            "TargetValue": 1.0, "ScaleOutCooldown": 1, "ScaleInCooldown": 3,
+            "PredefinedMetricSpecification": {"PredefinedMetricType":
+                                              "SageMakerVariantConcurrentRequestsPerModelHighResolution"}})
 
-    from sdmaker.files import tree_digest
+    def ready() -> int:
+        return sum(w["state"] in ("Ready", "Busy") for w in _details(ray_daemon, "scaled")["workers"])
 
-    digest = tree_digest(scripted_model_dir)
-    # the model is in every node's cache already: this test is about scaling, not transfer
-    for node in ray_cluster.list_all_nodes():
-        dest = Path(os.environ["SDMAKER_HOME"]) / "ray-nodes" / node.node_id / "models" / digest
-        if not dest.exists():
-            shutil.copytree(scripted_model_dir, dest)
-    proc = subprocess.run([sys.executable, "-c", _SCALING_SCENARIO, ray_cluster.address, digest, str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
-    seen = [ln for ln in proc.stdout.splitlines() if ln.startswith("SEEN ")]
-    assert seen, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert json.loads(seen[-1][5:]) == [1, 2, [200], 1]
+    rt = ray_daemon.boto("sagemaker-runtime")
+    answers: list[tuple[int, Any]] = []
+    threads = [threading.Thread(target=lambda: answers.append(_invoke(rt, "scaled", {"sleep": 3})))
+               for _ in range(12)]
+    for t in threads:
+        t.start()
+    peak = 1
+    while any(t.is_alive() for t in threads) and peak < 2:
+        peak = max(peak, ready())
+        time.sleep(0.5)
+    for t in threads:
+        t.join()
+    statuses = [status for status, _ in answers]
+    assert peak == 2 and statuses == [200] * 12, (peak, [a.get("Error") if s != 200 else s for s, a in answers])
+    _wait(lambda: ready() == 1, timeout_s=120)
+    policies = aas.describe_scaling_policies(ServiceNamespace="sagemaker", ResourceId=rid)["ScalingPolicies"]
+    assert [p["PolicyName"] for p in policies] == ["concurrency"]
+    ray_daemon.boto("sagemaker").delete_endpoint(EndpointName="scaled")
