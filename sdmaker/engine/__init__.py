@@ -74,7 +74,25 @@ from sdmaker.engine._preview import (  # noqa: E402
     read_latent_preview,
 )
 
+# LoRA adapters per request, applied per row (issue 16).
+from sdmaker.engine._adapters import (  # noqa: E402
+    AdapterCache,
+    AdapterLibrary,
+    LoadedAdapter,
+    adapter_rows,
+    adapters_for,
+    load_adapter,
+    unet_module_shapes,
+)
+
 __all__ += [
+    "AdapterCache",
+    "AdapterLibrary",
+    "LoadedAdapter",
+    "adapter_rows",
+    "adapters_for",
+    "load_adapter",
+    "unet_module_shapes",
     "BatchJob",
     "BatcherStats",
     "SpeedOptions",
