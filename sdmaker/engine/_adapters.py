@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from sdmaker.errors import InvalidRequestError, ModelFormatError, ModelNotFoundError
 
 __all__ = ["AdapterCache", "AdapterLibrary", "LoadedAdapter", "adapter_rows", "adapters_for", "load_adapter",
-           "unet_module_shapes"]
+           "pickle_lora_to_safetensors", "unet_module_shapes"]
 
 logger = logging.getLogger(__name__)
 
@@ -284,3 +284,17 @@ def adapter_rows(unet: Any, per_job: Sequence[Sequence[tuple[LoadedAdapter, floa
     finally:
         for handle in handles:
             handle.remove()
+
+
+def pickle_lora_to_safetensors(src: Path, out: Path) -> Path:
+    """Rewrite a pickled LoRA state dict (``.bin``/``.pt``) as safetensors; only after the user allowed pickle.
+
+    ``torch.load(weights_only=True)`` refuses anything but tensors and plain containers.
+    """
+    from safetensors.torch import save_file
+
+    state = torch.load(src, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelFormatError(f"{src} does not hold a flat dict of tensors (a LoRA state dict)", path=str(src))
+    save_file({str(k): v.contiguous() for k, v in state.items()}, str(out))
+    return out
