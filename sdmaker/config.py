@@ -79,6 +79,8 @@ class Settings:
             request grew a worker past 8 GiB).
         async_max_queue: asynchronous inference jobs one endpoint may hold queued before a submit gets 503 with
             ``Retry-After`` (``SDMAKER_ASYNC_MAX_QUEUE``, default 1000).
+        lora_cache_bytes: memory each worker may keep loaded LoRA adapters in (least recently used dropped first;
+            ``SDMAKER_LORA_CACHE_MB``, default 256).
         memory_budget_pixels: set the per-worker budget directly, in pixels (height x width x images held at
             once; ``SDMAKER_MEMORY_BUDGET_PIXELS``; unset or 0: derived from ``memory_bytes``).
         openai_model: what the OpenAI Images API runs for a request without ``model`` or with a model name
@@ -135,6 +137,7 @@ class Settings:
     ray_head_url: str | None = None
     autoscaling_window_s: float = 60.0
     async_max_queue: int = 1000
+    lora_cache_bytes: int = 256 * 1024**2
 
     @property
     def store_dir(self) -> Path:
@@ -316,6 +319,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ray_head_url=env.get("SDMAKER_RAY_HEAD_URL", "").strip() or None,
         autoscaling_window_s=_number(env, "SDMAKER_AUTOSCALING_WINDOW", 60.0, minimum=1),
         async_max_queue=int(_number(env, "SDMAKER_ASYNC_MAX_QUEUE", 1000, minimum=1)),
+        lora_cache_bytes=int(_number(env, "SDMAKER_LORA_CACHE_MB", 256, minimum=0) * 1024**2),
     )
     return with_local_key(settings) if settings.local_key else settings
 

@@ -552,7 +552,7 @@ def _to_bytes(response: Any) -> bytes:
 def result_json(result: Any) -> dict[str, Any]:
     """The default JSON answer: the seed's ``generated_images`` plus what regenerates each image."""
     req = result.request
-    return {
+    answer = {
         "generated_images": [base64.b64encode(result.encode(i)).decode("ascii") for i in range(len(result.images))],
         "seeds": result.seeds,
         "format": req.format,
@@ -564,3 +564,6 @@ def result_json(result: Any) -> dict[str, Any]:
                                                       "num_images_per_prompt", "seed")},
         "timings": result.timings,
     }
+    if getattr(result, "adapters", None):  # the LoRA adapters applied, with the digests of their files
+        answer["adapters"] = result.adapters
+    return answer
