@@ -82,6 +82,7 @@ from sdmaker.engine._adapters import (  # noqa: E402
     adapter_rows,
     adapters_for,
     load_adapter,
+    merged_adapters,
     pickle_lora_to_safetensors,
     unet_module_shapes,
 )
@@ -93,6 +94,7 @@ __all__ += [
     "adapter_rows",
     "adapters_for",
     "load_adapter",
+    "merged_adapters",
     "pickle_lora_to_safetensors",
     "unet_module_shapes",
     "BatchJob",

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from sdmaker.errors import InvalidRequestError, ModelFormatError, ModelNotFoundError
 
 __all__ = ["AdapterCache", "AdapterLibrary", "LoadedAdapter", "adapter_rows", "adapters_for", "load_adapter",
-           "pickle_lora_to_safetensors", "unet_module_shapes"]
+           "merged_adapters", "pickle_lora_to_safetensors", "unet_module_shapes"]
 
 logger = logging.getLogger(__name__)
 
@@ -244,19 +244,44 @@ def _hook(entries: list[tuple[torch.Tensor, torch.Tensor, bool, slice | torch.Te
         if x.shape[0] != rows or out.shape[0] != rows:
             raise RuntimeError(f"LoRA rows: a layer saw {x.shape[0]} rows, the call has {rows}")
         for down, up, conv, sel, scale in entries:
-            xs = x[sel] if isinstance(sel, slice) else x.index_select(0, sel)
+            whole = isinstance(sel, slice) and sel.start == 0 and sel.stop == rows
+            if not conv and whole and not isinstance(scale, torch.Tensor) and out.is_contiguous():
+                # the common case (every row, one scale): out += scale * (x A^T) B^T, the add fused into the matmul
+                flat = x.reshape(-1, x.shape[-1])
+                out.view(-1, out.shape[-1]).addmm_(flat @ down.t(), up.t(), alpha=scale)
+                continue
+            xs = x if whole else x[sel] if isinstance(sel, slice) else x.index_select(0, sel)
             if conv:
                 delta = F.conv2d(F.conv2d(xs, down, None, module.stride, module.padding, module.dilation), up)
             else:
                 delta = F.linear(F.linear(xs, down), up)
             if isinstance(scale, torch.Tensor):
                 out.index_add_(0, sel, delta * scale.view(-1, *([1] * (delta.dim() - 1))))  # type: ignore[arg-type]
-            elif scale == 1.0:
-                out[sel] += delta
             else:
-                out[sel] += delta * scale
+                (out if whole else out[sel]).add_(delta, alpha=scale)
         return out
     return hook
+
+
+class _WeightState:
+    """Who may run the UNet now: :func:`merged_adapters` holds its weights changed for one thread's run."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.owner: int | None = None  # the thread whose run has adapters merged into the weights
+        self.in_flight = 0  # UNet calls running on other terms (the batcher and its heavy lane)
+
+
+_STATE_LOCK = threading.Lock()
+
+
+def _state(unet: Any) -> _WeightState:
+    with _STATE_LOCK:
+        state = getattr(unet, "_sdmaker_lora_state", None)
+        if state is None:
+            state = _WeightState()
+            unet._sdmaker_lora_state = state
+        return state
 
 
 @contextlib.contextmanager
@@ -264,27 +289,78 @@ def adapter_rows(unet: Any, per_job: Sequence[Sequence[tuple[LoadedAdapter, floa
                  sizes: Sequence[int]) -> Iterator[None]:
     """Within the block, ``unet`` adds each job's adapters to that job's rows (``sizes``: rows per job, in order).
 
-    Installs one forward hook per adapted layer for the block only; with no adapters it does nothing.
+    Installs one forward hook per adapted layer for the block only; with no adapters it installs nothing.
+    Inside :func:`merged_adapters` on this thread the weights already carry the run's adapters: no hooks.
+    A call from another thread waits while a merged run holds the weights.
     """
-    if not any(per_job):
-        yield
-        return
     unet = getattr(unet, "_orig_mod", unet)
-    param = next(unet.parameters())
-    plan = _plan(per_job, sizes, param.device, param.dtype)
-    by_module: dict[str, list[Any]] = {}
-    for adapter, sel, scale in plan:
-        for module, (down, up, conv) in adapter.layers.items():
-            by_module.setdefault(module, []).append((down, up, conv, sel, scale))
-    modules = dict(unet.named_modules())
-    rows = sum(sizes)
-    handles = [modules[name].register_forward_hook(_hook(entries, rows)) for name, entries in by_module.items()]
+    state = _state(unet)
+    me = threading.get_ident()
+    with state.cond:
+        while state.owner is not None and state.owner != me:
+            state.cond.wait()
+        merged = state.owner == me
+        state.in_flight += 0 if merged else 1
+    handles: list[Any] = []
     try:
+        if any(per_job) and not merged:
+            param = next(unet.parameters())
+            plan = _plan(per_job, sizes, param.device, param.dtype)
+            by_module: dict[str, list[Any]] = {}
+            for adapter, sel, scale in plan:
+                for module, (down, up, conv) in adapter.layers.items():
+                    by_module.setdefault(module, []).append((down, up, conv, sel, scale))
+            modules = dict(unet.named_modules())
+            rows = sum(sizes)
+            handles = [modules[name].register_forward_hook(_hook(entries, rows)) for name, entries in by_module.items()]
         yield
     finally:
         for handle in handles:
             handle.remove()
+        if not merged:
+            with state.cond:
+                state.in_flight -= 1
+                state.cond.notify_all()
 
+
+@contextlib.contextmanager
+def merged_adapters(unet: Any, adapters: Sequence[tuple[LoadedAdapter, float]]) -> Iterator[None]:
+    """Add ``adapters`` into the UNet's weights for a one-request run (``generate``), restored exactly after.
+
+    A run alone needs no per-row selection, so its adapters cost one ``W += scale * B A`` per layer per
+    request instead of extra work in every layer at every step. The original weights are copied first and
+    copied back (never subtracted), and the UNet belongs to this thread meanwhile: the step batcher's calls
+    (its heavy lane too) wait at :func:`adapter_rows`. Without adapters nothing happens.
+    """
+    if not adapters:
+        yield
+        return
+    unet = getattr(unet, "_orig_mod", unet)
+    state = _state(unet)
+    me = threading.get_ident()
+    with state.cond:
+        while state.owner is not None or state.in_flight:
+            state.cond.wait()
+        state.owner = me
+    modules = dict(unet.named_modules())
+    saved: dict[str, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            for adapter, scale in adapters:
+                for name, (down, up, _conv) in adapter.layers.items():
+                    weight = modules[name].weight
+                    if name not in saved:
+                        saved[name] = weight.detach().clone()
+                    delta = up.flatten(1) @ down.flatten(1)  # (out, in x kh x kw): a 1x1 up after any down kernel
+                    weight.add_(delta.view(weight.shape), alpha=scale)
+        yield
+    finally:
+        with torch.no_grad():
+            for name, original in saved.items():
+                modules[name].weight.copy_(original)
+        with state.cond:
+            state.owner = None
+            state.cond.notify_all()
 
 def pickle_lora_to_safetensors(src: Path, out: Path) -> Path:
     """Rewrite a pickled LoRA state dict (``.bin``/``.pt``) as safetensors; only after the user allowed pickle.

@@ -111,7 +111,7 @@ def test_wrong_base_and_unknown_names_fail_alone(model, sd1_dir: Path) -> None: 
         assert good.result().adapters[0]["name"] == "a"
 
 
-def test_no_adapters_installs_no_hooks(model, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_no_adapters_installs_no_hooks_and_solo_runs_merge_and_restore(model, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     calls: list[str] = []
     original = torch.nn.Module.register_forward_hook
 
@@ -120,10 +120,15 @@ def test_no_adapters_installs_no_hooks(model, monkeypatch: pytest.MonkeyPatch) -
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.Module, "register_forward_hook", spy)
+    unet = model.pipeline.unet
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
     generate(model, _req())
+    generate(model, _req([{"name": "a"}, {"name": "b", "scale": -0.5}]))  # alone: merged into the weights
     assert calls == []
-    generate(model, _req([{"name": "a"}]))
-    assert calls and all(not m._forward_hooks for m in model.pipeline.unet.modules())  # removed after the call
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())  # restored bit for bit
+    with StepBatcher(model, max_batch=4) as batcher:  # in a batch: per-row hooks, removed after each call
+        batcher.submit(_req([{"name": "a"}]))
+    assert calls and all(not m._forward_hooks for m in unet.modules())
 
 
 def test_the_cache_keeps_adapters_within_its_budget(model, store: Store) -> None:  # type: ignore[no-untyped-def]
