@@ -7,7 +7,9 @@
    (FIFO between sets, same StepBatcher underneath, and no charge for swapping weights, so the baseline
    is generous). Target >= 1.5x images/s.
 2. Adapter switch cost: sequential ``generate`` calls on ``mini``, each with a different adapter than the
-   one before (all cached) vs no adapter; target <= 5% per request. The first, cold use of an adapter
+   one before (all cached) vs no adapter; target <= 5% per request. A request alone has its adapters
+   merged into the weights for its run and restored after (``merged_adapters``), so the cost is one
+   ``W += s B A`` and one copy back per adapted layer per request. The first, cold use of an adapter
    (read from the store, moved to the device) is reported beside it.
 
 Adapters are random-weight rank-8 LoRAs (PEFT layout, every attention projection) on mini's UNet unless
@@ -17,6 +19,7 @@ trained ones ship with sdmaker; the row notes say which.
 from __future__ import annotations
 
 import collections
+import os
 import statistics
 import tempfile
 import threading
@@ -115,7 +118,8 @@ def run(quick: bool) -> list[dict[str, Any]]:
         store = _store_with(paths, Path(tmp) / "store", label.split()[0], model.digest, path / "unet")
         model.adapters = AdapterLibrary(store=store)
         layers = len(store.get("lora0").lora.target_modules)  # type: ignore[union-attr]
-        what = (f"4 random rank-8 LoRAs on {layers} attention layers of {label} (no trained adapter ships yet), "
+        load = os.getloadavg()[0]
+        what = (f"load avg {load:.1f} on {os.cpu_count()} cores at start; 4 random rank-8 LoRAs on {layers} attention layers of {label} (no trained adapter ships yet), "
                 f"{size}², {steps} steps, {model.placement.dtype_name}")
 
         def req(i: int, lora: int | None) -> Any:
