@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from sdmaker.errors import InvalidRequestError, ModelFormatError, ModelNotFoundError
 
-__all__ = ["AdapterCache", "AdapterLibrary", "LoadedAdapter", "adapter_rows", "adapters_for", "load_adapter",
+__all__ = ["AdapterCache", "AdapterLibrary", "LoadedAdapter", "adapter_rows", "adapters_for", "builtin_loras_dir", "load_adapter",
            "merged_adapters", "pickle_lora_to_safetensors", "unet_module_shapes"]
 
 logger = logging.getLogger(__name__)
@@ -156,7 +156,12 @@ class AdapterLibrary:
         from sdmaker.errors import ModelError
 
         try:
-            manifest, path = self.store.lora_path(name)
+            try:
+                manifest, path = self.store.lora_path(name)
+            except ModelNotFoundError:
+                if not self._import_builtin(name):
+                    raise
+                manifest, path = self.store.lora_path(name)
         except ModelNotFoundError as exc:
             raise ModelNotFoundError(f"loras: no LoRA adapter named {name!r}: {exc.message}", model=name,
                                      field="loras") from exc
@@ -185,6 +190,33 @@ class AdapterLibrary:
                                base_digest=base_digest)
         self.cache.put(key, adapter)
         return adapter
+
+
+    def _import_builtin(self, name: str) -> bool:
+        """Import the adapter ``name`` shipped with sdmaker (``sdmaker/models/loras/<name>/``, made for ``mini``)
+        into the store on first use, as built-in models are; False when there is none."""
+        from sdmaker.store import LORA_FILE, resolve_model
+        from sdmaker.store._manifest import NAME_PATTERN
+
+        settings = getattr(self.store, "settings", None)
+        if settings is None or not NAME_PATTERN.match(name):
+            return False
+        file = builtin_loras_dir() / name / LORA_FILE
+        if not file.is_file():
+            return False
+        base = resolve_model("mini", settings)
+        logger.info("importing the built-in LoRA %s (base mini, digest %s) into the store", name, base.digest[:12])
+        with contextlib.suppress(FileExistsError):  # a concurrent request imported it first
+            self.store.import_lora(file, name=name, base=base.name, base_digest=base.digest,
+                                   base_unet=base.path / "unet")
+        return True
+
+
+def builtin_loras_dir() -> Path:
+    """Where sdmaker's own trained adapters ship (``sdmaker/models/loras/<name>/pytorch_lora_weights.safetensors``)."""
+    import sdmaker.models
+
+    return Path(sdmaker.models.__file__).parent / "loras"
 
 
 def _library(model: Any) -> AdapterLibrary:

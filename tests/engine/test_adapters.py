@@ -142,3 +142,31 @@ def test_the_cache_keeps_adapters_within_its_budget(model, store: Store) -> None
     assert library.cache.hits == 1 and len(library.cache) == 1 and again.layers is library.adapter(model, "a").layers
     library.adapter(model, "b")  # a + b do not fit: the least recently used (a) goes
     assert library.cache.evictions == 1 and len(library.cache) == 1
+
+
+def test_a_builtin_adapter_is_imported_for_mini_on_first_use(sdmaker_home: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors.torch import save_file
+
+    from sdmaker.config import load_settings
+    from sdmaker.engine import _adapters
+    from sdmaker.store import LORA_FILE, resolve_model, unet_weight_shapes
+
+    settings = load_settings()
+    mini = resolve_model("mini", settings)
+    shapes = unet_weight_shapes(mini.path / "unet")
+    module = next(m for m in sorted(shapes) if m.endswith("attn1.to_q"))
+    out_f, in_f = shapes[module]
+    (tmp_path / "heart").mkdir()
+    save_file({f"unet.{module}.lora_A.weight": torch.ones(2, in_f), f"unet.{module}.lora_B.weight": torch.ones(out_f, 2)},
+              str(tmp_path / "heart" / LORA_FILE))
+    monkeypatch.setattr(_adapters, "builtin_loras_dir", lambda: tmp_path)
+    model = load_model(mini.path, name="mini", digest=mini.digest)
+    model.adapters = AdapterLibrary(store=Store(settings.store_dir, settings=settings))
+    result = generate(model, GenerateRequest(prompt="a pink heart", num_inference_steps=2, seed=1,
+                                             loras=[{"name": "heart"}]))
+    stored = Store(settings.store_dir).get("heart")
+    assert stored.kind == "lora" and stored.lora.base == "mini" and stored.lora.base_digest == mini.digest  # type: ignore[union-attr]
+    assert result.adapters[0]["digest"] == stored.lora.sha256  # type: ignore[union-attr]
+    with pytest.raises(ModelNotFoundError, match="no LoRA adapter named 'absent'"):
+        generate(model, GenerateRequest(prompt="x", num_inference_steps=1, loras=[{"name": "absent"}]))
