@@ -57,24 +57,33 @@ def random_loras(unet: Any, out: Path, count: int, *, rank: int = 8, seed: int =
 
 
 class OneAdapterAtATime:
-    """The baseline server: only requests with the same adapter set are in flight together (FIFO between sets)."""
+    """The baseline server: one adapter set in flight at a time.
+
+    When the machine is free, the set of the oldest waiting request goes next, with every request of that
+    set already waiting (the best batches a one-set-at-a-time server can form); later requests of the same
+    set join while no other set waits.
+    """
 
     def __init__(self, batcher: Any) -> None:
         self.batcher = batcher
         self._cond = threading.Condition()
-        self._waiting: collections.deque[tuple[object, tuple[str, ...]]] = collections.deque()
+        self._waiting: collections.deque[tuple[int, tuple[str, ...]]] = collections.deque()
         self._active: tuple[str, ...] | None = None
         self._running = 0
+        self._seq = 0
+        self._cutoff = 0  # tickets numbered below this were waiting when the active set started
 
     def submit(self, request: Any) -> Any:
         key = tuple(sorted(r.name for r in request.loras or ()))
-        ticket = (object(), key)
         with self._cond:
+            ticket = (self._seq, key)
+            self._seq += 1
             self._waiting.append(ticket)
             while not self._may_start(ticket):
                 self._cond.wait()
             self._waiting.remove(ticket)
-            self._active = key
+            if self._running == 0:
+                self._active, self._cutoff = key, self._seq
             self._running += 1
         try:
             return self.batcher.submit(request)
@@ -85,15 +94,12 @@ class OneAdapterAtATime:
                     self._active = None
                 self._cond.notify_all()
 
-    def _may_start(self, ticket: tuple[object, tuple[str, ...]]) -> bool:
+    def _may_start(self, ticket: tuple[int, tuple[str, ...]]) -> bool:
+        seq, key = ticket
         if self._running == 0:
-            return self._waiting[0] is ticket
-        ahead = []
-        for t in self._waiting:
-            if t is ticket:
-                break
-            ahead.append(t)
-        return self._active == ticket[1] and all(k == self._active for _, k in ahead)
+            return key == self._waiting[0][1]
+        others = any(k != self._active for _, k in self._waiting)
+        return key == self._active and (seq < self._cutoff or not others)
 
 
 def _store_with(paths: list[Path], root: Path, base: str, digest: str, unet_dir: Path) -> Any:

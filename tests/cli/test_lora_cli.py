@@ -26,6 +26,8 @@ def test_import_list_and_generate_with_a_lora(sdmaker_home: Path, sd1_dir: Path,
     assert "kohya layout, rank 4" in res.output
     res = runner.invoke(app, ["model", "list"])
     assert "heart" in res.output and "lora r4" in res.output
+    res = runner.invoke(app, ["model", "show", "heart"])
+    assert "kohya" in res.output and "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q" in res.output
     res = runner.invoke(app, ["model", "import", str(lora_files["a"]), "--name", "stray", "--base", "mini"])
     assert res.exit_code != 0  # mini's UNet has other layers: refused, nothing stored
     plain = runner.invoke(app, ["generate", "-m", str(sd1_dir), "-p", "x", *SMALL, "-o", str(tmp_path / "p")])
@@ -44,3 +46,16 @@ def test_import_list_and_generate_with_a_lora(sdmaker_home: Path, sd1_dir: Path,
     assert bad.exit_code != 0 and "loras[0].scale" in bad.output
     missing = runner.invoke(app, ["generate", "-m", str(sd1_dir), "-p", "x", *SMALL, "--lora", "nope"])
     assert missing.exit_code != 0 and "nope" in missing.output
+
+
+def test_pickled_adapters_need_allow_pickle(sdmaker_home: Path, lora_files: dict[str, Path], tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "adapter.bin"
+    torch.save(load_file(lora_files["a"]), pickled)
+    refused = runner.invoke(app, ["model", "import", str(pickled), "--name", "p"])
+    assert refused.exit_code != 0 and "--allow-pickle" in refused.output
+    res = runner.invoke(app, ["model", "import", str(pickled), "--name", "p", "--allow-pickle"])
+    assert res.exit_code == 0, res.output
+    assert "peft layout, rank 4" in res.output
