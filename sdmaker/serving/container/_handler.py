@@ -348,6 +348,7 @@ class HandlerService:
             inputs = data.pop("inputs", data)
             parameters = data.pop("parameters", None)
             return model(inputs, **parameters) if parameters is not None else model(inputs)
+        # (a body with loras is parsed here anyway: model_construct would leave its entries plain dicts)
         if (self.validated_by is not None and isinstance(data, dict) and not data.get("loras")
                 and self.validated_by(context.request_headers)):
             # the daemon parsed this body with request_from_payload and forwarded the canonical fields
