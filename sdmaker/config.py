@@ -86,6 +86,8 @@ class Settings:
             a cold answer, load included, then still fits botocore's 60 s read timeout).
         async_max_queue: asynchronous inference jobs one endpoint may hold queued before a submit gets 503 with
             ``Retry-After`` (``SDMAKER_ASYNC_MAX_QUEUE``, default 1000).
+        lora_cache_bytes: memory each worker may keep loaded LoRA adapters in (least recently used dropped first;
+            ``SDMAKER_LORA_CACHE_MB``, default 256).
         memory_budget_pixels: set the per-worker budget directly, in pixels (height x width x images held at
             once; ``SDMAKER_MEMORY_BUDGET_PIXELS``; unset or 0: derived from ``memory_bytes``).
         openai_model: what the OpenAI Images API runs for a request without ``model`` or with a model name
@@ -144,6 +146,7 @@ class Settings:
     async_max_queue: int = 1000
     mme_memory_bytes: int | None = None
     mme_load_wait_s: float = 30.0
+    lora_cache_bytes: int = 256 * 1024**2
 
     @property
     def store_dir(self) -> Path:
@@ -327,6 +330,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         async_max_queue=int(_number(env, "SDMAKER_ASYNC_MAX_QUEUE", 1000, minimum=1)),
         mme_memory_bytes=int(_number(env, "SDMAKER_MME_MEMORY_MB", 0, minimum=0) * 1024**2) or None,
         mme_load_wait_s=_number(env, "SDMAKER_MME_LOAD_WAIT", 30.0, minimum=0),
+        lora_cache_bytes=int(_number(env, "SDMAKER_LORA_CACHE_MB", 256, minimum=0) * 1024**2),
     )
     return with_local_key(settings) if settings.local_key else settings
 

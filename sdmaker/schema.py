@@ -36,6 +36,7 @@ __all__ = [
     "FORMATS",
     "INPUT_IMAGE_FORMATS",
     "LIMITS",
+    "LoraRef",
     "STRENGTH_DEFAULTS",
     "SCHEDULERS",
     "FieldSpec",
@@ -81,6 +82,8 @@ LIMITS: dict[str, Any] = {
     "seed_max": 2**63 - 1,
     "deep_cache_max": 10,
     "preview_every_max": 500,
+    "loras_max": 8,
+    "lora_scale_max": 4.0,
     "input_image_side_max": 2048,  # an input image (image, mask_image): at most size_max per side
 }
 
@@ -99,6 +102,39 @@ SEED_DEFAULTS: dict[str, Any] = {
 }
 
 _Prompt = str | list[str]
+
+
+class LoraRef(BaseModel):
+    """One LoRA adapter a request asks for: a store name (``sdmaker model import``) and its weight.
+
+    ``scale`` multiplies the adapter's low-rank delta (1.0 = as trained, 0 = off, negative = away from it).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=128, description="Store name of the LoRA adapter.")
+    scale: float = Field(default=1.0, ge=-LIMITS["lora_scale_max"], le=LIMITS["lora_scale_max"], strict=True,
+                         description="Weight of the adapter's delta.")
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _finite_scale(cls, value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+
+def _lora_entry(item: Any) -> Any:
+    """``"name"`` or ``"name:scale"`` (the CLI's ``--lora``) as ``{"name", "scale"}``; anything else unchanged."""
+    if not isinstance(item, str):
+        return item
+    name, sep, scale = item.rpartition(":")
+    if not sep:
+        return {"name": item}
+    try:
+        return {"name": name, "scale": float(scale)}
+    except ValueError:
+        raise ValueError(f"{item!r}: the scale after ':' must be a number (NAME or NAME:SCALE)") from None
 
 
 class GenerateRequest(BaseModel):
@@ -141,6 +177,12 @@ class GenerateRequest(BaseModel):
         default=None, ge=0, le=LIMITS["deep_cache_max"], strict=True,
         description="DeepCache: run the full UNet every N steps and reuse its deep features in between "
                     "(0 or 1 = off). Default: the model's (on only where its eval showed no loss), else off.",
+    )
+    loras: list[LoraRef] | None = Field(
+        default=None,
+        description=f"LoRA adapters to apply, each {{name, scale}} (at most {LIMITS['loras_max']}; scale "
+                    f"-{LIMITS['lora_scale_max']:g}..{LIMITS['lora_scale_max']:g}, default 1). Requests with different "
+                    "adapters still share UNet calls. On the command line: NAME or NAME:SCALE.",
     )
     format: ImageFormat = Field(default="jpeg", description="Output image format (the seed returns JPEG).")
     quality: int = Field(default=90, ge=1, le=100, strict=True, description="JPEG/WebP quality.")
@@ -205,6 +247,24 @@ class GenerateRequest(BaseModel):
                 raise ValueError(f"must be at most {LIMITS['prompt_chars_max']} characters, got {len(value)}")
             _check_text(value)
         return value
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _check_loras(cls, value: Any) -> Any:
+        if value is None:
+            return value
+        if isinstance(value, (str, dict)):
+            value = [value]
+        if not isinstance(value, list):
+            raise ValueError("must be a list of {name, scale} objects")
+        if len(value) > LIMITS["loras_max"]:
+            raise ValueError(f"at most {LIMITS['loras_max']} adapters per request, got {len(value)}")
+        entries = [_lora_entry(item) for item in value]
+        names = [e.get("name") for e in entries if isinstance(e, dict)]
+        twice = sorted({n for n in names if isinstance(n, str) and names.count(n) > 1})
+        if twice:
+            raise ValueError(f"adapter {twice[0]!r} is listed twice; give each adapter once with its scale")
+        return entries or None
 
     @field_validator("guidance_scale")
     @classmethod
@@ -430,7 +490,10 @@ class FieldSpec:
             parts.append(f"multiple of {self.multiple_of}")
         if self.choices:
             parts.append("one of " + ", ".join(self.choices))
-        if self.multiple:
+        if self.name == "loras":
+            parts.append(f"a list of up to {LIMITS['loras_max']} {{name, scale}} (NAME or NAME:SCALE), scale "
+                         f"-{LIMITS['lora_scale_max']:g}..{LIMITS['lora_scale_max']:g}")
+        elif self.multiple:
             parts.append(f"a string or a list of up to {LIMITS['prompts_max']} strings")
         return ", ".join(parts) or None
 
@@ -502,6 +565,8 @@ def _message(error: Any) -> str:
         return f"must be an integer, got {_json_type(error.get('input'))}"
     if kind == "float_type":
         return f"must be a number, got {_json_type(error.get('input'))}"
+    if kind == "extra_forbidden" and len(error.get("loc", ())) > 1:
+        return "unknown field; allowed fields: " + ", ".join(LoraRef.model_fields)
     if kind == "extra_forbidden":
         return "unknown field; allowed fields: " + ", ".join(GenerateRequest.model_fields)
     msg = utf8_safe(str(error.get("msg", "invalid value")))
@@ -544,6 +609,8 @@ def parse_request(data: Any, *, cls: type[GenerateRequest] = GenerateRequest) ->
             raise InvalidRequestError(raised.message, field=raised.field, value=raised.value,
                                       allowed=raised.allowed) from None
         allowed = _describe_allowed(field) if field else None
+        if field == "loras" and len(loc) >= 2 and isinstance(loc[1], int):  # name the entry: loras[1].scale
+            field = f"loras[{loc[1]}]" + "".join(f".{_field_name(p)}" for p in loc[2:3])
         msg = _message(first)
         text = f"{field}={excerpt(value)}: {msg}" if field else msg
         if allowed:

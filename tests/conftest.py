@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -323,3 +324,57 @@ def make_fake_model():  # type: ignore[no-untyped-def]
 def fake_model_dir(tmp_path: Path) -> Path:
     """A small fake diffusers folder (see :func:`write_fake_model`)."""
     return write_fake_model(tmp_path / "fake-model")
+
+
+# --- LoRA adapter files for a tiny UNet (added by the adapters helper) ------------------------------------------
+
+
+def write_peft_lora(unet_dir: Path, out: Path, *, seed: int, targets: list[str], rank: int = 4,
+                    alpha: float = 8.0) -> Path:
+    """A PEFT LoRA on the UNet in ``unet_dir`` with random non-zero B, saved by diffusers' own
+    ``save_lora_weights`` (keys ``unet.<module>.lora_A.weight``, rank/alpha in the header metadata)."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(unet_dir)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+    unet.add_adapter(config)
+    state = {k: v * 3 if "lora_B" in k else v for k, v in get_peft_model_state_dict(unet).items()}  # a visible delta
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=state,  # type: ignore[attr-defined]
+                                              unet_lora_adapter_metadata=config.to_dict())
+    return out / "pytorch_lora_weights.safetensors"
+
+
+def relayout_lora(src: Path, out: Path, layout: str, alpha: float) -> Path:
+    """``src`` (PEFT layout) rewritten in the ``kohya`` or ``diffusers-old`` key layout, alpha as tensors."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors: dict[str, Any] = {}
+    for key, value in load_file(src).items():
+        module, _, rest = key.removeprefix("unet.").rpartition(".lora_")
+        down = rest.startswith("A")
+        if layout == "kohya":
+            stem = "lora_unet_" + module.replace(".", "_")
+            tensors[f"{stem}.{'lora_down' if down else 'lora_up'}.weight"] = value
+            tensors[f"{stem}.alpha"] = torch.tensor(alpha)
+        else:
+            tensors[f"{module}.lora.{'down' if down else 'up'}.weight"] = value
+            tensors[f"{module}.alpha"] = torch.tensor(alpha)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "pytorch_lora_weights.safetensors")
+    return out / "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture(scope="session")
+def lora_files(sd1_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """LoRA files for ``sd1_dir``: ``a`` (attention, rank 4, alpha 8), ``b`` (attention, feed-forward and
+    convolutions, rank 2), and ``a`` again in the ``kohya`` and ``old`` (diffusers lora.down/up) layouts."""
+    root = tmp_path_factory.mktemp("loras")
+    a = write_peft_lora(sd1_dir / "unet", root / "a", seed=1, targets=["to_q", "to_k", "to_v", "to_out.0"])
+    b = write_peft_lora(sd1_dir / "unet", root / "b", seed=2, targets=["to_k", "ff.net.2", "conv1", "proj_in"],
+                        rank=2, alpha=2.0)
+    return {"a": a, "b": b, "kohya": relayout_lora(a, root / "kohya", "kohya", 8.0),
+            "old": relayout_lora(a, root / "old", "old", 8.0)}

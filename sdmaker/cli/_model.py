@@ -61,17 +61,27 @@ def import_cmd(
         "otherwise each worker fits them the first time a request asks for a preview."))] = True,
     tune: Annotated[bool, typer.Option("--tune", help="Then run `sdmaker model tune` on it (minutes; makes the "
                                        "fastest recipe that keeps its pictures its default).")] = False,
+    base: Annotated[str | None, typer.Option("--base", help="For a LoRA adapter (a .safetensors file): the model it "
+                                             "was trained on (store name, built-in, folder...). Its layers are "
+                                             "checked against that model and its digest recorded.")] = None,
     verbose: Verbose = False,
 ) -> None:
-    """Import a model into the store (content-addressed; identical files are stored once).
+    """Import a model, or a LoRA adapter file, into the store (content-addressed; identical files are stored once).
 
     Example: sdmaker model import ./sd-folder --name my-sd --tune
+    Example: sdmaker model import heart.safetensors --name heart --base mini
     """
     from sdmaker.store import Store
 
     setup_logging(verbose)
     settings = get_settings()
     store = Store(settings.store_dir, settings=settings)
+    if _is_lora_file(src):
+        _import_lora(store, Path(src), name=name, base=base, allow_pickle=allow_pickle, overwrite=overwrite)
+        return
+    if base is not None:
+        raise typer.BadParameter("--base is for LoRA adapter files (.safetensors); a model has no base",
+                                 param_hint="--base")
     with byte_progress("importing") as progress:
         manifest = store.import_model(src, name=name, allow_pickle=allow_pickle, progress=progress,
                                       overwrite=overwrite)
@@ -85,6 +95,54 @@ def import_cmd(
         from sdmaker.cli._tune import tune_stored
 
         tune_stored(manifest.name, settings)
+
+
+def _is_lora_file(src: str) -> bool:
+    """A single weights file (``.safetensors``, or a pickle ``.bin``/``.pt``...): a LoRA adapter, not a model."""
+    from sdmaker.files import PICKLE_SUFFIXES
+
+    path = Path(src)
+    return path.is_file() and path.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES)
+
+
+def _import_lora(store: Any, src: Path, *, name: str, base: str | None, allow_pickle: bool, overwrite: bool) -> None:
+    """``model import FILE``: a LoRA adapter (kind ``lora``) checked against ``--base`` when given."""
+    import shutil
+
+    from sdmaker.files import PICKLE_SUFFIXES
+    from sdmaker.store import resolve_model
+
+    settings = get_settings()
+    staging: Path | None = None
+    try:
+        if src.suffix.lower() in PICKLE_SUFFIXES:
+            if not allow_pickle:
+                from sdmaker.errors import PickleRefusedError
+
+                raise PickleRefusedError(f"{src} is a pickle file; unpickling can run arbitrary code. Convert it to "
+                                         ".safetensors, or pass --allow-pickle if you trust the source.",
+                                         model=str(src))
+            from sdmaker.engine import pickle_lora_to_safetensors
+
+            staging = store.staging_dir("lora-")
+            src = pickle_lora_to_safetensors(src, staging / "adapter.safetensors")
+        resolved = resolve_model(base, settings) if base is not None else None
+        manifest = store.import_lora(src, name=name, base=resolved.name if resolved else None,
+                                     base_digest=resolved.digest if resolved else None,
+                                     base_unet=resolved.path / "unet" if resolved else None, overwrite=overwrite)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    info = manifest.lora
+    assert info is not None
+    console.print(f"imported LoRA [bold]{manifest.name}[/bold]: {info.layout} layout, rank {info.rank}, alpha "
+                  f"{info.alpha if info.alpha is not None else 'per layer'}, {len(info.target_modules)} layers, "
+                  f"{_size(manifest.total_size)}, sha256 {info.sha256}", highlight=False, soft_wrap=True)
+    if resolved is not None:
+        console.print(f"base: {resolved.name} (digest {resolved.digest}); other models refuse it", highlight=False,
+                      soft_wrap=True)
+    else:
+        console.print("no --base: any model whose UNet layers fit it may use it", highlight=False, soft_wrap=True)
 
 
 def _fit_previews(path: Path) -> None:
@@ -149,10 +207,11 @@ def list_cmd() -> None:
     if not manifests:
         console.print(f"no models in {store.root} (import one with `sdmaker model import SRC --name NAME`)")
         return
-    table = Table("name", "size", "files", "digest", "prediction", "native size", "created")
+    table = Table("name", "kind", "size", "files", "digest", "prediction", "native size", "created")
     for m in manifests:
         native = m.architecture.native_size
-        table.add_row(m.name, _size(m.total_size), str(len(m.files)), m.digest[:12], m.prediction_type or "-",
+        kind = (f"lora r{m.lora.rank}, base {m.lora.base or 'any'}" if m.kind == "lora" and m.lora else m.kind)
+        table.add_row(m.name, kind, _size(m.total_size), str(len(m.files)), m.digest[:12], m.prediction_type or "-",
                       f"{native}px" if native else "-", m.created.strftime("%Y-%m-%d %H:%M"))
     console.print(table)
 
@@ -165,6 +224,15 @@ def show_cmd(name: Annotated[str, typer.Argument(help="Store name.")]) -> None:
     store = Store(get_settings().store_dir)
     m = store.get(name)
     arch = m.architecture
+    if m.kind == "lora" and m.lora is not None:
+        lora = m.lora
+        for key, value in (("name", m.name), ("kind", "lora"), ("sha256", lora.sha256), ("layout", lora.layout),
+                           ("rank", lora.rank), ("alpha", lora.alpha if lora.alpha is not None else "per layer"),
+                           ("base", lora.base or "- (any model whose layers fit)"), ("base digest", lora.base_digest or "-"),
+                           ("size", _size(m.total_size)), ("source", m.source or "-"),
+                           ("layers", f"{len(lora.target_modules)}: {', '.join(lora.target_modules)}")):
+            console.print(f"[bold]{key + ':':<25}[/bold]{value}", highlight=False, soft_wrap=True)
+        return
     rows = [
         ("name", m.name), ("digest", m.digest), ("path", str(store.model_path(name))),
         ("size", f"{_size(m.total_size)} ({m.total_size} bytes, {len(m.files)} files)"),

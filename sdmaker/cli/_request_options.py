@@ -32,6 +32,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "guidance_scale": ("-g",),
     "num_images_per_prompt": ("--num-images",),
     "deep_cache_interval": ("--deep-cache",),
+    "loras": ("--lora",),
     "mask_image": ("--mask",),
 }
 
@@ -68,7 +69,7 @@ def _options(spec: FieldSpec, override: str | None) -> list[inspect.Parameter]:
     shown = aliases if long_alias else (*aliases, spec.option)
     common: dict[str, Any] = {"show_default": False, "rich_help_panel": _PANEL}
     if spec.multiple:
-        common["metavar"] = "<str>"
+        common["metavar"] = "NAME[:SCALE]" if spec.name == "loras" else "<str>"
     params = [inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
         scalar | None, typer.Option(*shown, help=_help(spec, override, spec.option if long_alias else None),
                                     **common)])]

@@ -54,7 +54,20 @@ __all__ = [
     "scheduler_name_of",
 ]
 
-# Speed work (issue 5): own loop with DeepCache, step-level batching, speed options.
+# LoRA adapters per request, applied per row (issue 16); speed work (issue 5): own loop with DeepCache,
+# step-level batching, speed options.
+from sdmaker.engine._adapters import (  # noqa: E402
+    AdapterCache,
+    AdapterLibrary,
+    LoadedAdapter,
+    adapter_rows,
+    adapters_for,
+    builtin_loras_dir,
+    load_adapter,
+    merged_adapters,
+    pickle_lora_to_safetensors,
+    unet_module_shapes,
+)
 from sdmaker.engine._batching import BatcherStats, BatchJob, StepBatcher  # noqa: E402
 from sdmaker.engine._fast import (  # noqa: E402
     SpeedOptions,
@@ -75,6 +88,16 @@ from sdmaker.engine._preview import (  # noqa: E402
 )
 
 __all__ += [
+    "AdapterCache",
+    "AdapterLibrary",
+    "LoadedAdapter",
+    "adapter_rows",
+    "adapters_for",
+    "builtin_loras_dir",
+    "load_adapter",
+    "merged_adapters",
+    "pickle_lora_to_safetensors",
+    "unet_module_shapes",
     "BatchJob",
     "BatcherStats",
     "SpeedOptions",

@@ -48,6 +48,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from sdmaker.engine._adapters import adapters_for
 from sdmaker.engine._loader import LoadedModel
 from sdmaker.engine._loop import (
     Job,
@@ -220,6 +221,7 @@ class StepBatcher:
         """
         resolved = resolve(self.model, request)
         deep_cache_interval_for(self.model, resolved, self.deep_cache_interval)  # refuse here, not in the batch
+        adapters_for(self.model, resolved)  # unknown or wrong-base adapters too (and load them off the batch's path)
         if timeout_s is not None:
             by_timeout = time.monotonic() + timeout_s
             deadline = by_timeout if deadline is None else min(deadline, by_timeout)

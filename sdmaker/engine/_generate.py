@@ -12,6 +12,7 @@ its own seed gives the same picture.
 
 from __future__ import annotations
 
+from sdmaker.engine._adapters import merged_adapters
 from sdmaker.engine._loader import LoadedModel
 from sdmaker.engine._loop import decode_jobs, engine_errors, prepare_jobs, resolve, run_unet, to_result
 from sdmaker.engine._preview import ProgressCallback
@@ -54,9 +55,10 @@ def generate_fast(model: LoadedModel, request: GenerateRequest, *, on_step: Step
     with model.lock, engine_errors(model, [resolved]):
         (job,) = prepare_jobs(model, [(resolved, on_step)], deep_cache_interval=deep_cache_interval,
                               deep_cache_branch=deep_cache_branch, progress=[on_progress])
-        while not job.done:
-            run_unet(model, [job])
-            if job.failure is not None:
-                raise job.failure
+        with merged_adapters(model.pipeline.unet, job.adapters):  # alone: LoRAs merged once, not per layer call
+            while not job.done:
+                run_unet(model, [job])
+                if job.failure is not None:
+                    raise job.failure
         (arrays,) = decode_jobs(model, [job])
         return to_result(model, job, arrays)

@@ -57,6 +57,8 @@ class LoadedModel:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     #: approx-preview factors (:class:`~sdmaker.engine.LatentPreview`) kept with the model; fitted on first use if None
     latent_preview: Any = field(default=None, repr=False)
+    #: the :class:`~sdmaker.engine.AdapterLibrary` resolving requests' ``loras`` (None: the default store's, on first use)
+    adapters: Any = field(default=None, repr=False)
 
     @property
     def native_size(self) -> int:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sdmaker.engine._adapters import LoadedAdapter, adapter_rows, adapters_for
 from sdmaker.engine._deepcache import UNetUnits, check_deepcache_support
 from sdmaker.engine._edit import Edit, prepare_edit
 from sdmaker.engine._loader import LoadedModel
@@ -75,6 +76,8 @@ class Job:
     running_since: float = field(default_factory=time.perf_counter)
     #: image-to-image / inpainting: extra UNet inputs, the mask blend after each step, the paste-back
     edit: Edit | None = None
+    #: the request's LoRA adapters and scales, applied to this job's rows only (``_adapters``)
+    adapters: list[tuple[LoadedAdapter, float]] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -261,6 +264,7 @@ def prepare_jobs(model: LoadedModel, items: Sequence[tuple[GenerateRequest, Step
     device = torch.device(model.placement.device)  # where load_model put every component
     resolved = [resolve(model, r) for r, _ in items]
     intervals = [deep_cache_interval_for(model, r, deep_cache_interval) for r in resolved]
+    adapters = [adapters_for(model, r) for r in resolved]
     guided = unet.config.time_cond_proj_dim is None  # guidance-distilled UNets (LCM) take w as an input instead
     cfgs = [guided and r.guidance_scale > 1.0 for r in resolved]
     prompts: list[str] = []
@@ -275,7 +279,8 @@ def prepare_jobs(model: LoadedModel, items: Sequence[tuple[GenerateRequest, Step
     jobs: list[Job] = []
     offset = 0
     callbacks = list(progress) if progress is not None else [None] * len(items)
-    for req, (_, on_step), interval, cfg, on_progress in zip(resolved, items, intervals, cfgs, callbacks, strict=True):
+    for req, (_, on_step), interval, cfg, on_progress, lora in zip(resolved, items, intervals, cfgs, callbacks, adapters,
+                                                                  strict=True):
         seeds = req.image_seeds()
         n, per, count = len(seeds), req.num_images_per_prompt, len(req.prompts)
         generators = image_generators(seeds)
@@ -302,6 +307,7 @@ def prepare_jobs(model: LoadedModel, items: Sequence[tuple[GenerateRequest, Step
             timesteps=timesteps, extra_step_kwargs=_step_kwargs(scheduler, generators), cfg=cfg,
             embeds=embeds, latents=latents, timestep_cond=timestep_cond, on_step=on_step,
             deep_cache_interval=interval, deep_cache_branch=deep_cache_branch, on_progress=on_progress, edit=edit,
+            adapters=lora,
         ))
         job = jobs[-1]
         job.preview_every = preview_interval(req.preview, req.preview_every, len(job.timesteps))
@@ -336,22 +342,23 @@ def _unet_call(model: LoadedModel, jobs: list[Job], *, full: bool) -> list[torch
                           for j, x in zip(jobs, inputs, strict=True)]).to(sample.device)
     embeds = _cat([j.embeds for j in jobs])
     sizes = [x.shape[0] for x in inputs]
-    if all(j.deep_cache_interval <= 1 for j in jobs):
-        conds = [j.timestep_cond for j in jobs if j.timestep_cond is not None]
-        out = pipe.unet(sample, timestep, encoder_hidden_states=embeds, timestep_cond=_cat(conds) if conds else None,
-                        return_dict=False)[0]
+    with adapter_rows(pipe.unet, [j.adapters for j in jobs], sizes):  # per-row LoRA deltas; no-op without any
+        if all(j.deep_cache_interval <= 1 for j in jobs):
+            conds = [j.timestep_cond for j in jobs if j.timestep_cond is not None]
+            out = pipe.unet(sample, timestep, encoder_hidden_states=embeds,
+                            timestep_cond=_cat(conds) if conds else None, return_dict=False)[0]
+            return list(out.split(sizes))
+        units = _units(model)  # refuses time_cond_proj_dim UNets, so no timestep_cond below
+        branch = jobs[0].deep_cache_branch
+        if full:
+            out, feature = units.forward(sample, timestep, embeds, branch=branch)
+            for j, f in zip(jobs, feature.split(sizes), strict=True):
+                j.cache = f if j.deep_cache_interval > 1 else None
+        else:
+            # a shallow step follows a full one, which cached every job's features
+            cached = _cat([j.cache for j in jobs if j.cache is not None])
+            out, _ = units.forward(sample, timestep, embeds, branch=branch, cached=cached)
         return list(out.split(sizes))
-    units = _units(model)  # refuses time_cond_proj_dim UNets, so no timestep_cond below
-    branch = jobs[0].deep_cache_branch
-    if full:
-        out, feature = units.forward(sample, timestep, embeds, branch=branch)
-        for j, f in zip(jobs, feature.split(sizes), strict=True):
-            j.cache = f if j.deep_cache_interval > 1 else None
-    else:
-        # a shallow step follows a full one, which cached every job's features
-        cached = _cat([j.cache for j in jobs if j.cache is not None])
-        out, _ = units.forward(sample, timestep, embeds, branch=branch, cached=cached)
-    return list(out.split(sizes))
 
 
 def run_unet(model: LoadedModel, jobs: list[Job]) -> None:
@@ -402,4 +409,5 @@ def to_result(model: LoadedModel, job: Job, arrays: np.ndarray) -> GenerationRes
         model_name=model.name, model_digest=model.digest,
         timings={"total_s": elapsed, "per_step_s": elapsed / max(steps, 1), "unet_full_calls": float(job.unet_calls)},
         arrays=arrays, dtype=model.placement.dtype_name, tuned=model.tuned is not None,
+        adapters=[{"name": a.name, "scale": scale, "digest": a.digest} for a, scale in job.adapters],
     )

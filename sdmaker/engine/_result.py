@@ -52,6 +52,8 @@ class GenerationResult:
     arrays: np.ndarray | None = field(default=None, repr=False)
     dtype: str | None = None
     tuned: bool = False
+    #: the LoRA adapters applied: ``{"name", "scale", "digest"}`` (digest: sha256 of the adapter file)
+    adapters: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def seeds(self) -> list[int]:
@@ -79,6 +81,10 @@ class GenerationResult:
             recipe["inputs"] = inputs
         if self.dtype is not None:  # precision is a load-time choice, not a request field: recorded beside it
             recipe["dtype"] = self.dtype
+        if not recipe["request"].get("loras"):
+            recipe["request"].pop("loras", None)  # no adapters: the recipe of a plain request, as before
+        if self.adapters:  # which adapter files, exactly: a name alone may be re-imported with other weights
+            recipe["adapters"] = [dict(a) for a in self.adapters]
         if self.tuned:  # the unset fields came from the model's tuned defaults (``sdmaker model tune``)
             recipe["tuned_defaults"] = True
         return recipe

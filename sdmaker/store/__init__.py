@@ -5,8 +5,19 @@ Nothing here imports torch: storing, packaging and resolving models are file ope
 
 from sdmaker.store import _s3 as s3  # S3 transfers: s3.upload / download / download_prefix / copy / ...
 from sdmaker.store._archive import DEFAULT_MAX_MEMBERS, DEFAULT_MAX_TOTAL_BYTES, archive_format, safe_extract
+from sdmaker.store._lora import (
+    LORA_FILE,
+    LoraLayer,
+    LoraLayout,
+    check_lora_base,
+    kohya_module_name,
+    parse_lora,
+    read_lora,
+    unet_weight_shapes,
+)
 from sdmaker.store._manifest import (
     Architecture,
+    LoraInfo,
     ManifestFile,
     ModelManifest,
     Tuning,
@@ -21,7 +32,11 @@ from sdmaker.store._store import Store
 __all__ = [
     "DEFAULT_MAX_MEMBERS",
     "DEFAULT_MAX_TOTAL_BYTES",
+    "LORA_FILE",
     "Architecture",
+    "LoraInfo",
+    "LoraLayer",
+    "LoraLayout",
     "ManifestFile",
     "ModelManifest",
     "PackageResult",
@@ -30,6 +45,11 @@ __all__ = [
     "Store",
     "Tuning",
     "archive_format",
+    "check_lora_base",
+    "kohya_module_name",
+    "parse_lora",
+    "read_lora",
+    "unet_weight_shapes",
     "format_for",
     "is_s3_uri",
     "package_model",

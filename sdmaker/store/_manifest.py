@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from sdmaker.errors import InvalidRequestError
 from sdmaker.files import MODEL_CARD_DEFAULT_KEYS, MODEL_CARD_FILE
 
-__all__ = ["NAME_PATTERN", "Architecture", "ManifestFile", "ModelManifest", "Tuning", "read_architecture",
+__all__ = ["NAME_PATTERN", "Architecture", "LoraInfo", "ManifestFile", "ModelManifest", "Tuning", "read_architecture",
            "validate_name"]
 
 #: Store names are file names: no separators, no leading dot, so they can never escape ``manifests/``.
@@ -78,6 +78,24 @@ class Tuning(BaseModel):
     record: dict[str, Any] = Field(default_factory=dict)
 
 
+class LoraInfo(BaseModel):
+    """What ``sdmaker model import`` read from a LoRA adapter (kind ``lora``): enough to check it against a base.
+
+    ``file``: the adapter's one file in the snapshot; ``sha256``: its digest (the digest recipes quote).
+    ``base``/``base_digest``: the model it was imported for (None: not named; it is then checked by layer
+    shapes against whatever model serves it). ``target_modules``: normalised UNet module names.
+    """
+
+    file: str
+    sha256: str
+    layout: str
+    rank: int
+    alpha: float | None = None
+    target_modules: list[str] = Field(default_factory=list)
+    base: str | None = None
+    base_digest: str | None = None
+
+
 class ModelManifest(BaseModel):
     """A stored model. ``digest`` equals :func:`sdmaker.files.tree_digest` of its files."""
 
@@ -92,6 +110,9 @@ class ModelManifest(BaseModel):
     source: str | None = None
     sdmaker_version: str | None = None
     tuning: Tuning | None = None
+    #: ``model`` (a diffusers pipeline folder) or ``lora`` (an adapter for one; see ``lora``)
+    kind: str = "model"
+    lora: LoraInfo | None = None
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)

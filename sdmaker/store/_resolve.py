@@ -52,6 +52,10 @@ def _derived_name(stem: str, key: str) -> str:
 
 def _from_store(store: Store, name: str) -> ResolvedModel:
     manifest = store.get(name)
+    if manifest.kind != "model":
+        raise ModelNotFoundError(f"{name!r} is a {manifest.kind} adapter in the store, not a model: choose a base "
+                                 f"model and ask for the adapter per request (loras: [{{\"name\": \"{name}\"}}], "
+                                 f"or --lora {name})", model=name)
     return ResolvedModel(path=store.model_path(name), name=name, digest=manifest.digest)
 
 

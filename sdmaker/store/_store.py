@@ -51,6 +51,7 @@ from sdmaker.errors import (
 from sdmaker.files import (
     MODEL_CARD_DEFAULT_KEYS,
     MODEL_CARD_FILE,
+    PICKLE_SUFFIXES,
     PREVIEW_FACTORS_SUFFIX,
     Progress,
     atomic_write_text,
@@ -63,7 +64,7 @@ from sdmaker.files import (
     tree_digest_of_hashes,
     unique_tmp,
 )
-from sdmaker.store._manifest import ManifestFile, ModelManifest, Tuning, read_architecture, validate_name
+from sdmaker.store._manifest import LoraInfo, ManifestFile, ModelManifest, Tuning, read_architecture, validate_name
 from sdmaker.store._safetensors import check_safetensors
 
 __all__ = ["Store"]
@@ -277,6 +278,64 @@ class Store:
         logger.info("imported %s (%d files, %d bytes, digest %s)", name, len(manifest.files), manifest.total_size,
                     manifest.digest[:12])
         return manifest
+
+    # --- LoRA adapters (kind ``lora``) ------------------------------------------------------------
+
+    def import_lora(self, src: Path, *, name: str, base: str | None = None, base_digest: str | None = None,
+                    base_unet: Path | None = None, overwrite: bool = False) -> ModelManifest:
+        """Import the LoRA adapter file ``src`` (``.safetensors``) under ``name``, as a store object of kind ``lora``.
+
+        Its key layout is normalised (:func:`~sdmaker.store.parse_lora`); with ``base_unet`` (the base model's
+        ``unet/`` folder) every layer is checked against the base's module names and weight shapes, and
+        ``base``/``base_digest`` are recorded: a model of another digest refuses the adapter at request time.
+        The file is stored unchanged (its sha256 is the digest recipes quote) as ``LORA_FILE``.
+        """
+        from sdmaker.store._lora import LORA_FILE, check_lora_base, read_lora, unet_weight_shapes
+
+        validate_name(name)
+        src = Path(src)
+        if not src.is_file():
+            raise ModelNotFoundError(f"{src} is not a file", model=str(src))
+        if src.suffix.lower() in PICKLE_SUFFIXES:
+            raise PickleRefusedError(f"{src} is a pickle file; unpickling can run arbitrary code. Convert it to "
+                                     ".safetensors, or pass --allow-pickle if you trust the source.", model=str(src))
+        if src.suffix.lower() != ".safetensors":
+            raise ModelFormatError(f"{src}: a LoRA adapter must be a .safetensors file", model=str(src))
+        shapes = unet_weight_shapes(base_unet) if base_unet is not None else None
+        layout = read_lora(src, unet_modules=shapes)
+        if shapes is not None:
+            check_lora_base(layout, shapes, base=base or str(base_unet))
+        with self.lock():
+            if self.exists(name) and not overwrite:
+                raise ModelExistsError(f"a model named {name!r} is already stored; pass --overwrite to replace it "
+                                       "or choose another --name", model=name)
+            created: list[Path] = []
+            try:
+                sha, size = self._add_blob(src, None, move=False, created=created, check_as=str(src))
+                files = [ManifestFile(path=LORA_FILE, sha256=sha, size=size)]
+                manifest = ModelManifest(
+                    name=name, digest=tree_digest_of_hashes((f.path, f.sha256) for f in files), files=files,
+                    total_size=size, source=str(src), sdmaker_version=__version__, kind="lora",
+                    lora=LoraInfo(file=LORA_FILE, sha256=sha, layout=layout.layout, rank=layout.rank,
+                                  alpha=layout.alpha, target_modules=layout.target_modules, base=base,
+                                  base_digest=base_digest))
+                self._build_snapshot(manifest)
+                atomic_write_text(self._manifest_path(name), manifest.to_json())  # the commit point
+            except BaseException:
+                for blob in created:
+                    blob.unlink(missing_ok=True)
+                raise
+            self._gc()
+        logger.info("imported LoRA %s (%s layout, rank %d, %d layers, base %s)", name, layout.layout, layout.rank,
+                    len(layout.layers), base or "not named")
+        return manifest
+
+    def lora_path(self, name: str) -> tuple[ModelManifest, Path]:
+        """The manifest and adapter file of the LoRA ``name``; ``ModelNotFoundError`` when it is not one."""
+        manifest = self.get(name)
+        if manifest.kind != "lora" or manifest.lora is None:
+            raise ModelNotFoundError(f"{name!r} is a {manifest.kind} in the store, not a LoRA adapter", model=name)
+        return manifest, self.model_path(name) / manifest.lora.file
 
     # --- tuned recipes (``sdmaker model tune``) -----------------------------------------------------
 

@@ -348,7 +348,8 @@ class HandlerService:
             inputs = data.pop("inputs", data)
             parameters = data.pop("parameters", None)
             return model(inputs, **parameters) if parameters is not None else model(inputs)
-        if (self.validated_by is not None and isinstance(data, dict)
+        # (a body with loras is parsed here anyway: model_construct would leave its entries plain dicts)
+        if (self.validated_by is not None and isinstance(data, dict) and not data.get("loras")
                 and self.validated_by(context.request_headers)):
             # the daemon parsed this body with request_from_payload and forwarded the canonical fields
             request = GenerateRequest.model_construct(**data)
@@ -552,7 +553,7 @@ def _to_bytes(response: Any) -> bytes:
 def result_json(result: Any) -> dict[str, Any]:
     """The default JSON answer: the seed's ``generated_images`` plus what regenerates each image."""
     req = result.request
-    return {
+    answer = {
         "generated_images": [base64.b64encode(result.encode(i)).decode("ascii") for i in range(len(result.images))],
         "seeds": result.seeds,
         "format": req.format,
@@ -564,3 +565,6 @@ def result_json(result: Any) -> dict[str, Any]:
                                                       "num_images_per_prompt", "seed")},
         "timings": result.timings,
     }
+    if getattr(result, "adapters", None):  # the LoRA adapters applied, with the digests of their files
+        answer["adapters"] = result.adapters
+    return answer
