@@ -372,19 +372,18 @@ OPENMP_SPIN_COUNT = "100"
 
 
 def machine_is_busy() -> bool:
-    """Whether other work already fills this machine's cores: more processes runnable right now than cores
-    (``/proc/loadavg``, this one left out), or a 1-minute load average of 1.5x the cores (one process of ours
-    using every core raises it to about 1x: that is not a busy machine)."""
+    """Whether other work fills this machine's cores right now: more runnable processes than cores
+    (``/proc/loadavg``'s running count, this one left out).
+
+    The instant count, not the load average: a machine that just finished a job of ours (one process using
+    every core) has a load average near the core count for a minute and is not busy.
+    """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
-        fields = Path("/proc/loadavg").read_text().split()
-        load1, running = float(fields[0]), int(fields[3].split("/")[0]) - 1
+        running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]) - 1
     except (OSError, ValueError, IndexError):
-        try:
-            load1, running = os.getloadavg()[0], 0
-        except OSError:
-            return False
-    return running > cores or load1 >= 1.5 * cores
+        return False
+    return running > cores
 
 
 def openmp_spin_for(env: Mapping[str, str], busy: bool) -> str | None:
@@ -404,7 +403,8 @@ def openmp_spin_default() -> None:
     ``mini`` generation on the thread that loaded the model took 50-80 s at load 14 on 2 cores, against 0.5-0.9 s
     on a second thread (whose extra pool makes libgomp throttle itself to 100 spins). On a quiet machine the long
     spin is the faster one (a ``mini`` generation took 0.22 s against 0.33 s with 100 spins), so the spin count is
-    only lowered when the machine is busy when sdmaker is imported (:func:`machine_is_busy`). It must be set
+    only lowered when the machine is busy when sdmaker is imported (:func:`machine_is_busy`: more runnable
+    processes than cores). It must be set
     before torch loads libgomp, so ``import sdmaker`` calls this; a ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY``
     the user set is kept, and nothing changes once torch is imported. Measured by ``python -m bench --only openmp``.
     """
