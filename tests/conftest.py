@@ -278,6 +278,16 @@ def s3_bucket(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
     return bucket
 
 
+def start_builtin_s3_daemon(home: Path) -> DaemonProcess:
+    """A started daemon with no S3 of the user's own configured: it serves S3 itself (and reads model data
+    from it). The caller stops it."""
+    d = DaemonProcess(home, env={"HF_HUB_OFFLINE": "1", "AWS_CONFIG_FILE": str(home / "no-aws-config")})
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_PROFILE"):
+        d.env.pop(name, None)
+    d.start()
+    return d
+
+
 def safetensors_bytes(payload: bytes, name: str = "weight") -> bytes:
     """A valid safetensors file holding ``payload`` as one U8 tensor (the store checks headers at import)."""
     import json

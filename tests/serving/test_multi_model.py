@@ -165,13 +165,9 @@ def test_a_loading_model_answers_model_not_ready_then_serves(daemon, mme_prefix,
 @pytest.fixture(scope="module")
 def builtin_s3_daemon(tmp_path_factory):  # type: ignore[no-untyped-def]
     """A daemon with no S3 of the user's own: model artifacts go to (and load from) its built-in S3."""
-    from conftest import DaemonProcess
+    from conftest import start_builtin_s3_daemon
 
-    home = tmp_path_factory.mktemp("mme-home")
-    d = DaemonProcess(home, env={"HF_HUB_OFFLINE": "1", "AWS_CONFIG_FILE": str(home / "no-aws-config")})
-    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_PROFILE"):
-        d.env.pop(name, None)
-    d.start()
+    d = start_builtin_s3_daemon(tmp_path_factory.mktemp("mme-home"))
     yield d
     d.stop()
 

@@ -98,13 +98,9 @@ def _seed_steps_8_and_9(s3_model_uri: str, endpoint_name: str) -> list[Image.Ima
 @pytest.fixture(scope="module")
 def sdmaker_only(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """A daemon with no S3 of the user's own configured: it serves S3 itself (and reads model data from it)."""
-    from conftest import DaemonProcess
+    from conftest import start_builtin_s3_daemon
 
-    home = tmp_path_factory.mktemp("sdmaker-only-home")
-    d = DaemonProcess(home, env={"HF_HUB_OFFLINE": "1", "AWS_CONFIG_FILE": str(home / "no-aws-config")})
-    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_PROFILE"):
-        d.env.pop(name, None)
-    d.start()
+    d = start_builtin_s3_daemon(tmp_path_factory.mktemp("sdmaker-only-home"))
     yield d
     d.stop()
 
