@@ -101,10 +101,10 @@ class ModelServer:
     def error(self) -> str | None:
         return self._state.error
 
-    def _write_status(self) -> None:
+    def _write_status(self, s: "_State | None" = None) -> None:
         if self.status_file is None:
             return
-        s = self._state
+        s = s or self._state
         write_status(self.status_file, {"state": s.state.value, "error": s.error, "pid": os.getpid(),
                                         "load_seconds": s.load_seconds, "worker_id": self.worker_id,
                                         "model_dir": str(self.handler.model_dir), "time": time.time()})
@@ -130,9 +130,11 @@ class ModelServer:
         self._become(_State(ServerState.FAILED, error, load_seconds))
 
     def _become(self, state: _State) -> None:
+        # The file first, then the state that /ping reads: a supervisor that sees the worker Healthy
+        # must find the same state in the status file, never the previous one.
         with self._lock:
+            self._write_status(state)
             self._state = state
-            self._write_status()
 
     def start_loading(self) -> threading.Thread:
         """Load in a daemon thread (a hung ``model_fn`` must not keep the process alive at shutdown)."""
