@@ -50,13 +50,17 @@ DEFAULTS: dict[str, Any] = {
     "prediction_type": "epsilon",
     "loss_weighting": "min_snr",
     "kl_weight": 1e-6,
+    # vae fine-tune (init_from): weight of the anchor loss that keeps the encoder's latents of ordinary scenes
+    # where the init VAE put them (mean squared latent difference), so a UNet trained on the old latents still
+    # fits; images recoloured by data.random_color_prob are free to get latents of their own
+    "anchor_weight": 0.0,
     "vae": None,  # unet: folder of the trained VAE (relative to the config file or absolute)
     "max_length": 32,
     # lora: the base model (built-in name or model folder; the CLI resolves it, :func:`prepare_lora`) and the
     # adapter (PEFT LoraConfig: rank r, lora_alpha, the attention projections it adapts)
     "base": None,
     "lora": {"rank": 8, "alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]},
-    # unet/lora: start from these weights (a UNet folder) instead of a fresh init (fine-tuning)
+    # vae/unet: start from these weights (a VAE or UNet folder) instead of a fresh init (fine-tuning)
     "init_from": None,
 }
 _KINDS = ("vae", "unet", "lora")
@@ -159,6 +163,10 @@ def _check_data(data: dict[str, Any]) -> None:
     if not isinstance(prob, (int, float)) or not 0.0 <= prob <= 1.0:
         raise ConfigError(f"data.concept_prob={prob!r} must be a number from 0 to 1", field="data.concept_prob",
                           value=prob)
+    recolor = data.get("random_color_prob", 0.0)
+    if not isinstance(recolor, (int, float)) or isinstance(recolor, bool) or not 0.0 <= recolor <= 1.0:
+        raise ConfigError(f"data.random_color_prob={recolor!r} must be a number from 0 to 1",
+                          field="data.random_color_prob", value=recolor)
     if prob and not (data.get("extra_shapes") or data.get("extra_colors")):
         raise ConfigError("data.concept_prob needs data.extra_shapes or data.extra_colors",
                           field="data.concept_prob", value=prob)
@@ -243,7 +251,8 @@ def data_for_step(cfg: dict[str, Any], step: int) -> dict[str, Any]:
 
 #: Keys added after checkpoints existed: left out of the digest at these values, so older checkpoints
 #: (which trained with exactly these) still resume.
-_LATER_KEYS = {key: DEFAULTS[key] for key in ("prediction_type", "loss_weighting", "base", "lora", "init_from")}
+_LATER_KEYS = {key: DEFAULTS[key] for key in ("prediction_type", "loss_weighting", "base", "lora", "init_from",
+                                               "anchor_weight")}
 
 
 def config_digest(cfg: dict[str, Any]) -> str:

@@ -19,7 +19,7 @@ import torch
 
 from sdmaker.training._captions import caption
 from sdmaker.training._config import data_for_step
-from sdmaker.training._scenes import render, sample_concept_scene, sample_scene, scene_rng
+from sdmaker.training._scenes import random_palette, render, sample_concept_scene, sample_scene, scene_rng
 
 __all__ = ["TextEncoderCache", "UnetBatches", "VaeBatches", "image_to_tensor", "make_loader"]
 
@@ -58,16 +58,20 @@ class VaeBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
         crop = int(self.cfg["data"].get("crop", 0) or 0)
-        images = []
+        recolor = float(self.cfg["data"].get("random_color_prob", 0.0) or 0.0)
+        images, anchored = [], []
         for scene, _, rng in _samples(self.cfg, step):
-            img = image_to_tensor(render(scene))
+            # without random_color_prob no extra draw is made: the base recipe's images are unchanged
+            palette = random_palette(scene, rng) if recolor and rng.random() < recolor else None
+            anchored.append(palette is None)
+            img = image_to_tensor(render(scene, palette=palette))
             if crop:  # a crop around one of the shapes: edges, not flat background, is what needs learning
                 cx, cy = rng.choice(scene.shapes).center
                 x0 = min(max(int(cx) - crop // 2 + rng.randint(-crop // 4, crop // 4), 0), 64 - crop)
                 y0 = min(max(int(cy) - crop // 2 + rng.randint(-crop // 4, crop // 4), 0), 64 - crop)
                 img = img[:, y0:y0 + crop, x0:x0 + crop]
             images.append(img)
-        return {"images": torch.stack(images), "step": torch.tensor(step)}
+        return {"images": torch.stack(images), "anchored": torch.tensor(anchored), "step": torch.tensor(step)}
 
 
 class TextEncoderCache:

@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 
 __all__ = [
     "ALL_COLORS", "ALL_SHAPES", "COLORS", "EXTRA_COLORS", "EXTRA_SHAPES", "HELDOUT_PAIRS", "IMAGE_SIZE", "POSITIONS",
+    "random_palette",
     "RELATIONS", "SHAPES", "SIZES", "Scene", "ShapeSpec", "render", "sample_concept_scene", "sample_scene", "scene_rng",
     "shape_points",
 ]
@@ -235,11 +236,34 @@ def _draw(draw: ImageDraw.ImageDraw, spec: ShapeSpec, fill: tuple[int, ...] | in
         draw.polygon(points, fill=fill)
 
 
-def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
-    """Anti-aliased RGB rendering of ``scene`` at ``size`` x ``size`` (anchors are in 64x64 units)."""
+def random_palette(scene: Scene, rng: random.Random, min_distance: float = 80.0) -> dict[str, tuple[int, int, int]]:
+    """Uniformly random RGB values for the colours ``scene`` uses, each ``min_distance`` from the others.
+
+    A VAE trained only on the named palette maps colours it never saw onto its nearest palette latent (pink
+    decodes as white), so no adapter could ever teach it a new colour; recoloured scenes make it a
+    general-colour autoencoder, as an image VAE should be.
+    """
+    names = list(dict.fromkeys([scene.background, *(s.color for s in scene.shapes)]))
+    out: dict[str, tuple[int, int, int]] = {}
+    for name in names:
+        for _ in range(100):
+            rgb = (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+            if all(sum((a - b) ** 2 for a, b in zip(rgb, other, strict=True)) ** 0.5 >= min_distance
+                   for other in out.values()):
+                break
+        out[name] = rgb
+    return out
+
+
+def render(scene: Scene, size: int = IMAGE_SIZE, palette: dict[str, tuple[int, int, int]] | None = None) -> Image.Image:
+    """Anti-aliased RGB rendering of ``scene`` at ``size`` x ``size`` (anchors are in 64x64 units).
+
+    ``palette`` overrides the RGB value of colour names (a recoloured scene, :func:`random_palette`).
+    """
+    colors = {**ALL_COLORS, **(palette or {})}
     big = size * _SUPERSAMPLE
-    img = Image.new("RGB", (big, big), ALL_COLORS[scene.background])
+    img = Image.new("RGB", (big, big), colors[scene.background])
     draw = ImageDraw.Draw(img)
     for spec in scene.shapes:
-        _draw(draw, spec, ALL_COLORS[spec.color], big / IMAGE_SIZE)
+        _draw(draw, spec, colors[spec.color], big / IMAGE_SIZE)
     return img.resize((size, size), Image.Resampling.LANCZOS)

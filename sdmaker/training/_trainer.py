@@ -132,8 +132,18 @@ class _Run:
     def __init__(self, cfg: dict[str, Any]) -> None:
         self.cfg = cfg
         torch.manual_seed(cfg["seed"])  # weight init only
+        self.anchor: Any = None
         if cfg["kind"] == "vae":
-            self.model = build_vae(cfg["model"])
+            if cfg.get("init_from"):  # fine-tuning an existing VAE (its architecture and weights)
+                from diffusers import AutoencoderKL
+
+                self.model = AutoencoderKL.from_pretrained(cfg["init_from"], torch_dtype=torch.float32)
+                if cfg["anchor_weight"]:  # the frozen init encoder: where ordinary scenes' latents must stay
+                    import copy
+
+                    self.anchor = copy.deepcopy(self.model).eval().requires_grad_(False)
+            else:
+                self.model = build_vae(cfg["model"])
             self.vae_scaling = 1.0
         elif cfg["kind"] == "lora":
             from diffusers import AutoencoderKL
@@ -195,7 +205,16 @@ class _Run:
             mse = torch.mean((recon - x) ** 2)
             l1 = torch.mean(torch.abs(recon - x))
             kl = post.kl().mean() / z[0].numel()
-            return mse + self.cfg.get("l1_weight", 0.5) * l1 + self.cfg["kl_weight"] * kl, {"mse": mse.item(), "kl": kl.item()}
+            total = mse + self.cfg.get("l1_weight", 0.5) * l1 + self.cfg["kl_weight"] * kl
+            extra = {"mse": mse.item(), "kl": kl.item()}
+            keep = batch.get("anchored")
+            if self.anchor is not None and keep is not None and bool(keep.any()):
+                with torch.no_grad():
+                    ref = self.anchor.encode(x[keep]).latent_dist.mean
+                drift = torch.mean((post.mean[keep] - ref) ** 2)
+                total = total + self.cfg["anchor_weight"] * drift
+                extra["anchor_mse"] = drift.item()
+            return total, extra
         latents, embeds = batch["latents"], batch["embeds"]
         bsz = latents.shape[0]
         noise = torch.randn(latents.shape, generator=gen)
@@ -305,7 +324,7 @@ def _export(run: _Run, out_dir: Path) -> Path:
             _export_lora(run, tmp)
         return dest
     model = run.ema_model()
-    if run.cfg["kind"] == "vae":
+    if run.cfg["kind"] == "vae" and run.anchor is None:  # an anchored fine-tune keeps its init's latent scale
         scale = vae_latent_scale(model, run.cfg)
         model.register_to_config(scaling_factor=scale)  # the pipeline multiplies latents by exactly this
     dest = out_dir / EXPORT_DIR

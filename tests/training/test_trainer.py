@@ -224,3 +224,52 @@ def test_bad_prediction_type_is_a_config_error_and_old_checkpoints_keep_their_di
     new = {**cfg, "prediction_type": DEFAULTS["prediction_type"], "loss_weighting": DEFAULTS["loss_weighting"]}
     assert config_digest(old) == config_digest(new)
     assert config_digest(cfg) != config_digest(new)  # the mini config predicts v: a different run
+
+
+def test_random_colours_leave_the_base_images_alone_and_anchor_only_ordinary_scenes() -> None:
+    import random
+
+    from sdmaker.training._data import VaeBatches, image_to_tensor
+    from sdmaker.training._scenes import random_palette, render, sample_scene
+
+    base = load_config(VAE_CONFIG, quick=True)
+    plain = VaeBatches(base)[3]
+    same = VaeBatches({**base, "data": {**base["data"], "random_color_prob": 0.0}})[3]
+    assert torch.equal(plain["images"], same["images"]) and bool(plain["anchored"].all())
+    mixed = VaeBatches({**base, "batch_size": 16, "data": {**base["data"], "random_color_prob": 0.5}})[3]
+    assert 0 < int(mixed["anchored"].sum()) < 16  # some recoloured (free), some ordinary (anchored)
+    assert not VaeBatches({**base, "data": {**base["data"], "random_color_prob": 1.0}})[3]["anchored"].any()
+
+    scene = sample_scene(random.Random(1), two_shape_prob=1.0)
+    palette = random_palette(scene, random.Random(2))
+    assert set(palette) == {scene.background, *(s.color for s in scene.shapes)}
+    values = list(palette.values())
+    assert all(sum((a - b) ** 2 for a, b in zip(p, q, strict=True)) ** 0.5 >= 80
+               for i, p in enumerate(values) for q in values[i + 1:])
+    assert palette == random_palette(scene, random.Random(2))  # a pure function of the rng
+    corner = image_to_tensor(render(scene, palette=palette))[:, 0, 0]
+    assert torch.allclose((corner + 1) * 127.5, torch.tensor(palette[scene.background], dtype=torch.float32),
+                          atol=1.0)
+
+
+def test_an_anchored_vae_fine_tune_keeps_its_init_latents_and_scale(tmp_path: Path, quick_vae: Path) -> None:
+    from diffusers import AutoencoderKL
+
+    from sdmaker.errors import ConfigError
+    from sdmaker.training._data import VaeBatches
+
+    config = ROOT / "configs" / "train" / "mini-vae-colors.json"
+    seen: list[dict[str, float]] = []
+    cfg = load_config(config, quick=True, overrides={"init_from": str(quick_vae), "steps": 3, "lr": 1e-3})
+    result = train(cfg, tmp_path / "ft", progress=lambda s, t, m: seen.append(m))
+    assert result.status == "finished" and result.model_dir is not None
+    init, tuned = AutoencoderKL.from_pretrained(quick_vae), AutoencoderKL.from_pretrained(result.model_dir)
+    assert tuned.config.scaling_factor == init.config.scaling_factor  # the UNet's latents keep their scale
+    assert tuned.config.block_out_channels == init.config.block_out_channels
+    batch = VaeBatches({**cfg, "data": {**cfg["data"], "random_color_prob": 0.0}})[0]["images"]
+    with torch.no_grad():
+        moved = (tuned.encode(batch).latent_dist.mean - init.encode(batch).latent_dist.mean).abs().mean()
+    assert float(moved) > 0  # it trained
+
+    with pytest.raises(ConfigError, match="random_color_prob"):
+        load_config(config, quick=True, overrides={"data": {"random_color_prob": 2}})
