@@ -214,6 +214,13 @@ class _Run:
                 drift = torch.mean((post.mean[keep] - ref) ** 2)
                 total = total + self.cfg["anchor_weight"] * drift
                 extra["anchor_mse"] = drift.item()
+                if self.cfg["anchor_noise"]:  # the decoder too, around the old latents
+                    near = ref + self.cfg["anchor_noise"] * torch.randn(ref.shape, generator=gen)
+                    with torch.no_grad():
+                        want = self.anchor.decode(near).sample
+                    dec = torch.mean(torch.abs(self.model.decode(near).sample - want))
+                    total = total + self.cfg["anchor_weight"] * dec
+                    extra["anchor_decoder_l1"] = dec.item()
             return total, extra
         latents, embeds = batch["latents"], batch["embeds"]
         bsz = latents.shape[0]
