@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torch
 from sdmaker.cli import app
 from sdmaker.cli._common import run_app
 from sdmaker.training._config import load_config, prepare_lora
-from sdmaker.training._trainer import CHECKPOINT_FILE, LORA_FILE, train
+from sdmaker.training._trainer import LORA_FILE, train
 
 ROOT = Path(__file__).resolve().parents[2]
 LORA_CONFIG = ROOT / "configs" / "train" / "lora-heart-pink.json"
@@ -26,16 +27,7 @@ def _quick_cfg(**overrides: object) -> dict:
     return prepare_lora(cfg, builtin_dir("mini"), "test-base-digest")
 
 
-def _state(run_dir: Path) -> dict[str, torch.Tensor]:
-    ckpt = torch.load(run_dir / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-    out = {f"model.{k}": v for k, v in ckpt["model"].items()}
-    out.update({f"ema.{i}": t for i, t in enumerate(ckpt["ema"])})
-    for idx, st in ckpt["optimizer"]["state"].items():
-        out.update({f"opt.{idx}.{k}": v for k, v in st.items() if torch.is_tensor(v)})
-    return out
-
-
-def test_quick_lora_trains_only_the_adapter_and_resumes_exactly(tmp_path: Path) -> None:
+def test_quick_lora_trains_only_the_adapter_and_resumes_exactly(tmp_path: Path, checkpoint_tensors: Any) -> None:
     cfg = _quick_cfg()
     straight = train(cfg, tmp_path / "straight")
     assert straight.status == "finished" and straight.model_dir is not None
@@ -43,7 +35,7 @@ def test_quick_lora_trains_only_the_adapter_and_resumes_exactly(tmp_path: Path) 
     assert stopped.status == "stopped" and stopped.steps_done == 2
     resumed = train(cfg, tmp_path / "resumed", resume=True)
     assert resumed.steps_done == cfg["steps"]
-    a, b = _state(tmp_path / "straight"), _state(tmp_path / "resumed")
+    a, b = checkpoint_tensors(tmp_path / "straight"), checkpoint_tensors(tmp_path / "resumed")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -36,17 +37,7 @@ _KILLED_RUN = textwrap.dedent("""
 """)
 
 
-def _state(run_dir: Path) -> dict[str, torch.Tensor]:
-    ckpt = torch.load(run_dir / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-    out = {f"model.{k}": v for k, v in ckpt["model"].items()}
-    out.update({f"ema.{i}": t for i, t in enumerate(ckpt["ema"])})
-    for idx, st in ckpt["optimizer"]["state"].items():
-        out.update({f"opt.{idx}.{k}": v for k, v in st.items() if torch.is_tensor(v)})
-    assert ckpt["step"] == 8
-    return out
-
-
-def _kill_and_resume(tmp_path: Path, config: Path, vae: Path | None) -> None:
+def _kill_and_resume(tmp_path: Path, config: Path, vae: Path | None, checkpoint_tensors: Any) -> None:
     extra = [str(vae)] if vae else []
     overrides = {"steps": 8, "checkpoint_every": 2, "vae": str(vae) if vae else None}
     cfg = load_config(config, quick=True, overrides=overrides)
@@ -58,14 +49,14 @@ def _kill_and_resume(tmp_path: Path, config: Path, vae: Path | None) -> None:
     assert ckpt["step"] == 4  # step 5 was lost with the process
     result = train(cfg, tmp_path / "killed", resume=True)
     assert result.status == "finished" and result.steps_done == 8
-    straight, resumed = _state(tmp_path / "straight"), _state(tmp_path / "killed")
+    straight, resumed = checkpoint_tensors(tmp_path / "straight", 8), checkpoint_tensors(tmp_path / "killed", 8)
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
 
 
-def test_vae_kill9_then_resume_is_bit_identical(tmp_path: Path) -> None:
-    _kill_and_resume(tmp_path, VAE_CONFIG, None)
+def test_vae_kill9_then_resume_is_bit_identical(tmp_path: Path, checkpoint_tensors: Any) -> None:
+    _kill_and_resume(tmp_path, VAE_CONFIG, None, checkpoint_tensors)
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +68,8 @@ def quick_vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-def test_unet_kill9_then_resume_is_bit_identical(tmp_path: Path, quick_vae: Path) -> None:
-    _kill_and_resume(tmp_path, UNET_CONFIG, quick_vae)
+def test_unet_kill9_then_resume_is_bit_identical(tmp_path: Path, quick_vae: Path, checkpoint_tensors: Any) -> None:
+    _kill_and_resume(tmp_path, UNET_CONFIG, quick_vae, checkpoint_tensors)
 
 
 def test_quick_unet_trains_exports_and_tracks_in_mlflow(tmp_path: Path, quick_vae: Path) -> None:
