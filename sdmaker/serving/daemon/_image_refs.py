@@ -98,8 +98,10 @@ class ImageFetcher:
         data = self._s3(field, reference) if scheme == "s3" else self._url(field, reference)
         try:
             input_image_info(base64.b64encode(data).decode("ascii"), field)
-        except InvalidRequestError as exc:
-            raise InvalidRequestError(f"{field} ({_shown(reference)}): {exc.message}", field=field,
+        except InvalidRequestError as exc:  # "image is not a PNG...: send ... base64": said of the fetched bytes
+            what = exc.message.split(": send the file's bytes", 1)[0]
+            what = what[len(field):] if what.startswith(field) else f": {what}"
+            raise InvalidRequestError(f"{field} fetched from {_shown(reference)}{what}", field=field,
                                       value=_shown(reference), allowed=exc.fields.get("allowed")) from None
         return data
 
