@@ -103,6 +103,12 @@ class Settings:
             (``SDMAKER_AUTOSCALING_WINDOW``, default 60 s like CloudWatch's 1-minute period):
             invocations per instance are counted over it, concurrent requests (a high-resolution metric)
             over a sixth of it. Tests shorten it.
+        image_url_hosts: hosts whose ``http(s)://`` URLs asynchronous and batch transform requests may name as
+            their ``image``/``mask_image`` (``SDMAKER_IMAGE_URL_HOSTS``, comma separated, ``host`` or
+            ``host:port``; default none: URLs are refused, as the daemon fetching any URL a caller names would let
+            callers reach whatever the daemon can, SSRF). ``s3://`` references need no setting.
+        image_url_timeout_s: the most one image URL's download may take, redirects included
+            (``SDMAKER_IMAGE_URL_TIMEOUT``, default 30 s).
     """
 
     home: Path
@@ -147,6 +153,8 @@ class Settings:
     mme_memory_bytes: int | None = None
     mme_load_wait_s: float = 30.0
     lora_cache_bytes: int = 256 * 1024**2
+    image_url_hosts: tuple[str, ...] = ()
+    image_url_timeout_s: float = 30.0
 
     @property
     def store_dir(self) -> Path:
@@ -331,6 +339,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         mme_memory_bytes=int(_number(env, "SDMAKER_MME_MEMORY_MB", 0, minimum=0) * 1024**2) or None,
         mme_load_wait_s=_number(env, "SDMAKER_MME_LOAD_WAIT", 30.0, minimum=0),
         lora_cache_bytes=int(_number(env, "SDMAKER_LORA_CACHE_MB", 256, minimum=0) * 1024**2),
+        image_url_hosts=tuple(h.strip().lower() for h in env.get("SDMAKER_IMAGE_URL_HOSTS", "").split(",")
+                              if h.strip()),
+        image_url_timeout_s=_number(env, "SDMAKER_IMAGE_URL_TIMEOUT", 30.0, minimum=1),
     )
     return with_local_key(settings) if settings.local_key else settings
 

@@ -49,7 +49,9 @@ __all__ = [
     "SchedulerName",
     "body_text",
     "content_charset",
+    "IMAGE_REFERENCE_SCHEMES",
     "decode_input_image",
+    "image_reference_scheme",
     "input_image_info",
     "parse_json_body",
     "parse_request",
@@ -91,6 +93,9 @@ LIMITS: dict[str, Any] = {
 STRENGTH_DEFAULTS: dict[str, float] = {"img2img": 0.8, "inpaint": 1.0}
 #: Input image formats accepted in ``image`` and ``mask_image``.
 INPUT_IMAGE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP")
+#: References an ``image``/``mask_image`` may be instead of base64, on asynchronous invocations and batch transform
+#: jobs only: the daemon fetches them before the request reaches a worker (``sdmaker.serving.daemon._image_refs``).
+IMAGE_REFERENCE_SCHEMES: tuple[str, ...] = ("s3", "http", "https")
 
 #: The seed article's defaults, used for any field neither the request nor the model sets.
 SEED_DEFAULTS: dict[str, Any] = {
@@ -199,12 +204,13 @@ class GenerateRequest(BaseModel):
     image: str | None = Field(
         default=None,
         description="Input image (base64 PNG/JPEG/WebP) for image-to-image, or inpainting with mask_image. "
-                    "width/height default to its size (rounded down to a multiple of 8); given, it is resized to them.",
+                    "width/height default to its size (rounded down to a multiple of 8); given, it is resized to them. "
+                    "Asynchronous and batch transform requests may give an s3:// or allowed http(s):// reference.",
     )
     mask_image: str | None = Field(
         default=None,
         description="Inpainting mask (base64 PNG/JPEG/WebP, the image's size): white = repaint, black = keep. "
-                    "Pixels outside the mask come back unchanged.",
+                    "Pixels outside the mask come back unchanged. A reference, as for image.",
     )
     strength: float | None = Field(
         default=None, ge=0.0, le=1.0, strict=True,
@@ -386,11 +392,31 @@ class ResolvedRequest(GenerateRequest):
         return [(self.seed + i) % (LIMITS["seed_max"] + 1) for i in range(total)]
 
 
+def image_reference_scheme(value: str) -> str | None:
+    """``s3``/``http``/``https`` when ``value`` is an image reference (``s3://bucket/key``, a URL), else None."""
+    head = value[:8].strip().lower()
+    for scheme in IMAGE_REFERENCE_SCHEMES:
+        if head.startswith(scheme + "://"):
+            return scheme
+    return None
+
+
 def decode_input_image(value: str, field: str = "image") -> bytes:
-    """The bytes of a base64 input image (a ``data:image/...;base64,`` prefix is accepted); 400 naming ``field``."""
+    """The bytes of a base64 input image (a ``data:image/...;base64,`` prefix is accepted); 400 naming ``field``.
+
+    A reference (``s3://``, ``http(s)://``) gets a 400 that says where references work: only the daemon's
+    asynchronous and batch transform paths fetch them (a synchronous worker never makes network calls on a
+    caller's behalf), and those replace them with base64 before the request is validated here.
+    """
     import base64
     import binascii
 
+    if image_reference_scheme(value) is not None:
+        raise InvalidRequestError(
+            f"{field} is a reference ({excerpt(value.strip())}): references (s3://, http(s)://) are accepted only by "
+            "asynchronous invocations (InvokeEndpointAsync) and batch transform jobs, which fetch them first; here "
+            "send the image's bytes base64-encoded", field=field, value=excerpt(value),
+            allowed="base64 PNG/JPEG/WebP (references: async and transform only)")
     text = value.strip()
     if text.startswith("data:") and "," in text[:100]:
         text = text.split(",", 1)[1]

@@ -278,10 +278,10 @@ def s3_bucket(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
     return bucket
 
 
-def start_builtin_s3_daemon(home: Path) -> DaemonProcess:
+def start_builtin_s3_daemon(home: Path, env: dict[str, str] | None = None) -> DaemonProcess:
     """A started daemon with no S3 of the user's own configured: it serves S3 itself (and reads model data
-    from it). The caller stops it."""
-    d = DaemonProcess(home, env={"HF_HUB_OFFLINE": "1", "AWS_CONFIG_FILE": str(home / "no-aws-config")})
+    from it). ``env``: more of the daemon's environment. The caller stops it."""
+    d = DaemonProcess(home, env={"HF_HUB_OFFLINE": "1", "AWS_CONFIG_FILE": str(home / "no-aws-config"), **(env or {})})
     for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_PROFILE"):
         d.env.pop(name, None)
     d.start()

@@ -38,6 +38,7 @@ import json
 import logging
 import secrets
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import Request
@@ -78,7 +79,8 @@ _TIMEOUT_TEXT = ("Your invocation timed out while waiting for a response from co
 _MAX_MESSAGE = 1024
 
 
-def validate_default_body(body: bytes, content_type: str | None) -> bytes:
+def validate_default_body(body: bytes, content_type: str | None,
+                          resolve: Callable[[Any], object] | None = None) -> bytes:
     """Check a body for sdmaker's default handler before it is queued (a 400 here, never a 424 later).
 
     The default handler generates images from text, so only the body types that can carry a request
@@ -89,6 +91,9 @@ def validate_default_body(body: bytes, content_type: str | None) -> bytes:
     as canonical JSON (the fields the caller set), which the worker takes without validating it again
     (:data:`~sdmaker.serving._protocol.VALIDATED_HEADER`). Endpoints with their own ``inference.py``
     decide for themselves: their bodies are passed through untouched and this is not called.
+
+    ``resolve`` (asynchronous jobs only, see :mod:`._image_refs`) replaces image references in the decoded
+    body by the fetched images before it is validated; without it a reference is a 400 naming its field.
 
     Raises:
         InvalidRequestError: the body, its Content-Type or a field is not a valid request.
@@ -104,6 +109,8 @@ def validate_default_body(body: bytes, content_type: str | None) -> bytes:
             f"Content type {shown} is not supported by this endpoint's default handler: send the request as "
             "application/json ({\"prompt\": ...} or {\"inputs\": ..., \"parameters\": {...}}) or text/csv with an "
             "inputs column", field="ContentType", value=shown, allowed="application/json, text/csv")
+    if resolve is not None:
+        resolve(payload)
     request = request_from_payload(payload)
     return request.model_dump_json(exclude_unset=True).encode()
 

@@ -65,6 +65,7 @@ from sdmaker.errors import (
 )
 from sdmaker.serving.daemon._admission import OPAQUE_WORK, work_of_body
 from sdmaker.serving.daemon._endpoints import EndpointManager
+from sdmaker.serving.daemon._image_refs import S3_TRANSIENT, ImageFetcher, resolve_payload
 from sdmaker.serving.daemon._invoke_api import validate_default_body, with_fixed_seed
 from sdmaker.serving.daemon._sqlite import SqliteFile
 from sdmaker.serving.daemon._state import EndpointStatus
@@ -97,10 +98,7 @@ _TICK_S = 0.5
 _CLOSE_GRACE_S = 8.0
 #: Retry-After of a submit refused because the endpoint's async queue is full.
 _FULL_RETRY_AFTER_S = 5
-#: S3 errors worth another try later (the service or the network), by the code :mod:`sdmaker.store._s3` reports.
-_S3_TRANSIENT = frozenset({"EndpointConnectionError", "ConnectionClosedError", "ConnectTimeoutError", "ReadTimeoutError",
-                           "500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown",
-                           "RequestTimeout"})
+#: After an S3 error worth another try (:data:`~._image_refs.S3_TRANSIENT`), the job waits this long.
 _S3_RETRY_S = 5.0
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -640,10 +638,15 @@ class AsyncJobs:
             headers["x-amzn-sagemaker-custom-attributes"] = job.custom_attributes
         canonical = None
         if rt.default_handler:
-            try:
-                canonical = with_fixed_seed(validate_default_body(body, content_type))
+            try:  # in a thread: image references (s3://, URLs) are fetched here, before a worker sees the request
+                canonical = with_fixed_seed(await asyncio.to_thread(validate_default_body, body, content_type,
+                                                                    self._resolve_images))
             except InvalidRequestError as exc:
                 raise _Outcome(JobState.FAILED, "ValidationError", exc.message, 400) from None
+            except S3Error as exc:  # only the transient ones reach here (the S3 service or the network)
+                logger.warning("asynchronous inference job %s: S3 unavailable reading an input image (%s); queued "
+                               "again", job.id, exc.message)
+                raise _TryLater(_S3_RETRY_S) from None
             headers["content-type"] = "application/json"
         work = work_of_body(canonical) if canonical is not None else OPAQUE_WORK
         self._phase[job.id] = "invoke"
@@ -671,7 +674,7 @@ class AsyncJobs:
         try:
             await self._s3_call(self._put, job.output_location, reply.body, content)
         except S3Error as exc:
-            if exc.fields.get("aws_code") in _S3_TRANSIENT:
+            if exc.fields.get("aws_code") in S3_TRANSIENT:
                 logger.warning("asynchronous inference job %s: writing its output failed (%s); queued again", job.id,
                                exc.message)
                 raise _TryLater(_S3_RETRY_S, count_attempt=True) from None
@@ -700,7 +703,7 @@ class AsyncJobs:
         try:
             data, stored_type = await self._s3_call(self._get, job.input_location, limit)
         except S3Error as exc:
-            if exc.fields.get("aws_code") in _S3_TRANSIENT:
+            if exc.fields.get("aws_code") in S3_TRANSIENT:
                 raise _TryLater(_S3_RETRY_S) from None
             raise _Outcome(JobState.FAILED, "InputLocationError",
                            f"cannot read the InputLocation {job.input_location}: {exc.message}", 400) from None
@@ -736,6 +739,12 @@ class AsyncJobs:
                 # the user's S3 when configured, else the daemon's built-in one (only ever called from threads)
                 self._s3 = client_for(self.settings)
             return self._s3
+
+    def _resolve_images(self, payload: Any) -> None:
+        """Fetch the request's image references into it (in a thread; see :mod:`._image_refs`)."""
+        for ref in resolve_payload(payload, ImageFetcher(self.settings, self._client)):
+            logger.info("asynchronous inference: fetched %s (%s bytes) for %s", ref["reference"][:200], ref["bytes"],
+                        ref["field"])
 
     def _exists(self, uri: str) -> bool:
         from sdmaker.store._s3 import exists

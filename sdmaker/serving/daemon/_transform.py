@@ -12,6 +12,10 @@ Failures follow AWS: a record the model refuses (after ``InvocationsMaxRetries``
 errors) fails its file only; the other files go on and the job ends ``Failed`` with a FailureReason
 naming the file and the record.
 
+For a model on the default handler, a JSON record's ``image``/``mask_image`` may be an ``s3://`` (or allowed URL)
+reference: the daemon fetches it before the record goes to a worker (:mod:`._image_refs`); a reference that cannot
+be fetched fails its record, named in the error.
+
 Durability (nothing finished is computed twice, nothing half-written is visible): each finished unit's
 output goes to a spool file (temp file + ``os.replace``) and then a row in :mod:`._transform_state`; a file's
 ``.out`` object is uploaded once every unit is spooled (one PUT: complete or absent). A daemon restart,
@@ -39,6 +43,7 @@ import httpx
 from sdmaker.errors import InvocationFailedError, InvocationTimeoutError, SdmakerError
 from sdmaker.files import atomic_write_bytes
 from sdmaker.serving._worker_secret import auth_header
+from sdmaker.serving.daemon._image_refs import ImageFetcher, resolve_record
 from sdmaker.serving.daemon._pool import WorkerPool
 from sdmaker.serving.daemon._standby import StandbyPool
 from sdmaker.serving.daemon._state import StateDB
@@ -179,6 +184,8 @@ class TransformJobs:
         #: worker processes the running jobs hold; a job waits until its InstanceCount fits under the cap
         self._workers_held = 0
         self._room: asyncio.Condition | None = None
+        #: jobs whose model runs on the default handler: their records' image references are fetched
+        self._default_handler: set[str] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -238,6 +245,7 @@ class TransformJobs:
     def _finish(self, name: str, status: TransformStatus, reason: str | None) -> None:
         self.db.set_job(name, status=status, failure_reason=reason[:1024] if reason else None, ended=time.time())
         self._stopping.discard(name)
+        self._default_handler.discard(name)
         self._log(name, f"transform job {status}" + (f": {reason}" if reason else ""))
         with contextlib.suppress(OSError):  # finished: nothing is resumed from the spool any more
             shutil.rmtree(self.root / name / "spool")
@@ -391,6 +399,8 @@ class TransformJobs:
         self._log(name, f"starting {plan.count} worker(s) for model {plan.model_name} ({model_dir})")
         await pool.start()
         pool.budget_pixels = plan.memory_budget_pixels
+        if plan.default_handler:
+            self._default_handler.add(name)
         offered = await self._execution_parameters(pool)
         params = resolve_parameters(body, offered)
         self._log(name, f"execution parameters: {params.to_dict()}"
@@ -446,6 +456,7 @@ class TransformJobs:
         retries = client_config.get("InvocationsMaxRetries")
         retries = DEFAULT_MAX_RETRIES if retries is None else int(retries)
         failure: list[str] = []
+        fetcher = ImageFetcher(self.settings, self._s3) if name in self._default_handler else None
 
         async def run_unit(i: int) -> None:
             payload, first, count = units[i]
@@ -453,6 +464,9 @@ class TransformJobs:
                 if failure:  # the file failed already: its other records are not worth computing
                     return
                 try:
+                    if fetcher is not None:  # image references: fetched here, the worker gets base64
+                        payload = await asyncio.to_thread(self._fetch_images, payload, headers.get("Content-Type"),
+                                                          fetcher)
                     out = await self._invoke(pool, payload, headers, timeout_s, retries)
                 except RecordFailed as exc:
                     what = f"record {first + 1}" if count == 1 else f"records {first + 1}-{first + count}"
@@ -477,6 +491,14 @@ class TransformJobs:
         self._log(name, f"{f.key} failed: {error}")
         with contextlib.suppress(OSError):
             shutil.rmtree(self.root / name / "spool" / str(f.idx))
+
+    @staticmethod
+    def _fetch_images(payload: bytes, content_type: str | None, fetcher: ImageFetcher) -> bytes:
+        """The unit with its image references fetched; a reference that cannot be fetched fails the record."""
+        try:
+            return resolve_record(payload, content_type, fetcher)
+        except SdmakerError as exc:
+            raise RecordFailed(exc.message) from None
 
     def _read_input(self, uri: str, compression: str) -> bytes:
         from sdmaker.errors import S3Error
