@@ -10,8 +10,10 @@ A file that must never replace another (a user's image, the local key) goes thro
 
 **Identity.** A model's digest is the sha256 of its sorted ``"<sha256>  <relative path>"`` lines
 (:func:`tree_digest`), so two copies of the same files (a folder, its store import, its extracted
-``model.tar.gz``, a Hugging Face cache snapshot) have one digest. Every caller lists a model's files
-with :func:`list_model_files`, which has the one symlink rule:
+``model.tar.gz``, a Hugging Face cache snapshot) have one digest. A model's *weights digest*
+(:func:`weights_digest`) is the same digest over only the files a LoRA adapter depends on, so rewriting
+the model card (``sdmaker model tune``) changes the digest but not the weights digest. Every caller lists
+a model's files with :func:`list_model_files`, which has the one symlink rule:
 
 - a symlink is followed when its target stays inside the model folder, or, for a Hugging Face cache
   snapshot (``models--org--name/snapshots/<rev>/...``), inside that repository's cache folder (its
@@ -44,6 +46,7 @@ from typing import IO, Any
 from sdmaker.errors import ModelFormatError
 
 __all__ = [
+    "ADAPTER_BASE_COMPONENTS",
     "EXCLUDED_NAMES",
     "MODEL_CARD_DEFAULT_KEYS",
     "MODEL_CARD_FILE",
@@ -65,11 +68,14 @@ __all__ = [
     "is_weight_file",
     "link_or_copy",
     "list_model_files",
+    "model_digests",
     "replace_dir",
     "staged_dir",
     "tree_digest",
     "tree_digest_of_hashes",
     "unique_tmp",
+    "weights_digest",
+    "weights_digest_of_hashes",
     "write_once",
 ]
 
@@ -238,6 +244,56 @@ def tree_digest(root: Path) -> str:
     """Digest of the model folder ``root``: every file :func:`list_model_files` lists, links followed."""
     root = Path(root)
     return tree_digest_of_hashes((rel.as_posix(), hash_file(root / rel)[0]) for rel in list_model_files(root))
+
+
+#: The components whose files make a model's weights digest: what a LoRA adapter depends on.
+ADAPTER_BASE_COMPONENTS = frozenset({"unet", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"})
+
+
+def _is_card_or_doc(rel: str) -> bool:
+    name = rel.rsplit("/", 1)[-1].lower()
+    return rel == MODEL_CARD_FILE or name.endswith(".md") or name.startswith(("readme", "license"))
+
+
+def _weight_paths(rels: Iterable[str]) -> set[str]:
+    """Which of a model's relative paths count for its weights digest (see :func:`weights_digest`)."""
+    rels = list(rels)
+    keep = {rel for rel in rels if rel.split("/", 1)[0] in ADAPTER_BASE_COMPONENTS and not _is_card_or_doc(rel)}
+    if not any(rel.startswith("unet/") for rel in keep):  # not a diffusers layout: all but the card and docs
+        keep = {rel for rel in rels if not _is_card_or_doc(rel)}
+    return keep
+
+
+def weights_digest_of_hashes(entries: Iterable[tuple[str, str]]) -> str:
+    """The weights digest from a model's ``(relative_posix_path, sha256)`` pairs (see :func:`weights_digest`)."""
+    entries = list(entries)
+    keep = _weight_paths(rel for rel, _ in entries)
+    return tree_digest_of_hashes((rel, sha) for rel, sha in entries if rel in keep)
+
+
+def weights_digest(root: Path) -> str:
+    """Digest of what a LoRA adapter made for the model folder ``root`` depends on (hashing only those files).
+
+    A LoRA adds low-rank deltas to UNet layers (the store refuses text-encoder layers), learned on the
+    UNet's weights and on the text conditioning its cross-attention reads. So the digest covers the
+    weight and config files of :data:`ADAPTER_BASE_COMPONENTS` (``unet/``, ``text_encoder/``,
+    ``tokenizer/``), and nothing else: not the model card ``sdmaker.json`` (``sdmaker model tune`` rewrites
+    it: recommended steps, guidance, dtype, none of which changes what an adapter learned), not READMEs
+    or licences, not the scheduler config (a sampling choice), and not the VAE (an anchored VAE fine-tune
+    keeps the latent space the UNet works in; a new latent space means a retrained UNet, which the digest
+    sees). A folder without ``unet/`` (not a diffusers layout) falls back to every file but the card and
+    docs. Same line format as :func:`tree_digest`.
+    """
+    root = Path(root)
+    keep = _weight_paths(rel.as_posix() for rel in list_model_files(root))  # hash only those files
+    return tree_digest_of_hashes((rel, hash_file(root / rel)[0]) for rel in sorted(keep))
+
+
+def model_digests(root: Path) -> tuple[str, str]:
+    """``(tree_digest(root), weights_digest(root))`` reading every file once."""
+    root = Path(root)
+    hashes = [(rel.as_posix(), hash_file(root / rel)[0]) for rel in list_model_files(root)]
+    return tree_digest_of_hashes(hashes), weights_digest_of_hashes(hashes)
 
 
 # --- atomic writes -------------------------------------------------------------------------------

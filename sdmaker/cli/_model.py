@@ -129,6 +129,7 @@ def _import_lora(store: Any, src: Path, *, name: str, base: str | None, allow_pi
         resolved = resolve_model(base, settings) if base is not None else None
         manifest = store.import_lora(src, name=name, base=resolved.name if resolved else None,
                                      base_digest=resolved.digest if resolved else None,
+                                     base_weights_digest=resolved.weights_digest if resolved else None,
                                      base_unet=resolved.path / "unet" if resolved else None, overwrite=overwrite)
     finally:
         if staging is not None:
@@ -139,8 +140,9 @@ def _import_lora(store: Any, src: Path, *, name: str, base: str | None, allow_pi
                   f"{info.alpha if info.alpha is not None else 'per layer'}, {len(info.target_modules)} layers, "
                   f"{_size(manifest.total_size)}, sha256 {info.sha256}", highlight=False, soft_wrap=True)
     if resolved is not None:
-        console.print(f"base: {resolved.name} (digest {resolved.digest}); other models refuse it", highlight=False,
-                      soft_wrap=True)
+        console.print(f"base: {resolved.name} (digest {resolved.digest}, weights digest {resolved.weights_digest}); "
+                      "models with other weights refuse it (a new model card, as `model tune` writes, does not "
+                      "matter)", highlight=False, soft_wrap=True)
     else:
         console.print("no --base: any model whose UNet layers fit it may use it", highlight=False, soft_wrap=True)
 
@@ -229,12 +231,14 @@ def show_cmd(name: Annotated[str, typer.Argument(help="Store name.")]) -> None:
         for key, value in (("name", m.name), ("kind", "lora"), ("sha256", lora.sha256), ("layout", lora.layout),
                            ("rank", lora.rank), ("alpha", lora.alpha if lora.alpha is not None else "per layer"),
                            ("base", lora.base or "- (any model whose layers fit)"), ("base digest", lora.base_digest or "-"),
+                           ("base weights digest", lora.base_weights_digest or "- (checked by base digest)"),
                            ("size", _size(m.total_size)), ("source", m.source or "-"),
                            ("layers", f"{len(lora.target_modules)}: {', '.join(lora.target_modules)}")):
             console.print(f"[bold]{key + ':':<25}[/bold]{value}", highlight=False, soft_wrap=True)
         return
     rows = [
-        ("name", m.name), ("digest", m.digest), ("path", str(store.model_path(name))),
+        ("name", m.name), ("digest", m.digest), ("weights digest", m.weights_digest),
+        ("path", str(store.model_path(name))),
         ("size", f"{_size(m.total_size)} ({m.total_size} bytes, {len(m.files)} files)"),
         ("created", m.created.isoformat(timespec="seconds")), ("source", m.source or "-"),
         ("pipeline", arch.pipeline_class or "-"), ("prediction type", m.prediction_type or "-"),

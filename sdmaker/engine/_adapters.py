@@ -9,7 +9,9 @@ nothing; a call with no adapters at all installs no hook (the plain code path, n
 
 Adapters come from the store (kind ``lora``, ``sdmaker model import``). :class:`AdapterLibrary` resolves
 a request's ``loras`` against it, refuses an adapter made for another base model (a 400 naming both
-digests), and keeps loaded adapters (tensors on the model's device and dtype) in an LRU cache bounded
+digests: weights digests, :func:`sdmaker.files.weights_digest`, so a base whose model card was rewritten
+by ``sdmaker model tune`` keeps its adapters; full digests for adapters recorded before weights digests
+existed), and keeps loaded adapters (tensors on the model's device and dtype) in an LRU cache bounded
 by bytes (``settings.lora_cache_bytes``).
 """
 
@@ -141,6 +143,8 @@ class AdapterLibrary:
 
     store: Any = None
     cache: AdapterCache = field(default_factory=AdapterCache)
+    #: (model path, model digest) -> its weights digest, computed once per loaded model
+    _weights: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_settings(cls, settings: Any = None) -> AdapterLibrary:
@@ -171,11 +175,7 @@ class AdapterLibrary:
             raise InvalidRequestError(f"loras: {exc.message}", field="loras", value=name) from exc
         info = manifest.lora
         base_digest = info.base_digest
-        if base_digest is not None and base_digest != model.digest:
-            raise InvalidRequestError(
-                f"LoRA {name!r} was made for base model {info.base or '?'} (digest {base_digest}), but this endpoint "
-                f"serves {model.name} (digest {model.digest or 'unknown'}); use the adapter with its own base model",
-                field="loras", value=name, allowed=f"adapters whose base digest is {model.digest}")
+        self._check_base(model, name, info)
         pipe = model.pipeline
         unet = getattr(pipe.unet, "_orig_mod", pipe.unet)
         dtype = next(unet.parameters()).dtype
@@ -191,6 +191,56 @@ class AdapterLibrary:
         self.cache.put(key, adapter)
         return adapter
 
+    def _check_base(self, model: Any, name: str, info: Any) -> None:
+        """Refuse ``info`` (a :class:`~sdmaker.store.LoraInfo`) for ``model`` when it was made for another base:
+        by weights digest when the adapter records one, else (adapters imported before) by full digest."""
+        if info.base_weights_digest is not None:
+            theirs, ours = info.base_weights_digest, self.model_weights_digest(model)
+            if theirs == ours:
+                return
+            made = f"weights digest {theirs}" + (f", digest {info.base_digest}" if info.base_digest else "")
+            serves = f"weights digest {ours or 'unknown'}, digest {model.digest or 'unknown'}"
+            allowed = f"adapters whose base weights digest is {ours}"
+        elif info.base_digest is not None:
+            if info.base_digest == model.digest:
+                return
+            made, serves = f"digest {info.base_digest}", f"digest {model.digest or 'unknown'}"
+            allowed = f"adapters whose base digest is {model.digest}"
+        else:
+            return
+        raise InvalidRequestError(
+            f"LoRA {name!r} was made for base model {info.base or '?'} ({made}), but this endpoint serves "
+            f"{model.name} ({serves}); use the adapter with its own base model",
+            field="loras", value=name, allowed=allowed)
+
+    def model_weights_digest(self, model: Any) -> str | None:
+        """``model``'s weights digest: from its store manifest when the store holds it (nothing read), else
+        hashed from its folder's UNet and text-conditioning files, once per loaded model. None when unknown."""
+        from sdmaker.errors import SdmakerError
+        from sdmaker.files import weights_digest
+
+        known = getattr(model, "weights_digest", None)
+        if isinstance(known, str):
+            return known
+        path = getattr(model, "path", None)
+        if path is None:
+            return None
+        key = (str(path), str(model.digest))
+        if key not in self._weights:
+            digest: str | None = None
+            if self.store is not None:
+                with contextlib.suppress(SdmakerError, OSError):
+                    manifest = self.store.get(model.name)
+                    if manifest.kind == "model" and manifest.digest == model.digest:
+                        digest = manifest.weights_digest
+            if digest is None:
+                try:
+                    digest = weights_digest(path)
+                except (OSError, SdmakerError) as exc:
+                    logger.warning("cannot compute the weights digest of %s: %s", path, exc)
+                    return None
+            self._weights[key] = digest
+        return self._weights[key]
 
     def _import_builtin(self, name: str) -> bool:
         """Import the adapter ``name`` shipped with sdmaker (``sdmaker/models/loras/<name>/``, made for ``mini``)
@@ -208,7 +258,7 @@ class AdapterLibrary:
         logger.info("importing the built-in LoRA %s (base mini, digest %s) into the store", name, base.digest[:12])
         with contextlib.suppress(FileExistsError):  # a concurrent request imported it first
             self.store.import_lora(file, name=name, base=base.name, base_digest=base.digest,
-                                   base_unet=base.path / "unet")
+                                   base_weights_digest=base.weights_digest, base_unet=base.path / "unet")
         return True
 
 

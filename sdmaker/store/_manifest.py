@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from sdmaker.errors import InvalidRequestError
-from sdmaker.files import MODEL_CARD_DEFAULT_KEYS, MODEL_CARD_FILE
+from sdmaker.files import MODEL_CARD_DEFAULT_KEYS, MODEL_CARD_FILE, weights_digest_of_hashes
 
 __all__ = ["NAME_PATTERN", "Architecture", "LoraInfo", "ManifestFile", "ModelManifest", "Tuning", "read_architecture",
            "validate_name"]
@@ -83,7 +83,11 @@ class LoraInfo(BaseModel):
 
     ``file``: the adapter's one file in the snapshot; ``sha256``: its digest (the digest recipes quote).
     ``base``/``base_digest``: the model it was imported for (None: not named; it is then checked by layer
-    shapes against whatever model serves it). ``target_modules``: normalised UNet module names.
+    shapes against whatever model serves it). ``base_weights_digest``: that model's weights digest
+    (:func:`sdmaker.files.weights_digest`: its UNet and text conditioning, not its model card), which is
+    what a serving model must match, so tuning the base (a new card, a new digest) keeps its adapters.
+    Adapters imported before it existed have only ``base_digest``; they are compared by the full digest,
+    as they always were. ``target_modules``: normalised UNet module names.
     """
 
     file: str
@@ -94,6 +98,7 @@ class LoraInfo(BaseModel):
     target_modules: list[str] = Field(default_factory=list)
     base: str | None = None
     base_digest: str | None = None
+    base_weights_digest: str | None = None
 
 
 class ModelManifest(BaseModel):
@@ -113,6 +118,12 @@ class ModelManifest(BaseModel):
     #: ``model`` (a diffusers pipeline folder) or ``lora`` (an adapter for one; see ``lora``)
     kind: str = "model"
     lora: LoraInfo | None = None
+
+    @property
+    def weights_digest(self) -> str:
+        """The digest of the files a LoRA adapter depends on (:func:`sdmaker.files.weights_digest`), from
+        the recorded file hashes (nothing is read)."""
+        return weights_digest_of_hashes((f.path, f.sha256) for f in self.files)
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)

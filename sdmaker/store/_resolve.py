@@ -25,7 +25,7 @@ from pathlib import Path
 
 from sdmaker.config import Settings
 from sdmaker.errors import ModelNotFoundError
-from sdmaker.files import Progress, tree_digest
+from sdmaker.files import Progress, model_digests, tree_digest
 from sdmaker.store._manifest import NAME_PATTERN
 from sdmaker.store._s3 import is_s3_uri, parse_s3_uri
 from sdmaker.store._sources import HUB_ID, archive_stem, fetch_hub, is_archive_name
@@ -38,11 +38,16 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """A loadable folder plus the name and content digest to report for it."""
+    """A loadable folder plus the name and content digest to report for it.
+
+    ``weights_digest``: the digest of the files LoRA adapters depend on (:func:`sdmaker.files.weights_digest`),
+    what ``model import --base`` records for an adapter.
+    """
 
     path: Path
     name: str
     digest: str
+    weights_digest: str | None = None
 
 
 def _derived_name(stem: str, key: str) -> str:
@@ -56,7 +61,8 @@ def _from_store(store: Store, name: str) -> ResolvedModel:
         raise ModelNotFoundError(f"{name!r} is a {manifest.kind} adapter in the store, not a model: choose a base "
                                  f"model and ask for the adapter per request (loras: [{{\"name\": \"{name}\"}}], "
                                  f"or --lora {name})", model=name)
-    return ResolvedModel(path=store.model_path(name), name=name, digest=manifest.digest)
+    return ResolvedModel(path=store.model_path(name), name=name, digest=manifest.digest,
+                         weights_digest=manifest.weights_digest)
 
 
 def _import_cached(store: Store, src: str, name: str, *, allow_pickle: bool,
@@ -136,7 +142,8 @@ def resolve_model(ref: str, settings: Settings, *, allow_pickle: bool = False,
         return _from_store(store, ref)
     path = Path(ref).expanduser()
     if path.is_dir():
-        return ResolvedModel(path=path, name=path.resolve().name, digest=tree_digest(path))
+        digest, weights = model_digests(path)
+        return ResolvedModel(path=path, name=path.resolve().name, digest=digest, weights_digest=weights)
     if path.is_file():
         st = path.stat()
         key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
@@ -144,7 +151,8 @@ def resolve_model(ref: str, settings: Settings, *, allow_pickle: bool = False,
                               allow_pickle=allow_pickle, progress=progress)
     if HUB_ID.match(ref):
         folder = fetch_hub(ref, settings)
-        return ResolvedModel(path=folder, name=ref, digest=tree_digest(folder))
+        digest, weights = model_digests(folder)
+        return ResolvedModel(path=folder, name=ref, digest=digest, weights_digest=weights)
     stored = [m.name for m in store.list()]
     raise ModelNotFoundError(
         f"model {ref!r} not found: it is not a store name (stored: {', '.join(stored) if stored else 'none'}), "

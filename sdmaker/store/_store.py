@@ -282,12 +282,14 @@ class Store:
     # --- LoRA adapters (kind ``lora``) ------------------------------------------------------------
 
     def import_lora(self, src: Path, *, name: str, base: str | None = None, base_digest: str | None = None,
-                    base_unet: Path | None = None, overwrite: bool = False) -> ModelManifest:
+                    base_unet: Path | None = None, overwrite: bool = False,
+                    base_weights_digest: str | None = None) -> ModelManifest:
         """Import the LoRA adapter file ``src`` (``.safetensors``) under ``name``, as a store object of kind ``lora``.
 
         Its key layout is normalised (:func:`~sdmaker.store.parse_lora`); with ``base_unet`` (the base model's
         ``unet/`` folder) every layer is checked against the base's module names and weight shapes, and
-        ``base``/``base_digest`` are recorded: a model of another digest refuses the adapter at request time.
+        ``base``/``base_digest``/``base_weights_digest`` are recorded: a model of another weights digest
+        (another digest, for an adapter recorded without one) refuses the adapter at request time.
         The file is stored unchanged (its sha256 is the digest recipes quote) as ``LORA_FILE``.
         """
         from sdmaker.store._lora import LORA_FILE, check_lora_base, read_lora, unet_weight_shapes
@@ -318,7 +320,7 @@ class Store:
                     total_size=size, source=str(src), sdmaker_version=__version__, kind="lora",
                     lora=LoraInfo(file=LORA_FILE, sha256=sha, layout=layout.layout, rank=layout.rank,
                                   alpha=layout.alpha, target_modules=layout.target_modules, base=base,
-                                  base_digest=base_digest))
+                                  base_digest=base_digest, base_weights_digest=base_weights_digest))
                 self._build_snapshot(manifest)
                 atomic_write_text(self._manifest_path(name), manifest.to_json())  # the commit point
             except BaseException:

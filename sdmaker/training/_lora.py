@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sdmaker.errors import ConfigError
+from sdmaker.errors import ConfigError, SdmakerError
 
 __all__ = ["LORA_WEIGHTS_FILE", "fuse_lora", "lora_facts"]
 
@@ -33,8 +33,9 @@ def lora_facts(path: Path) -> dict[str, Any]:
 def fuse_lora(model: Any, path: Path, *, scale: float = 1.0) -> dict[str, Any]:
     """Fuse the adapter at ``path`` (a folder or its ``.safetensors``) into ``model``'s UNet; return its facts.
 
-    A model whose digest differs from the adapter's recorded base digest is still loaded (the architecture
-    may match), with a warning: the eval report then says which base it ran on.
+    A model whose weights digest differs from the adapter's recorded one (adapters exported before weights
+    digests: whose digest differs from the recorded base digest) is still loaded (the architecture may
+    match), with a warning: the eval report then says which base it ran on.
     """
     path = Path(path)
     folder = path if path.is_dir() else path.parent
@@ -43,12 +44,31 @@ def fuse_lora(model: Any, path: Path, *, scale: float = 1.0) -> dict[str, Any]:
         raise ConfigError(f"{weights} does not exist: --lora takes a LoRA folder (holding {LORA_WEIGHTS_FILE}) "
                           "or the .safetensors file", field="lora", value=str(path))
     facts = lora_facts(folder)
-    base = facts.get("base_digest")
-    if base and base != getattr(model, "digest", None):
-        logger.warning("the adapter was trained on base %s, not on this model (%s)", base, model.digest)
+    _warn_other_base(model, facts)
     pipe = model.pipeline
     with model.lock:
         pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name="sdmaker_eval")
         pipe.fuse_lora(lora_scale=float(scale), adapter_names=["sdmaker_eval"])
         pipe.unload_lora_weights()
     return {**facts, "path": str(weights), "scale": float(scale)}
+
+
+def _warn_other_base(model: Any, facts: dict[str, Any]) -> None:
+    """Warn when ``facts`` (``sdmaker-lora.json``) name another base than ``model``: by weights digest (a
+    tuned model card does not matter), or by full digest for adapters that record only that."""
+    from sdmaker.files import weights_digest
+
+    weights = facts.get("base_weights_digest")
+    path = getattr(model, "path", None)
+    if weights and path is not None:
+        try:
+            ours = weights_digest(Path(path))
+        except (OSError, SdmakerError):
+            return
+        if weights != ours:
+            logger.warning("the adapter was trained on a base of weights digest %s, not on this model's (%s)",
+                           weights, ours)
+        return
+    base = facts.get("base_digest")
+    if base and base != getattr(model, "digest", None):
+        logger.warning("the adapter was trained on base %s, not on this model (%s)", base, model.digest)

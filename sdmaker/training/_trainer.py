@@ -313,8 +313,11 @@ def _export_lora(run: _Run, dest: Path) -> None:
     layers = {k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()}
     StableDiffusionPipeline.save_lora_weights(dest, unet_lora_layers=layers,
                                               unet_lora_adapter_metadata=lora_metadata(run.cfg))
+    from sdmaker.files import weights_digest  # what the base must match: its UNet and text conditioning, not its card
+
     data = run.cfg.get("data", {})
     facts = {"kind": "lora", "base": run.cfg["base"], "base_digest": run.cfg["base_digest"],
+             "base_weights_digest": weights_digest(Path(run.cfg["base_path"])),
              **{k: v for k, v in lora_metadata(run.cfg).items() if k in ("r", "lora_alpha", "target_modules")},
              "extra_shapes": data.get("extra_shapes", []), "extra_colors": data.get("extra_colors", []),
              "steps": int(run.cfg["steps"]), "config": run.cfg["name"], "config_digest": config_digest(run.cfg)}

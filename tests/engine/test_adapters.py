@@ -170,3 +170,46 @@ def test_a_builtin_adapter_is_imported_for_mini_on_first_use(sdmaker_home: Path,
     assert result.adapters[0]["digest"] == stored.lora.sha256  # type: ignore[union-attr]
     with pytest.raises(ModelNotFoundError, match="no LoRA adapter named 'absent'"):
         generate(model, GenerateRequest(prompt="x", num_inference_steps=1, loras=[{"name": "absent"}]))
+
+
+def test_an_adapter_survives_tuning_its_base_and_another_base_is_refused(sdmaker_home: Path, tmp_path: Path) -> None:
+    """Adapters are tied to the base's weights digest (UNet, text conditioning), not to its model card, which
+    ``sdmaker model tune`` rewrites; adapters recorded with only a full digest are compared as before."""
+    from safetensors.torch import save_file
+
+    from sdmaker.config import load_settings
+    from sdmaker.store import LORA_FILE, resolve_model, unet_weight_shapes
+
+    settings = load_settings()
+    mini = resolve_model("mini", settings)  # a store copy of the built-in mini, in this test's home
+    shapes = unet_weight_shapes(mini.path / "unet")
+    module = next(m for m in sorted(shapes) if m.endswith("attn2.to_v"))
+    out_f, in_f = shapes[module]
+    file = tmp_path / LORA_FILE
+    save_file({f"unet.{module}.lora_A.weight": torch.full((2, in_f), 0.05),
+               f"unet.{module}.lora_B.weight": torch.full((out_f, 2), 0.05)}, str(file))
+    store = Store(settings.store_dir, settings=settings)
+    store.import_lora(file, name="mine", base="mini", base_digest=mini.digest, base_weights_digest=mini.weights_digest,
+                      base_unet=mini.path / "unet")
+    store.import_lora(file, name="old-format", base="mini", base_digest=mini.digest, base_unet=mini.path / "unet")
+    store.import_lora(file, name="elsewhere", base="other", base_digest="e" * 64, base_weights_digest="f" * 64)
+    store.set_tuned("mini", {"num_inference_steps": 3, "guidance_scale": 5.0}, dtype=None, record={"by": "test"})
+    tuned = resolve_model("mini", settings)
+    assert tuned.digest != mini.digest and tuned.weights_digest == mini.weights_digest
+    model = load_model(tuned.path, name="mini", digest=tuned.digest, dtype="fp32")
+    model.adapters = AdapterLibrary(store=store)
+    req = GenerateRequest(prompt="a red circle on the left", height=64, width=64, num_inference_steps=2, seed=3)
+    plain = generate(model, req)
+    adapted = generate(model, req.model_copy(update={"loras": [{"name": "mine", "scale": 1.0}]}))
+    assert adapted.adapters[0]["name"] == "mine" and float(np.abs(adapted.arrays - plain.arrays).max()) > 0  # type: ignore[operator]
+    # the weights digest from the manifest equals the one hashed from the folder (a model the store doesn't name)
+    assert AdapterLibrary(store=None).model_weights_digest(load_model(tuned.path, name="x", dtype="fp32")) \
+        == tuned.weights_digest
+    with pytest.raises(InvalidRequestError) as info:
+        generate(model, req.model_copy(update={"loras": [{"name": "elsewhere"}]}))
+    message = info.value.message
+    assert "f" * 64 in message and mini.weights_digest in message and tuned.digest in message  # type: ignore[operator]
+    assert info.value.field == "loras" and info.value.http_status == 400
+    with pytest.raises(InvalidRequestError) as info:  # an adapter recorded before weights digests: full digests
+        generate(model, req.model_copy(update={"loras": [{"name": "old-format"}]}))
+    assert mini.digest in info.value.message and tuned.digest in info.value.message

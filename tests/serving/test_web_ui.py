@@ -10,6 +10,8 @@ One daemon for the module, serving the built-in ``mini`` (through its managed en
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import json
 import shutil
@@ -147,6 +149,80 @@ def test_an_invalid_height_shows_the_field_error(ui_daemon: DaemonProcess, page:
     assert page.get_attribute("#field-height", "aria-invalid") == "true"
     assert page.evaluate("document.activeElement.id") == "field-height"  # focus moves to the bad field
     page.screenshot(path=str(ARTIFACTS / "field-error.png"), full_page=True)
+
+
+def _circle_png(path: Path, size: int, colour: tuple[int, int, int] = (220, 30, 30)) -> bytes:
+    """A ``size``x``size`` PNG: a circle on the left of a white square (what mini draws), written to ``path``."""
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    ImageDraw.Draw(image).ellipse((size // 8, size // 3, size // 2, size * 2 // 3 + size // 8), fill=colour)
+    image.save(path, format="PNG")
+    return path.read_bytes()
+
+
+def test_img2img_through_the_file_picker(ui_daemon: DaemonProcess, page: Any, tmp_path: Path) -> None:
+    """A PNG chosen with the image field's file input is read in the browser into the request's base64: the
+    page shows its thumbnail and size, and the image-to-image result arrives with the file's digest."""
+    png = _circle_png(tmp_path / "red-circle.png", 64)
+    _open(page, ui_daemon.url + "/#generate")
+    page.select_option("#field-target", "mini")
+    page.fill("#field-prompt", "a blue circle on the left")
+    _fill_request(page, {"num_inference_steps": 4, "seed": 7, "strength": 0.7})
+    assert page.get_by_label("image (PNG, JPEG or WebP file)", exact=True).count() == 1  # the picker has its label
+    page.set_input_files("#field-image-file", str(tmp_path / "red-circle.png"))
+    page.wait_for_function("document.querySelector('#size-image').textContent.includes('64 × 64')")
+    assert "red-circle.png" in page.inner_text("#size-image")
+    assert page.eval_on_selector("#thumb-image", "i => i.complete && i.naturalWidth") == 64
+    assert page.is_visible("#thumb-image") and page.get_attribute("#thumb-image", "alt")
+    assert page.input_value("#field-image") == base64.b64encode(png).decode()  # the advanced box holds the same
+    page.get_by_role("button", name="Generate").click()  # (a full-page screenshot before a click can misplace it)
+    page.wait_for_selector("#results figure img, #generate-error:not(:empty), #generate-form .field-error:not(:empty)")
+    errors = page.eval_on_selector_all("#generate-error, #generate-form .field-error", "ns => ns.map(n => n.textContent)")
+    assert not any(errors), errors
+    page.wait_for_selector("#results figure img")
+    page.screenshot(path=str(ARTIFACTS / "img2img-picker.png"), full_page=True)
+    image_id = page.eval_on_selector("#results figure", "f => f.dataset.id")
+    result = Image.open(io.BytesIO(httpx.get(f"{ui_daemon.url}/sdmaker/v1/gallery/{image_id}.png").content))
+    recipe = json.loads(result.info["sdmaker"])
+    assert result.size == (64, 64)  # the output size is the input image's
+    assert recipe["inputs"] == {"image_sha256": hashlib.sha256(png).hexdigest()}  # the file's bytes, unchanged
+    assert recipe["request"]["strength"] == 0.7 and recipe["request"]["prompt"] == "a blue circle on the left"
+
+
+def test_a_mismatched_mask_shows_the_inline_error_and_sends_nothing(ui_daemon: DaemonProcess, page: Any,
+                                                                   tmp_path: Path) -> None:
+    image_png = _circle_png(tmp_path / "image.png", 64)
+    _circle_png(tmp_path / "mask.png", 32, (255, 255, 255))
+    sent: list[str] = []
+    page.on("request", lambda r: sent.append(r.url) if r.method == "POST" and "/ui/generate" in r.url else None)
+    _open(page, ui_daemon.url + "/#generate")
+    page.select_option("#field-target", "mini")
+    page.fill("#field-prompt", "a yellow star on the right")
+    _fill_request(page, {"num_inference_steps": 2, "seed": 1})
+    # a file that is not an image is refused where it was chosen, naming the field
+    page.set_input_files("#field-mask_image-file", files=[
+        {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not an image"}])
+    assert "mask_image" in page.inner_text("#err-mask_image") and "PNG, JPEG or WebP" in page.inner_text("#err-mask_image")
+    assert page.input_value("#field-mask_image") == ""
+    page.evaluate("""b64 => {  // the image dropped onto its field (drag and drop), the mask chosen with the picker
+        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], "dropped.png", {type: "image/png"}));
+        document.querySelector("#drop-image").dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true}));
+    }""", base64.b64encode(image_png).decode())
+    page.wait_for_function("document.querySelector('#size-image').textContent.includes('dropped.png: 64 × 64')")
+    page.set_input_files("#field-mask_image-file", str(tmp_path / "mask.png"))
+    page.wait_for_function("document.querySelector('#size-mask_image').textContent.includes('32 × 32')")
+    assert page.inner_text("#err-mask_image") == ""  # a good file clears the old error
+    page.get_by_role("button", name="Generate").click()
+    error = page.wait_for_selector("#err-mask_image:not(:empty)")
+    text = error.inner_text()
+    assert "mask_image" in text and "32x32" in text and "64x64" in text
+    assert page.get_attribute("#field-mask_image-file", "aria-invalid") == "true"
+    assert page.evaluate("document.activeElement.id") == "field-mask_image-file"  # focus moves to the bad field
+    page.screenshot(path=str(ARTIFACTS / "mask-error.png"), full_page=True)
+    assert sent == [] and page.inner_text("#progress-text") == ""  # checked before sending: nothing can follow
 
 
 def _fake_mlflow_run(root: Path) -> None:

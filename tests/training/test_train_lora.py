@@ -13,6 +13,9 @@ import torch
 
 from sdmaker.cli import app
 from sdmaker.cli._common import run_app
+from sdmaker.config import load_settings
+from sdmaker.files import weights_digest
+from sdmaker.store import resolve_model
 from sdmaker.training._config import load_config, prepare_lora
 from sdmaker.training._trainer import LORA_FILE, train
 
@@ -58,6 +61,7 @@ def test_quick_lora_trains_only_the_adapter_and_resumes_exactly(tmp_path: Path, 
     assert set(state) == set(keys)
     facts = json.loads((straight.model_dir / LORA_FILE).read_text())
     assert facts["base_digest"] == "test-base-digest" and facts["extra_shapes"] == ["heart"]
+    assert facts["base_weights_digest"] == weights_digest(cfg["base_path"])  # what serving compares, not the card
 
 
 def test_train_lora_cli_resolves_the_base_and_tracks_in_mlflow(tmp_path: Path, sdmaker_home: Path) -> None:
@@ -65,6 +69,8 @@ def test_train_lora_cli_resolves_the_base_and_tracks_in_mlflow(tmp_path: Path, s
     assert run_app(app, ["train", "lora", "--config", str(LORA_CONFIG), "--quick", "--out", str(out)]) == 0
     facts = json.loads((out / "model" / LORA_FILE).read_text())
     assert facts["base"] == "mini" and len(facts["base_digest"]) == 64
+    mini = resolve_model("mini", load_settings())
+    assert (facts["base_digest"], facts["base_weights_digest"]) == (mini.digest, mini.weights_digest)
     runs = list((sdmaker_home / "mlruns").glob("*/*/metrics/loss"))
     assert runs, "no MLflow loss curve"
     assert run_app(app, ["train", "lora", "--config", str(ROOT / "configs" / "train" / "mini-vae.json"),

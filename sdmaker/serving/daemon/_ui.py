@@ -4,7 +4,8 @@ Pages (one static page, :file:`ui/index.html`, plain HTML/JS/CSS shipped as pack
 Generate, Gallery, Endpoints, Models and Runs. The page reads sdmaker's JSON routes:
 
 * ``GET /sdmaker/v1/schema`` -- every request field with its limits (:func:`sdmaker.schema.request_fields`),
-  so the form shows every field the schema has, and nothing else;
+  so the form shows every field the schema has, and nothing else (the input images ``image`` and
+  ``mask_image`` as file pickers, read into base64 in the browser, with a mask-size check before sending);
 * ``POST /sdmaker/v1/ui/generate`` ``{"target": endpoint or store model, "request": {...}}`` -- validates
   (a 400 names the bad field, which the page shows next to it), answers ``202 {"job_id"}`` at once and
   runs the request in the background through :func:`._generate.generate` (admission, queue, batching);

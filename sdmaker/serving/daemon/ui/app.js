@@ -122,6 +122,10 @@ async function followEvents(jobId, onEvent, signal) {
 
 // -- Generate ------------------------------------------------------------------------------------------------
 
+// Request fields that carry an input image (base64 PNG/JPEG/WebP): a file picker, not a text box.
+const IMAGE_FIELDS = ["image", "mask_image"];
+const IMAGE_TYPES = ["image/png", "image/jpeg", "image/webp"];
+
 function inputFor(f) {
   const id = "field-" + f.name;
   const common = { id, name: f.name, "aria-describedby": "help-" + f.name + " err-" + f.name };
@@ -137,6 +141,10 @@ function inputFor(f) {
     }
     return sel;
   }
+  if (f.type === "str") {
+    return el("input", Object.assign(common, { type: "text", autocomplete: "off",
+      placeholder: f.name === "loras" ? "name or name:scale, comma-separated" : "" }));
+  }
   const attrs = Object.assign(common, { type: "number", inputmode: f.type === "int" ? "numeric" : "decimal",
     step: f.type === "int" ? (f.multiple_of || 1) : "any", placeholder: f.default === null ? "model default" : String(f.default) });
   if (f.minimum !== null) attrs.min = f.minimum;
@@ -144,10 +152,136 @@ function inputFor(f) {
   return el("input", attrs);
 }
 
+// An input image field: a file input (and drop zone) that reads the file in the browser into the base64 the
+// request carries, a thumbnail and the pixel size; the base64 text box stays, folded, as the advanced way in.
+function imageFieldFor(f) {
+  const n = f.name;
+  const label = n.replace(/_/g, " ");
+  const file = el("input", { type: "file", id: "field-" + n + "-file", accept: IMAGE_TYPES.join(","),
+    "aria-describedby": "help-" + n + " size-" + n + " err-" + n,
+    onchange: (e) => { if (e.target.files.length) chooseImageFile(n, e.target.files[0]); } });
+  const drop = el("div", { class: "dropzone", id: "drop-" + n }, file,
+    el("span", { class: "help", text: "or drop a PNG, JPEG or WebP file here" }));
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("dragging"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("dragging"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("dragging");
+    if (!e.dataTransfer || !e.dataTransfer.files.length) return;
+    try { file.files = e.dataTransfer.files; } catch (err) { /* the picker then says "no file": the field has it */ }
+    chooseImageFile(n, e.dataTransfer.files[0]);
+  });
+  const text = el("textarea", { id: "field-" + n, name: n, rows: 3, spellcheck: "false",
+    "aria-describedby": "help-" + n + " err-" + n, oninput: () => imageTextChanged(n) });
+  const info = el("div", { class: "image-info" },
+    el("img", { id: "thumb-" + n, class: "thumb", alt: "Preview of the chosen " + label, hidden: true }),
+    el("span", { id: "size-" + n, "aria-live": "polite" }),
+    el("button", { type: "button", class: "secondary", id: "clear-" + n, text: "Remove", hidden: true,
+      "aria-label": "Remove the " + label, onclick: () => { imageError(n, ""); setImageText(n, ""); $("#field-" + n + "-file").value = ""; } }));
+  return el("div", { class: "field wide image-field" },
+    el("label", { for: "field-" + n + "-file", text: label + " (PNG, JPEG or WebP file)" }),
+    drop, info,
+    el("details", {}, el("summary", { text: "Advanced: paste the " + label + " as base64" }),
+      el("label", { for: "field-" + n, text: label + " as base64" }), text),
+    el("p", { class: "help", id: "help-" + n, text: f.description }),
+    el("p", { class: "field-error", id: "err-" + n, role: "alert" }));
+}
+
+// What each input image is, once decoded: {width, height} (null: none, or not an image). Pending reads are
+// awaited before a request is sent, so the size check never runs on a half-read file.
+state.imageSizes = {};
+state.imagePending = {};
+
+function imageError(name, message) {
+  const err = $("#err-" + name);
+  err.textContent = message;
+  const input = $("#field-" + name + "-file");
+  if (message) input.setAttribute("aria-invalid", "true"); else input.removeAttribute("aria-invalid");
+}
+
+function chooseImageFile(name, file) {
+  imageError(name, "");
+  if (!IMAGE_TYPES.includes(file.type)) { // nothing of it is kept: the field is empty, and says why
+    setImageText(name, "");
+    $("#field-" + name + "-file").value = "";
+    imageError(name, name + ": " + (file.name || "the file") + " is " + (file.type || "not an image") +
+      ": choose a PNG, JPEG or WebP file");
+    return;
+  }
+  state.imagePending[name] = new Promise((resolve) => {
+    const reader = new FileReader();
+    reader.onload = () => {
+      const url = String(reader.result);
+      resolve(setImageText(name, url.slice(url.indexOf(",") + 1), file.name));
+    };
+    reader.onerror = () => { imageError(name, name + ": could not read " + file.name); resolve(null); };
+    reader.readAsDataURL(file);
+  });
+}
+
+function imageTextChanged(name) {
+  imageError(name, "");
+  state.imagePending[name] = showImage(name, $("#field-" + name).value);
+}
+
+// Put base64 ``b64`` in the field's text box (what the request sends) and show what it is.
+function setImageText(name, b64, fileName) {
+  $("#field-" + name).value = b64;
+  return (state.imagePending[name] = showImage(name, b64, fileName));
+}
+
+function showImage(name, value, fileName) {
+  const thumb = $("#thumb-" + name);
+  const size = $("#size-" + name);
+  const b64 = value.trim().replace(/^data:[^,]*,/, "").replace(/\s+/g, "");
+  state.imageSizes[name] = null;
+  $("#clear-" + name).hidden = !b64;
+  if (!b64) {
+    thumb.hidden = true;
+    thumb.removeAttribute("src");
+    size.textContent = "";
+    return Promise.resolve(null);
+  }
+  return new Promise((resolve) => {
+    const probe = new Image();
+    const stale = () => $("#field-" + name).value.trim().replace(/^data:[^,]*,/, "").replace(/\s+/g, "") !== b64;
+    probe.onload = () => {
+      if (stale()) { resolve(null); return; } // replaced while it decoded
+      const dims = { width: probe.naturalWidth, height: probe.naturalHeight };
+      state.imageSizes[name] = dims;
+      thumb.src = probe.src;
+      thumb.hidden = false;
+      size.textContent = (fileName ? fileName + ": " : "") + dims.width + " × " + dims.height + " px";
+      resolve(dims);
+    };
+    probe.onerror = () => {
+      if (stale()) { resolve(null); return; }
+      thumb.hidden = true;
+      size.textContent = "";
+      imageError(name, name + ": " + (fileName || "the text") + " is not a PNG, JPEG or WebP image");
+      resolve(null);
+    };
+    probe.src = "data:image/png;base64," + b64; // the browser reads the format from the bytes
+  });
+}
+
+// The client-side checks of the input images: the mask must be the image's size (the server says so too,
+// but nothing is sent when the page already knows).
+async function checkImages() {
+  await Promise.all(Object.values(state.imagePending));
+  const image = state.imageSizes.image, mask = state.imageSizes.mask_image;
+  if (image && mask && (image.width !== mask.width || image.height !== mask.height)) {
+    return { field: "mask_image", message: "mask_image is " + mask.width + "x" + mask.height + " but image is " +
+      image.width + "x" + image.height + ": the mask must be the same size as the image" };
+  }
+  return null;
+}
+
 function renderForm() {
   const box = $("#request-fields");
   box.replaceChildren();
   for (const f of state.fields) {
+    if (IMAGE_FIELDS.includes(f.name)) { box.append(imageFieldFor(f)); continue; }
     const wide = f.name === "prompt" || f.name === "negative_prompt";
     const help = f.name === "format" ? "PNG: the gallery keeps PNGs, which carry their recipe."
       : f.description + (f.allowed ? " Allowed: " + f.allowed + "." : "");
@@ -167,6 +301,7 @@ function readForm() {
     if (raw === "") continue;
     if (f.type === "int") request[f.name] = /^-?\d+$/.test(raw) ? parseInt(raw, 10) : raw;
     else if (f.type === "float") request[f.name] = isNaN(Number(raw)) ? raw : Number(raw);
+    else if (f.name === "loras") request[f.name] = raw.split(",").map((x) => x.trim()).filter((x) => x);
     else request[f.name] = raw;
   }
   return request;
@@ -177,7 +312,9 @@ function fillForm(request, target) {
     const node = $("#field-" + f.name);
     if (!node) continue;
     const v = request[f.name];
-    node.value = v === null || v === undefined ? "" : (Array.isArray(v) ? v[0] : String(v));
+    if (f.name === "loras") node.value = (v || []).map((a) => a.name + ":" + a.scale).join(", ");
+    else node.value = v === null || v === undefined ? "" : (Array.isArray(v) ? v[0] : String(v));
+    if (IMAGE_FIELDS.includes(f.name)) { $("#field-" + f.name + "-file").value = ""; setImageText(f.name, node.value); }
   }
   if (target) {
     const sel = $("#field-target");
@@ -194,7 +331,8 @@ function clearErrors() {
 
 function showFieldError(field, message) {
   const err = field && $("#err-" + field);
-  const input = field && $("#field-" + field);
+  // an input image: the file picker is the field's control (its base64 box is folded away)
+  const input = field && ($("#field-" + field + "-file") || $("#field-" + field));
   if (err && input) {
     err.textContent = message;
     input.setAttribute("aria-invalid", "true");
@@ -233,6 +371,8 @@ async function onGenerate(event) {
   clearErrors();
   const target = $("#field-target").value;
   if (!target) { showFieldError("target", "Choose an endpoint or a model."); return; }
+  const bad = await checkImages();
+  if (bad) { showFieldError(bad.field, bad.message); return; }
   const request = readForm();
   const button = $("#generate-button");
   button.disabled = true;
@@ -301,7 +441,9 @@ async function figureFor(item, inGallery) {
   if (inGallery) {
     buttons.append(
       el("button", { type: "button", class: "secondary", text: "Regenerate", onclick: () => {
-        fillForm(req, item.endpoint); go("generate"); notice("Recipe loaded: press Generate to make it again."); } }),
+        fillForm(req, item.endpoint); go("generate");
+        notice(recipe.inputs ? "Recipe loaded. Its input images are recorded by digest only: choose them again, then " +
+          "press Generate." : "Recipe loaded: press Generate to make it again."); } }),
       el("button", { type: "button", class: "secondary", text: "Reuse seed", onclick: () => {
         $("#field-seed").value = req.seed ?? item.seed; go("generate"); notice("Seed " + (req.seed ?? item.seed) + " set."); } }),
       el("button", { type: "button", class: "secondary", text: "Delete", onclick: async () => {
