@@ -58,6 +58,9 @@ DEFAULTS: dict[str, Any] = {
     # the init encoder's latents of ordinary scenes): a UNet's samples are never exactly on the encoder's
     # manifold, and a decoder kept only at the exact latents drew artifacts around them (base eval 98.4 -> 93.0)
     "anchor_noise": 0.0,
+    # vae fine-tune: train the decoder only (the encoder, and so every latent a UNet or adapter was trained on,
+    # stays exactly as it is)
+    "freeze_encoder": False,
     "vae": None,  # unet: folder of the trained VAE (relative to the config file or absolute)
     "max_length": 32,
     # lora: the base model (built-in name or model folder; the CLI resolves it, :func:`prepare_lora`) and the
@@ -256,7 +259,7 @@ def data_for_step(cfg: dict[str, Any], step: int) -> dict[str, Any]:
 #: Keys added after checkpoints existed: left out of the digest at these values, so older checkpoints
 #: (which trained with exactly these) still resume.
 _LATER_KEYS = {key: DEFAULTS[key] for key in ("prediction_type", "loss_weighting", "base", "lora", "init_from",
-                                               "anchor_weight", "anchor_noise")}
+                                               "anchor_weight", "anchor_noise", "freeze_encoder")}
 
 
 def config_digest(cfg: dict[str, Any]) -> str:

@@ -144,6 +144,10 @@ class _Run:
                     self.anchor = copy.deepcopy(self.model).eval().requires_grad_(False)
             else:
                 self.model = build_vae(cfg["model"])
+            if cfg["freeze_encoder"]:
+                for part in (self.model.encoder, self.model.quant_conv):
+                    if part is not None:
+                        part.requires_grad_(False)
             self.vae_scaling = 1.0
         elif cfg["kind"] == "lora":
             from diffusers import AutoencoderKL
