@@ -388,3 +388,26 @@ def lora_files(sd1_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
                         rank=2, alpha=2.0)
     return {"a": a, "b": b, "kohya": relayout_lora(a, root / "kohya", "kohya", 8.0),
             "old": relayout_lora(a, root / "old", "old", 8.0)}
+
+
+def _checkpoint_tensors(run_dir: Path, step: int | None = None) -> dict[str, Any]:
+    """Every tensor of a training run's checkpoint (weights, EMA, optimizer moments) by a flat name, to compare
+    runs bit for bit; ``step`` also checks the step the checkpoint was written at."""
+    import torch
+
+    from sdmaker.training._trainer import CHECKPOINT_FILE
+
+    ckpt = torch.load(run_dir / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    if step is not None:
+        assert ckpt["step"] == step
+    out = {f"model.{k}": v for k, v in ckpt["model"].items()}
+    out.update({f"ema.{i}": t for i, t in enumerate(ckpt["ema"])})
+    for idx, st in ckpt["optimizer"]["state"].items():
+        out.update({f"opt.{idx}.{k}": v for k, v in st.items() if torch.is_tensor(v)})
+    return out
+
+
+@pytest.fixture
+def checkpoint_tensors() -> Any:
+    """:func:`_checkpoint_tensors` (a fixture: test modules cannot import one another here)."""
+    return _checkpoint_tensors
