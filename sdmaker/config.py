@@ -58,6 +58,10 @@ class Settings:
         standby_workers: warm standby worker processes the daemon keeps (``SDMAKER_STANDBY_WORKERS``,
             default 1; 0 turns them off): each has torch/diffusers imported already, so a new endpoint's
             worker only loads its model (cold start about 1 s instead of 5-10 s of imports).
+        compile: compiled UNet steps in serving workers (``SDMAKER_COMPILE``: ``auto``, the default, compiles
+            SD-class UNets in bf16 on the CPU in a background child process and switches each image size to its
+            compiled step once built, :mod:`sdmaker.engine._compiled`; ``on`` any model on the CPU; ``off``).
+            One-shot CLI runs never compile: they would not earn the minutes back.
         log_max_bytes: size at which an endpoint log is rotated to ``.1`` (two copies kept;
             ``SDMAKER_LOG_MAX_BYTES``, default 32 MiB; 0 = never rotate).
         allowed_hosts: extra ``Host`` names the daemon and workers answer besides their bind address and,
@@ -136,6 +140,7 @@ class Settings:
     sagemaker_program: str = "inference.py"
     bind_port: int = 8080
     standby_workers: int = 1
+    compile: str = "auto"
     log_max_bytes: int = 32 * 1024 * 1024
     allowed_hosts: tuple[str, ...] = ()
     local_key: bool = False
@@ -323,6 +328,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         sagemaker_program=env.get("SAGEMAKER_PROGRAM", "").strip() or "inference.py",
         bind_port=_port(env, "SAGEMAKER_BIND_TO_PORT", 8080),
         standby_workers=int(_number(env, "SDMAKER_STANDBY_WORKERS", 1, minimum=0)),
+        compile=_choice(env, "SDMAKER_COMPILE", ("auto", "on", "off"), "auto"),
         log_max_bytes=int(_number(env, "SDMAKER_LOG_MAX_BYTES", 32 * 1024 * 1024, minimum=0)),
         allowed_hosts=tuple(h.strip() for h in env.get("SDMAKER_ALLOWED_HOSTS", "").split(",") if h.strip()),
         local_key=_flag(env, "SDMAKER_LOCAL_KEY"),

@@ -69,6 +69,7 @@ from sdmaker.engine._adapters import (  # noqa: E402
     unet_module_shapes,
 )
 from sdmaker.engine._batching import BatcherStats, BatchJob, StepBatcher  # noqa: E402
+from sdmaker.engine._compiled import COMPILE_MODES, StepCompiler, compile_decision, enable_compiled_steps  # noqa: E402
 from sdmaker.engine._fast import (  # noqa: E402
     SpeedOptions,
     apply_speed_options,
@@ -100,6 +101,10 @@ __all__ += [
     "unet_module_shapes",
     "BatchJob",
     "BatcherStats",
+    "COMPILE_MODES",
+    "StepCompiler",
+    "compile_decision",
+    "enable_compiled_steps",
     "SpeedOptions",
     "StepBatcher",
     "apply_speed_options",

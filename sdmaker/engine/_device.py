@@ -17,7 +17,7 @@ import torch
 
 from sdmaker.errors import ConfigError
 
-__all__ = ["Placement", "cpu_has_native_bf16", "resolve_placement"]
+__all__ = ["SPEED_FLAGS", "Placement", "cpu_flags", "cpu_has_native_bf16", "resolve_placement"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,22 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+#: The SIMD/matrix flags that decide which precision and kernels are fast (bench rows name them).
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8")
+
+
+def cpu_flags() -> list[str]:
+    """This CPU's :data:`SPEED_FLAGS` (from /proc/cpuinfo; empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in SPEED_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
 
 
 def resolve_placement(device: str = "auto", dtype: str = "auto") -> Placement:

@@ -59,6 +59,8 @@ class LoadedModel:
     latent_preview: Any = field(default=None, repr=False)
     #: the :class:`~sdmaker.engine.AdapterLibrary` resolving requests' ``loras`` (None: the default store's, on first use)
     adapters: Any = field(default=None, repr=False)
+    #: the :class:`~sdmaker.engine.StepCompiler` of a long-lived server (compiled CFG steps), or None: eager
+    step_compiler: Any = field(default=None, repr=False)
 
     @property
     def native_size(self) -> int:

@@ -345,6 +345,11 @@ def _unet_call(model: LoadedModel, jobs: list[Job], *, full: bool) -> list[torch
     with adapter_rows(pipe.unet, [j.adapters for j in jobs], sizes):  # per-row LoRA deltas; no-op without any
         if all(j.deep_cache_interval <= 1 for j in jobs):
             conds = [j.timestep_cond for j in jobs if j.timestep_cond is not None]
+            compiler = model.step_compiler
+            if compiler is not None and not conds and not any(j.adapters for j in jobs):
+                runner = compiler.runner_for(sample, embeds)  # None: not built for this size (yet)
+                if runner is not None:
+                    return list(runner(sample, timestep, embeds).split(sizes))
             out = pipe.unet(sample, timestep, encoder_hidden_states=embeds,
                             timestep_cond=_cat(conds) if conds else None, return_dict=False)[0]
             return list(out.split(sizes))

@@ -309,7 +309,18 @@ class HandlerService:
             sd.runner = lambda _loaded, request: batcher.submit_async(
                 request, deadline=_DEADLINE.get(), on_progress=_progress_callback()).result()
             self._batcher = batcher
+        self._enable_compiled_steps(sd.loaded)
         return sd
+
+    @staticmethod
+    def _enable_compiled_steps(loaded: Any) -> None:
+        """A worker lives long enough to earn a compile back: build compiled steps in the background."""
+        from sdmaker.config import load_settings
+        from sdmaker.engine import enable_compiled_steps
+
+        settings = load_settings()
+        # one size per worker: each compiled size keeps its own frozen copy of the UNet weights
+        enable_compiled_steps(loaded, settings.compile, settings.home / "cache" / "compiled", max_sizes=1)
 
     def stop(self, reason: str = "the worker is stopping") -> None:
         """End every generation in progress at its next step boundary (SIGTERM: exit promptly, not after it).
@@ -319,6 +330,8 @@ class HandlerService:
         model = self.model
         if isinstance(model, SdModel):
             model.stopping.set()
+            if model.loaded.step_compiler is not None:
+                model.loaded.step_compiler.close()
         if self._batcher is not None:
             self._batcher.cancel_all(reason)
 

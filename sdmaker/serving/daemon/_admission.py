@@ -134,6 +134,28 @@ def _weights_bytes(model_dir: Path) -> int:
     return total
 
 
+#: Below this UNet weights size no compiled step is kept (``sdmaker.engine._compiled.MIN_PARAMS``: 100M
+#: parameters, 200 MB in 16-bit).
+_COMPILED_MIN_BYTES = 200 * 1000**2
+
+
+def compiled_step_bytes(model_dir: Path) -> int:
+    """Memory a worker's compiled UNet step adds: one more copy of the UNet weights (frozen into the package).
+
+    Counted for SD-class UNets unless ``SDMAKER_COMPILE=off`` (what ``auto`` compiles; one size per worker).
+    The file size over-counts fp32 files served in bf16, which errs on the safe side.
+    """
+    from sdmaker.config import load_settings
+
+    if load_settings().compile == "off":
+        return 0
+    unet = 0
+    for path in (model_dir / "unet").glob("*.safetensors"):
+        with contextlib.suppress(OSError):
+            unet += path.stat().st_size
+    return unet if unet >= _COMPILED_MIN_BYTES else 0
+
+
 def bytes_per_pixel(model_dir: Path, dtype: str) -> int:
     """Estimated peak bytes one output pixel costs a worker while it generates, from the model's configs.
 
@@ -155,10 +177,11 @@ def memory_budget_pixels(model_dir: Path, dtype: str, worker_memory_bytes: int) 
     """Pixels (height x width x images, summed over a batch) one worker may hold at once.
 
     ``worker_memory_bytes`` is the worker's share of the machine's memory; the runtime (:data:`_RUNTIME_BYTES`)
-    and the model's weights come off it, then :data:`_MEMORY_FRACTION` of the rest is divided by
+    the model's weights and its compiled step (:func:`compiled_step_bytes`) come off it, then :data:`_MEMORY_FRACTION` of the rest is divided by
     :func:`bytes_per_pixel`. At least one 64x64 image.
     """
-    room = (worker_memory_bytes - _RUNTIME_BYTES - _weights_bytes(model_dir)) * _MEMORY_FRACTION
+    room = (worker_memory_bytes - _RUNTIME_BYTES - _weights_bytes(model_dir) - compiled_step_bytes(model_dir)
+            ) * _MEMORY_FRACTION
     return max(64 * 64, int(room / bytes_per_pixel(model_dir, dtype)))
 
 
@@ -172,7 +195,7 @@ def worker_memory_floor(model_dir: Path, dtype: str) -> int:
 
     What the autoscaler checks a ``MaxCapacity`` against: that many workers must fit the endpoint's memory.
     """
-    return WORKER_BASE_BYTES + _weights_bytes(model_dir) + int(64 * 64 * bytes_per_pixel(model_dir, dtype)
+    return WORKER_BASE_BYTES + _weights_bytes(model_dir) + compiled_step_bytes(model_dir) + int(64 * 64 * bytes_per_pixel(model_dir, dtype)
                                                                / _MEMORY_FRACTION)
 
 

@@ -1,0 +1,72 @@
+"""The child process that exports and compiles one UNet step (``python -m sdmaker.engine._compile_child SPEC``).
+
+Run by :class:`sdmaker.engine._compiled.StepCompiler`, never by hand. It lives in its own process because
+export and Inductor trace by patching ``torch.nn.Module`` process-wide (see that module); at low priority,
+so the server it compiles for keeps answering. ``SPEC`` is a JSON object: the model folder, dtype, latent
+size, text-embedding shape and where to write the ``.pt2`` package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["StepModule", "build_package"]
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+class StepModule(torch.nn.Module):
+    """The UNet as ``(sample, timestep, encoder_hidden_states) -> noise prediction``: what the loop calls."""
+
+    def __init__(self, unet: Any) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
+
+
+def build_package(spec: dict[str, Any]) -> Path:
+    """Export the step with a free batch dimension and compile it with AOTInductor (weights frozen)."""
+    from diffusers import UNet2DConditionModel
+
+    from sdmaker.engine._compiled import MAX_BATCH, MIN_BATCH
+
+    dtype = _DTYPES[spec["dtype"]]
+    # safetensors only: a model whose weights need pickle never gets here with them
+    unet = UNet2DConditionModel.from_pretrained(Path(spec["model_dir"]) / "unet", torch_dtype=dtype,
+                                                use_safetensors=True).eval().requires_grad_(False)
+    step = StepModule(unet)
+    b = MIN_BATCH
+    sample = torch.zeros(b, spec["channels"], spec["height"], spec["width"], dtype=dtype)
+    timestep = torch.full((b,), 999.0)
+    embeds = torch.zeros(b, spec["seq"], spec["dim"], dtype=dtype)
+    batch = torch.export.Dim("batch", min=MIN_BATCH, max=MAX_BATCH)
+    with torch.no_grad():
+        exported = torch.export.export(step, (sample, timestep, embeds),
+                                       dynamic_shapes=({0: batch}, {0: batch}, {0: batch}), strict=False)
+    out = Path(spec["out"])
+    # freezing (weights as constants: oneDNN prepacking, folded convs) applies only with grad off: measured,
+    # with grad on the package ran no faster than eager
+    with torch.no_grad():
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(out), inductor_configs={"freezing": True})
+    return out
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m sdmaker.engine._compile_child SPEC_JSON", file=sys.stderr)
+        return 2
+    os.nice(10)  # the server beside it keeps its cores first
+    build_package(json.loads(argv[0]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,93 @@
+"""Compiled UNet steps: who gets them, built in a child process, cached, used per size, eager until then."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sdmaker.engine import compile_decision, enable_compiled_steps, generate, load_model
+from sdmaker.errors import ConfigError
+from sdmaker.schema import GenerateRequest
+
+
+def _req(**kw: object) -> GenerateRequest:
+    base: dict[str, object] = {"prompt": "a blue square", "height": 64, "width": 64, "num_inference_steps": 3,
+                               "seed": 11, "scheduler": "ddim"}
+    base.update(kw)
+    return GenerateRequest(**base)
+
+
+def test_compile_decision_by_mode_size_and_precision(sd2_dir: Path) -> None:
+    bf16 = load_model(sd2_dir, dtype="bf16", digest="-")
+    fp32 = load_model(sd2_dir, dtype="fp32", digest="-")
+    on, why = compile_decision(bf16, "auto")
+    assert not on and "never pays" in why  # a tiny UNet: the compile would never pay back
+    assert compile_decision(bf16, "on")[0] and compile_decision(fp32, "on")[0]
+    assert not compile_decision(bf16, "off")[0]
+    assert not compile_decision(fp32, "auto")[0]
+    with pytest.raises(ConfigError) as err:
+        compile_decision(bf16, "fast")
+    assert err.value.fields["field"] == "SDMAKER_COMPILE"
+    assert enable_compiled_steps(bf16, "auto", Path("/nonexistent")) is None and bf16.step_compiler is None
+
+
+@pytest.mark.slow
+def test_steps_compile_in_the_background_and_are_reused_by_size(sd2_dir: Path, tmp_path: Path) -> None:
+    model = load_model(sd2_dir, dtype="bf16", digest="-")
+    eager = generate(model, _req()).arrays
+    compiler = enable_compiled_steps(model, "on", tmp_path / "compiled")
+    assert compiler is not None
+
+    # the first request of a size runs eager (bit-identical) and only schedules the compile
+    first = generate(model, _req()).arrays
+    assert np.array_equal(first, eager)
+    assert compiler.wait(timeout=600), "the compile child did not finish"
+    assert not compiler.failed, compiler.failed
+    assert len(compiler.runners) == 1 and len(compiler.compile_seconds) == 1
+    package = next((tmp_path / "compiled").rglob("*.pt2"))
+
+    calls = []
+    runner = next(iter(compiler.runners.values()))
+    for key in list(compiler.runners):
+        compiler.runners[key] = lambda *a, _r=runner: calls.append(a[0].shape[0]) or _r(*a)  # type: ignore[misc]
+    compiled = generate(model, _req()).arrays
+    assert calls == [2, 2, 2]  # every CFG step of the request went through the package
+    assert np.abs(compiled.astype(np.float32) - eager.astype(np.float32)).mean() < 0.02  # bf16 rounding only
+    # more images per request: a bigger batch, the same package (the batch dimension is free)
+    generate(model, _req(num_images_per_prompt=2))
+    assert calls[3:] == [4, 4, 4] and len(compiler.runners) == 1 and not compiler.pending
+
+    # LoRA-free requests only, and no DeepCache split passes: those stay eager
+    calls.clear()
+    generate(model, _req(deep_cache_interval=2, num_inference_steps=4))
+    assert calls == []
+
+    # a new worker (new process, same cache) loads the package instead of compiling again
+    again = load_model(sd2_dir, dtype="bf16", digest="-")
+    second = enable_compiled_steps(again, "on", tmp_path / "compiled")
+    assert second is not None
+    generate(again, _req())
+    assert second.wait(timeout=120) and len(second.runners) == 1 and second.compile_seconds == {}
+    assert package.exists()
+    second.close()
+    compiler.close()
+
+
+@pytest.mark.slow
+def test_a_failed_compile_leaves_the_size_eager(sd2_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "model"
+    shutil.copytree(sd2_dir, broken)
+    for f in (broken / "unet").glob("*.safetensors"):  # the child reads safetensors only
+        f.unlink()
+    model = load_model(sd2_dir, dtype="bf16", digest="-")
+    model.path = broken
+    compiler = enable_compiled_steps(model, "on", tmp_path / "compiled")
+    assert compiler is not None
+    before = generate(model, _req()).arrays
+    assert compiler.wait(timeout=300)
+    assert len(compiler.failed) == 1 and not compiler.runners
+    assert np.array_equal(generate(model, _req()).arrays, before)  # still served, eager
+    assert not list((tmp_path / "compiled").rglob("*.pt2")) and not list((tmp_path / "compiled").rglob(".*.tmp.pt2"))
