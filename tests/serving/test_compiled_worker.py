@@ -1,0 +1,41 @@
+"""A serving worker turns compiled steps on by SDMAKER_COMPILE, under SDMAKER_HOME, and stops them on exit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sdmaker.serving.container import HandlerService
+from sdmaker.serving.daemon._admission import compiled_step_bytes, worker_memory_floor
+
+
+def test_worker_compiles_only_when_the_setting_says(sd2_dir: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SDMAKER_HOME", str(tmp_path))
+    monkeypatch.delenv("SDMAKER_COMPILE", raising=False)
+    auto = HandlerService(sd2_dir, device="cpu", dtype="bf16")
+    auto.load()
+    assert auto.model.loaded.step_compiler is None  # auto: a tiny UNet never pays the compile back
+
+    monkeypatch.setenv("SDMAKER_COMPILE", "on")
+    forced = HandlerService(sd2_dir, device="cpu", dtype="bf16")
+    forced.load()
+    compiler = forced.model.loaded.step_compiler
+    assert compiler is not None and compiler.max_sizes == 1
+    assert compiler.cache_dir == tmp_path / "cache" / "compiled"
+    forced.stop()
+    assert compiler._closed
+
+
+def test_memory_floor_counts_the_compiled_copy_of_a_big_unet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "unet").mkdir()
+    weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    with weights.open("wb") as f:  # sparse: 300 MB on paper, nothing on disk
+        f.truncate(300 * 1000**2)
+    monkeypatch.delenv("SDMAKER_COMPILE", raising=False)
+    assert compiled_step_bytes(tmp_path) == 300 * 1000**2
+    with_copy = worker_memory_floor(tmp_path, "bf16")
+    monkeypatch.setenv("SDMAKER_COMPILE", "off")
+    assert compiled_step_bytes(tmp_path) == 0
+    assert with_copy - worker_memory_floor(tmp_path, "bf16") == 300 * 1000**2
