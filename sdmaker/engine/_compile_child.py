@@ -59,10 +59,28 @@ def build_package(spec: dict[str, Any]) -> Path:
     return out
 
 
+def _die_with(parent: int) -> None:
+    """Exit when the worker that started us dies, even by kill -9 (Linux ``PR_SET_PDEATHSIG``).
+
+    Minutes of compiling for a worker that is gone would only take cores from the one replacing it.
+    """
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the call above took effect
+        os._exit(1)
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python -m sdmaker.engine._compile_child SPEC_JSON", file=sys.stderr)
+    if len(argv) not in (1, 2):
+        print("usage: python -m sdmaker.engine._compile_child SPEC_JSON [PARENT_PID]", file=sys.stderr)
         return 2
+    if len(argv) == 2:
+        _die_with(int(argv[1]))
     os.nice(10)  # the server beside it keeps its cores first
     build_package(json.loads(argv[0]))
     return 0

@@ -23,6 +23,7 @@ one in the last bf16 bits, like a step shared in a batch does.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -176,8 +177,14 @@ class StepCompiler:
                 return
             try:
                 path = self.package_path(key)
-                if not path.exists():
-                    self._build(key, path)
+                self.folder.mkdir(parents=True, exist_ok=True)
+                # one build per package on this machine: a second worker of the model waits, then loads it
+                with open(self.folder / f".{key.name()}.lock", "a+b") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                    if not path.exists() and not self._closed:
+                        self._build(key, path)
+                if self._closed:
+                    return
                 runner = torch._inductor.aoti_load_package(str(path))
                 self.runners[key] = runner
                 logger.info("compiled UNet step ready for %s (%s)", key.name(), path)
@@ -195,7 +202,7 @@ class StepCompiler:
                 "channels": key.channels, "seq": key.seq, "dim": key.dim, "out": str(tmp)}
         started = time.perf_counter()
         self._child = subprocess.Popen(  # noqa: S603 - our own module, fixed arguments
-            [sys.executable, "-m", "sdmaker.engine._compile_child", json.dumps(spec)],
+            [sys.executable, "-m", "sdmaker.engine._compile_child", json.dumps(spec), str(os.getpid())],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         try:
             _, err = self._child.communicate(timeout=CHILD_TIMEOUT_S)

@@ -44,9 +44,15 @@ def test_steps_compile_in_the_background_and_are_reused_by_size(sd2_dir: Path, t
     # the first request of a size runs eager (bit-identical) and only schedules the compile
     first = generate(model, _req()).arrays
     assert np.array_equal(first, eager)
+    # a second worker of the model on this machine, at the same time: it waits for that build, no second one
+    again = load_model(sd2_dir, dtype="bf16", digest="-")
+    second = enable_compiled_steps(again, "on", tmp_path / "compiled")
+    assert second is not None
+    generate(again, _req())
     assert compiler.wait(timeout=600), "the compile child did not finish"
     assert not compiler.failed, compiler.failed
     assert len(compiler.runners) == 1 and len(compiler.compile_seconds) == 1
+    assert second.wait(timeout=120) and len(second.runners) == 1 and second.compile_seconds == {}
     package = next((tmp_path / "compiled").rglob("*.pt2"))
 
     calls = []
@@ -65,13 +71,14 @@ def test_steps_compile_in_the_background_and_are_reused_by_size(sd2_dir: Path, t
     generate(model, _req(deep_cache_interval=2, num_inference_steps=4))
     assert calls == []
 
-    # a new worker (new process, same cache) loads the package instead of compiling again
-    again = load_model(sd2_dir, dtype="bf16", digest="-")
-    second = enable_compiled_steps(again, "on", tmp_path / "compiled")
-    assert second is not None
-    generate(again, _req())
-    assert second.wait(timeout=120) and len(second.runners) == 1 and second.compile_seconds == {}
+    # a worker started later loads the package from the cache instead of compiling again
+    later = load_model(sd2_dir, dtype="bf16", digest="-")
+    third = enable_compiled_steps(later, "on", tmp_path / "compiled")
+    assert third is not None
+    generate(later, _req())
+    assert third.wait(timeout=120) and len(third.runners) == 1 and third.compile_seconds == {}
     assert package.exists()
+    third.close()
     second.close()
     compiler.close()
 
@@ -90,4 +97,34 @@ def test_a_failed_compile_leaves_the_size_eager(sd2_dir: Path, tmp_path: Path) -
     assert compiler.wait(timeout=300)
     assert len(compiler.failed) == 1 and not compiler.runners
     assert np.array_equal(generate(model, _req()).arrays, before)  # still served, eager
-    assert not list((tmp_path / "compiled").rglob("*.pt2")) and not list((tmp_path / "compiled").rglob(".*.tmp.pt2"))
+    assert not list((tmp_path / "compiled").rglob("*.pt2"))  # nothing half-written left behind
+
+
+@pytest.mark.slow
+def test_the_compile_child_dies_with_its_worker() -> None:
+    """A worker killed with -9 leaves no compiler running for minutes (PR_SET_PDEATHSIG)."""
+    import subprocess
+    import sys
+    import time
+
+    # a stand-in worker: starts the child with its own pid, then sleeps until killed
+    code = ("import subprocess, sys, os, time, json; "
+            "p = subprocess.Popen([sys.executable, '-c', 'import time, sys; sys.argv=[0]+sys.argv[1:]; "
+            "from sdmaker.engine._compile_child import _die_with; _die_with(int(sys.argv[1])); time.sleep(600)', "
+            "str(os.getpid())]); print(p.pid, flush=True); time.sleep(600)")
+    worker = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(worker.stdout.readline())  # type: ignore[union-attr]
+    time.sleep(1.0)
+    worker.kill()
+    worker.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                if f.read().split(") ", 1)[1].startswith("Z"):
+                    break  # a zombie: dead, waiting for init to reap it
+        except FileNotFoundError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"compile child {child} outlived its worker")
