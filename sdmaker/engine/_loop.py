@@ -259,6 +259,7 @@ def prepare_jobs(model: LoadedModel, items: Sequence[tuple[GenerateRequest, Step
     """
     from diffusers.utils.torch_utils import randn_tensor
 
+    _busy(model)
     pipe = model.pipeline
     unet = pipe.unet
     device = torch.device(model.placement.device)  # where load_model put every component
@@ -334,6 +335,12 @@ def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(tensors) if len(tensors) > 1 else tensors[0]
 
 
+def _busy(model: LoadedModel) -> None:
+    """Tell a background compile the worker is at work (text encoding, steps, decoding): it pauses."""
+    if model.step_compiler is not None:
+        model.step_compiler.note_step()
+
+
 def _unet_call(model: LoadedModel, jobs: list[Job], *, full: bool) -> list[torch.Tensor]:
     pipe = model.pipeline
     inputs = [j.model_input() for j in jobs]
@@ -342,6 +349,7 @@ def _unet_call(model: LoadedModel, jobs: list[Job], *, full: bool) -> list[torch
                           for j, x in zip(jobs, inputs, strict=True)]).to(sample.device)
     embeds = _cat([j.embeds for j in jobs])
     sizes = [x.shape[0] for x in inputs]
+    _busy(model)
     with adapter_rows(pipe.unet, [j.adapters for j in jobs], sizes):  # per-row LoRA deltas; no-op without any
         if all(j.deep_cache_interval <= 1 for j in jobs):
             conds = [j.timestep_cond for j in jobs if j.timestep_cond is not None]
@@ -385,6 +393,7 @@ def run_unet(model: LoadedModel, jobs: list[Job]) -> None:
 
 def decode_jobs(model: LoadedModel, jobs: list[Job]) -> list[np.ndarray]:
     """VAE-decode finished jobs in one call; float images in [0, 1], NHWC, one array per job."""
+    _busy(model)
     pipe = model.pipeline
     latents = torch.cat([j.latents for j in jobs])
     generators = [g for j in jobs for g in j.generators]
@@ -392,6 +401,7 @@ def decode_jobs(model: LoadedModel, jobs: list[Job]) -> list[np.ndarray]:
         image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False,
                                 generator=generators)[0]
         arrays = pipe.image_processor.postprocess(image, output_type="np", do_denormalize=[True] * image.shape[0])
+    _busy(model)
     sizes = [j.latents.shape[0] for j in jobs]
     parts = np.split(arrays, np.cumsum(sizes)[:-1])
     return [part if j.edit is None else j.edit.paste(part) for j, part in zip(jobs, parts, strict=True)]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,17 @@ def test_steps_compile_in_the_background_and_are_reused_by_size(sd2_dir: Path, t
     second = enable_compiled_steps(again, "on", tmp_path / "compiled")
     assert second is not None
     generate(again, _req())
+    # while the worker runs steps, the compile child (its whole process group) is stopped, then resumed
+    states = set()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "T" not in states:
+        compiler.note_step()
+        child = compiler._child
+        if child is not None:
+            with contextlib.suppress(FileNotFoundError, IndexError):
+                states.add(Path(f"/proc/{child.pid}/stat").read_text().split(") ", 1)[1][0])
+        time.sleep(0.1)
+    assert "T" in states, f"the child was never paused while steps ran (states seen: {states})"
     assert compiler.wait(timeout=600), "the compile child did not finish"
     assert not compiler.failed, compiler.failed
     assert len(compiler.runners) == 1 and len(compiler.compile_seconds) == 1
