@@ -83,7 +83,7 @@ def export_onnx(unet: Any, inputs: tuple[Any, ...], out_dir: Path) -> tuple[Path
 
 
 def _add_compiled_step(model: Any, sample: Any, t: Any, emb: Any, steps: dict[str, Any], notes: dict[str, str],
-                       name: str) -> None:
+                       name: str, *, fresh: bool) -> None:
     """The compiled step exactly as a serving worker builds it (child process, AOTInductor, cached package)."""
     import torch
 
@@ -94,16 +94,18 @@ def _add_compiled_step(model: Any, sample: Any, t: Any, emb: Any, steps: dict[st
         notes["compiled"] = f"not compiled by default: {why}"
         return
     s, e = sample.to(torch.bfloat16), emb.to(torch.bfloat16)
-    # a fresh cache each run: the build time is a figure of this row (what a new machine pays once)
     import shutil
     import tempfile
 
-    cache = Path(tempfile.mkdtemp(prefix="sdmaker-bench-compiled-"))
+    # full runs build in a fresh cache (the build time is a figure of the row: what a new machine pays once);
+    # --quick reuses bench/cache/compiled, so the <= 10 minute subset pays the build once per machine
+    cache = Path(tempfile.mkdtemp(prefix="sdmaker-bench-compiled-")) if fresh else CACHE_DIR / "compiled"
     compiler = StepCompiler(model, cache, max_sizes=1)
     compiler.runner_for(s, e)
     compiler.wait()
     runner = compiler.runner_for(s, e)
-    shutil.rmtree(cache, ignore_errors=True)  # loaded: the 1.7 GB package is not needed on disk any more
+    if fresh:
+        shutil.rmtree(cache, ignore_errors=True)  # loaded: the 1.7 GB package is not needed on disk any more
     if runner is None:
         notes["compiled"] = f"compile failed: {next(iter(compiler.failed.values()), '?')[-200:]}"
         return
@@ -148,11 +150,11 @@ def run(quick: bool) -> list[dict[str, Any]]:
     from sdmaker.engine import cpu_has_native_bf16
 
     return step_rows(sd21_dir("fp32"), sd21_dir("bf16") if cpu_has_native_bf16() else None, size=size,
-                     rounds=rounds, label="SD2.1")
+                     rounds=rounds, label="SD2.1", fresh_compile=not quick)
 
 
 def step_rows(fp32_dir: Path, bf16_dir: Path | None, *, size: int, rounds: int, label: str,
-              gemm_n: int = 2048) -> list[dict[str, Any]]:
+              gemm_n: int = 2048, fresh_compile: bool = True) -> list[dict[str, Any]]:
     """Interleaved UNet-step rows for the UNet of ``fp32_dir`` (and its bf16 copy) against the peers."""
     import numpy as np
     import torch
@@ -185,7 +187,7 @@ def step_rows(fp32_dir: Path, bf16_dir: Path | None, *, size: int, rounds: int, 
         steps[bf16_name] = torch_step(bf16.pipeline.unet, torch.bfloat16)
     compiled_name = "torch bf16 compiled (sdmaker served default)"
     if bf16_dir is not None:
-        _add_compiled_step(bf16, sample, t, emb, steps, notes, compiled_name)
+        _add_compiled_step(bf16, sample, t, emb, steps, notes, compiled_name, fresh=fresh_compile)
     flops = _flops(steps["torch fp32 (seed path)"])
     feeds = {"sample": sample.numpy(), "timestep": t.numpy(), "embeds": emb.numpy()}
     have_onnx = importlib.util.find_spec("onnx") is not None and importlib.util.find_spec("onnxscript") is not None
