@@ -28,19 +28,17 @@ MODULES = ("quality", "engine", "batching", "package", "deploy", "reliability", 
 
 def machine_metadata() -> dict[str, Any]:
     """CPU model, cores, date and library versions: the context every figure needs."""
+    from sdmaker.engine._device import cpu_flags
     cpu = platform.processor() or "unknown"
-    flags: list[str] = []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                have = set(line.split(":", 1)[1].split())
-                flags = sorted(have & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni"})
+                break
     except OSError:
         pass
     meta: dict[str, Any] = {
-        "cpu_model": cpu, "cpu_flags": flags, "cores": os.cpu_count(),
+        "cpu_model": cpu, "cpu_flags": sorted(cpu_flags()), "cores": os.cpu_count(),
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "python": platform.python_version(),
     }
     try:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -60,7 +61,7 @@ MIN_BATCH, MAX_BATCH = 2, 63
 #: A child compile that runs longer (paused time not counted) is abandoned (SD 2.1 at 512²: 3-6 minutes on 2 cores).
 CHILD_TIMEOUT_S = 3600.0
 #: The compile child runs only after the worker has done no request work for this long.
-PAUSE_AFTER_STEP_S = 2.0
+PAUSE_AFTER_BUSY_S = 2.0
 
 
 def compile_decision(model: LoadedModel, mode: str) -> tuple[bool, str]:
@@ -83,6 +84,7 @@ def compile_decision(model: LoadedModel, mode: str) -> tuple[bool, str]:
     return True, f"auto: a {params / 1e6:.0f}M-parameter UNet in bf16 on this CPU"
 
 
+@functools.cache
 def _machine_tag() -> str:
     flags = ",".join(sorted(cpu_flags()))
     return hashlib.sha256(f"{torch.__version__}|{flags}".encode()).hexdigest()[:12]
@@ -119,7 +121,7 @@ class StepCompiler:
     _thread: threading.Thread | None = None
     _child: subprocess.Popen[bytes] | None = None
     _closed: bool = False
-    _last_step: float = 0.0
+    _last_busy: float = 0.0
 
     @property
     def folder(self) -> Path:
@@ -164,11 +166,6 @@ class StepCompiler:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(child.pid, signal.SIGKILL)  # a paused child would not act on SIGTERM
 
-    def status(self) -> dict[str, Any]:
-        return {"ready": [k.name() for k in self.runners], "pending": [k.name() for k in self.pending],
-                "failed": {k.name(): why for k, why in self.failed.items()},
-                "compile_s": {k.name(): round(s, 1) for k, s in self.compile_seconds.items()}}
-
     # --- background work ----------------------------------------------------------------------------
 
     def _ensure_thread(self) -> None:
@@ -203,7 +200,6 @@ class StepCompiler:
                     self.pending.discard(key)
 
     def _build(self, key: StepKey, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")  # AOTInductor wants the suffix
         spec = {"model_dir": str(self.model.path), "dtype": key.dtype, "height": key.height, "width": key.width,
                 "channels": key.channels, "seq": key.seq, "dim": key.dim, "out": str(tmp)}
@@ -228,9 +224,9 @@ class StepCompiler:
         logger.info("compiled the UNet step for %s in %.0fs (%.0fs of it running, paused while serving)",
                     key.name(), self.compile_seconds[key], ran)
 
-    def note_step(self) -> None:
+    def note_busy(self) -> None:
         """The worker is at work (a request being encoded, stepped or decoded): the compile child pauses."""
-        self._last_step = time.monotonic()
+        self._last_busy = time.monotonic()
 
     def _supervise(self, child: subprocess.Popen[bytes]) -> float:
         """Wait for ``child``, stopping it (SIGSTOP, its whole process group) while the worker runs steps.
@@ -247,7 +243,7 @@ class StepCompiler:
             if not stopped:
                 ran += now - last
             last = now
-            busy = now - self._last_step < PAUSE_AFTER_STEP_S
+            busy = now - self._last_busy < PAUSE_AFTER_BUSY_S
             try:
                 if busy and not stopped:
                     os.killpg(child.pid, signal.SIGSTOP)

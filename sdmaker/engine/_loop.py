@@ -338,7 +338,7 @@ def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
 def _busy(model: LoadedModel) -> None:
     """Tell a background compile the worker is at work (text encoding, steps, decoding): it pauses."""
     if model.step_compiler is not None:
-        model.step_compiler.note_step()
+        model.step_compiler.note_busy()
 
 
 def _unet_call(model: LoadedModel, jobs: list[Job], *, full: bool) -> list[torch.Tensor]:

@@ -55,7 +55,7 @@ def test_steps_compile_in_the_background_and_are_reused_by_size(sd2_dir: Path, t
     states = set()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and "T" not in states:
-        compiler.note_step()
+        compiler.note_busy()
         child = compiler._child
         if child is not None:
             with contextlib.suppress(FileNotFoundError, IndexError):
