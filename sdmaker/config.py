@@ -62,6 +62,8 @@ class Settings:
             SD-class UNets in bf16 on the CPU in a background child process and switches each image size to its
             compiled step once built, :mod:`sdmaker.engine._compiled`; ``on`` any model on the CPU; ``off``).
             One-shot CLI runs never compile: they would not earn the minutes back.
+        compile_cache_bytes: the bound on ``$SDMAKER_HOME/cache/compiled`` (``SDMAKER_COMPILE_CACHE_GB``,
+            default 10; 0 = unbounded): least recently used packages are removed after each build.
         log_max_bytes: size at which an endpoint log is rotated to ``.1`` (two copies kept;
             ``SDMAKER_LOG_MAX_BYTES``, default 32 MiB; 0 = never rotate).
         allowed_hosts: extra ``Host`` names the daemon and workers answer besides their bind address and,
@@ -141,6 +143,7 @@ class Settings:
     bind_port: int = 8080
     standby_workers: int = 1
     compile: str = "auto"
+    compile_cache_bytes: int = 10 * 1000**3
     log_max_bytes: int = 32 * 1024 * 1024
     allowed_hosts: tuple[str, ...] = ()
     local_key: bool = False
@@ -329,6 +332,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         bind_port=_port(env, "SAGEMAKER_BIND_TO_PORT", 8080),
         standby_workers=int(_number(env, "SDMAKER_STANDBY_WORKERS", 1, minimum=0)),
         compile=_choice(env, "SDMAKER_COMPILE", ("auto", "on", "off"), "auto"),
+        compile_cache_bytes=int(_number(env, "SDMAKER_COMPILE_CACHE_GB", 10, minimum=0) * 1000**3),
         log_max_bytes=int(_number(env, "SDMAKER_LOG_MAX_BYTES", 32 * 1024 * 1024, minimum=0)),
         allowed_hosts=tuple(h.strip() for h in env.get("SDMAKER_ALLOWED_HOSTS", "").split(",") if h.strip()),
         local_key=_flag(env, "SDMAKER_LOCAL_KEY"),

@@ -17,6 +17,10 @@ Why this shape (measured, see ``bench/peers.py`` and the README's performance se
   server. Until the package for a size exists, that size runs eager: no request ever waits for the
   compiler.
 
+The cache is bounded (``SDMAKER_COMPILE_CACHE_GB``, default 10; an SD 2.1 package is 1.7 GB): after each build
+the least recently used packages go first (:func:`prune_compiled_cache`), and so do temp files that a
+killed build left behind. Deleting a package a live worker has loaded is safe: the worker keeps its copy.
+
 Only the plain CFG step is compiled: batches with LoRA adapters (per-row forward hooks), DeepCache's
 split passes and guidance-embedding UNets run eager. A compiled step's output differs from the eager
 one in the last bf16 bits, like a step shared in a batch does.
@@ -48,7 +52,7 @@ from sdmaker.engine._device import cpu_flags
 from sdmaker.engine._loader import LoadedModel
 from sdmaker.errors import ConfigError
 
-__all__ = ["COMPILE_MODES", "StepCompiler", "compile_decision", "enable_compiled_steps"]
+__all__ = ["COMPILE_MODES", "StepCompiler", "compile_decision", "enable_compiled_steps", "prune_compiled_cache"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +66,8 @@ MIN_BATCH, MAX_BATCH = 2, 63
 CHILD_TIMEOUT_S = 3600.0
 #: The compile child runs only after the worker has done no request work for this long.
 PAUSE_AFTER_BUSY_S = 2.0
+#: The default bound on ``$SDMAKER_HOME/cache/compiled`` (``SDMAKER_COMPILE_CACHE_GB``).
+DEFAULT_CACHE_BYTES = 10 * 1000**3
 
 
 def compile_decision(model: LoadedModel, mode: str) -> tuple[bool, str]:
@@ -112,6 +118,7 @@ class StepCompiler:
     model: LoadedModel
     cache_dir: Path
     max_sizes: int = 2
+    cache_bytes: int = DEFAULT_CACHE_BYTES
     runners: dict[StepKey, Any] = field(default_factory=dict)
     failed: dict[StepKey, str] = field(default_factory=dict)
     pending: set[StepKey] = field(default_factory=set)
@@ -184,12 +191,14 @@ class StepCompiler:
                 self.folder.mkdir(parents=True, exist_ok=True)
                 # one build per package on this machine: a second worker of the model waits, then loads it
                 with open(self.folder / f".{key.name()}.lock", "a+b") as lock:
-                    fcntl.flock(lock, fcntl.LOCK_EX)
+                    fcntl.flock(lock, fcntl.LOCK_EX)  # held while loading too: the cache never evicts a locked one
                     if not path.exists() and not self._closed:
                         self._build(key, path)
-                if self._closed:
-                    return
-                runner = torch._inductor.aoti_load_package(str(path))
+                    if self._closed:
+                        return
+                    runner = torch._inductor.aoti_load_package(str(path))
+                    with contextlib.suppress(OSError):
+                        os.utime(path)  # the cache evicts least recently used first: this package was just used
                 self.runners[key] = runner
                 logger.info("compiled UNet step ready for %s (%s)", key.name(), path)
             except Exception as exc:  # noqa: BLE001 - a failed compile only means this size stays eager
@@ -221,6 +230,7 @@ class StepCompiler:
             raise RuntimeError(f"compile child {why}: {tail[-400:]}")
         os.replace(tmp, path)
         self.compile_seconds[key] = time.perf_counter() - started
+        prune_compiled_cache(self.cache_dir, self.cache_bytes, keep=path)
         logger.info("compiled the UNet step for %s in %.0fs (%.0fs of it running, paused while serving)",
                     key.name(), self.compile_seconds[key], ran)
 
@@ -259,13 +269,67 @@ class StepCompiler:
         return ran
 
 
-def enable_compiled_steps(model: LoadedModel, mode: str, cache_dir: Path, *, max_sizes: int = 2) -> StepCompiler | None:
+def prune_compiled_cache(cache_dir: Path, max_bytes: int, *, keep: Path | None = None) -> list[Path]:
+    """Bound the compiled-step cache: remove least recently used packages until it fits in ``max_bytes``.
+
+    Also removes temp files of builds whose process is gone (a worker killed mid-compile leaves its
+    ``.<name>.<pid>.tmp.pt2``). ``keep`` (the package just built) is never removed, nor is a package whose
+    build lock another process holds. ``max_bytes`` 0 means no bound. Returns what was removed.
+    """
+    root = Path(cache_dir)
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    packages: list[tuple[float, int, Path]] = []
+    for path in root.rglob("*.pt2"):
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        if path.name.startswith("."):
+            pid = path.name.removesuffix(".tmp.pt2").rsplit(".", 1)[-1]
+            if path.name.endswith(".tmp.pt2") and pid.isdigit() and not _alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    removed.append(path)
+            continue
+        packages.append((stat.st_mtime, stat.st_size, path))
+    total = sum(size for _, size, _ in packages)
+    for _, size, path in sorted(packages):
+        if not max_bytes or total <= max_bytes:
+            break
+        if keep is not None and path == keep:
+            continue
+        with contextlib.suppress(OSError), open(path.with_name(f".{path.stem}.lock"), "a+b") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # being built or waited on by another worker right now
+            path.unlink()
+            removed.append(path)
+            total -= size
+            logger.info("compiled-step cache over %.1f GB: removed %s (least recently used)", max_bytes / 1e9, path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def enable_compiled_steps(model: LoadedModel, mode: str, cache_dir: Path, *, max_sizes: int = 2,
+                          cache_bytes: int = DEFAULT_CACHE_BYTES) -> StepCompiler | None:
     """Attach a :class:`StepCompiler` to ``model`` when :func:`compile_decision` says so; returns it."""
     on, why = compile_decision(model, mode)
     logger.info("compiled UNet steps for %s: %s (%s)", model.name, "on" if on else "off", why)
     if not on:
         model.step_compiler = None
         return None
-    compiler = StepCompiler(model, Path(cache_dir), max_sizes=max_sizes)
+    compiler = StepCompiler(model, Path(cache_dir), max_sizes=max_sizes, cache_bytes=cache_bytes)
     model.step_compiler = compiler
     return compiler

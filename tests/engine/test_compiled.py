@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import shutil
 import time
 from pathlib import Path
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 
 from sdmaker.engine import compile_decision, enable_compiled_steps, generate, load_model
+from sdmaker.engine._compiled import prune_compiled_cache
 from sdmaker.errors import ConfigError
 from sdmaker.schema import GenerateRequest
 
@@ -34,6 +37,39 @@ def test_compile_decision_by_mode_size_and_precision(sd2_dir: Path) -> None:
         compile_decision(bf16, "fast")
     assert err.value.fields["field"] == "SDMAKER_COMPILE"
     assert enable_compiled_steps(bf16, "auto", Path("/nonexistent")) is None and bf16.step_compiler is None
+
+
+def _package(root: Path, model: str, name: str, size: int, age: float) -> Path:
+    path = root / model / "torch-tag" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * size)
+    stamp = time.time() - age
+    os.utime(path, (stamp, stamp))
+    return path
+
+
+def test_the_compiled_cache_is_bounded_least_recently_used_first(tmp_path: Path) -> None:
+    oldest = _package(tmp_path, "a", "step-4x8x8-e7x32-bfloat16.pt2", 100, age=300)
+    older = _package(tmp_path, "b", "step-4x8x8-e7x32-bfloat16.pt2", 100, age=200)
+    newest = _package(tmp_path, "c", "step-4x16x16-e7x32-bfloat16.pt2", 100, age=100)
+    built = _package(tmp_path, "c", "step-4x8x8-e7x32-bfloat16.pt2", 100, age=400)  # just built: mtime aside
+    # a build killed with its worker leaves a temp file; one whose process lives is still being written
+    dead = _package(tmp_path, "a", ".step-4x16x16-e7x32-bfloat16.999999999.tmp.pt2", 50, age=10)
+    live = _package(tmp_path, "a", f".step-4x32x32-e7x32-bfloat16.{os.getpid()}.tmp.pt2", 50, age=10)
+
+    assert prune_compiled_cache(tmp_path, 0, keep=built) == [dead]  # 0 = unbounded: only the dead temp file
+    assert live.exists() and oldest.exists()
+
+    # another process is building (or loading) the oldest one: its lock is held, so it is passed over
+    with open(oldest.with_name(f".{oldest.stem}.lock"), "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        removed = prune_compiled_cache(tmp_path, 300, keep=built)
+    assert removed == [older]
+    assert oldest.exists() and newest.exists() and built.exists()
+
+    assert prune_compiled_cache(tmp_path, 150, keep=built) == [oldest, newest]
+    assert built.exists() and live.exists()
+    assert prune_compiled_cache(tmp_path / "missing", 1) == []
 
 
 @pytest.mark.slow

@@ -19,11 +19,13 @@ def test_worker_compiles_only_when_the_setting_says(sd2_dir: Path, tmp_path: Pat
     assert auto.model.loaded.step_compiler is None  # auto: a tiny UNet never pays the compile back
 
     monkeypatch.setenv("SDMAKER_COMPILE", "on")
+    monkeypatch.setenv("SDMAKER_COMPILE_CACHE_GB", "2.5")
     forced = HandlerService(sd2_dir, device="cpu", dtype="bf16")
     forced.load()
     compiler = forced.model.loaded.step_compiler
     assert compiler is not None and compiler.max_sizes == 1
     assert compiler.cache_dir == tmp_path / "cache" / "compiled"
+    assert compiler.cache_bytes == 2_500_000_000
     forced.stop()
     assert compiler._closed
 
