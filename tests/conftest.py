@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,28 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+def _share_cores_between_test_processes() -> None:
+    """Each pytest-xdist process gets its share of the cores as torch threads, as the daemon's workers do.
+
+    ``make test`` runs more test processes than cores (most tests wait on subprocesses and sockets). With every
+    process sizing torch's OpenMP team to all the cores, the cores were oversubscribed whenever two computed at
+    once, and OpenMP teams stall at each barrier for a displaced thread: the suite took 20-23 min on 2 cores,
+    13 min with one thread each and one more process. Daemons and workers that tests start inherit it.
+    """
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    if count <= 1:
+        return
+    threads = str(max(1, len(os.sched_getaffinity(0)) // count))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, threads)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+_share_cores_between_test_processes()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -135,7 +135,7 @@ def test_kill_9_of_daemon_and_workers_loses_and_duplicates_nothing(chaos_daemon:
         ids = [f"chaos-{cycle}-{k}" for k in range(per_cycle)]
         with httpx.Client() as http:  # all ten queued at once: 4 run (MaxConcurrentInvocationsPerInstance), 6 wait
             for k, job_id in enumerate(ids):
-                answer = _submit(chaos_daemon, {"sleep": 0.3 + 0.2 * (k % 3), "id": job_id}, job_id, http)
+                answer = _submit(chaos_daemon, {"sleep": 0.1 + 0.1 * (k % 3), "id": job_id}, job_id, http)
                 assert answer.status_code == 202, answer.text
         all_ids += ids
         _wait(lambda ids=ids: _listed(chaos_daemon, ids) & {"running", "succeeded"}, f"cycle {cycle}: a started job")

@@ -152,7 +152,9 @@ def test_tuned_model_everywhere_it_loads(sdmaker_home: Path, tmp_path: Path, sd1
     assert loaded.defaults == manifest.defaults and loaded.tuned is not None
 
     out_dir = tmp_path / "out"
-    printed = _ok(["generate", "-m", "tiny", "-p", "a red circle", "--seed", "3", "-o", str(out_dir)])
+    # at the tuned size: the tiny UNet's default 512 px would cost half a minute per image for nothing
+    size = ["--height", "64", "--width", "64"]
+    printed = _ok(["generate", "-m", "tiny", "-p", "a red circle", "--seed", "3", *size, "-o", str(out_dir)])
     recipe = read_recipe(Path(printed.strip().splitlines()[-1]))
     assert recipe["request"]["num_inference_steps"] == chosen["steps"]
     assert recipe["request"]["deep_cache_interval"] == chosen["deep_cache_interval"]
@@ -160,7 +162,7 @@ def test_tuned_model_everywhere_it_loads(sdmaker_home: Path, tmp_path: Path, sd1
     assert recipe["model_digest"] == manifest.digest
     # overridable per request
     printed = _ok(["generate", "-m", "tiny", "-p", "a red circle", "--seed", "3", "--num-inference-steps", "7",
-                   "-o", str(out_dir)])
+                   *size, "-o", str(out_dir)])
     assert read_recipe(Path(printed.strip().splitlines()[-1]))["request"]["num_inference_steps"] == 7
 
     out = _ok(["model", "tune", "tiny", "--reset"])
