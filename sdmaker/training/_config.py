@@ -177,6 +177,20 @@ def _check_data(data: dict[str, Any]) -> None:
     if prob and not (data.get("extra_shapes") or data.get("extra_colors")):
         raise ConfigError("data.concept_prob needs data.extra_shapes or data.extra_colors",
                           field="data.concept_prob", value=prob)
+    fit = data.get("fit_latents")
+    if fit is not None:
+        from sdmaker.training._scenes import COLORS
+
+        colors = fit.get("colors") if isinstance(fit, dict) else None
+        known = (*COLORS, *EXTRA_COLORS)
+        if not isinstance(colors, list) or not colors or any(c not in known for c in colors):
+            raise ConfigError(f"data.fit_latents.colors={colors!r} must be a non-empty list of {', '.join(known)}",
+                              field="data.fit_latents.colors", value=colors)
+        for key, low, high in (("iters", 1, 1000), ("lr", 1e-6, 10.0), ("shape_weight", 0.0, 1000.0)):
+            value = fit.get(key, 0.0 if key == "shape_weight" else None)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise ConfigError(f"data.fit_latents.{key}={value!r} must be a number from {low} to {high}",
+                                  field=f"data.fit_latents.{key}", value=value)
 
 
 def _check_lora(cfg: dict[str, Any]) -> None:

@@ -84,7 +84,13 @@ def test_lora_config_errors_name_the_field(tmp_path: Path) -> None:
     for body, field in (({"kind": "lora"}, "base"),
                         ({"kind": "lora", "base": "mini", "lora": {"rank": 0}}, "lora.rank"),
                         ({"kind": "lora", "base": "mini", "lora": {"target_modules": ["conv1"]}}, "lora.target_modules"),
-                        ({"kind": "lora", "base": "mini", "data": {"extra_shapes": ["hexagon"]}}, "data.extra_shapes")):
+                        ({"kind": "lora", "base": "mini", "data": {"extra_shapes": ["hexagon"]}}, "data.extra_shapes"),
+                        ({"kind": "lora", "base": "mini", "data": {"fit_latents": {"colors": ["mauve"], "iters": 5,
+                                                                                   "lr": 0.1}}},
+                         "data.fit_latents.colors"),
+                        ({"kind": "lora", "base": "mini", "data": {"fit_latents": {"colors": ["pink"], "iters": 0,
+                                                                                   "lr": 0.1}}},
+                         "data.fit_latents.iters")):
         bad.write_text(json.dumps(body))
         with pytest.raises(ConfigError) as err:
             load_config(bad)
@@ -114,6 +120,39 @@ def test_concept_is_opt_in_and_the_analyser_knows_it() -> None:
     assert right / 60 >= 0.97
     items = eval_prompts(32, prompt_set="concept")
     assert all("heart" in it.prompt or "pink" in it.prompt for it in items)
+
+
+def test_latents_fitted_to_the_decoder_keep_the_pink_the_encoder_loses() -> None:
+    """The adapter's training targets for pink scenes: mini's encoder maps pink to latents its decoder renders
+    pale; latents refined against the frozen decoder keep it, the same way on every call (exact resume)."""
+    from diffusers import AutoencoderKL
+
+    from sdmaker.models import builtin_dir, is_builtin_ready
+    from sdmaker.training._analyser import analyse
+    from sdmaker.training._data import _has_color, fit_latents, image_to_tensor
+    from sdmaker.training._scenes import render, sample_concept_scene, scene_rng
+
+    if not is_builtin_ready("mini"):
+        pytest.skip("mini's weights are not committed")
+    torch.set_num_threads(1)
+    vae = AutoencoderKL.from_pretrained(builtin_dir("mini") / "vae").eval().requires_grad_(False)
+    scenes = [sample_concept_scene(scene_rng(777, i), extra_shapes=("heart",), extra_colors=("pink",))
+              for i in range(40)]
+    pink = [s for s in scenes if any(shape.color == "pink" for shape in s.shapes)][:12]
+    assert all(_has_color(s, ["pink"]) for s in pink)
+    images = torch.stack([image_to_tensor(render(s)) for s in pink])
+    with torch.no_grad():
+        encoded = vae.encode(images).latent_dist.mean
+    fitted = fit_latents(vae, encoded, images, iters=10, lr=0.2, shape_weight=9)
+    assert torch.equal(fitted, fit_latents(vae, encoded, images, iters=10, lr=0.2, shape_weight=9))
+
+    def pink_kept(latents: torch.Tensor) -> int:
+        with torch.no_grad():
+            pixels = ((vae.decode(latents).sample.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1)
+        return sum("pink" in [d.color for d in analyse(row.numpy()).shapes] for row in pixels)
+
+    kept_encoded, kept_fitted = pink_kept(encoded), pink_kept(fitted)
+    assert kept_fitted >= 10 and kept_fitted >= kept_encoded + 3, (kept_encoded, kept_fitted)
 
 
 def test_paraphrase_set_is_held_out_but_its_words_are_trained() -> None:
