@@ -68,6 +68,7 @@ __all__ = [
     "is_weight_file",
     "link_or_copy",
     "list_model_files",
+    "pid_alive",
     "model_digests",
     "replace_dir",
     "staged_dir",
@@ -303,6 +304,17 @@ def unique_tmp(directory: Path, stem: str = "") -> Path:
     """A fresh temp path in ``directory``: pid + random suffix, so concurrent writers never share one
     (file locks can silently succeed for every caller on NFS-like file systems)."""
     return Path(directory) / f".tmp-{stem}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists: for files that name their writer (pid files, a build's temp file)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, under another user
+    return True
 
 
 def fsync_dir(directory: Path) -> None:

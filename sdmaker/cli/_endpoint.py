@@ -23,7 +23,7 @@ from sdmaker.cli._progress import image_bars
 from sdmaker.cli._request_options import request_from_options, request_options
 from sdmaker.config import S3_PATH_PREFIX, Settings
 from sdmaker.errors import ConfigError, ServingError
-from sdmaker.files import atomic_write_text
+from sdmaker.files import atomic_write_text, pid_alive
 
 __all__ = ["register"]
 
@@ -50,13 +50,7 @@ def _running_pid(settings: Settings) -> int | None:
         pid = int(json.loads(_pid_file(settings).read_text())["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return pid
-    return pid
+    return pid if pid_alive(pid) else None
 
 
 def _client(settings: Settings, url: str | None = None) -> Any:

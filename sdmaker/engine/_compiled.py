@@ -51,6 +51,7 @@ import torch
 from sdmaker.engine._device import cpu_flags
 from sdmaker.engine._loader import LoadedModel
 from sdmaker.errors import ConfigError
+from sdmaker.files import pid_alive
 
 __all__ = ["COMPILE_MODES", "StepCompiler", "compile_decision", "enable_compiled_steps", "prune_compiled_cache"]
 
@@ -288,7 +289,7 @@ def prune_compiled_cache(cache_dir: Path, max_bytes: int, *, keep: Path | None =
             continue
         if path.name.startswith("."):
             pid = path.name.removesuffix(".tmp.pt2").rsplit(".", 1)[-1]
-            if path.name.endswith(".tmp.pt2") and pid.isdigit() and not _alive(int(pid)):
+            if path.name.endswith(".tmp.pt2") and pid.isdigit() and not pid_alive(int(pid)):
                 with contextlib.suppress(OSError):
                     path.unlink()
                     removed.append(path)
@@ -310,16 +311,6 @@ def prune_compiled_cache(cache_dir: Path, max_bytes: int, *, keep: Path | None =
             total -= size
             logger.info("compiled-step cache over %.1f GB: removed %s (least recently used)", max_bytes / 1e9, path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def enable_compiled_steps(model: LoadedModel, mode: str, cache_dir: Path, *, max_sizes: int = 2,

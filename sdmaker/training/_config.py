@@ -186,8 +186,9 @@ def _check_data(data: dict[str, Any]) -> None:
         if not isinstance(colors, list) or not colors or any(c not in known for c in colors):
             raise ConfigError(f"data.fit_latents.colors={colors!r} must be a non-empty list of {', '.join(known)}",
                               field="data.fit_latents.colors", value=colors)
-        for key, low, high in (("iters", 1, 1000), ("lr", 1e-6, 10.0), ("shape_weight", 0.0, 1000.0)):
-            value = fit.get(key, 0.0 if key == "shape_weight" else None)
+        for key, low, high, default in (("iters", 1, 1000, None), ("lr", 1e-6, 10.0, None),
+                                        ("shape_weight", 0.0, 1000.0, 0.0)):
+            value = fit.get(key, default)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
                 raise ConfigError(f"data.fit_latents.{key}={value!r} must be a number from {low} to {high}",
                                   field=f"data.fit_latents.{key}", value=value)
