@@ -61,6 +61,11 @@ DEFAULTS: dict[str, Any] = {
     # vae fine-tune: train the decoder only (the encoder, and so every latent a UNet or adapter was trained on,
     # stays exactly as it is)
     "freeze_encoder": False,
+    # unet/lora: a second loss in pixel space: the x0 the UNet predicts, decoded by the frozen VAE decoder,
+    # against the training image (L1; the shapes' pixels weighted 1 + shape_weight), on the steps with
+    # timestep < max_timestep, times weight. Why: the latent loss weighs every latent direction alike, while
+    # mini's decoder turns a small shift of a shape's latent into another colour (pink drawn white or purple)
+    "pixel_loss": None,
     "vae": None,  # unet: folder of the trained VAE (relative to the config file or absolute)
     "max_length": 32,
     # lora: the base model (built-in name or model folder; the CLI resolves it, :func:`prepare_lora`) and the
@@ -140,6 +145,7 @@ def load_config(path: Path, *, quick: bool = False, kind: str | None = None,
             raise ConfigError(f"{key}={cfg[key]!r} is not valid; allowed: {', '.join(allowed)}", field=key,
                               value=cfg[key])
     _check_data(cfg["data"])
+    _check_pixel_loss(cfg)
     if cfg["kind"] == "lora":
         _check_lora(cfg)
     if cfg["init_from"]:
@@ -192,6 +198,25 @@ def _check_data(data: dict[str, Any]) -> None:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
                 raise ConfigError(f"data.fit_latents.{key}={value!r} must be a number from {low} to {high}",
                                   field=f"data.fit_latents.{key}", value=value)
+
+
+def _check_pixel_loss(cfg: dict[str, Any]) -> None:
+    pix = cfg.get("pixel_loss")
+    if pix is None:
+        return
+    if cfg["kind"] == "vae" or not isinstance(pix, dict):
+        raise ConfigError("pixel_loss must be a mapping {weight, max_timestep, shape_weight} on a unet or lora config",
+                          field="pixel_loss", value=pix)
+    unknown = sorted(set(pix) - {"weight", "max_timestep", "shape_weight"})
+    if unknown:
+        raise ConfigError(f"pixel_loss has unknown keys {unknown}; allowed: weight, max_timestep, shape_weight",
+                          field="pixel_loss", value=pix)
+    for key, low, high, default in (("weight", 0.0, 1000.0, None), ("max_timestep", 1, 1000, None),
+                                    ("shape_weight", 0.0, 1000.0, 0.0)):
+        value = pix.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise ConfigError(f"pixel_loss.{key}={value!r} must be a number from {low} to {high}",
+                              field=f"pixel_loss.{key}", value=value)
 
 
 def _check_lora(cfg: dict[str, Any]) -> None:
@@ -274,7 +299,8 @@ def data_for_step(cfg: dict[str, Any], step: int) -> dict[str, Any]:
 #: Keys added after checkpoints existed: left out of the digest at these values, so older checkpoints
 #: (which trained with exactly these) still resume.
 _LATER_KEYS = {key: DEFAULTS[key] for key in ("prediction_type", "loss_weighting", "base", "lora", "init_from",
-                                               "anchor_weight", "anchor_noise", "freeze_encoder")}
+                                               "anchor_weight", "anchor_noise", "freeze_encoder",
+                                               "pixel_loss")}
 
 
 def config_digest(cfg: dict[str, Any]) -> str:

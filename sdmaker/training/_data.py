@@ -143,11 +143,22 @@ class UnetBatches(torch.utils.data.Dataset):
                 latents[rows] = fit_latents(self._vae, latents[rows], images[rows], iters=int(fit["iters"]),
                                             lr=float(fit["lr"]), shape_weight=float(fit.get("shape_weight", 0.0)))
         latents = latents * float(self._vae.config.scaling_factor)
-        return {"latents": latents, "embeds": self._text.encode(captions), "step": torch.tensor(step)}
+        batch = {"latents": latents, "embeds": self._text.encode(captions), "step": torch.tensor(step)}
+        if self.cfg.get("pixel_loss"):  # the decoded x0 prediction is compared with the image itself
+            batch["images"] = images
+        return batch
 
 
 def _has_color(scene: Any, colors: list[str]) -> bool:
     return scene.background in colors or any(shape.color in colors for shape in scene.shapes)
+
+
+def shape_pixel_weights(images: torch.Tensor, shape_weight: float) -> torch.Tensor:
+    """Per-pixel loss weights: 1 on the background (read at the top-left corner), 1 + ``shape_weight`` on shapes.
+
+    Why: a small shape covers a few percent of the image, so an unweighted pixel loss is mostly background.
+    """
+    return 1.0 + shape_weight * ((images - images[:, :, :1, :1]).abs().amax(1, keepdim=True) > 0.05).float()
 
 
 def fit_latents(vae: Any, latents: torch.Tensor, images: torch.Tensor, *, iters: int, lr: float,
@@ -161,7 +172,7 @@ def fit_latents(vae: Any, latents: torch.Tensor, images: torch.Tensor, *, iters:
     the top-left corner) weighted ``1 + shape_weight`` = 10, since the background otherwise dominates the loss.
     Deterministic on a fixed thread count, so resumes stay exact.
     """
-    weight = 1.0 + shape_weight * ((images - images[:, :, :1, :1]).abs().amax(1, keepdim=True) > 0.05).float()
+    weight = shape_pixel_weights(images, shape_weight)
     z = latents.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([z], lr=lr)
     with torch.enable_grad():

@@ -26,11 +26,11 @@ import torch
 from sdmaker.errors import ConfigError
 from sdmaker.files import atomic_path, staged_dir
 from sdmaker.training._config import SCHEDULE_KEYS, config_digest, data_for_step, decay_start, require_trained_vae
-from sdmaker.training._data import UnetBatches, VaeBatches, make_loader
+from sdmaker.training._data import UnetBatches, VaeBatches, make_loader, shape_pixel_weights
 from sdmaker.training._models import build_scheduler, build_unet, build_vae
 from sdmaker.training._tracking import Tracker
 
-__all__ = ["CHECKPOINT_FILE", "EXPORT_DIR", "LORA_FILE", "TRAINING_FILE", "lora_metadata", "loss_weights", "ProgressFn", "TrainResult", "train"]
+__all__ = ["CHECKPOINT_FILE", "EXPORT_DIR", "LORA_FILE", "TRAINING_FILE", "lora_metadata", "loss_weights", "predicted_x0", "ProgressFn", "TrainResult", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,19 @@ def loss_weights(snr: torch.Tensor, gamma: float, weighting: str, prediction_typ
     """
     x0_weight = torch.clamp(snr + 1 if weighting == "min_snr_plus_one" else snr, max=gamma)
     return x0_weight / (snr + 1 if prediction_type == "v_prediction" else snr)
+
+
+def predicted_x0(noisy: torch.Tensor, pred: torch.Tensor, alphas_cumprod: torch.Tensor,
+                 v_prediction: bool) -> torch.Tensor:
+    """The clean latents a UNet output implies at noise level ``alphas_cumprod`` (one value per row).
+
+    x_t = sqrt(a) x0 + sqrt(1 - a) eps and v = sqrt(a) eps - sqrt(1 - a) x0, so x0 = sqrt(a) x_t - sqrt(1 - a) v,
+    or (x_t - sqrt(1 - a) eps) / sqrt(a) for an epsilon model.
+    """
+    a = alphas_cumprod.view(-1, 1, 1, 1).to(pred.dtype)
+    if v_prediction:
+        return a.sqrt() * noisy - (1 - a).sqrt() * pred
+    return (noisy - (1 - a).sqrt() * pred) / a.sqrt()
 
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
@@ -169,6 +182,12 @@ class _Run:
                 self.model = build_unet(cfg["model"], sample_size=64 // factor,
                                         in_channels=vae_cfg["latent_channels"], cross_attention_dim=384)
             self._noise_schedule(cfg)
+        self.decoder: Any = None
+        if cfg.get("pixel_loss"):  # frozen: the pixel loss only passes gradients through it
+            from diffusers import AutoencoderKL
+
+            self.decoder = AutoencoderKL.from_pretrained(str(require_trained_vae(cfg)), torch_dtype=torch.float32)
+            self.decoder.eval().requires_grad_(False)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.ema = [p.detach().clone() for p in self.params]
@@ -240,7 +259,18 @@ class _Run:
         if self.cfg["snr_gamma"]:  # less effort on the trivial low-noise steps: faster convergence
             per = per * loss_weights(self.snr[t], float(self.cfg["snr_gamma"]), self.cfg["loss_weighting"],
                                      self.cfg["prediction_type"])
-        return per.mean(), {}
+        pix = self.cfg.get("pixel_loss")
+        if not pix:
+            return per.mean(), {}
+        rows = t < int(pix["max_timestep"])
+        if not bool(rows.any()):
+            return per.mean(), {"pixel_l1": 0.0}
+        x0 = predicted_x0(noisy[rows], pred[rows], self.noise_sched.alphas_cumprod[t[rows]], v_pred)
+        target_px = batch["images"][rows]
+        drawn = self.decoder.decode(x0 / self.vae_scaling).sample
+        pixel = ((drawn - target_px).abs() * shape_pixel_weights(target_px, float(pix.get("shape_weight", 0.0)))).mean()
+        share = rows.float().mean()  # the rows it covers, so it is a per-sample average like the latent loss
+        return per.mean() + float(pix["weight"]) * share * pixel, {"pixel_l1": pixel.item()}
 
     @torch.no_grad()
     def update_ema(self, step: int) -> None:

@@ -90,7 +90,12 @@ def test_lora_config_errors_name_the_field(tmp_path: Path) -> None:
                          "data.fit_latents.colors"),
                         ({"kind": "lora", "base": "mini", "data": {"fit_latents": {"colors": ["pink"], "iters": 0,
                                                                                    "lr": 0.1}}},
-                         "data.fit_latents.iters")):
+                         "data.fit_latents.iters"),
+                        ({"kind": "lora", "base": "mini", "pixel_loss": {"weight": 1, "max_timestep": 0}},
+                         "pixel_loss.max_timestep"),
+                        ({"kind": "lora", "base": "mini", "pixel_loss": {"weight": 1, "max_timestep": 500,
+                                                                         "colour": 2}}, "pixel_loss"),
+                        ({"kind": "vae", "pixel_loss": {"weight": 1, "max_timestep": 500}}, "pixel_loss")):
         bad.write_text(json.dumps(body))
         with pytest.raises(ConfigError) as err:
             load_config(bad)
@@ -175,3 +180,40 @@ def test_paraphrase_set_is_held_out_but_its_words_are_trained() -> None:
         assert not re.search(rf"\b{re.escape(phrase)}\b", joined), phrase
     vocab = set(re.findall(r"[a-z-]+", joined))
     assert {w for it in items for w in re.findall(r"[a-z-]+", it.prompt)} <= vocab
+
+
+def test_predicted_x0_inverts_the_noising_for_both_prediction_types() -> None:
+    from sdmaker.training._models import build_scheduler
+    from sdmaker.training._trainer import predicted_x0
+
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(4, 4, 8, 8, generator=gen), torch.randn(4, 4, 8, 8, generator=gen)
+    t = torch.tensor([0, 250, 600, 999])
+    for prediction_type in ("v_prediction", "epsilon"):
+        sched = build_scheduler("ddpm", prediction_type)
+        noisy = sched.add_noise(x0, noise, t)
+        pred = sched.get_velocity(x0, noise, t) if prediction_type == "v_prediction" else noise
+        got = predicted_x0(noisy, pred, sched.alphas_cumprod[t], prediction_type == "v_prediction")
+        assert torch.allclose(got, x0, atol=1e-3 if prediction_type == "epsilon" else 1e-5), prediction_type
+
+
+def test_pixel_loss_trains_through_the_frozen_decoder_and_resumes_exactly(tmp_path: Path,
+                                                                          checkpoint_tensors: Any) -> None:
+    """The pixel loss adds a decoded-x0 term (the adapter gets its gradient through the frozen decoder) and
+    leaves training exactly resumable; configs without it keep their digests (older checkpoints resume)."""
+    from sdmaker.training._config import config_digest
+
+    cfg = _quick_cfg(pixel_loss={"weight": 1.0, "max_timestep": 1000, "shape_weight": 9})
+    plain = {**cfg, "pixel_loss": None}
+    assert config_digest(plain) != config_digest(cfg)
+    assert config_digest(plain) == config_digest({k: v for k, v in plain.items() if k != "pixel_loss"})
+    straight = train(cfg, tmp_path / "straight")
+    assert straight.status == "finished"
+    train(cfg, tmp_path / "resumed", stop_after=2)
+    train(cfg, tmp_path / "resumed", resume=True)
+    a, b = checkpoint_tensors(tmp_path / "straight"), checkpoint_tensors(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    without = train(plain, tmp_path / "plain")
+    assert without.status == "finished"
+    c = checkpoint_tensors(tmp_path / "plain")
+    assert any(not torch.equal(a[k], c[k]) for k in a if ".lora_B." in k)  # the pixel term moved the adapter
