@@ -192,12 +192,17 @@ def _check_data(data: dict[str, Any]) -> None:
         if not isinstance(colors, list) or not colors or any(c not in known for c in colors):
             raise ConfigError(f"data.fit_latents.colors={colors!r} must be a non-empty list of {', '.join(known)}",
                               field="data.fit_latents.colors", value=colors)
-        for key, low, high, default in (("iters", 1, 1000, None), ("lr", 1e-6, 10.0, None),
-                                        ("shape_weight", 0.0, 1000.0, 0.0)):
-            value = fit.get(key, default)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-                raise ConfigError(f"data.fit_latents.{key}={value!r} must be a number from {low} to {high}",
-                                  field=f"data.fit_latents.{key}", value=value)
+        _check_numbers(fit, "data.fit_latents", (("iters", 1, 1000, None), ("lr", 1e-6, 10.0, None),
+                                                 ("shape_weight", 0.0, 1000.0, 0.0)))
+
+
+def _check_numbers(section: dict[str, Any], prefix: str, ranges: tuple[tuple[str, float, float, Any], ...]) -> None:
+    """Each ``(key, low, high, default)`` of ``ranges`` is a number within [low, high] in ``section``."""
+    for key, low, high, default in ranges:
+        value = section.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise ConfigError(f"{prefix}.{key}={value!r} must be a number from {low} to {high}",
+                              field=f"{prefix}.{key}", value=value)
 
 
 def _check_pixel_loss(cfg: dict[str, Any]) -> None:
@@ -211,12 +216,8 @@ def _check_pixel_loss(cfg: dict[str, Any]) -> None:
     if unknown:
         raise ConfigError(f"pixel_loss has unknown keys {unknown}; allowed: weight, max_timestep, shape_weight",
                           field="pixel_loss", value=pix)
-    for key, low, high, default in (("weight", 0.0, 1000.0, None), ("max_timestep", 1, 1000, None),
-                                    ("shape_weight", 0.0, 1000.0, 0.0)):
-        value = pix.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-            raise ConfigError(f"pixel_loss.{key}={value!r} must be a number from {low} to {high}",
-                              field=f"pixel_loss.{key}", value=value)
+    _check_numbers(pix, "pixel_loss", (("weight", 0.0, 1000.0, None), ("max_timestep", 1, 1000, None),
+                                       ("shape_weight", 0.0, 1000.0, 0.0)))
 
 
 def _check_lora(cfg: dict[str, Any]) -> None:
