@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -126,12 +128,26 @@ class RayPool:
             opts["num_replicas"] = self.count
         return opts
 
+    def _code_version(self) -> str:
+        """A version that changes only when what a replica is built from changes (its spec, its resources).
+
+        Serve gives a deployment deployed from Python without a version a random one on every ``serve.run``, and a
+        new version replaces every replica. Scaling calls (a policy registered, a desired count) redeploy with
+        another ``num_replicas`` or ``autoscaling_config`` only; with a stable version Serve applies those in
+        place, so replicas serving requests are not restarted (on a loaded machine a restart took ~50 s, and
+        requests queued behind it timed out).
+        """
+        shape = {"spec": self.replica_spec, "actor": self.resources.actor_options()}
+        return hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
     def _deploy(self) -> None:
         from ray import serve
 
         from sdmaker.serving.daemon.ray._replica import Replica
 
-        deployment: Any = serve.deployment(Replica)
+        # ``version`` is refused from user code since Serve 2.x manages it; ``_internal`` is how Serve's own
+        # builders pass one (see :meth:`_code_version` for why a stable one matters)
+        deployment: Any = serve.deployment(Replica).options(version=self._code_version(), _internal=True)
         app = deployment.options(**self._options()).bind(self.replica_spec)
         serve._run(app, name=self.app, route_prefix=None, _blocking=False)  # waited for by _wait_running
 
