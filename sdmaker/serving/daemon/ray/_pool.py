@@ -147,7 +147,8 @@ class RayPool:
 
         # ``version`` is refused from user code since Serve 2.x manages it; ``_internal`` is how Serve's own
         # builders pass one (see :meth:`_code_version` for why a stable one matters)
-        deployment: Any = serve.deployment(Replica).options(version=self._code_version(), _internal=True)
+        base: Any = serve.deployment(Replica)
+        deployment: Any = base.options(version=self._code_version(), _internal=True)
         app = deployment.options(**self._options()).bind(self.replica_spec)
         serve._run(app, name=self.app, route_prefix=None, _blocking=False)  # waited for by _wait_running
 
