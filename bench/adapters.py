@@ -125,7 +125,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
         model.adapters = AdapterLibrary(store=store)
         layers = len(store.get("lora0").lora.target_modules)  # type: ignore[union-attr]
         load = os.getloadavg()[0]
-        what = (f"load avg {load:.1f} on {os.cpu_count()} cores at start; 4 random rank-8 LoRAs on {layers} attention layers of {label} (no trained adapter ships yet), "
+        what = (f"load avg {load:.1f} on {os.cpu_count()} cores at start; 4 random rank-8 LoRAs on {layers} attention layers of {label} (random weights: the cost does not depend on what an adapter learned), "
                 f"{size}², {steps} steps, {model.placement.dtype_name}")
 
         def req(i: int, lora: int | None) -> Any:
