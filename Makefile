@@ -33,10 +33,11 @@ demo: $(STAMP)
 # One test process per core plus one (pytest-xdist; whole modules each, so a module's daemon fixture is started
 # once): most tests wait on subprocesses and sockets, so they overlap. tests/conftest.py gives each process its
 # share of the cores as torch threads. On 2 cores: 13 min, against 20-23 min with two processes of 2 threads.
-# TEST_WORKERS=0 runs in one process.
+# TEST_WORKERS=0 runs in one process. The 20 slowest tests are listed at the end, so a CI log says where the
+# suite's time went (its goal is 15 min on 2 cores).
 TEST_WORKERS ?= $(shell python3 -c "import os; print(len(os.sched_getaffinity(0)) + 1)" 2>/dev/null || echo 3)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
