@@ -23,7 +23,7 @@ from typing import Any
 
 from bench import BENCH_DIR, row
 
-MODULES = ("quality", "engine", "batching", "package", "deploy", "reliability", "transform", "openai_route", "progress", "scaleout", "tune", "peers", "async_jobs", "multi_model", "edit", "adapters", "lora_latents", "openmp")  # quality first: it picks the recipe
+MODULES = ("quality", "engine", "batching", "package", "deploy", "reliability", "transform", "openai_route", "progress", "scaleout", "tune", "peers", "async_jobs", "multi_model", "edit", "adapters", "lora_latents", "lora_eval", "openmp")  # quality first: it picks the recipe
 
 
 def machine_metadata() -> dict[str, Any]:
@@ -95,7 +95,9 @@ def _fmt(v: float | None) -> str:
 
 def _run_label(meta: dict[str, Any]) -> str:
     """How the table names the run that ``meta`` describes."""
-    return f"`python -m bench{' --quick' if meta.get('mode') == 'quick' else ''}` of {meta.get('date')} ({meta.get('wall_s')} s)"
+    cpu = f" on {meta['cpu_model']}" if meta.get("cpu_model") else ""  # rows of several runs may come from two CPUs
+    return (f"`python -m bench{' --quick' if meta.get('mode') == 'quick' else ''}` of {meta.get('date')} "
+            f"({meta.get('wall_s')} s){cpu}")
 
 
 def main(argv: list[str] | None = None) -> int:

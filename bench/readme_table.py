@@ -31,7 +31,7 @@ def render(data: dict[str, Any]) -> str:
     """Markdown: a context line (CPU, cores, date, versions) and one table row per result."""
     meta = data.get("metadata", {})
     lines = [
-        f"Measured on **{meta.get('cpu_model', 'unknown CPU')}**, {meta.get('cores', '?')} cores"
+        f"Latest run on **{meta.get('cpu_model', 'unknown CPU')}**, {meta.get('cores', '?')} cores"
         + (f", GPU {meta['gpu']}" if meta.get("gpu") else "")
         + f", {meta.get('date', '?')}; torch {meta.get('torch', '?')}, diffusers {meta.get('diffusers', '?')}; "
         f"`python -m bench{' --quick' if meta.get('mode') == 'quick' else ''}` ({meta.get('wall_s', '?')} s)"

@@ -146,3 +146,13 @@ def test_edit_strength_smoke(sd2_model) -> None:  # type: ignore[no-untyped-def]
     rows = _strength_rows(sd2_model, quick=True, steps=4, images=1)
     _check_rows(rows)
     assert "UNet calls 2 vs 4" in rows[0]["notes"]
+
+
+def test_lora_eval_smoke() -> None:
+    """The shipped adapter against mini alone on two prompts per set: both passes ran and the rows are whole."""
+    from bench.lora_eval import judge, rows
+
+    got = judge(2)
+    assert set(got) == {"without", "with"} and all(set(v) == {"concept", "base"} for v in got.values())
+    assert all(0.0 <= m["overall"] <= 1.0 for v in got.values() for m in v.values())
+    _check_rows(rows(got, 2))
