@@ -8,7 +8,7 @@ base set (target: overall within 1 point of the model without the adapter). The 
     sdmaker eval mini --set concept --lora sdmaker/models/loras/heart-pink
     sdmaker eval mini --lora sdmaker/models/loras/heart-pink
 
-``python -m bench --only lora_eval`` (about 3 minutes on 2 cores; ``--quick`` uses 16 prompts per set).
+``python -m bench --only lora_eval`` (about a minute on 2 cores; ``--quick`` uses 16 prompts per set).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from bench import CACHE_DIR, row
 __all__ = ["judge", "rows", "run"]
 
 
-def judge(n: int) -> dict[str, dict[str, float]]:
+def judge(n: int) -> dict[str, dict[str, Any]]:
     """``{"without"|"with": {set: metrics}}`` for the concept and base prompt sets (``n`` prompts each)."""
     from sdmaker.engine import load_model
     from sdmaker.models import assemble_builtin, builtin_lora_dir
@@ -30,12 +30,13 @@ def judge(n: int) -> dict[str, dict[str, float]]:
 
     # the adapter's recorded base is the committed mini; its weights digest is what fuse_lora checks
     model = load_model(assemble_builtin("mini", CACHE_DIR / "mini"))
-    out: dict[str, dict[str, Any]] = {}
-    for label in ("without", "with"):
-        if label == "with":  # fused in place: the second pass is the model with the adapter
-            fuse_lora(model, builtin_lora_dir("heart-pink"), scale=1.0)
-        out[label] = {s: evaluate(model, n=n, prompt_set=s).metrics for s in ("concept", "base")}
-    return out
+
+    def both_sets() -> dict[str, Any]:
+        return {s: evaluate(model, n=n, prompt_set=s).metrics for s in ("concept", "base")}
+
+    without = both_sets()
+    fuse_lora(model, builtin_lora_dir("heart-pink"), scale=1.0)  # in place: the same model, now with the adapter
+    return {"without": without, "with": both_sets()}
 
 
 def rows(got: dict[str, dict[str, Any]], n: int) -> list[dict[str, Any]]:
