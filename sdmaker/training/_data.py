@@ -31,6 +31,11 @@ def image_to_tensor(img: Any) -> torch.Tensor:
 
 
 def _samples(cfg: dict[str, Any], step: int) -> list[tuple[Any, str, random.Random]]:
+    return [(scene, text, rng) for scene, text, rng, _ in _flagged_samples(cfg, step)]
+
+
+def _flagged_samples(cfg: dict[str, Any], step: int) -> list[tuple[Any, str, random.Random, bool]]:
+    """The batch's (scene, caption, rng, is a concept scene) for ``step``."""
     data = data_for_step(cfg, step)
     out = []
     for i in range(cfg["batch_size"]):
@@ -38,12 +43,13 @@ def _samples(cfg: dict[str, Any], step: int) -> list[tuple[Any, str, random.Rand
         # concept scenes (opt-in: a LoRA's data) mixed with ordinary ones, so the old domain is not forgotten;
         # without extras no extra random draw is made, so the base recipe's data is unchanged
         extras = tuple(data.get("extra_shapes", ())), tuple(data.get("extra_colors", ()))
-        if (extras[0] or extras[1]) and rng.random() < float(data.get("concept_prob", 0.5)):
+        concept = bool((extras[0] or extras[1]) and rng.random() < float(data.get("concept_prob", 0.5)))
+        if concept:
             scene = sample_concept_scene(rng, extra_shapes=extras[0], extra_colors=extras[1],
                                          two_shape_prob=data["two_shape_prob"], jitter=data["jitter"])
         else:
             scene = sample_scene(rng, two_shape_prob=data["two_shape_prob"], heldout="exclude", jitter=data["jitter"])
-        out.append((scene, caption(scene, rng, split="train", style=data.get("captions", "base")), rng))
+        out.append((scene, caption(scene, rng, split="train", style=data.get("captions", "base")), rng, concept))
     return out
 
 
@@ -132,7 +138,8 @@ class UnetBatches(torch.utils.data.Dataset):
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
         self._load()
         assert self._text is not None
-        samples = _samples(self.cfg, step)
+        flagged = _flagged_samples(self.cfg, step)
+        samples = [(scene, text, rng) for scene, text, rng, _ in flagged]
         images = torch.stack([image_to_tensor(render(scene)) for scene, _, _ in samples])
         captions = ["" if rng.random() < self.cfg["caption_dropout"] else text for _, text, rng in samples]
         latents = self._vae.encode(images).latent_dist.mean
@@ -143,7 +150,8 @@ class UnetBatches(torch.utils.data.Dataset):
                 latents[rows] = fit_latents(self._vae, latents[rows], images[rows], iters=int(fit["iters"]),
                                             lr=float(fit["lr"]), shape_weight=float(fit.get("shape_weight", 0.0)))
         latents = latents * float(self._vae.config.scaling_factor)
-        batch = {"latents": latents, "embeds": self._text.encode(captions), "step": torch.tensor(step)}
+        batch = {"latents": latents, "embeds": self._text.encode(captions), "step": torch.tensor(step),
+                 "concept": torch.tensor([concept for *_, concept in flagged])}
         if self.cfg.get("pixel_loss"):  # the decoded x0 prediction is compared with the image itself
             batch["images"] = images
         return batch

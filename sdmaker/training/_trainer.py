@@ -252,6 +252,8 @@ class _Run:
             noise = noise + self.cfg["noise_offset"] * torch.randn((bsz, latents.shape[1], 1, 1), generator=gen)
         t = torch.randint(0, self.noise_sched.config.num_train_timesteps, (bsz,), generator=gen)
         noisy = self.noise_sched.add_noise(latents, noise, t)
+        keep = ~batch["concept"] if self.cfg.get("preserve_weight") else None
+        base = self._base_prediction(noisy, t, embeds, keep) if keep is not None and bool(keep.any()) else None
         pred = self.model(noisy, t, embeds).sample
         v_pred = self.cfg["prediction_type"] == "v_prediction"
         target = self.noise_sched.get_velocity(latents, noise, t) if v_pred else noise
@@ -259,18 +261,34 @@ class _Run:
         if self.cfg["snr_gamma"]:  # less effort on the trivial low-noise steps: faster convergence
             per = per * loss_weights(self.snr[t], float(self.cfg["snr_gamma"]), self.cfg["loss_weighting"],
                                      self.cfg["prediction_type"])
+        total, extra = per.mean(), {}
+        if base is not None:  # keep the ordinary scenes' predictions where the frozen base puts them
+            drift = ((pred[keep] - base) ** 2).mean()
+            total = total + float(self.cfg["preserve_weight"]) * keep.float().mean() * drift
+            extra = {"preserve_mse": drift.item()}
         pix = self.cfg.get("pixel_loss")
         if not pix:
-            return per.mean(), {}
+            return total, extra
         rows = t < int(pix["max_timestep"])
         if not bool(rows.any()):
-            return per.mean(), {"pixel_l1": 0.0}
+            return total, {**extra, "pixel_l1": 0.0}
         x0 = predicted_x0(noisy[rows], pred[rows], self.noise_sched.alphas_cumprod[t[rows]], v_pred)
         target_px = batch["images"][rows]
         drawn = self.decoder.decode(x0 / self.vae_scaling).sample
         pixel = ((drawn - target_px).abs() * shape_pixel_weights(target_px, float(pix.get("shape_weight", 0.0)))).mean()
         share = rows.float().mean()  # the rows it covers, so it is a per-sample average like the latent loss
-        return per.mean() + float(pix["weight"]) * share * pixel, {"pixel_l1": pixel.item()}
+        return total + float(pix["weight"]) * share * pixel, {**extra, "pixel_l1": pixel.item()}
+
+    @torch.no_grad()
+    def _base_prediction(self, noisy: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
+                         rows: torch.Tensor) -> torch.Tensor:
+        """The frozen base's prediction on ``rows`` (the adapter switched off), before the adapted forward: the
+        switch touches the adapter's ``requires_grad``, which must not happen inside a graph being built."""
+        self.model.disable_adapters()
+        try:
+            return self.model(noisy[rows], t[rows], embeds[rows]).sample
+        finally:
+            self.model.enable_adapters()
 
     @torch.no_grad()
     def update_ema(self, step: int) -> None:

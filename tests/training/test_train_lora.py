@@ -95,7 +95,10 @@ def test_lora_config_errors_name_the_field(tmp_path: Path) -> None:
                          "pixel_loss.max_timestep"),
                         ({"kind": "lora", "base": "mini", "pixel_loss": {"weight": 1, "max_timestep": 500,
                                                                          "colour": 2}}, "pixel_loss"),
-                        ({"kind": "vae", "pixel_loss": {"weight": 1, "max_timestep": 500}}, "pixel_loss")):
+                        ({"kind": "vae", "pixel_loss": {"weight": 1, "max_timestep": 500}}, "pixel_loss"),
+                        ({"kind": "lora", "base": "mini", "preserve_weight": -1}, "preserve_weight"),
+                        ({"kind": "lora", "base": "mini", "preserve_weight": "high"}, "preserve_weight"),
+                        ({"kind": "unet", "vae": "v", "preserve_weight": 1.0}, "preserve_weight")):
         bad.write_text(json.dumps(body))
         with pytest.raises(ConfigError) as err:
             load_config(bad)
@@ -217,3 +220,45 @@ def test_pixel_loss_trains_through_the_frozen_decoder_and_resumes_exactly(tmp_pa
     assert without.status == "finished"
     c = checkpoint_tensors(tmp_path / "plain")
     assert any(not torch.equal(a[k], c[k]) for k in a if ".lora_B." in k)  # the pixel term moved the adapter
+
+
+def test_preservation_holds_ordinary_scenes_to_the_frozen_base_and_resumes_exactly(tmp_path: Path,
+                                                                                     checkpoint_tensors: Any) -> None:
+    """``preserve_weight`` adds, on the ordinary (non-concept) rows only, the squared difference between the
+    adapted prediction and the frozen base's: zero while the adapter is at its init (B = 0), positive once it
+    moved, with gradients reaching only the adapter; a run with it resumes exactly and ends elsewhere than one
+    without it; configs without the key keep their digests."""
+    from sdmaker.engine import minilm_dir
+    from sdmaker.training._config import config_digest
+    from sdmaker.training._data import UnetBatches
+    from sdmaker.training._trainer import _Run
+
+    cfg = _quick_cfg(preserve_weight=1.0, data={"concept_prob": 0.5})
+    plain = {**cfg, "preserve_weight": 0.0}
+    assert config_digest(plain) != config_digest(cfg)
+    assert config_digest(plain) == config_digest({k: v for k, v in plain.items() if k != "preserve_weight"})
+    batches = UnetBatches(cfg, minilm_dir())
+    step, batch = next((i, b) for i in range(50) if 0 < int((b := batches[i])["concept"].sum()) < len(b["concept"]))
+    run = _Run(cfg)
+    _, extra = run.loss(batch, step)
+    assert extra["preserve_mse"] < 1e-10  # the adapter starts as the identity: nothing drifted yet
+    with torch.no_grad():  # move the adapter: the ordinary rows now drift from the base
+        for name, p in run.model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.05)
+    loss, extra = run.loss(batch, step)
+    assert extra["preserve_mse"] > 1e-6
+    loss.backward()
+    grads = {n for n, p in run.model.named_parameters() if p.grad is not None}
+    assert grads and all(".lora_" in n for n in grads)
+    assert all(p.requires_grad for n, p in run.model.named_parameters() if ".lora_" in n)  # switched back on
+
+    straight = train(cfg, tmp_path / "straight")
+    assert straight.status == "finished"
+    train(cfg, tmp_path / "resumed", stop_after=2)
+    train(cfg, tmp_path / "resumed", resume=True)
+    a, b = checkpoint_tensors(tmp_path / "straight"), checkpoint_tensors(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    train(plain, tmp_path / "plain")
+    c = checkpoint_tensors(tmp_path / "plain")
+    assert any(not torch.equal(a[k], c[k]) for k in a if ".lora_B." in k)  # the preservation term moved it
