@@ -262,7 +262,7 @@ class _Run:
             per = per * loss_weights(self.snr[t], float(self.cfg["snr_gamma"]), self.cfg["loss_weighting"],
                                      self.cfg["prediction_type"])
         total, extra = per.mean(), {}
-        if base is not None:  # keep the ordinary scenes' predictions where the frozen base puts them
+        if base is not None and keep is not None:  # keep the ordinary scenes' predictions where the base puts them
             drift = ((pred[keep] - base) ** 2).mean()
             total = total + float(self.cfg["preserve_weight"]) * keep.float().mean() * drift
             extra = {"preserve_mse": drift.item()}
