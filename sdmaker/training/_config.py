@@ -66,10 +66,11 @@ DEFAULTS: dict[str, Any] = {
     # timestep < max_timestep, times weight. Why: the latent loss weighs every latent direction alike, while
     # mini's decoder turns a small shift of a shape's latent into another colour (pink drawn white or purple)
     "pixel_loss": None,
-    # lora: on the rows of ordinary (non-concept) scenes, the mean squared difference between the adapted UNet's
-    # prediction and the frozen base's (the adapter switched off, same input), times this weight. Why: the
-    # ground-truth loss alone lets an adapter drift on scenes the base already draws right (forgetting), which
-    # capped the share of concept scenes and the steps a run could afford (base eval -1.3 points at 50%)
+    # lora: on the rows of ordinary (non-concept) scenes and on every row whose caption was dropped (the
+    # unconditional prediction, which guidance subtracts from every prompt's), the mean squared difference
+    # between the adapted UNet's prediction and the frozen base's (the adapter switched off, same input),
+    # times this weight. Why: the ground-truth loss alone lets an adapter drift on what the base already draws
+    # right (forgetting), which capped the share of concept scenes a run could afford (base eval -1.3 at 50%)
     "preserve_weight": 0.0,
     "vae": None,  # unet: folder of the trained VAE (relative to the config file or absolute)
     "max_length": 32,

@@ -151,7 +151,10 @@ class UnetBatches(torch.utils.data.Dataset):
                                             lr=float(fit["lr"]), shape_weight=float(fit.get("shape_weight", 0.0)))
         latents = latents * float(self._vae.config.scaling_factor)
         batch = {"latents": latents, "embeds": self._text.encode(captions), "step": torch.tensor(step),
-                 "concept": torch.tensor([concept for *_, concept in flagged])}
+                 # the rows an adapter is for: concept scenes with their caption (an empty caption trains the
+                 # unconditional prediction, which classifier-free guidance subtracts from every prompt's)
+                 "concept": torch.tensor([concept and text != "" for (*_, concept), text in zip(flagged, captions,
+                                                                                                strict=True)])}
         if self.cfg.get("pixel_loss"):  # the decoded x0 prediction is compared with the image itself
             batch["images"] = images
         return batch

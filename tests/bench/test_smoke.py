@@ -156,3 +156,12 @@ def test_lora_eval_smoke() -> None:
     assert set(got) == {"without", "with"} and all(set(v) == {"concept", "base"} for v in got.values())
     assert all(0.0 <= m["overall"] <= 1.0 for v in got.values() for m in v.values())
     _check_rows(rows(got, 2))
+
+
+def test_attention_paths_smoke() -> None:
+    """Every CPU attention path the attention bench times agrees with fp32 SDPA on a small shape (the module
+    raises if one does not) and gets a positive time."""
+    from bench.attention import attention_paths
+
+    got = attention_paths(256, heads=2, repeat=1, compiled=False)
+    assert {"sdpa", "chunked matmul-softmax-matmul"} <= set(got) and all(v > 0 for v in got.values())
