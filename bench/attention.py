@@ -87,17 +87,16 @@ def attention_paths(tokens: int, heads: int = 5, head_dim: int = 64, repeat: int
 
     paths: dict[str, Callable[[], Any]] = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
                                            "chunked matmul-softmax-matmul": chunked}
-    try:
-        if not compiled:
-            raise ImportError("compiled paths not asked for")
-        from torch.nn.attention.flex_attention import flex_attention
-
+    if compiled:
         compiled_sdpa = torch.compile(F.scaled_dot_product_attention)
-        compiled_flex = torch.compile(flex_attention)
         paths["compiled sdpa"] = lambda: compiled_sdpa(q, k, v)
-        paths["compiled flex_attention"] = lambda: compiled_flex(q, k, v)
-    except Exception:  # noqa: BLE001 - a torch without them: the rows say what was measured
-        pass
+        try:
+            from torch.nn.attention.flex_attention import flex_attention
+        except ImportError:  # a torch without it: the rows say what was measured
+            pass
+        else:
+            compiled_flex = torch.compile(flex_attention)
+            paths["compiled flex_attention"] = lambda: compiled_flex(q, k, v)
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
     best: dict[str, float] = {}
     with torch.inference_mode():

@@ -138,14 +138,13 @@ class UnetBatches(torch.utils.data.Dataset):
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
         self._load()
         assert self._text is not None
-        flagged = _flagged_samples(self.cfg, step)
-        samples = [(scene, text, rng) for scene, text, rng, _ in flagged]
-        images = torch.stack([image_to_tensor(render(scene)) for scene, _, _ in samples])
-        captions = ["" if rng.random() < self.cfg["caption_dropout"] else text for _, text, rng in samples]
+        samples = _flagged_samples(self.cfg, step)
+        images = torch.stack([image_to_tensor(render(scene)) for scene, *_ in samples])
+        captions = ["" if rng.random() < self.cfg["caption_dropout"] else text for _, text, rng, _ in samples]
         latents = self._vae.encode(images).latent_dist.mean
         fit = data_for_step(self.cfg, step).get("fit_latents")
         if fit:
-            rows = [k for k, (scene, _, _) in enumerate(samples) if _has_color(scene, fit["colors"])]
+            rows = [k for k, (scene, *_) in enumerate(samples) if _has_color(scene, fit["colors"])]
             if rows:
                 latents[rows] = fit_latents(self._vae, latents[rows], images[rows], iters=int(fit["iters"]),
                                             lr=float(fit["lr"]), shape_weight=float(fit.get("shape_weight", 0.0)))
@@ -153,7 +152,7 @@ class UnetBatches(torch.utils.data.Dataset):
         batch = {"latents": latents, "embeds": self._text.encode(captions), "step": torch.tensor(step),
                  # the rows an adapter is for: concept scenes with their caption (an empty caption trains the
                  # unconditional prediction, which classifier-free guidance subtracts from every prompt's)
-                 "concept": torch.tensor([concept and text != "" for (*_, concept), text in zip(flagged, captions,
+                 "concept": torch.tensor([concept and text != "" for (*_, concept), text in zip(samples, captions,
                                                                                                 strict=True)])}
         if self.cfg.get("pixel_loss"):  # the decoded x0 prediction is compared with the image itself
             batch["images"] = images

@@ -204,39 +204,22 @@ def test_pixel_loss_trains_through_the_frozen_decoder_and_resumes_exactly(tmp_pa
                                                                           checkpoint_tensors: Any) -> None:
     """The pixel loss adds a decoded-x0 term (the adapter gets its gradient through the frozen decoder) and
     leaves training exactly resumable; configs without it keep their digests (older checkpoints resume)."""
-    from sdmaker.training._config import config_digest
-
     cfg = _quick_cfg(pixel_loss={"weight": 1.0, "max_timestep": 1000, "shape_weight": 9})
-    plain = {**cfg, "pixel_loss": None}
-    assert config_digest(plain) != config_digest(cfg)
-    assert config_digest(plain) == config_digest({k: v for k, v in plain.items() if k != "pixel_loss"})
-    straight = train(cfg, tmp_path / "straight")
-    assert straight.status == "finished"
-    train(cfg, tmp_path / "resumed", stop_after=2)
-    train(cfg, tmp_path / "resumed", resume=True)
-    a, b = checkpoint_tensors(tmp_path / "straight"), checkpoint_tensors(tmp_path / "resumed")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    without = train(plain, tmp_path / "plain")
-    assert without.status == "finished"
-    c = checkpoint_tensors(tmp_path / "plain")
-    assert any(not torch.equal(a[k], c[k]) for k in a if ".lora_B." in k)  # the pixel term moved the adapter
+    _optional_key_resumes_exactly_and_moves_the_adapter(cfg, {**cfg, "pixel_loss": None}, "pixel_loss", tmp_path,
+                                                        checkpoint_tensors)
 
 
 def test_preservation_holds_ordinary_scenes_to_the_frozen_base_and_resumes_exactly(tmp_path: Path,
                                                                                      checkpoint_tensors: Any) -> None:
-    """``preserve_weight`` adds, on the ordinary (non-concept) rows only, the squared difference between the
-    adapted prediction and the frozen base's: zero while the adapter is at its init (B = 0), positive once it
+    """``preserve_weight`` adds, on the ordinary rows only (not concept scenes with their caption), the squared
+    difference between the adapted prediction and the frozen base's: zero while the adapter is at its init (B = 0), positive once it
     moved, with gradients reaching only the adapter; a run with it resumes exactly and ends elsewhere than one
     without it; configs without the key keep their digests."""
     from sdmaker.engine import minilm_dir
-    from sdmaker.training._config import config_digest
     from sdmaker.training._data import UnetBatches
     from sdmaker.training._trainer import _Run
 
     cfg = _quick_cfg(preserve_weight=1.0, data={"concept_prob": 0.5})
-    plain = {**cfg, "preserve_weight": 0.0}
-    assert config_digest(plain) != config_digest(cfg)
-    assert config_digest(plain) == config_digest({k: v for k, v in plain.items() if k != "preserve_weight"})
     batches = UnetBatches(cfg, minilm_dir())
     step, batch = next((i, b) for i in range(50) if 0 < int((b := batches[i])["concept"].sum()) < len(b["concept"]))
     run = _Run(cfg)
@@ -252,13 +235,25 @@ def test_preservation_holds_ordinary_scenes_to_the_frozen_base_and_resumes_exact
     grads = {n for n, p in run.model.named_parameters() if p.grad is not None}
     assert grads and all(".lora_" in n for n in grads)
     assert all(p.requires_grad for n, p in run.model.named_parameters() if ".lora_" in n)  # switched back on
+    _optional_key_resumes_exactly_and_moves_the_adapter(cfg, {**cfg, "preserve_weight": 0.0}, "preserve_weight",
+                                                        tmp_path, checkpoint_tensors)
 
+
+def _optional_key_resumes_exactly_and_moves_the_adapter(cfg: dict, plain: dict, key: str, tmp_path: Path,
+                                                        checkpoint_tensors: Any) -> None:
+    """``cfg`` (with ``key`` on) changes the digest, resumes bit-exactly after a stop, and ends with other adapter
+    weights than ``plain`` (``key`` off), whose digest equals that of a config without the key at all."""
+    from sdmaker.training._config import config_digest
+
+    assert config_digest(plain) != config_digest(cfg)
+    assert config_digest(plain) == config_digest({k: v for k, v in plain.items() if k != key})
     straight = train(cfg, tmp_path / "straight")
     assert straight.status == "finished"
     train(cfg, tmp_path / "resumed", stop_after=2)
     train(cfg, tmp_path / "resumed", resume=True)
     a, b = checkpoint_tensors(tmp_path / "straight"), checkpoint_tensors(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    train(plain, tmp_path / "plain")
+    without = train(plain, tmp_path / "plain")
+    assert without.status == "finished"
     c = checkpoint_tensors(tmp_path / "plain")
-    assert any(not torch.equal(a[k], c[k]) for k in a if ".lora_B." in k)  # the preservation term moved it
+    assert any(not torch.equal(a[k], c[k]) for k in a if ".lora_B." in k)  # the term moved the adapter
