@@ -62,6 +62,10 @@ class Settings:
             SD-class UNets in bf16 on the CPU in a background child process and switches each image size to its
             compiled step once built, :mod:`sdmaker.engine._compiled`; ``on`` any model on the CPU; ``off``).
             One-shot CLI runs never compile: they would not earn the minutes back.
+        engine: which backend builds those compiled passes (``SDMAKER_ENGINE``: ``auto``, the default, is
+            OpenVINO on CPUs with native bf16, where it was measured faster and covers DeepCache's passes too,
+            and torch's AOTInductor elsewhere; ``torch``; ``openvino``, which also builds for models ``auto``
+            would leave eager). See :func:`sdmaker.engine.engine_decision`.
         compile_cache_bytes: the bound on ``$SDMAKER_HOME/cache/compiled`` (``SDMAKER_COMPILE_CACHE_GB``,
             default 10; 0 = unbounded): least recently used packages are removed after each build.
         log_max_bytes: size at which an endpoint log is rotated to ``.1`` (two copies kept;
@@ -143,6 +147,7 @@ class Settings:
     bind_port: int = 8080
     standby_workers: int = 1
     compile: str = "auto"
+    engine: str = "auto"
     compile_cache_bytes: int = 10 * 1000**3
     log_max_bytes: int = 32 * 1024 * 1024
     allowed_hosts: tuple[str, ...] = ()
@@ -332,6 +337,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         bind_port=_port(env, "SAGEMAKER_BIND_TO_PORT", 8080),
         standby_workers=int(_number(env, "SDMAKER_STANDBY_WORKERS", 1, minimum=0)),
         compile=_choice(env, "SDMAKER_COMPILE", ("auto", "on", "off"), "auto"),
+        engine=_choice(env, "SDMAKER_ENGINE", ("auto", "torch", "openvino"), "auto"),
         compile_cache_bytes=int(_number(env, "SDMAKER_COMPILE_CACHE_GB", 10, minimum=0) * 1000**3),
         log_max_bytes=int(_number(env, "SDMAKER_LOG_MAX_BYTES", 32 * 1024 * 1024, minimum=0)),
         allowed_hosts=tuple(h.strip() for h in env.get("SDMAKER_ALLOWED_HOSTS", "").split(",") if h.strip()),

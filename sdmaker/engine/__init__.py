@@ -69,7 +69,14 @@ from sdmaker.engine._adapters import (  # noqa: E402
     unet_module_shapes,
 )
 from sdmaker.engine._batching import BatcherStats, BatchJob, StepBatcher  # noqa: E402
-from sdmaker.engine._compiled import COMPILE_MODES, StepCompiler, compile_decision, enable_compiled_steps  # noqa: E402
+from sdmaker.engine._compiled import (  # noqa: E402
+    COMPILE_MODES,
+    ENGINES,
+    StepCompiler,
+    compile_decision,
+    enable_compiled_steps,
+    engine_decision,
+)
 from sdmaker.engine._fast import (  # noqa: E402
     SpeedOptions,
     apply_speed_options,
@@ -102,9 +109,11 @@ __all__ += [
     "BatchJob",
     "BatcherStats",
     "COMPILE_MODES",
+    "ENGINES",
     "StepCompiler",
     "compile_decision",
     "enable_compiled_steps",
+    "engine_decision",
     "SpeedOptions",
     "StepBatcher",
     "apply_speed_options",

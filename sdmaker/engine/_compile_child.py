@@ -1,4 +1,4 @@
-"""The child process that exports and compiles one UNet step (``python -m sdmaker.engine._compile_child SPEC``).
+"""The child process that exports and compiles one UNet pass (``python -m sdmaker.engine._compile_child SPEC``).
 
 Run by :class:`sdmaker.engine._compiled.StepCompiler`, never by hand. It lives in its own process because
 export and Inductor trace by patching ``torch.nn.Module`` process-wide (see that module); at low priority,
@@ -33,11 +33,23 @@ class StepModule(torch.nn.Module):
 
 
 def build_package(spec: dict[str, Any]) -> Path:
-    """Export the step with a free batch dimension and compile it with AOTInductor (weights frozen)."""
+    """Export the step with a free batch dimension and compile it with AOTInductor (weights frozen).
+
+    With ``spec["backend"] == "openvino"`` convert DeepCache pass ``spec["kind"]`` to OpenVINO IR instead.
+    """
     from diffusers import UNet2DConditionModel
 
     from sdmaker.engine._compiled import MAX_BATCH, MIN_BATCH
 
+    if spec.get("backend") == "openvino":
+        from sdmaker.engine._openvino import convert_unet_pass
+
+        # fp32 weights in, whatever the placement: the IR stores fp16 and OpenVINO runs its own precision
+        unet = UNet2DConditionModel.from_pretrained(Path(spec["model_dir"]) / "unet", torch_dtype=torch.float32,
+                                                    use_safetensors=True)
+        return convert_unet_pass(unet, kind=spec["kind"], branch=int(spec["branch"]), height=spec["height"],
+                                 width=spec["width"], seq=spec["seq"], out=Path(spec["out"]), batch=MIN_BATCH,
+                                 fp16_weights=spec["dtype"] != "float32")
     dtype = _DTYPES[spec["dtype"]]
     # safetensors only: a model whose weights need pickle never gets here with them
     unet = UNet2DConditionModel.from_pretrained(Path(spec["model_dir"]) / "unet", torch_dtype=dtype,

@@ -21,9 +21,15 @@ The cache is bounded (``SDMAKER_COMPILE_CACHE_GB``, default 10; an SD 2.1 packag
 the least recently used packages go first (:func:`prune_compiled_cache`), and so do temp files that a
 killed build left behind. Deleting a package a live worker has loaded is safe: the worker keeps its copy.
 
-Only the plain CFG step is compiled: batches with LoRA adapters (per-row forward hooks), DeepCache's
-split passes and guidance-embedding UNets run eager. A compiled step's output differs from the eager
-one in the last bf16 bits, like a step shared in a batch does.
+Two backends build into this cache (``SDMAKER_ENGINE``, :func:`engine_decision`):
+
+* ``aoti`` (engine ``torch``): the plain CFG step only; DeepCache's split passes run eager;
+* ``openvino``: the whole UNet returning DeepCache's deep feature too (a plain step drops it) and DeepCache's
+  shallow pass, converted to OpenVINO IR (:mod:`sdmaker.engine._openvino`), so the default fast recipes
+  (DeepCache on) run every UNet call compiled.
+
+Batches with LoRA adapters (per-row forward hooks) and guidance-embedding UNets run eager on both. A compiled
+step's output differs from the eager one in the last bf16 bits, like a step shared in a batch does.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,16 +55,22 @@ from typing import Any
 
 import torch
 
-from sdmaker.engine._device import cpu_flags
+from sdmaker.engine._device import cpu_flags, cpu_has_native_bf16
 from sdmaker.engine._loader import LoadedModel
 from sdmaker.errors import ConfigError
 from sdmaker.files import pid_alive
 
-__all__ = ["COMPILE_MODES", "StepCompiler", "compile_decision", "enable_compiled_steps", "prune_compiled_cache"]
+__all__ = ["COMPILE_MODES", "ENGINES", "StepCompiler", "compile_decision", "enable_compiled_steps", "engine_decision",
+           "prune_compiled_cache"]
 
 logger = logging.getLogger(__name__)
 
 COMPILE_MODES = ("auto", "on", "off")
+#: ``SDMAKER_ENGINE`` values: which backend builds the compiled passes (``auto`` chooses per machine).
+ENGINES = ("auto", "torch", "openvino")
+#: The DeepCache branch a plain step's OpenVINO ``full`` pass is exported for (the loop's default branch), so
+#: plain and DeepCache steps of the default recipes share one export.
+DEFAULT_BRANCH = 2
 #: Below this many UNet parameters the compile never pays back (bench: on sd2-tiny only after ~10,000 steps);
 #: SD 1.x/2.x UNets have ~860M, the built-in mini a few million.
 MIN_PARAMS = 100_000_000
@@ -91,6 +104,32 @@ def compile_decision(model: LoadedModel, mode: str) -> tuple[bool, str]:
     return True, f"auto: a {params / 1e6:.0f}M-parameter UNet in bf16 on this CPU"
 
 
+def engine_decision(engine: str) -> tuple[str, str]:
+    """The backend (``aoti`` or ``openvino``) that builds compiled passes under ``engine``, and why, for the log.
+
+    ``auto`` takes OpenVINO where the CPU has native bf16 (AVX512-BF16 or AMX) and the package is installed:
+    measured faster per step on both such CPUs the bench ran on, and with DeepCache's passes exported too
+    (``bench/openvino_engine.py``). Elsewhere ``auto`` keeps torch's AOTInductor path (not measured against
+    OpenVINO there). ``openvino`` asked for explicitly but not installed is an error naming the setting.
+    """
+    from sdmaker.engine._openvino import openvino_available
+
+    if engine not in ENGINES:
+        raise ConfigError(f"SDMAKER_ENGINE must be one of {', '.join(ENGINES)}", field="SDMAKER_ENGINE", value=engine)
+    if engine == "torch":
+        return "aoti", "SDMAKER_ENGINE=torch"
+    if engine == "openvino":
+        if not openvino_available():
+            raise ConfigError("SDMAKER_ENGINE=openvino needs the openvino package (pip install openvino)",
+                              field="SDMAKER_ENGINE", value=engine)
+        return "openvino", "SDMAKER_ENGINE=openvino"
+    if not cpu_has_native_bf16():
+        return "aoti", "auto: no native bf16 on this CPU (OpenVINO was measured only on bf16 CPUs)"
+    if not openvino_available():
+        return "aoti", "auto: openvino is not installed"
+    return "openvino", "auto: OpenVINO, measured faster on CPUs with native bf16"
+
+
 @functools.cache
 def _machine_tag() -> str:
     flags = ",".join(sorted(cpu_flags()))
@@ -107,9 +146,16 @@ class StepKey:
     seq: int
     dim: int
     dtype: str
+    kind: str = "step"  # "step" (AOTInductor), or an OpenVINO pass: "full" / "shallow" of DeepCache ``branch``
+    branch: int = 0
 
     def name(self) -> str:
-        return f"step-{self.channels}x{self.height}x{self.width}-e{self.seq}x{self.dim}-{self.dtype}"
+        shape = f"{self.channels}x{self.height}x{self.width}-e{self.seq}x{self.dim}-{self.dtype}"
+        return f"step-{shape}" if self.kind == "step" else f"ov-{self.kind}{self.branch}-{shape}"
+
+    def size(self) -> tuple[int, ...]:
+        """What the per-worker size bound counts: a latent size's passes share one weights copy."""
+        return (self.height, self.width, self.channels, self.seq, self.dim)
 
 
 @dataclass
@@ -120,6 +166,7 @@ class StepCompiler:
     cache_dir: Path
     max_sizes: int = 2
     cache_bytes: int = DEFAULT_CACHE_BYTES
+    backend: str = "aoti"  # or "openvino" (see engine_decision)
     runners: dict[StepKey, Any] = field(default_factory=dict)
     failed: dict[StepKey, str] = field(default_factory=dict)
     pending: set[StepKey] = field(default_factory=set)
@@ -137,19 +184,37 @@ class StepCompiler:
         return self.cache_dir / hashlib.sha256(ident.encode()).hexdigest()[:16] / _machine_tag()
 
     def package_path(self, key: StepKey) -> Path:
-        return self.folder / f"{key.name()}.pt2"
+        """An AOTInductor ``.pt2`` file, or an OpenVINO IR folder (``.ov``: model.xml + model.bin)."""
+        return self.folder / (f"{key.name()}.pt2" if key.kind == "step" else f"{key.name()}.ov")
 
-    def runner_for(self, sample: torch.Tensor, embeds: torch.Tensor) -> Any | None:
-        """The compiled step for these inputs, or ``None`` (run eager); schedules a compile for a new size."""
+    def runner_for(self, sample: torch.Tensor, embeds: torch.Tensor, *, kind: str = "step",
+                   branch: int = DEFAULT_BRANCH) -> Any | None:
+        """The compiled pass for these inputs, or ``None`` (run eager); schedules a build for a new size.
+
+        ``kind``: ``step`` (a plain CFG step: ``(sample, t, embeds) -> prediction``), or DeepCache's ``full``
+        (``-> (prediction, deep feature)``) and ``shallow`` (``(sample, t, embeds, feature) -> prediction``),
+        which only the OpenVINO backend builds.
+        """
         if self._closed or not MIN_BATCH <= sample.shape[0] <= MAX_BATCH or embeds.shape[0] != sample.shape[0]:
             return None
+        plain = kind == "step"
+        if self.backend == "aoti":
+            if not plain:
+                return None
+            key_kind, key_branch = "step", 0
+        else:
+            key_kind, key_branch = ("full", DEFAULT_BRANCH) if plain else (kind, branch)
         key = StepKey(int(sample.shape[2]), int(sample.shape[3]), int(sample.shape[1]), int(embeds.shape[1]),
-                      int(embeds.shape[2]), str(sample.dtype).removeprefix("torch."))
+                      int(embeds.shape[2]), str(sample.dtype).removeprefix("torch."), key_kind, key_branch)
         runner = self.runners.get(key)
         if runner is not None:
+            if plain and key_kind == "full":
+                return lambda s, t, e: runner(s, t, e)[0]  # the feature output is not needed
             return runner
         with self._lock:
-            if key in self.failed or key in self.pending or len(self.runners) + len(self.pending) >= self.max_sizes:
+            sizes = {k.size() for k in (*self.runners, *self.pending)}
+            if (key in self.failed or key in self.pending
+                    or (key.size() not in sizes and len(sizes) >= self.max_sizes)):
                 return None
             self.pending.add(key)
         self._queue.put(key)
@@ -197,7 +262,7 @@ class StepCompiler:
                         self._build(key, path)
                     if self._closed:
                         return
-                    runner = torch._inductor.aoti_load_package(str(path))
+                    runner = self._load(key, path)
                     with contextlib.suppress(OSError):
                         os.utime(path)  # the cache evicts least recently used first: this package was just used
                 self.runners[key] = runner
@@ -209,10 +274,19 @@ class StepCompiler:
                 with self._lock:
                     self.pending.discard(key)
 
+    def _load(self, key: StepKey, path: Path) -> Any:
+        if key.kind == "step":
+            return torch._inductor.aoti_load_package(str(path))
+        from sdmaker.engine._openvino import OpenVinoRunner
+
+        return OpenVinoRunner(path, precision="bf16" if key.dtype == "bfloat16" else "f32")
+
     def _build(self, key: StepKey, path: Path) -> None:
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")  # AOTInductor wants the suffix
+        # AOTInductor wants the .pt2 suffix; the OpenVINO child writes its own temp folder and renames it to ``out``
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2") if key.kind == "step" else path
         spec = {"model_dir": str(self.model.path), "dtype": key.dtype, "height": key.height, "width": key.width,
-                "channels": key.channels, "seq": key.seq, "dim": key.dim, "out": str(tmp)}
+                "channels": key.channels, "seq": key.seq, "dim": key.dim, "out": str(tmp),
+                "backend": "aoti" if key.kind == "step" else "openvino", "kind": key.kind, "branch": key.branch}
         started = time.perf_counter()
         with tempfile.TemporaryFile() as err:  # a file, not a pipe: a paused reader must not block the child
             child = subprocess.Popen(  # noqa: S603 - our own module, fixed arguments
@@ -226,10 +300,12 @@ class StepCompiler:
             err.seek(0)
             tail = err.read()[-2000:].decode(errors="replace")
         if child.returncode != 0 or not tmp.exists():
-            tmp.unlink(missing_ok=True)
+            if tmp != path:
+                tmp.unlink(missing_ok=True)
             why = f"ran over {CHILD_TIMEOUT_S:.0f}s" if ran > CHILD_TIMEOUT_S else f"exited {child.returncode}"
             raise RuntimeError(f"compile child {why}: {tail[-400:]}")
-        os.replace(tmp, path)
+        if tmp != path:
+            os.replace(tmp, path)
         self.compile_seconds[key] = time.perf_counter() - started
         prune_compiled_cache(self.cache_dir, self.cache_bytes, keep=path)
         logger.info("compiled the UNet step for %s in %.0fs (%.0fs of it running, paused while serving)",
@@ -270,31 +346,55 @@ class StepCompiler:
         return ran
 
 
+def _package_bytes(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _stale_temp(path: Path) -> bool:
+    """A temp file/folder of a build whose process is gone: ``.<name>.<pid>.tmp.pt2`` or ``.<name>.<pid>.tmp``."""
+    if not path.name.startswith("."):
+        return False
+    stem = path.name.removesuffix(".pt2")
+    if not stem.endswith(".tmp"):
+        return False
+    pid = stem.removesuffix(".tmp").rsplit(".", 1)[-1]
+    return pid.isdigit() and not pid_alive(int(pid))
+
+
 def prune_compiled_cache(cache_dir: Path, max_bytes: int, *, keep: Path | None = None) -> list[Path]:
     """Bound the compiled-step cache: remove least recently used packages until it fits in ``max_bytes``.
 
-    Also removes temp files of builds whose process is gone (a worker killed mid-compile leaves its
-    ``.<name>.<pid>.tmp.pt2``). ``keep`` (the package just built) is never removed, nor is a package whose
-    build lock another process holds. ``max_bytes`` 0 means no bound. Returns what was removed.
+    Packages are AOTInductor ``.pt2`` files and OpenVINO ``.ov`` folders. Also removes temp files and folders
+    of builds whose process is gone (a worker killed mid-compile leaves its ``.<name>.<pid>.tmp.pt2``, an
+    OpenVINO child its ``.<name>.ov.<pid>.tmp``). ``keep`` (the package just built) is never removed, nor is a
+    package whose build lock another process holds. ``max_bytes`` 0 means no bound. Returns what was removed.
     """
     root = Path(cache_dir)
     removed: list[Path] = []
     if not root.is_dir():
         return removed
     packages: list[tuple[float, int, Path]] = []
-    for path in root.rglob("*.pt2"):
+    candidates = [*root.rglob("*.pt2"), *(p for p in root.rglob("*.ov") if p.is_dir()),
+                  *(p for p in root.rglob(".*.tmp") if p.is_dir())]
+    for path in candidates:
         try:
-            stat = path.stat()
+            if path.name.startswith("."):
+                if _stale_temp(path):
+                    _remove(path)
+                    removed.append(path)
+                continue
+            packages.append((path.stat().st_mtime, _package_bytes(path), path))
         except OSError:
             continue
-        if path.name.startswith("."):
-            pid = path.name.removesuffix(".tmp.pt2").rsplit(".", 1)[-1]
-            if path.name.endswith(".tmp.pt2") and pid.isdigit() and not pid_alive(int(pid)):
-                with contextlib.suppress(OSError):
-                    path.unlink()
-                    removed.append(path)
-            continue
-        packages.append((stat.st_mtime, stat.st_size, path))
     total = sum(size for _, size, _ in packages)
     for _, size, path in sorted(packages):
         if not max_bytes or total <= max_bytes:
@@ -306,7 +406,7 @@ def prune_compiled_cache(cache_dir: Path, max_bytes: int, *, keep: Path | None =
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # being built or waited on by another worker right now
-            path.unlink()
+            _remove(path)
             removed.append(path)
             total -= size
             logger.info("compiled-step cache over %.1f GB: removed %s (least recently used)", max_bytes / 1e9, path)
@@ -314,13 +414,21 @@ def prune_compiled_cache(cache_dir: Path, max_bytes: int, *, keep: Path | None =
 
 
 def enable_compiled_steps(model: LoadedModel, mode: str, cache_dir: Path, *, max_sizes: int = 2,
-                          cache_bytes: int = DEFAULT_CACHE_BYTES) -> StepCompiler | None:
-    """Attach a :class:`StepCompiler` to ``model`` when :func:`compile_decision` says so; returns it."""
+                          cache_bytes: int = DEFAULT_CACHE_BYTES, engine: str = "torch") -> StepCompiler | None:
+    """Attach a :class:`StepCompiler` to ``model`` when :func:`compile_decision` says so; returns it.
+
+    ``engine`` (``SDMAKER_ENGINE``) picks the backend (:func:`engine_decision`). ``openvino`` named explicitly
+    builds for any model on the CPU unless ``mode`` is ``off``: whoever names an engine wants it used.
+    """
+    backend, engine_why = engine_decision(engine)
+    if engine == "openvino" and mode == "auto":
+        mode = "on"
     on, why = compile_decision(model, mode)
-    logger.info("compiled UNet steps for %s: %s (%s)", model.name, "on" if on else "off", why)
+    logger.info("compiled UNet steps for %s: %s (%s; backend %s: %s)", model.name, "on" if on else "off", why,
+                backend, engine_why)
     if not on:
         model.step_compiler = None
         return None
-    compiler = StepCompiler(model, Path(cache_dir), max_sizes=max_sizes, cache_bytes=cache_bytes)
+    compiler = StepCompiler(model, Path(cache_dir), max_sizes=max_sizes, cache_bytes=cache_bytes, backend=backend)
     model.step_compiler = compiler
     return compiler

@@ -363,14 +363,25 @@ def _unet_call(model: LoadedModel, jobs: list[Job], *, full: bool) -> list[torch
             return list(out.split(sizes))
         units = _units(model)  # refuses time_cond_proj_dim UNets, so no timestep_cond below
         branch = jobs[0].deep_cache_branch
+        compiler = model.step_compiler
+        if compiler is not None and any(j.adapters for j in jobs):
+            compiler = None  # per-row LoRA hooks live on the torch modules
         if full:
-            out, feature = units.forward(sample, timestep, embeds, branch=branch)
+            runner = compiler.runner_for(sample, embeds, kind="full", branch=branch) if compiler else None
+            if runner is not None:
+                out, feature = runner(sample, timestep, embeds)
+            else:
+                out, feature = units.forward(sample, timestep, embeds, branch=branch)
             for j, f in zip(jobs, feature.split(sizes), strict=True):
                 j.cache = f if j.deep_cache_interval > 1 else None
         else:
             # a shallow step follows a full one, which cached every job's features
             cached = _cat([j.cache for j in jobs if j.cache is not None])
-            out, _ = units.forward(sample, timestep, embeds, branch=branch, cached=cached)
+            runner = compiler.runner_for(sample, embeds, kind="shallow", branch=branch) if compiler else None
+            if runner is not None:
+                out = runner(sample, timestep, embeds, cached)
+            else:
+                out, _ = units.forward(sample, timestep, embeds, branch=branch, cached=cached)
         return list(out.split(sizes))
 
 
