@@ -14,12 +14,23 @@ from pathlib import Path
 
 from sdmaker.errors import ConfigError
 
-__all__ = ["S3_PATH_PREFIX", "Settings", "OPENMP_SPIN_COUNT", "allow_mlflow_file_store", "load_settings", "machine_is_busy", "openmp_spin_default", "openmp_spin_for", "quiet_third_party_logs",
+__all__ = ["ENGINES", "S3_PATH_PREFIX", "Settings", "OPENMP_SPIN_COUNT", "check_engine", "allow_mlflow_file_store", "load_settings", "machine_is_busy", "openmp_spin_default", "openmp_spin_for", "quiet_third_party_logs",
            "replace_environment", "with_local_key"]
 
 _TRUE = {"1", "true", "yes", "on"}
 #: The built-in S3 lives on the daemon's port under this path (botocore keeps an endpoint URL's path).
 S3_PATH_PREFIX = "/s3"
+
+
+#: ``SDMAKER_ENGINE`` values: the backend of compiled UNet passes (:func:`sdmaker.engine.engine_decision`).
+ENGINES = ("auto", "torch", "openvino")
+
+
+def check_engine(engine: str, *, field: str = "SDMAKER_ENGINE") -> str:
+    """``engine`` if it is one of :data:`ENGINES`, else a :class:`ConfigError` naming ``field``."""
+    if engine not in ENGINES:
+        raise ConfigError(f"{field} must be one of {', '.join(ENGINES)}", field=field, value=engine)
+    return engine
 
 
 @dataclass(frozen=True)
@@ -337,7 +348,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         bind_port=_port(env, "SAGEMAKER_BIND_TO_PORT", 8080),
         standby_workers=int(_number(env, "SDMAKER_STANDBY_WORKERS", 1, minimum=0)),
         compile=_choice(env, "SDMAKER_COMPILE", ("auto", "on", "off"), "auto"),
-        engine=_choice(env, "SDMAKER_ENGINE", ("auto", "torch", "openvino"), "auto"),
+        engine=_choice(env, "SDMAKER_ENGINE", ENGINES, "auto"),
         compile_cache_bytes=int(_number(env, "SDMAKER_COMPILE_CACHE_GB", 10, minimum=0) * 1000**3),
         log_max_bytes=int(_number(env, "SDMAKER_LOG_MAX_BYTES", 32 * 1024 * 1024, minimum=0)),
         allowed_hosts=tuple(h.strip() for h in env.get("SDMAKER_ALLOWED_HOSTS", "").split(",") if h.strip()),

@@ -21,7 +21,7 @@ from rich.table import Table
 from sdmaker.cli._common import console, get_settings, setup_logging, write_new_file
 from sdmaker.cli._progress import image_bars
 from sdmaker.cli._request_options import request_from_options, request_options
-from sdmaker.config import S3_PATH_PREFIX, Settings
+from sdmaker.config import S3_PATH_PREFIX, Settings, check_engine
 from sdmaker.errors import ConfigError, ServingError
 from sdmaker.files import atomic_write_text, pid_alive
 
@@ -262,9 +262,14 @@ def create_cmd(
     async_output: Annotated[str | None, typer.Option(help=(
         "s3://bucket/prefix: make it an asynchronous inference endpoint writing results there "
         "(invoke --async, InvokeEndpointAsync)."))] = None,
+    engine: Annotated[str | None, typer.Option(help=(
+        "Backend of the workers' compiled UNet passes (SDMAKER_ENGINE; default auto: OpenVINO on CPUs with "
+        "native bf16, torch's AOTInductor elsewhere)."))] = None,
 ) -> None:
     """Deploy MODEL as endpoint NAME (CreateModel + CreateEndpointConfig + CreateEndpoint)."""
     env = {} if max_batch is None else {"SDMAKER_MAX_BATCH": str(max_batch)}
+    if engine is not None:
+        env["SDMAKER_ENGINE"] = check_engine(engine, field="engine")
     with _client(get_settings()) as client:
         info = client.create_endpoint(name, model=model, workers=workers, instance_type=instance_type,
                                       timeout_s=timeout, environment=env or None, wait=wait,

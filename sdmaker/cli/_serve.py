@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from sdmaker.cli._common import console, get_settings, setup_logging
+from sdmaker.config import check_engine
 from sdmaker.errors import AuthenticationError
 
 __all__ = ["register"]
@@ -35,6 +36,9 @@ def serve_cmd(
         "--install/--no-install",
         help="Install code/requirements.txt packages that are missing into an isolated per-model env.")] = True,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.ckpt weights.")] = False,
+    engine: Annotated[str | None, typer.Option(help=(
+        "Backend of compiled UNet passes (SDMAKER_ENGINE: auto, torch or openvino; default auto: OpenVINO on "
+        "CPUs with native bf16, torch's AOTInductor elsewhere)."))] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Serve MODEL on /ping and /invocations until Ctrl-C (exit 3 when the model fails to load)."""
@@ -47,6 +51,8 @@ def serve_cmd(
                                   "SDMAKER_API_TOKEN); clients then send 'Authorization: Bearer <token>'")
     port = port or settings.bind_port
     max_body = max_body_bytes or settings.max_body_bytes
+    if engine is not None:  # the worker reads it from its environment, in this process or the model's own env
+        os.environ["SDMAKER_ENGINE"] = check_engine(engine, field="engine")
 
     from sdmaker.serving import WorkerConfig, prepare_model_environment
     from sdmaker.store import resolve_model

@@ -55,6 +55,7 @@ from typing import Any
 
 import torch
 
+from sdmaker.config import ENGINES, check_engine
 from sdmaker.engine._device import cpu_flags, cpu_has_native_bf16
 from sdmaker.engine._loader import LoadedModel
 from sdmaker.errors import ConfigError
@@ -66,8 +67,6 @@ __all__ = ["COMPILE_MODES", "ENGINES", "StepCompiler", "compile_decision", "enab
 logger = logging.getLogger(__name__)
 
 COMPILE_MODES = ("auto", "on", "off")
-#: ``SDMAKER_ENGINE`` values: which backend builds the compiled passes (``auto`` chooses per machine).
-ENGINES = ("auto", "torch", "openvino")
 #: The DeepCache branch a plain step's OpenVINO ``full`` pass is exported for (the loop's default branch), so
 #: plain and DeepCache steps of the default recipes share one export.
 DEFAULT_BRANCH = 2
@@ -114,8 +113,7 @@ def engine_decision(engine: str) -> tuple[str, str]:
     """
     from sdmaker.engine._openvino import openvino_available
 
-    if engine not in ENGINES:
-        raise ConfigError(f"SDMAKER_ENGINE must be one of {', '.join(ENGINES)}", field="SDMAKER_ENGINE", value=engine)
+    check_engine(engine)
     if engine == "torch":
         return "aoti", "SDMAKER_ENGINE=torch"
     if engine == "openvino":

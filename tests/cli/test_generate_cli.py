@@ -131,3 +131,11 @@ def test_an_invalid_request_is_rejected_before_torch_is_imported(command: list[s
                          env={**os.environ, "SDMAKER_PORT": "1"})  # nothing answers there: never contacted
     assert res.stdout.split() == ["NO-TORCH", "1"], res.stdout + res.stderr
     assert "height=13" in res.stderr
+
+
+@pytest.mark.parametrize("command", [["serve", "mini"], ["endpoint", "create", "e1"]])
+def test_a_bad_engine_is_one_line_naming_the_option(command: list[str]) -> None:
+    res = runner.invoke(app, [*command, "--engine", "tensorrt"])
+    assert res.exit_code == 1, res.output
+    assert "engine must be one of auto, torch, openvino" in res.output
+    assert "Traceback" not in res.output
