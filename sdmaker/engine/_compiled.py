@@ -49,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,7 @@ class StepCompiler:
     _child: subprocess.Popen[bytes] | None = None
     _closed: bool = False
     _last_busy: float = 0.0
+    _active: int = 0
 
     @property
     def folder(self) -> Path:
@@ -313,6 +315,20 @@ class StepCompiler:
         """The worker is at work (a request being encoded, stepped or decoded): the compile child pauses."""
         self._last_busy = time.monotonic()
 
+    @contextlib.contextmanager
+    def working(self) -> Iterator[None]:
+        """The child stays paused for the whole block, however long (an SD 2.1 512² UNet call at batch 4 takes
+        over 10 s: a mark at its start alone let the child resume 2 s into it and slow it, measured)."""
+        with self._lock:
+            self._active += 1
+        self._last_busy = time.monotonic()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._active -= 1
+            self._last_busy = time.monotonic()
+
     def _supervise(self, child: subprocess.Popen[bytes]) -> float:
         """Wait for ``child``, stopping it (SIGSTOP, its whole process group) while the worker runs steps.
 
@@ -328,7 +344,7 @@ class StepCompiler:
             if not stopped:
                 ran += now - last
             last = now
-            busy = now - self._last_busy < PAUSE_AFTER_BUSY_S
+            busy = self._active > 0 or now - self._last_busy < PAUSE_AFTER_BUSY_S
             try:
                 if busy and not stopped:
                     os.killpg(child.pid, signal.SIGSTOP)

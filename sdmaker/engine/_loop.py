@@ -341,6 +341,12 @@ def _busy(model: LoadedModel) -> None:
         model.step_compiler.note_busy()
 
 
+def _working(model: LoadedModel) -> contextlib.AbstractContextManager[None]:
+    """A background compile stays paused for the whole block (a UNet call or a decode may last many seconds)."""
+    compiler = model.step_compiler
+    return compiler.working() if compiler is not None else contextlib.nullcontext()
+
+
 def _unet_call(model: LoadedModel, jobs: list[Job], *, full: bool) -> list[torch.Tensor]:
     pipe = model.pipeline
     inputs = [j.model_input() for j in jobs]
@@ -349,8 +355,7 @@ def _unet_call(model: LoadedModel, jobs: list[Job], *, full: bool) -> list[torch
                           for j, x in zip(jobs, inputs, strict=True)]).to(sample.device)
     embeds = _cat([j.embeds for j in jobs])
     sizes = [x.shape[0] for x in inputs]
-    _busy(model)
-    with adapter_rows(pipe.unet, [j.adapters for j in jobs], sizes):  # per-row LoRA deltas; no-op without any
+    with _working(model), adapter_rows(pipe.unet, [j.adapters for j in jobs], sizes):  # LoRA deltas per row
         if all(j.deep_cache_interval <= 1 for j in jobs):
             conds = [j.timestep_cond for j in jobs if j.timestep_cond is not None]
             compiler = model.step_compiler
@@ -404,15 +409,13 @@ def run_unet(model: LoadedModel, jobs: list[Job]) -> None:
 
 def decode_jobs(model: LoadedModel, jobs: list[Job]) -> list[np.ndarray]:
     """VAE-decode finished jobs in one call; float images in [0, 1], NHWC, one array per job."""
-    _busy(model)
     pipe = model.pipeline
     latents = torch.cat([j.latents for j in jobs])
     generators = [g for j in jobs for g in j.generators]
-    with torch.inference_mode():
+    with _working(model), torch.inference_mode():
         image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False,
                                 generator=generators)[0]
         arrays = pipe.image_processor.postprocess(image, output_type="np", do_denormalize=[True] * image.shape[0])
-    _busy(model)
     sizes = [j.latents.shape[0] for j in jobs]
     parts = np.split(arrays, np.cumsum(sizes)[:-1])
     return [part if j.edit is None else j.edit.paste(part) for j, part in zip(jobs, parts, strict=True)]

@@ -177,3 +177,30 @@ def test_the_compile_child_dies_with_its_worker() -> None:
         time.sleep(0.1)
     else:
         raise AssertionError(f"compile child {child} outlived its worker")
+
+
+def test_the_child_stays_paused_through_a_long_unet_call(sd2_dir: Path, tmp_path: Path) -> None:
+    """A worker's UNet call can outlast the 2 s idle grace (SD 2.1 512² at batch 4: 10+ s): paused throughout."""
+    import subprocess
+    import threading
+
+    from sdmaker.engine._compiled import PAUSE_AFTER_BUSY_S, StepCompiler
+
+    def state(pid: int) -> str:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0]
+
+    compiler = StepCompiler(load_model(sd2_dir, dtype="fp32", digest="-"), tmp_path)
+    child = subprocess.Popen(["sleep", "60"], start_new_session=True)  # stands in for the compile child
+    supervisor = threading.Thread(target=compiler._supervise, args=(child,), daemon=True)
+    supervisor.start()
+    try:
+        with compiler.working():
+            time.sleep(PAUSE_AFTER_BUSY_S + 1.0)
+            assert state(child.pid) == "T"  # still stopped, past the grace a single mark would give
+        time.sleep(PAUSE_AFTER_BUSY_S + 1.0)
+        assert state(child.pid) == "S"  # idle again: resumed
+    finally:
+        compiler.close()
+        child.kill()
+        child.wait()
+        supervisor.join(timeout=5)

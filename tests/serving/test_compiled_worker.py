@@ -41,3 +41,21 @@ def test_memory_floor_counts_the_compiled_copy_of_a_big_unet(tmp_path: Path, mon
     monkeypatch.setenv("SDMAKER_COMPILE", "off")
     assert compiled_step_bytes(tmp_path) == 0
     assert with_copy - worker_memory_floor(tmp_path, "bf16") == 300 * 1000**2
+
+
+def test_worker_engine_setting_picks_the_backend(sd2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("SDMAKER_HOME", str(tmp_path))
+    monkeypatch.delenv("SDMAKER_COMPILE", raising=False)
+    monkeypatch.setenv("SDMAKER_ENGINE", "openvino")  # named: built even for a UNet auto would leave eager
+    worker = HandlerService(sd2_dir, device="cpu", dtype="bf16")
+    worker.load()
+    compiler = worker.model.loaded.step_compiler
+    assert compiler is not None and compiler.backend == "openvino"
+    worker.stop()
+    monkeypatch.setenv("SDMAKER_COMPILE", "on")
+    monkeypatch.setenv("SDMAKER_ENGINE", "torch")
+    torch_worker = HandlerService(sd2_dir, device="cpu", dtype="bf16")
+    torch_worker.load()
+    assert torch_worker.model.loaded.step_compiler.backend == "aoti"
+    torch_worker.stop()
