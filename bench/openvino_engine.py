@@ -11,9 +11,8 @@ architecture in bf16 at 512²:
 - ours: ``SDMAKER_ENGINE=openvino`` (what ``auto`` picks on CPUs with native bf16): both DeepCache passes
   converted to OpenVINO IR once (the build time is printed; later runs load it from ``bench/cache``).
 
-Rounds alternate the two engines on the one loaded model, after one untimed OpenVINO round: OpenVINO prepares
-each new input shape on its first inference (measured: the first round at 512² took 92 s against 76 s for
-the next). ``python -m bench --only openvino_engine``
+Rounds alternate the two engines on the one loaded model, after one OpenVINO round timed apart (OpenVINO may
+prepare each new input shape on its first inference; the row prints that round's time). ``python -m bench --only openvino_engine``
 (about 10 minutes on 2 cores the first time, 6 after; ``--quick`` at 256², one round).
 """
 
@@ -71,8 +70,8 @@ def run(quick: bool) -> list[dict[str, Any]]:
             return [row(name, None, None, "img/s", f"NOT MEASURED: the OpenVINO build failed: {compiler.failed}")]
         build = time.perf_counter() - began
         built = sum(compiler.compile_seconds.values())
-        # OpenVINO prepares each new input shape on its first inference (the batch dimension is free): the first
-        # round at these batch sizes is timed apart, as a worker's first requests after the build pay it
+        # OpenVINO may prepare each new input shape on its first inference (the batch dimension is free): the
+        # first round at these batch sizes is timed apart
         first_use, _, _ = clients_run(batcher.submit, requests, len(requests))
         for _ in range(rounds):
             for engine in ("torch", "openvino"):

@@ -74,8 +74,8 @@ class Settings:
             compiled step once built, :mod:`sdmaker.engine._compiled`; ``on`` any model on the CPU; ``off``).
             One-shot CLI runs never compile: they would not earn the minutes back.
         engine: which backend builds those compiled passes (``SDMAKER_ENGINE``: ``auto``, the default, is
-            OpenVINO on CPUs with native bf16, where it was measured faster and covers DeepCache's passes too,
-            and torch's AOTInductor elsewhere; ``torch``; ``openvino``, which also builds for models ``auto``
+            OpenVINO on AVX512-BF16 CPUs without AMX, where it was measured to win end to end and covers
+            DeepCache's passes too, and torch's AOTInductor elsewhere; ``torch``; ``openvino``, which also builds for models ``auto``
             would leave eager). See :func:`sdmaker.engine.engine_decision`.
         compile_cache_bytes: the bound on ``$SDMAKER_HOME/cache/compiled`` (``SDMAKER_COMPILE_CACHE_GB``,
             default 10; 0 = unbounded): least recently used packages are removed after each build.

@@ -36,17 +36,19 @@ def test_engine_decision_names_the_setting(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(ConfigError) as err:
         engine_decision("tensorrt")
     assert err.value.fields["field"] == "SDMAKER_ENGINE"
-    # auto: OpenVINO only on CPUs with native bf16 (where it was measured faster), torch elsewhere
-    monkeypatch.setattr(compiled, "cpu_has_native_bf16", lambda: True)
+    # auto: OpenVINO only on the CPU class where it was measured to win end to end (AVX512-BF16 without AMX)
+    monkeypatch.setattr(compiled, "cpu_flags", lambda: ["avx2", "avx512f", "avx512_bf16"])
     assert engine_decision("auto")[0] == "openvino"
-    monkeypatch.setattr(compiled, "cpu_has_native_bf16", lambda: False)
-    assert engine_decision("auto") == ("aoti", "auto: no native bf16 on this CPU (OpenVINO was measured only on "
-                                               "bf16 CPUs)")
+    monkeypatch.setattr(compiled, "cpu_flags", lambda: ["avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"])
+    backend, why = engine_decision("auto")
+    assert backend == "aoti" and "amx_bf16" in why
+    monkeypatch.setattr(compiled, "cpu_flags", lambda: ["avx2"])
+    assert engine_decision("auto")[0] == "aoti"
     monkeypatch.setattr(ov_module, "openvino_available", lambda: False)
     with pytest.raises(ConfigError, match="pip install openvino") as err:
         engine_decision("openvino")
     assert err.value.fields["field"] == "SDMAKER_ENGINE"
-    monkeypatch.setattr(compiled, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(compiled, "cpu_flags", lambda: ["avx2", "avx512f", "avx512_bf16"])
     assert engine_decision("auto")[0] == "aoti"  # not installed: auto falls back, never fails
 
 
