@@ -109,7 +109,7 @@ def engine_decision(engine: str) -> tuple[str, str]:
 
     ``auto`` takes OpenVINO only on the CPU class where it was measured to win end to end by the issue's 1.2x
     bar with step batching and DeepCache on (``bench/openvino_engine.py``): AVX512-BF16 without AMX (the AMD
-    EPYC: 1.24x). On AMX CPUs its step won by only 1.11x over the compiled torch step (``bench/peers.py``, the
+    EPYC: 1.24-1.27x). On AMX CPUs its step won by only 1.11x over the compiled torch step (``bench/peers.py``, the
     Xeon) and the end-to-end run is still to be made there, so ``auto`` keeps torch's AOTInductor path, as it
     does on CPUs without native bf16 (never measured). ``openvino`` asked for explicitly but not installed is an
     error naming the setting.
@@ -130,7 +130,7 @@ def engine_decision(engine: str) -> tuple[str, str]:
                         f"has {', '.join(sorted(flags & {'avx512_bf16', 'amx_bf16'})) or 'neither'}")
     if not openvino_available():
         return "aoti", "auto: openvino is not installed"
-    return "openvino", "auto: OpenVINO, measured 1.24x end to end on AVX512-BF16 CPUs without AMX"
+    return "openvino", "auto: OpenVINO, measured 1.24-1.27x end to end on AVX512-BF16 CPUs without AMX"
 
 
 @functools.cache
