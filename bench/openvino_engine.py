@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,7 @@ import numpy as np
 from bench import CACHE_DIR, row
 from sdmaker.engine._device import SPEED_FLAGS, cpu_flags
 
-__all__ = ["run"]
+__all__ = ["run", "served_rows"]
 
 
 def _requests(size: int, recipe: dict[str, Any]) -> list[Any]:
@@ -42,21 +43,30 @@ def _requests(size: int, recipe: dict[str, Any]) -> list[Any]:
 def run(quick: bool) -> list[dict[str, Any]]:
     import torch
 
-    from bench.batching import clients_run
     from bench.engine import sd21_dir
     from bench.quality import headline_recipe
-    from sdmaker.engine import StepBatcher, StepCompiler, cpu_has_native_bf16, load_model
+    from sdmaker.engine import cpu_has_native_bf16, load_model
     from sdmaker.engine._openvino import openvino_available
 
-    name = "openvino engine: SD2.1 served images/s, 2 clients, step batching + DeepCache, bf16"
     if torch.cuda.is_available() or not cpu_has_native_bf16() or not openvino_available():
-        return [row(name, None, None, "img/s", "CPU bf16 benchmark; skipped without native bf16, without openvino "
+        return [row(NAME, None, None, "img/s", "CPU bf16 benchmark; skipped without native bf16, without openvino "
                                                 "or on a CUDA machine")]
     size, rounds = (256, 1) if quick else (512, 2)
-    recipe = headline_recipe()
-    requests = _requests(size, recipe)
     model = load_model(sd21_dir("bf16"), dtype="bf16", digest="-")
-    compiler = StepCompiler(model, CACHE_DIR / "engine-compiled", max_sizes=1, backend="openvino")
+    return served_rows(model, headline_recipe(), size=size, rounds=rounds, cache=CACHE_DIR / "engine-compiled")
+
+
+NAME = "openvino engine: SD2.1 served images/s, 2 clients, step batching + DeepCache, bf16"
+
+
+def served_rows(model: Any, recipe: dict[str, Any], *, size: int, rounds: int, cache: Path,
+                name: str = NAME) -> list[dict[str, Any]]:
+    """Alternating rounds of 2 clients through one step batcher, OpenVINO engine vs torch engine, on ``model``."""
+    from bench.batching import clients_run
+    from sdmaker.engine import StepBatcher, StepCompiler
+
+    requests = _requests(size, recipe)
+    compiler = StepCompiler(model, cache, max_sizes=1, backend="openvino")
     flags = ", ".join(cpu_flags()) or "none of " + "/".join(SPEED_FLAGS)
     walls: dict[str, list[float]] = {"torch": [], "openvino": []}
     images: dict[str, list[Any]] = {}
@@ -67,6 +77,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
         clients_run(batcher.submit, requests, len(requests))
         if not compiler.wait(timeout=1800) or compiler.failed or len(compiler.runners) != 2:
             compiler.close()
+            model.step_compiler = None
             return [row(name, None, None, "img/s", f"NOT MEASURED: the OpenVINO build failed: {compiler.failed}")]
         build = time.perf_counter() - began
         built = sum(compiler.compile_seconds.values())
@@ -80,6 +91,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
                 walls[engine].append(wall)
                 images[engine] = results
     compiler.close()
+    model.step_compiler = None
     count = sum(len(r.images) for r in images["openvino"])
     ours, base = count / statistics.median(walls["openvino"]), count / statistics.median(walls["torch"])
     diff = float(np.mean([np.abs(np.asarray(a.image, dtype=np.float32) - np.asarray(b.image, dtype=np.float32)).mean()
@@ -92,7 +104,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     return [row(f"{name} {size}², OpenVINO engine vs torch engine", ours, base, "img/s",
                 f"{recipe_text}; median of {rounds} alternating round(s): OpenVINO "
                 f"{statistics.median(walls['openvino']):.1f} s vs torch {statistics.median(walls['torch']):.1f} s "
-                f"per {count} images (first OpenVINO round at these batch sizes, not counted: {first_use:.1f} s); torch runs DeepCache's passes eager (its AOTInductor package is the plain step "
-                f"only); OpenVINO IR {build_text}, {build:.0f} s from the first request to both passes ready; mean "
-                f"|OpenVINO - torch| {diff:.1f}/255 per pixel (bf16 rounding through the steps of a "
-                f"random-weight UNet); CPU flags: {flags}")]
+                f"per {count} images (first OpenVINO round at these batch sizes, not counted: {first_use:.1f} s); "
+                f"torch runs DeepCache's passes eager (its AOTInductor package is the plain step only); OpenVINO IR {build_text}, {build:.0f} s from the first request to both passes ready; mean "
+                f"|OpenVINO - torch| {diff:.1f}/255 per pixel ({model.placement.dtype_name} "
+                f"rounding through the steps); CPU flags: {flags}")]

@@ -165,3 +165,16 @@ def test_attention_paths_smoke() -> None:
 
     got = attention_paths(256, heads=2, repeat=1, compiled=False)
     assert {"sdpa", "chunked matmul-softmax-matmul"} <= set(got) and all(v > 0 for v in got.values())
+
+
+def test_openvino_engine_served_smoke(sd2_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("openvino")
+    from bench.openvino_engine import served_rows
+    from sdmaker.engine import load_model
+
+    model = load_model(sd2_dir, dtype="fp32", digest="-")
+    recipe = {"scheduler": "dpmpp_2m", "num_inference_steps": 4, "deep_cache_interval": 2}
+    rows = served_rows(model, recipe, size=64, rounds=1, cache=tmp_path, name="tiny")
+    _check_rows(rows)
+    assert rows[0]["ours"] is not None and rows[0]["baseline"] is not None, rows
+    assert "converted in" in rows[0]["notes"] and model.step_compiler is None
