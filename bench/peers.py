@@ -83,6 +83,16 @@ def export_onnx(unet: Any, inputs: tuple[Any, ...], out_dir: Path) -> tuple[Path
     return model_path, time.perf_counter() - started
 
 
+def _built_runner(compiler: Any, sample: Any, embeds: Any) -> tuple[Any, float, str]:
+    """The plain-step runner ``compiler`` builds (or loads) for these inputs, waited for: (runner or None, build
+    seconds, 0 when loaded from the cache, and the failure text)."""
+    compiler.runner_for(sample, embeds)
+    compiler.wait()
+    runner = compiler.runner_for(sample, embeds)
+    failure = next(iter(compiler.failed.values()), "?")[-200:]
+    return runner, sum(compiler.compile_seconds.values()), failure
+
+
 def _add_compiled_step(model: Any, sample: Any, t: Any, emb: Any, steps: dict[str, Any], notes: dict[str, str],
                        name: str, *, fresh: bool) -> None:
     """The compiled step exactly as a serving worker builds it (child process, AOTInductor, cached package)."""
@@ -101,16 +111,12 @@ def _add_compiled_step(model: Any, sample: Any, t: Any, emb: Any, steps: dict[st
     # full runs build in a fresh cache (the build time is a figure of the row: what a new machine pays once);
     # --quick reuses bench/cache/compiled, so the <= 10 minute subset pays the build once per machine
     cache = Path(tempfile.mkdtemp(prefix="sdmaker-bench-compiled-")) if fresh else CACHE_DIR / "compiled"
-    compiler = StepCompiler(model, cache, max_sizes=1)
-    compiler.runner_for(s, e)
-    compiler.wait()
-    runner = compiler.runner_for(s, e)
+    runner, built, failure = _built_runner(StepCompiler(model, cache, max_sizes=1), s, e)
     if fresh:
         shutil.rmtree(cache, ignore_errors=True)  # loaded: the 1.7 GB package is not needed on disk any more
     if runner is None:
-        notes["compiled"] = f"compile failed: {next(iter(compiler.failed.values()), '?')[-200:]}"
+        notes["compiled"] = f"compile failed: {failure}"
         return
-    built = sum(compiler.compile_seconds.values())
     notes["compiled"] = (f"AOTInductor package (batch dimension free, weights frozen) built in a child process in "
                          f"{built:.0f}s" if built else "AOTInductor package from the cache")
     steps[name] = lambda: runner(s, t, e)
@@ -129,13 +135,10 @@ def _add_openvino_engine_step(model: Any, sample: Any, t: Any, emb: Any, steps: 
         return
     s, e = sample.to(torch.bfloat16), emb.to(torch.bfloat16)
     compiler = StepCompiler(model, CACHE_DIR / "engine-compiled", max_sizes=1, backend="openvino")
-    compiler.runner_for(s, e)
-    compiler.wait()
-    runner = compiler.runner_for(s, e)
+    runner, built, failure = _built_runner(compiler, s, e)
     if runner is None:
-        notes["engine"] = f"conversion failed: {next(iter(compiler.failed.values()), '?')[-200:]}"
+        notes["engine"] = f"conversion failed: {failure}"
         return
-    built = sum(compiler.compile_seconds.values())
     notes["engine"] = (f"sdmaker's OpenVINO engine: the full pass converted from torch in a child process in "
                        f"{built:.0f}s" if built else "sdmaker's OpenVINO engine: IR from bench/cache")
     steps[name] = lambda: runner(s, t, e)

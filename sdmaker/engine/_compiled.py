@@ -270,10 +270,11 @@ class StepCompiler:
                     with contextlib.suppress(OSError):
                         os.utime(path)  # the cache evicts least recently used first: this package was just used
                 self.runners[key] = runner
-                logger.info("compiled UNet step ready for %s (%s)", key.name(), path)
+                logger.info("compiled UNet pass ready (%s backend): %s (%s)", self.backend, key.name(), path)
             except Exception as exc:  # noqa: BLE001 - a failed compile only means this size stays eager
                 self.failed[key] = str(exc)[-500:]
-                logger.warning("UNet step for %s stays eager: compile failed: %s", key.name(), str(exc)[-300:])
+                logger.warning("UNet pass %s stays eager: the %s build failed: %s", key.name(), self.backend,
+                               str(exc)[-300:])
             finally:
                 with self._lock:
                     self.pending.discard(key)
@@ -312,7 +313,7 @@ class StepCompiler:
             os.replace(tmp, path)
         self.compile_seconds[key] = time.perf_counter() - started
         prune_compiled_cache(self.cache_dir, self.cache_bytes, keep=path)
-        logger.info("compiled the UNet step for %s in %.0fs (%.0fs of it running, paused while serving)",
+        logger.info("built the UNet pass %s in %.0fs (%.0fs of it running, paused while serving)",
                     key.name(), self.compile_seconds[key], ran)
 
     def note_busy(self) -> None:

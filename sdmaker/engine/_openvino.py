@@ -131,7 +131,10 @@ class OpenVinoRunner:
         if cache_dir is not None:
             core.set_property({"CACHE_DIR": str(cache_dir)})
         hint = "bf16" if precision == "bf16" else "f32"
-        self.compiled = core.compile_model(str(Path(folder) / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": hint})
+        # as many threads as torch has here: a worker limited to fewer cores (several workers on one machine)
+        # keeps that limit on this engine too
+        config = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+        self.compiled = core.compile_model(str(Path(folder) / "model.xml"), "CPU", config)
         self.request = self.compiled.create_infer_request()
         self.outputs = len(self.compiled.outputs)
         self._lock = threading.Lock()
