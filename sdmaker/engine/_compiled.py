@@ -216,8 +216,12 @@ class StepCompiler:
                 return lambda s, t, e: runner(s, t, e)[0]  # the feature output is not needed
             return runner
         with self._lock:
-            sizes = {k.size() for k in (*self.runners, *self.pending)}
-            if (key in self.failed or key in self.pending
+            known = (*self.runners, *self.pending)
+            sizes = {k.size() for k in known}
+            # one weights copy per size (what the worker's memory budget counts): a full pass for a second
+            # DeepCache branch of a size would be another, so that branch's full steps stay eager
+            second_full = key.kind == "full" and any(k.kind == "full" and k.size() == key.size() for k in known)
+            if (key in self.failed or key in self.pending or second_full
                     or (key.size() not in sizes and len(sizes) >= self.max_sizes)):
                 return None
             self.pending.add(key)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdmaker.engine import enable_compiled_steps, engine_decision, generate, load_model
+from sdmaker.engine import enable_compiled_steps, engine_decision, generate, generate_fast, load_model
 from sdmaker.engine._compiled import prune_compiled_cache
 from sdmaker.engine._deepcache import UNetUnits
 from sdmaker.errors import ConfigError
@@ -114,13 +114,19 @@ def test_the_openvino_engine_serves_deepcache_and_plain_steps(sd2_dir: Path, tmp
     generate(model, _req(num_images_per_prompt=3, deep_cache_interval=2))  # batch 6: the same exports
     assert calls == ["full", "shallow", "full", "shallow"] and len(compiler.runners) == 2 and not compiler.pending
 
+    # another DeepCache branch at this size: its shallow pass (small) is built, but its full pass would be a
+    # second copy of the weights, so those steps stay eager
+    generate_fast(model, deep, deep_cache_branch=1)
+    assert compiler.wait(timeout=300) and not compiler.failed, compiler.failed
+    assert sorted((k.kind, k.branch) for k in compiler.runners) == [("full", 2), ("shallow", 1), ("shallow", 2)]
+
     # a worker started later loads the IR from the cache instead of converting again
     later = load_model(sd2_dir, dtype="fp32", digest="-")
     again = enable_compiled_steps(later, "on", tmp_path / "compiled", engine="openvino")
     assert again is not None
     generate(later, deep)
     assert again.wait(timeout=120) and len(again.runners) == 2 and again.compile_seconds == {}
-    assert len(list((tmp_path / "compiled").rglob("model.xml"))) == 2
+    assert len(list((tmp_path / "compiled").rglob("model.xml"))) == 3
     again.close()
     compiler.close()
 
