@@ -72,7 +72,8 @@ class Settings:
         compile: compiled UNet steps in serving workers (``SDMAKER_COMPILE``: ``auto``, the default, compiles
             SD-class UNets in bf16 on the CPU in a background child process and switches each image size to its
             compiled step once built, :mod:`sdmaker.engine._compiled`; ``on`` any model on the CPU; ``off``).
-            One-shot CLI runs never compile: they would not earn the minutes back.
+            One-shot CLI runs never build (they would not earn the minutes back); ``sdmaker generate`` loads
+            the passes a serving worker built for that model and size on this machine.
         engine: which backend builds those compiled passes (``SDMAKER_ENGINE``: ``auto``, the default, is
             OpenVINO on AVX512-BF16 CPUs without AMX, where it was measured to win end to end and covers
             DeepCache's passes too, and torch's AOTInductor elsewhere; ``torch``; ``openvino``, which also builds for models ``auto``

@@ -57,12 +57,25 @@ def generate_cmd(
     if recipe and recipe.get("model_digest") and recipe["model_digest"] != loaded.digest:
         err_console.print(f"[yellow]warning:[/yellow] {ref} has digest {loaded.digest[:12]}, the image was made "
                           f"with {recipe['model_digest'][:12]}: the result will differ", highlight=False)
+    _use_built_passes(loaded, settings)
     resolved = request.resolve(loaded.defaults)
     with image_bars(len(resolved.image_seeds()), resolved.num_inference_steps, resolved.image_seeds()) as bars:
         result = generate(loaded, resolved, on_progress=lambda p: bars.step(p.step, p.total, p.eta_s))
     for i, img in enumerate(result.images):
         path = write_new_file(out, f"{i:02d}-seed{img.seed}", _EXT[resolved.format], result.encode(i))
         console.print(str(path), highlight=False, soft_wrap=True)
+
+
+def _use_built_passes(loaded: Any, settings: Any) -> None:
+    """Run on the compiled UNet passes a serving worker of this model already built on this machine, if any.
+
+    Never builds (minutes a one-shot run would not earn back); they load in the background while the first
+    steps run eager. Same settings as a worker: ``SDMAKER_COMPILE``, ``SDMAKER_ENGINE``.
+    """
+    from sdmaker.engine import enable_compiled_steps
+
+    enable_compiled_steps(loaded, settings.compile, settings.home / "cache" / "compiled", max_sizes=1,
+                          cache_bytes=settings.compile_cache_bytes, engine=settings.engine, build=False)
 
 
 def _check_inputs(digests: dict[str, Any], options: dict[str, Any]) -> None:

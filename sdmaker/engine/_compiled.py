@@ -170,6 +170,7 @@ class StepCompiler:
     max_sizes: int = 2
     cache_bytes: int = DEFAULT_CACHE_BYTES
     backend: str = "aoti"  # or "openvino" (see engine_decision)
+    build: bool = True  # False: only load packages already in the cache (one-shot runs never build)
     runners: dict[StepKey, Any] = field(default_factory=dict)
     failed: dict[StepKey, str] = field(default_factory=dict)
     pending: set[StepKey] = field(default_factory=set)
@@ -262,6 +263,10 @@ class StepCompiler:
                 return
             try:
                 path = self.package_path(key)
+                if not self.build and not path.exists():
+                    self.failed[key] = "not in the cache (this process only loads passes a serving worker built)"
+                    logger.info("UNet pass %s runs eager: %s", key.name(), self.failed[key])
+                    continue
                 self.folder.mkdir(parents=True, exist_ok=True)
                 # one build per package on this machine: a second worker of the model waits, then loads it
                 with open(self.folder / f".{key.name()}.lock", "a+b") as lock:
@@ -437,11 +442,14 @@ def prune_compiled_cache(cache_dir: Path, max_bytes: int, *, keep: Path | None =
 
 
 def enable_compiled_steps(model: LoadedModel, mode: str, cache_dir: Path, *, max_sizes: int = 2,
-                          cache_bytes: int = DEFAULT_CACHE_BYTES, engine: str = "torch") -> StepCompiler | None:
+                          cache_bytes: int = DEFAULT_CACHE_BYTES, engine: str = "torch",
+                          build: bool = True) -> StepCompiler | None:
     """Attach a :class:`StepCompiler` to ``model`` when :func:`compile_decision` says so; returns it.
 
     ``engine`` (``SDMAKER_ENGINE``) picks the backend (:func:`engine_decision`). ``openvino`` named explicitly
     builds for any model on the CPU unless ``mode`` is ``off``: whoever names an engine wants it used.
+    ``build=False`` (``sdmaker generate``): use the passes a serving worker already built for this model, size
+    and machine, never build (a one-shot run would not earn the minutes back).
     """
     backend, engine_why = engine_decision(engine)
     if engine == "openvino" and mode == "auto":
@@ -452,6 +460,7 @@ def enable_compiled_steps(model: LoadedModel, mode: str, cache_dir: Path, *, max
     if not on:
         model.step_compiler = None
         return None
-    compiler = StepCompiler(model, Path(cache_dir), max_sizes=max_sizes, cache_bytes=cache_bytes, backend=backend)
+    compiler = StepCompiler(model, Path(cache_dir), max_sizes=max_sizes, cache_bytes=cache_bytes, backend=backend,
+                            build=build)
     model.step_compiler = compiler
     return compiler

@@ -139,3 +139,14 @@ def test_a_bad_engine_is_one_line_naming_the_option(command: list[str]) -> None:
     assert res.exit_code == 1, res.output
     assert "engine must be one of auto, torch, openvino" in res.output
     assert "Traceback" not in res.output
+
+
+def test_generate_never_builds_compiled_passes(sd2_dir: Path, sdmaker_home: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """One-shot runs load passes a serving worker built; with none in the cache they run eager, building none."""
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("SDMAKER_ENGINE", "openvino")  # named: even this tiny UNet would get passes
+    res = runner.invoke(app, ["generate", "-m", str(sd2_dir), "-p", "x", *SMALL, "-o", str(sdmaker_home / "out")])
+    assert res.exit_code == 0, res.output
+    assert len(_paths(res.output)) == 1
+    assert not list((sdmaker_home / "cache").rglob("*.ov"))

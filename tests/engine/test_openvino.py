@@ -130,6 +130,18 @@ def test_the_openvino_engine_serves_deepcache_and_plain_steps(sd2_dir: Path, tmp
     again.close()
     compiler.close()
 
+    # a one-shot run (sdmaker generate) uses what is in the cache and never builds
+    oneshot = load_model(sd2_dir, dtype="fp32", digest="-")
+    reader = enable_compiled_steps(oneshot, "on", tmp_path / "compiled", engine="openvino", build=False)
+    assert reader is not None
+    generate(oneshot, deep)
+    assert reader.wait(timeout=120) and len(reader.runners) == 2 and reader.compile_seconds == {}
+    bigger = generate(oneshot, _req(height=128, width=128, deep_cache_interval=2))  # a size nobody built
+    assert bigger.images and reader.wait(timeout=60)
+    assert all("not in the cache" in why for why in reader.failed.values()) and len(reader.failed) == 2
+    assert len(list((tmp_path / "compiled").rglob("model.xml"))) == 3  # nothing was built
+    reader.close()
+
 
 def test_the_cache_bound_counts_openvino_folders_and_removes_dead_temp_folders(tmp_path: Path) -> None:
     def folder(name: str, size: int, age: float) -> Path:
