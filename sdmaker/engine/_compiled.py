@@ -452,9 +452,10 @@ def enable_compiled_steps(model: LoadedModel, mode: str, cache_dir: Path, *, max
     and machine, never build (a one-shot run would not earn the minutes back).
     """
     backend, engine_why = engine_decision(engine)
-    if engine == "openvino" and mode == "auto":
-        mode = "on"
     on, why = compile_decision(model, mode)
+    if engine == "openvino" and mode == "auto" and not on:
+        on, why = compile_decision(model, "on")  # off only off the CPU
+        why = "SDMAKER_ENGINE=openvino named explicitly" if on else why
     logger.info("compiled UNet steps for %s: %s (%s; backend %s: %s)", model.name, "on" if on else "off", why,
                 backend, engine_why)
     if not on:
