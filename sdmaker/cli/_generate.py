@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -10,6 +11,7 @@ import typer
 from sdmaker.cli._common import console, err_console, get_settings, load_model_ref, setup_logging, write_new_file
 from sdmaker.cli._progress import image_bars
 from sdmaker.cli._request_options import request_from_options, request_options
+from sdmaker.config import check_engine
 
 __all__ = ["DEFAULT_MODEL", "register"]
 
@@ -29,6 +31,9 @@ def generate_cmd(
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.ckpt weights.")] = False,
+    engine: Annotated[str | None, typer.Option(help=(
+        "Whose compiled UNet passes to use when a serving worker already built them here (SDMAKER_ENGINE: auto, "
+        "torch or openvino); generate itself never builds any."))] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Generate images from a prompt and print the written paths (existing files are never overwritten).
@@ -37,6 +42,8 @@ def generate_cmd(
     """
     setup_logging(verbose)  # first: it quiets third-party logs before they are imported
     settings = get_settings()
+    if engine is not None:
+        settings = replace(settings, engine=check_engine(engine, field="engine"))
     recipe = None
     if from_image is not None:
         from sdmaker.engine import read_recipe

@@ -133,7 +133,7 @@ def test_an_invalid_request_is_rejected_before_torch_is_imported(command: list[s
     assert "height=13" in res.stderr
 
 
-@pytest.mark.parametrize("command", [["serve", "mini"], ["endpoint", "create", "e1"]])
+@pytest.mark.parametrize("command", [["serve", "mini"], ["endpoint", "create", "e1"], ["generate", "-p", "x"]])
 def test_a_bad_engine_is_one_line_naming_the_option(command: list[str]) -> None:
     res = runner.invoke(app, [*command, "--engine", "tensorrt"])
     assert res.exit_code == 1, res.output
