@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sdmaker.errors import ConfigError
 
-__all__ = ["ENGINES", "S3_PATH_PREFIX", "Settings", "OPENMP_SPIN_COUNT", "check_engine", "allow_mlflow_file_store", "load_settings", "machine_is_busy", "openmp_spin_default", "openmp_spin_for", "quiet_third_party_logs",
+__all__ = ["ENGINES", "S3_PATH_PREFIX", "Settings", "OPENMP_SPIN_COUNT", "check_engine", "export_engine", "allow_mlflow_file_store", "load_settings", "machine_is_busy", "openmp_spin_default", "openmp_spin_for", "quiet_third_party_logs",
            "replace_environment", "with_local_key"]
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -31,6 +31,12 @@ def check_engine(engine: str, *, field: str = "SDMAKER_ENGINE") -> str:
     if engine not in ENGINES:
         raise ConfigError(f"{field} must be one of {', '.join(ENGINES)}", field=field, value=engine)
     return engine
+
+
+def export_engine(engine: str, *, field: str = "engine") -> None:
+    """Set ``SDMAKER_ENGINE`` for this process and its children (``sdmaker serve --engine``: the worker reads it
+    from its environment, in this process or in the model's own env after an exec)."""
+    os.environ["SDMAKER_ENGINE"] = check_engine(engine, field=field)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from sdmaker.cli._common import console, get_settings, setup_logging
-from sdmaker.config import check_engine
+from sdmaker.config import export_engine
 from sdmaker.errors import AuthenticationError
 
 __all__ = ["register"]
@@ -51,8 +51,8 @@ def serve_cmd(
                                   "SDMAKER_API_TOKEN); clients then send 'Authorization: Bearer <token>'")
     port = port or settings.bind_port
     max_body = max_body_bytes or settings.max_body_bytes
-    if engine is not None:  # the worker reads it from its environment, in this process or the model's own env
-        os.environ["SDMAKER_ENGINE"] = check_engine(engine, field="engine")
+    if engine is not None:
+        export_engine(engine)
 
     from sdmaker.serving import WorkerConfig, prepare_model_environment
     from sdmaker.store import resolve_model

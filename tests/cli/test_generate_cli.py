@@ -150,3 +150,12 @@ def test_generate_never_builds_compiled_passes(sd2_dir: Path, sdmaker_home: Path
     assert res.exit_code == 0, res.output
     assert len(_paths(res.output)) == 1
     assert not list((sdmaker_home / "cache").rglob("*.ov"))
+
+
+def test_serve_engine_option_reaches_the_worker_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sdmaker.config import export_engine, load_settings
+
+    monkeypatch.setenv("SDMAKER_ENGINE", "auto")  # restored after the test
+    export_engine("torch")
+    assert load_settings().engine == "torch"  # what the worker's handler reads, in this process or after exec
+    assert os.environ["SDMAKER_ENGINE"] == "torch"
