@@ -8,12 +8,13 @@ architecture in bf16 at 512²:
 
 - torch: what ``SDMAKER_ENGINE=torch`` serves for that recipe. Its AOTInductor package covers the plain step
   only, so with DeepCache every UNet call runs eager;
-- ours: ``SDMAKER_ENGINE=openvino`` (what ``auto`` picks on CPUs with native bf16): both DeepCache passes
+- ours: ``SDMAKER_ENGINE=openvino`` (what ``auto`` picks on AVX512-BF16 CPUs without AMX): both DeepCache passes
   converted to OpenVINO IR once (the build time is printed; later runs load it from ``bench/cache``).
 
 Rounds alternate the two engines on the one loaded model, after one OpenVINO round timed apart (OpenVINO may
-prepare each new input shape on its first inference; the row prints that round's time). ``python -m bench --only openvino_engine``
-(about 10 minutes on 2 cores the first time, 6 after; ``--quick`` at 256², one round).
+prepare each new input shape on its first inference; the row prints that round's time).
+``python -m bench --only openvino_engine`` (about 10 minutes on 2 cores the first time, 6 after; ``--quick`` at
+256², one round).
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def served_rows(model: Any, recipe: dict[str, Any], *, size: int, rounds: int, c
                 f"{recipe_text}; median of {rounds} alternating round(s): OpenVINO "
                 f"{statistics.median(walls['openvino']):.1f} s vs torch {statistics.median(walls['torch']):.1f} s "
                 f"per {count} images (first OpenVINO round at these batch sizes, not counted: {first_use:.1f} s); "
-                f"torch runs DeepCache's passes eager (its AOTInductor package is the plain step only); OpenVINO IR {build_text}, {build:.0f} s from the first request to both passes ready; mean "
+                f"torch runs DeepCache's passes eager (its AOTInductor package is the plain step only); OpenVINO "
+                f"IR {build_text}, {build:.0f} s from the first request to both passes ready; mean "
                 f"|OpenVINO - torch| {diff:.1f}/255 per pixel ({model.placement.dtype_name} "
                 f"rounding through the steps); CPU flags: {flags}")]

@@ -13,7 +13,7 @@ measured bf16 matmul peak; 1.0 would be a step that is nothing but peak-rate GEM
 * The export is ``torch.onnx.export`` of the fp32 UNet (external weights file), cached in ``bench/cache``.
 
 * sdmaker's own OpenVINO engine (:mod:`sdmaker.engine._openvino`; ``SDMAKER_ENGINE``, which ``auto`` sets to
-  OpenVINO on CPUs with native bf16): the full pass a serving worker converts (batch dimension free), from
+  OpenVINO on AVX512-BF16 CPUs without AMX): the full pass a serving worker converts (batch dimension free), from
   the same cache as ``bench/openvino_engine.py``. Where ``auto`` picks it, it is "ours"; a further row then
   gives the AOTInductor step (``SDMAKER_ENGINE=torch``) against eager with its payback.
 
@@ -83,20 +83,34 @@ def export_onnx(unet: Any, inputs: tuple[Any, ...], out_dir: Path) -> tuple[Path
     return model_path, time.perf_counter() - started
 
 
-def _built_runner(compiler: Any, sample: Any, embeds: Any) -> tuple[Any, float, str]:
-    """The plain-step runner ``compiler`` builds (or loads) for these inputs, waited for: (runner or None, build
-    seconds, 0 when loaded from the cache, and the failure text)."""
-    compiler.runner_for(sample, embeds)
+def _add_built_step(compiler: Any, sample: Any, t: Any, emb: Any, steps: dict[str, Any], notes: dict[str, str],
+                    name: str, *, note: str, built_as: str, cached_as: str, cleanup: Any = None) -> None:
+    """Add the plain step ``compiler`` builds (or loads from its cache) exactly as a serving worker gets it.
+
+    ``notes[note]`` says how it was had: ``built_as`` plus the build seconds (``_payback`` reads them), or
+    ``cached_as``; ``cleanup`` runs once the runner is loaded.
+    """
+    import torch
+
+    s, e = sample.to(torch.bfloat16), emb.to(torch.bfloat16)
+    compiler.runner_for(s, e)
     compiler.wait()
-    runner = compiler.runner_for(sample, embeds)
-    failure = next(iter(compiler.failed.values()), "?")[-200:]
-    return runner, sum(compiler.compile_seconds.values()), failure
+    runner = compiler.runner_for(s, e)
+    if cleanup is not None:
+        cleanup()
+    if runner is None:
+        notes[note] = f"build failed: {next(iter(compiler.failed.values()), '?')[-200:]}"
+        return
+    built = sum(compiler.compile_seconds.values())
+    notes[note] = f"{built_as} in {built:.0f}s" if built else cached_as
+    steps[name] = lambda: runner(s, t, e)
 
 
 def _add_compiled_step(model: Any, sample: Any, t: Any, emb: Any, steps: dict[str, Any], notes: dict[str, str],
                        name: str, *, fresh: bool) -> None:
     """The compiled step exactly as a serving worker builds it (child process, AOTInductor, cached package)."""
-    import torch
+    import shutil
+    import tempfile
 
     from sdmaker.engine import StepCompiler, compile_decision
 
@@ -104,44 +118,29 @@ def _add_compiled_step(model: Any, sample: Any, t: Any, emb: Any, steps: dict[st
     if not on:
         notes["compiled"] = f"not compiled by default: {why}"
         return
-    s, e = sample.to(torch.bfloat16), emb.to(torch.bfloat16)
-    import shutil
-    import tempfile
-
     # full runs build in a fresh cache (the build time is a figure of the row: what a new machine pays once);
     # --quick reuses bench/cache/compiled, so the <= 10 minute subset pays the build once per machine
     cache = Path(tempfile.mkdtemp(prefix="sdmaker-bench-compiled-")) if fresh else CACHE_DIR / "compiled"
-    runner, built, failure = _built_runner(StepCompiler(model, cache, max_sizes=1), s, e)
-    if fresh:
-        shutil.rmtree(cache, ignore_errors=True)  # loaded: the 1.7 GB package is not needed on disk any more
-    if runner is None:
-        notes["compiled"] = f"compile failed: {failure}"
-        return
-    notes["compiled"] = (f"AOTInductor package (batch dimension free, weights frozen) built in a child process in "
-                         f"{built:.0f}s" if built else "AOTInductor package from the cache")
-    steps[name] = lambda: runner(s, t, e)
+    _add_built_step(StepCompiler(model, cache, max_sizes=1), sample, t, emb, steps, notes, name, note="compiled",
+                    built_as="AOTInductor package (batch dimension free, weights frozen) built in a child process",
+                    cached_as="AOTInductor package from the cache",
+                    # loaded: the 1.7 GB package is not needed on disk any more
+                    cleanup=(lambda: shutil.rmtree(cache, ignore_errors=True)) if fresh else None)
 
 
 def _add_openvino_engine_step(model: Any, sample: Any, t: Any, emb: Any, steps: dict[str, Any],
                               notes: dict[str, str], name: str) -> None:
     """sdmaker's OpenVINO engine exactly as a serving worker builds it (its full pass, converted in a child)."""
-    import torch
-
     from sdmaker.engine import StepCompiler
     from sdmaker.engine._openvino import openvino_available
 
     if not openvino_available():
         notes["engine"] = "openvino not installed"
         return
-    s, e = sample.to(torch.bfloat16), emb.to(torch.bfloat16)
     compiler = StepCompiler(model, CACHE_DIR / "engine-compiled", max_sizes=1, backend="openvino")
-    runner, built, failure = _built_runner(compiler, s, e)
-    if runner is None:
-        notes["engine"] = f"conversion failed: {failure}"
-        return
-    notes["engine"] = (f"sdmaker's OpenVINO engine: the full pass converted from torch in a child process in "
-                       f"{built:.0f}s" if built else "sdmaker's OpenVINO engine: IR from bench/cache")
-    steps[name] = lambda: runner(s, t, e)
+    _add_built_step(compiler, sample, t, emb, steps, notes, name, note="engine",
+                    built_as="sdmaker's OpenVINO engine: the full pass converted from torch in a child process",
+                    cached_as="sdmaker's OpenVINO engine: IR from bench/cache")
 
 
 def _payback(notes: dict[str, str], is_eager: bool, saved_s: float) -> str:

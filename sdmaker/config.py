@@ -82,8 +82,8 @@ class Settings:
             the passes a serving worker built for that model and size on this machine.
         engine: which backend builds those compiled passes (``SDMAKER_ENGINE``: ``auto``, the default, is
             OpenVINO on AVX512-BF16 CPUs without AMX, where it was measured to win end to end and covers
-            DeepCache's passes too, and torch's AOTInductor elsewhere; ``torch``; ``openvino``, which also builds for models ``auto``
-            would leave eager). See :func:`sdmaker.engine.engine_decision`.
+            DeepCache's passes too, and torch's AOTInductor elsewhere; ``torch``; ``openvino``, which also
+            builds for models ``auto`` would leave eager). See :func:`sdmaker.engine.engine_decision`.
         compile_cache_bytes: the bound on ``$SDMAKER_HOME/cache/compiled`` (``SDMAKER_COMPILE_CACHE_GB``,
             default 10; 0 = unbounded): least recently used packages are removed after each build.
         log_max_bytes: size at which an endpoint log is rotated to ``.1`` (two copies kept;

@@ -355,11 +355,12 @@ def _unet_call(model: LoadedModel, jobs: list[Job], *, full: bool) -> list[torch
                           for j, x in zip(jobs, inputs, strict=True)]).to(sample.device)
     embeds = _cat([j.embeds for j in jobs])
     sizes = [x.shape[0] for x in inputs]
+    # compiled passes serve adapter-free batches only: per-row LoRA hooks live on the torch modules
+    compiler = None if any(j.adapters for j in jobs) else model.step_compiler
     with _working(model), adapter_rows(pipe.unet, [j.adapters for j in jobs], sizes):  # LoRA deltas per row
         if all(j.deep_cache_interval <= 1 for j in jobs):
             conds = [j.timestep_cond for j in jobs if j.timestep_cond is not None]
-            compiler = model.step_compiler
-            if compiler is not None and not conds and not any(j.adapters for j in jobs):
+            if compiler is not None and not conds:
                 runner = compiler.runner_for(sample, embeds)  # None: not built for this size (yet)
                 if runner is not None:
                     return list(runner(sample, timestep, embeds).split(sizes))
@@ -368,9 +369,6 @@ def _unet_call(model: LoadedModel, jobs: list[Job], *, full: bool) -> list[torch
             return list(out.split(sizes))
         units = _units(model)  # refuses time_cond_proj_dim UNets, so no timestep_cond below
         branch = jobs[0].deep_cache_branch
-        compiler = model.step_compiler
-        if compiler is not None and any(j.adapters for j in jobs):
-            compiler = None  # per-row LoRA hooks live on the torch modules
         if full:
             runner = compiler.runner_for(sample, embeds, kind="full", branch=branch) if compiler else None
             if runner is not None:

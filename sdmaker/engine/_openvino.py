@@ -15,14 +15,15 @@ dimension (step batching's changing batch sizes share them):
 * ``shallow``: DeepCache's in-between pass (the outermost ``branch`` down and up units) taking that feature.
 
 End to end, serving 2 clients with step batching and the DeepCache recipe, it gave 1.24-1.27x the torch engine's
-images/s there (``bench/openvino_engine.py``). The batch dimension stays free although a static compile ran the
-step about 10% faster (by hand): each static compile costs 1.8-3.5 GB, and step batching changes batch size.
+images/s there (``bench/openvino_engine.py``). The batch dimension stays free although a static compile can run
+the step faster: each static compile keeps its own copy of the weights, and step batching changes batch size
+at every step.
 
 The converted model is saved as OpenVINO IR (weights stored fp16 for a bf16 placement, fp32 otherwise; run in
 the CPU plugin's inference precision: bf16 for a bf16 placement, f32 otherwise) beside the AOTInductor packages
 in the compiled-step cache (:mod:`sdmaker.engine._compiled`, keyed by model digest, size, dtype and CPU flags),
-so the next worker loads it in seconds (SD 2.1 at 512²: converting the full pass took 72 s, the shallow one 11 s, compiling the IR
-about 3 s, on the 2-core AMD EPYC).
+so the next worker loads it in seconds instead of converting again (SD 2.1 at 512² on 2 cores: both passes
+converted in 252 s, ``bench/openvino_engine.py`` on a machine without the cache).
 """
 
 from __future__ import annotations
@@ -124,12 +125,10 @@ class OpenVinoRunner:
     OpenVINO infer request is not reentrant.
     """
 
-    def __init__(self, folder: Path, *, precision: str, cache_dir: Path | None = None) -> None:
+    def __init__(self, folder: Path, *, precision: str) -> None:
         import openvino as ov
 
         core = ov.Core()
-        if cache_dir is not None:
-            core.set_property({"CACHE_DIR": str(cache_dir)})
         hint = "bf16" if precision == "bf16" else "f32"
         # as many threads as torch has here: a worker limited to fewer cores (several workers on one machine)
         # keeps that limit on this engine too
