@@ -21,8 +21,14 @@ from bench import CACHE_DIR, row
 __all__ = ["judge", "rows", "run"]
 
 
+KINDS = (("new_shape", "heart in a known colour"), ("new_color_shape", "pink shape"),
+         ("new_color_background", "pink background"))
+
+
 def judge(n: int) -> dict[str, dict[str, Any]]:
-    """``{"without"|"with": {set: metrics}}`` for the concept and base prompt sets (``n`` prompts each)."""
+    """``{"without"|"with": {set: metrics}, "kinds": {kind: metrics}}`` for the concept and base prompt sets
+    (``n`` prompts each); ``kinds`` breaks the adapter's concept prompts down by what they ask of the new words
+    (:func:`sdmaker.training._eval.concept_kinds`)."""
     from sdmaker.engine import load_model
     from sdmaker.models import assemble_builtin, builtin_lora_dir
     from sdmaker.training._eval import evaluate
@@ -32,11 +38,13 @@ def judge(n: int) -> dict[str, dict[str, Any]]:
     model = load_model(assemble_builtin("mini", CACHE_DIR / "mini"))
 
     def both_sets() -> dict[str, Any]:
-        return {s: evaluate(model, n=n, prompt_set=s).metrics for s in ("concept", "base")}
+        return {s: evaluate(model, n=n, prompt_set=s) for s in ("concept", "base")}
 
     without = both_sets()
     fuse_lora(model, builtin_lora_dir("heart-pink"), scale=1.0)  # in place: the same model, now with the adapter
-    return {"without": without, "with": both_sets()}
+    adapted = both_sets()
+    return {"without": {s: r.metrics for s, r in without.items()}, "with": {s: r.metrics for s, r in adapted.items()},
+            "kinds": {k: adapted["concept"].groups[k] for k, _ in KINDS if k in adapted["concept"].groups}}
 
 
 def rows(got: dict[str, dict[str, Any]], n: int) -> list[dict[str, Any]]:
@@ -46,8 +54,10 @@ def rows(got: dict[str, dict[str, Any]], n: int) -> list[dict[str, Any]]:
         row("LoRA heart-pink: held-out concept prompts drawn right, adapter at 1.0 vs mini alone", concept[0]["all"],
             concept[1]["all"], "fraction",
             f"n={n}; shape right {concept[0]['shape']:.1%}, colour right {concept[0]['color']:.1%}, both shapes right "
-            f"in two-shape prompts {concept[0]['two_shape_both']:.1%}; target >= 90% drawn right; mini at its "
-            "defaults", lower_is_better=False),
+            f"in two-shape prompts {concept[0]['two_shape_both']:.1%}; by what the prompt asks: "
+            + ", ".join(f"{label} {got['kinds'][k]['drawn']:.0%} (n={got['kinds'][k]['n']:.0f})"
+                        for k, label in KINDS if k in got.get("kinds", {}))
+            + "; target >= 90% drawn right; mini at its defaults", lower_is_better=False),
         row("LoRA heart-pink: base eval overall (points), adapter at 1.0 vs mini alone", 100 * base[0]["overall"],
             100 * base[1]["overall"], "points",
             f"n={n}; difference {100 * (base[0]['overall'] - base[1]['overall']):+.1f} points (target: within 1); "

@@ -185,7 +185,8 @@ def eval_cmd(
     table.add_column("metric")
     table.add_column("all", justify="right")
     groups = [g for g in ("one", "one_heldout", "two", "two_heldout", "heldout_pairs", "para_one", "para_two",
-                          "concept_one", "concept_two") if g in report.groups]
+                          "concept_one", "concept_two", "new_shape", "new_color_shape", "new_color_background")
+              if g in report.groups]
     for g in groups:
         table.add_column(f"{g} (n={int(report.groups[g]['n'])})", justify="right")
     for key in keys:

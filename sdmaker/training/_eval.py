@@ -9,7 +9,10 @@ Each prompt set is a pure function of ``(n, seed)``: scenes drawn with a seed ne
   and phrases (:data:`PARAPHRASE_TEMPLATES`: other words for positions, sizes, backgrounds and relations,
   other sentence shapes); groups ``para_one`` and ``para_two``.
 * ``concept``: scenes featuring the opt-in concepts (a heart and/or pink, what the shipped LoRA teaches),
-  captioned with the held-out templates; groups ``concept_one`` and ``concept_two``.
+  captioned with the held-out templates; groups ``concept_one`` and ``concept_two``, and by what the prompt
+  asks of the new words (a prompt may be in several): ``new_shape`` (an extra shape in a known colour),
+  ``new_color_shape`` (a shape in an extra colour), ``new_color_background`` (an extra colour as background).
+  These say *where* an adapter fails: a shape it cannot draw, or a colour the decoder renders badly.
 
 ``drawn`` is "drawn right": the right background, and every shape of the right colour and class in the right
 place (position for one shape, relation for two); ``all`` also needs the right sizes.
@@ -35,8 +38,8 @@ from sdmaker.training._scenes import (
     scene_rng,
 )
 
-__all__ = ["EVAL_SEED", "PROMPT_SETS", "EvalItem", "EvalReport", "eval_prompts", "evaluate", "score_item",
-           "summarise"]
+__all__ = ["EVAL_SEED", "PROMPT_SETS", "EvalItem", "EvalReport", "concept_kinds", "eval_prompts", "evaluate",
+           "score_item", "summarise"]
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +165,18 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
+def concept_kinds(scene: Scene) -> list[str]:
+    """What ``scene`` asks of the extra words (:data:`EXTRA_SHAPES`, :data:`EXTRA_COLORS`); [] for a base scene."""
+    kinds = []
+    if any(s.shape in EXTRA_SHAPES and s.color not in EXTRA_COLORS for s in scene.shapes):
+        kinds.append("new_shape")
+    if any(s.color in EXTRA_COLORS for s in scene.shapes):
+        kinds.append("new_color_shape")
+    if scene.background in EXTRA_COLORS:
+        kinds.append("new_color_background")
+    return kinds
+
+
 def summarise(items: list[EvalItem], scores: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, dict]]:
     """Overall and per-group accuracies. ``overall`` = mean of colour, shape, position, two_shape_both."""
     keys = ("background", "color", "shape", "size", "position", "relation", "two_shape_both", "count", "all", "drawn")
@@ -173,6 +188,11 @@ def summarise(items: list[EvalItem], scores: list[dict[str, Any]]) -> tuple[dict
         rows = [s for it, s in zip(items, scores, strict=True) if it.group == name]
         groups[name] = {k: v for k in keys if (v := _mean(rows, k)) is not None}
         groups[name]["n"] = float(len(rows))
+    for kind in ("new_shape", "new_color_shape", "new_color_background"):
+        rows = [s for it, s in zip(items, scores, strict=True) if kind in concept_kinds(it.scene)]
+        if rows:
+            groups[kind] = {k: v for k in keys if (v := _mean(rows, k)) is not None}
+            groups[kind]["n"] = float(len(rows))
     held = [s for it, s in zip(items, scores, strict=True) if it.group.endswith("heldout")]
     if held:
         groups["heldout_pairs"] = {k: v for k in keys if (v := _mean(held, k)) is not None}

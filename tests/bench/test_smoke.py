@@ -153,9 +153,12 @@ def test_lora_eval_smoke() -> None:
     from bench.lora_eval import judge, rows
 
     got = judge(2)
-    assert set(got) == {"without", "with"} and all(set(v) == {"concept", "base"} for v in got.values())
-    assert all(0.0 <= m["overall"] <= 1.0 for v in got.values() for m in v.values())
+    assert set(got) == {"without", "with", "kinds"}
+    assert all(set(got[v]) == {"concept", "base"} for v in ("without", "with"))
+    assert all(0.0 <= m["overall"] <= 1.0 for v in ("without", "with") for m in got[v].values())
+    assert got["kinds"] and all(0.0 <= m["drawn"] <= 1.0 for m in got["kinds"].values())
     _check_rows(rows(got, 2))
+    assert "by what the prompt asks" in rows(got, 2)[0]["notes"]
 
 
 def test_attention_paths_smoke() -> None:

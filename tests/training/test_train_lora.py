@@ -130,6 +130,28 @@ def test_concept_is_opt_in_and_the_analyser_knows_it() -> None:
     assert all("heart" in it.prompt or "pink" in it.prompt for it in items)
 
 
+def test_concept_eval_says_which_new_word_failed() -> None:
+    """The concept set's report breaks "drawn right" down by what each prompt asks of the new words, so a
+    failing adapter shows whether the shape or the colour (as a shape, or as a background) is the problem."""
+    from sdmaker.training._eval import concept_kinds, eval_prompts, summarise
+
+    items = eval_prompts(128, prompt_set="concept")
+    kinds = [concept_kinds(it.scene) for it in items]
+    assert all(kinds) and all(set(k) <= {"new_shape", "new_color_shape", "new_color_background"} for k in kinds)
+    scores = [{"drawn": "new_color_background" not in k, "all": "new_color_background" not in k, "color": True}
+              for k in kinds]
+    _, groups = summarise(items, scores)
+    for kind in ("new_shape", "new_color_shape", "new_color_background"):
+        assert groups[kind]["n"] == sum(kind in k for k in kinds) > 0
+    assert groups["new_color_background"]["drawn"] == 0.0
+    only_shape = [s for k, s in zip(kinds, scores, strict=True) if k == ["new_shape"]]
+    assert only_shape and all(s["drawn"] for s in only_shape)
+    base = eval_prompts(16)
+    assert not any(concept_kinds(it.scene) for it in base)
+    assert not {"new_shape", "new_color_shape", "new_color_background"} & set(
+        summarise(base, [{"drawn": True, "color": True}] * len(base))[1])
+
+
 def test_latents_fitted_to_the_decoder_keep_the_pink_the_encoder_loses() -> None:
     """The adapter's training targets for pink scenes: mini's encoder maps pink to latents its decoder renders
     pale; latents refined against the frozen decoder keep it, the same way on every call (exact resume)."""
