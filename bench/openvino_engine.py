@@ -8,7 +8,7 @@ architecture in bf16 at 512²:
 
 - torch: what ``SDMAKER_ENGINE=torch`` serves for that recipe. Its AOTInductor package covers the plain step
   only, so with DeepCache every UNet call runs eager;
-- ours: ``SDMAKER_ENGINE=openvino`` (what ``auto`` picks on AVX512-BF16 CPUs without AMX): both DeepCache passes
+- ours: ``SDMAKER_ENGINE=openvino`` (what ``auto`` picks on AVX512-BF16 CPUs, AMX or not): both DeepCache passes
   converted to OpenVINO IR once (the build time is printed; later runs load it from ``bench/cache``).
 
 Rounds alternate the two engines on the one loaded model, after one OpenVINO round timed apart (OpenVINO may

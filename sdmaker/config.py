@@ -81,7 +81,7 @@ class Settings:
             One-shot CLI runs never build (they would not earn the minutes back); ``sdmaker generate`` loads
             the passes a serving worker built for that model and size on this machine.
         engine: which backend builds those compiled passes (``SDMAKER_ENGINE``: ``auto``, the default, is
-            OpenVINO on AVX512-BF16 CPUs without AMX, where it was measured to win end to end and covers
+            OpenVINO on AVX512-BF16 CPUs (AMX or not), where it was measured to win end to end and covers
             DeepCache's passes too, and torch's AOTInductor elsewhere; ``torch``; ``openvino``, which also
             builds for models ``auto`` would leave eager). See :func:`sdmaker.engine.engine_decision`.
         compile_cache_bytes: the bound on ``$SDMAKER_HOME/cache/compiled`` (``SDMAKER_COMPILE_CACHE_GB``,

@@ -264,7 +264,7 @@ def create_cmd(
         "(invoke --async, InvokeEndpointAsync)."))] = None,
     engine: Annotated[str | None, typer.Option(help=(
         "Backend of the workers' compiled UNet passes (SDMAKER_ENGINE: auto, torch or openvino; default auto: "
-        "OpenVINO on AVX512-BF16 CPUs without AMX, torch's AOTInductor elsewhere)."))] = None,
+        "OpenVINO on AVX512-BF16 CPUs, AMX or not; torch's AOTInductor elsewhere)."))] = None,
 ) -> None:
     """Deploy MODEL as endpoint NAME (CreateModel + CreateEndpointConfig + CreateEndpoint)."""
     env = {} if max_batch is None else {"SDMAKER_MAX_BATCH": str(max_batch)}

@@ -38,7 +38,7 @@ def serve_cmd(
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.ckpt weights.")] = False,
     engine: Annotated[str | None, typer.Option(help=(
         "Backend of compiled UNet passes (SDMAKER_ENGINE: auto, torch or openvino; default auto: OpenVINO on "
-        "AVX512-BF16 CPUs without AMX, torch's AOTInductor elsewhere)."))] = None,
+        "AVX512-BF16 CPUs, AMX or not; torch's AOTInductor elsewhere)."))] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Serve MODEL on /ping and /invocations until Ctrl-C (exit 3 when the model fails to load)."""

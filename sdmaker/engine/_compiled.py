@@ -107,12 +107,12 @@ def compile_decision(model: LoadedModel, mode: str) -> tuple[bool, str]:
 def engine_decision(engine: str) -> tuple[str, str]:
     """The backend (``aoti`` or ``openvino``) that builds compiled passes under ``engine``, and why, for the log.
 
-    ``auto`` takes OpenVINO only on the CPU class where it was measured to win end to end by the issue's 1.2x
-    bar with step batching and DeepCache on (``bench/openvino_engine.py``): AVX512-BF16 without AMX (the AMD
-    EPYC: 1.24-1.27x). On AMX CPUs its step won by only 1.11x over the compiled torch step (``bench/peers.py``, the
-    Xeon) and the end-to-end run is still to be made there, so ``auto`` keeps torch's AOTInductor path, as it
-    does on CPUs without native bf16 (never measured). ``openvino`` asked for explicitly but not installed is an
-    error naming the setting.
+    ``auto`` takes the engine measured fastest end to end with step batching and DeepCache on
+    (``bench/openvino_engine.py``): OpenVINO on CPUs with AVX512-BF16, with or without AMX (the AMD EPYC:
+    1.24-1.27x the torch engine's served images/s; the AMX Xeon: 1.19x and 1.24x in two runs, 2026-12-03, where
+    its plain step also beat torch's compiled one by 1.11x in ``bench/peers.py``). On CPUs without native bf16
+    it was never measured, so ``auto`` keeps torch's AOTInductor path there. ``openvino`` asked for explicitly
+    but not installed is an error naming the setting.
     """
     from sdmaker.engine._openvino import openvino_available
 
@@ -125,12 +125,12 @@ def engine_decision(engine: str) -> tuple[str, str]:
                               field="SDMAKER_ENGINE", value=engine)
         return "openvino", "SDMAKER_ENGINE=openvino"
     flags = set(cpu_flags())
-    if "avx512_bf16" not in flags or "amx_bf16" in flags:
-        return "aoti", ("auto: OpenVINO measured to win end to end only on AVX512-BF16 CPUs without AMX; this CPU "
-                        f"has {', '.join(sorted(flags & {'avx512_bf16', 'amx_bf16'})) or 'neither'}")
+    if "avx512_bf16" not in flags:
+        return "aoti", "auto: OpenVINO measured to win end to end only on AVX512-BF16 CPUs; this CPU lacks avx512_bf16"
     if not openvino_available():
         return "aoti", "auto: openvino is not installed"
-    return "openvino", "auto: OpenVINO, measured 1.24-1.27x end to end on AVX512-BF16 CPUs without AMX"
+    return "openvino", ("auto: OpenVINO, measured 1.19-1.27x the torch engine end to end on AVX512-BF16 CPUs "
+                        f"({'with' if 'amx_bf16' in flags else 'without'} AMX here)")
 
 
 @functools.cache

@@ -36,14 +36,16 @@ def test_engine_decision_names_the_setting(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(ConfigError) as err:
         engine_decision("tensorrt")
     assert err.value.fields["field"] == "SDMAKER_ENGINE"
-    # auto: OpenVINO only on the CPU class where it was measured to win end to end (AVX512-BF16 without AMX)
+    # auto: OpenVINO on the CPU classes where it was measured to win end to end (AVX512-BF16, AMX or not)
     monkeypatch.setattr(compiled, "cpu_flags", lambda: ["avx2", "avx512f", "avx512_bf16"])
-    assert engine_decision("auto")[0] == "openvino"
+    assert engine_decision("auto") == ("openvino", engine_decision("auto")[1])
+    assert "without AMX" in engine_decision("auto")[1]
     monkeypatch.setattr(compiled, "cpu_flags", lambda: ["avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"])
     backend, why = engine_decision("auto")
-    assert backend == "aoti" and "amx_bf16" in why
+    assert backend == "openvino" and "with AMX" in why
     monkeypatch.setattr(compiled, "cpu_flags", lambda: ["avx2"])
-    assert engine_decision("auto")[0] == "aoti"
+    backend, why = engine_decision("auto")
+    assert backend == "aoti" and "avx512_bf16" in why
     monkeypatch.setattr(ov_module, "openvino_available", lambda: False)
     with pytest.raises(ConfigError, match="pip install openvino") as err:
         engine_decision("openvino")
