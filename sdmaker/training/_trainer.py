@@ -386,7 +386,9 @@ def _export(run: _Run, out_dir: Path) -> Path:
             _export_lora(run, tmp)
         return dest
     model = run.ema_model()
-    if run.cfg["kind"] == "vae" and run.anchor is None:  # an anchored fine-tune keeps its init's latent scale
+    # an anchored fine-tune, or one with the encoder frozen, keeps its init's latent scale: the latents (and so the
+    # scale a UNet was trained with) are the init's; re-estimating it would shift every latent the UNet sees
+    if run.cfg["kind"] == "vae" and run.anchor is None and not run.cfg.get("freeze_encoder"):
         scale = vae_latent_scale(model, run.cfg)
         model.register_to_config(scaling_factor=scale)  # the pipeline multiplies latents by exactly this
     dest = out_dir / EXPORT_DIR

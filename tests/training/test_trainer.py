@@ -264,12 +264,14 @@ def test_an_anchored_vae_fine_tune_keeps_its_init_latents_and_scale(tmp_path: Pa
 
     # decoder only: every latent a UNet or adapter learned stays exactly as it is
     frozen = train(load_config(config, quick=True, overrides={"init_from": str(quick_vae), "steps": 2, "lr": 1e-3,
-                                                              "freeze_encoder": True}), tmp_path / "dec")
+                                                              "freeze_encoder": True, "anchor_weight": 0.0}),
+                   tmp_path / "dec")
     assert frozen.model_dir is not None
     dec = AutoencoderKL.from_pretrained(frozen.model_dir)
     for name, weight in init.encoder.state_dict().items():
         assert torch.equal(weight, dec.encoder.state_dict()[name]), name
     assert any(not torch.equal(w, dec.decoder.state_dict()[n]) for n, w in init.decoder.state_dict().items())
+    assert dec.config.scaling_factor == init.config.scaling_factor  # same latents, so the same scale for the UNet
 
     with pytest.raises(ConfigError, match="random_color_prob"):
         load_config(config, quick=True, overrides={"data": {"random_color_prob": 2}})
