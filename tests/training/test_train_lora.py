@@ -152,7 +152,7 @@ def test_concept_eval_says_which_new_word_failed() -> None:
         summarise(base, [{"drawn": True, "color": True}] * len(base))[1])
 
 
-def test_latents_fitted_to_the_decoder_keep_the_pink_the_encoder_loses() -> None:
+def test_minis_vae_keeps_pink_and_latents_fitted_to_the_decoder_get_closer_to_the_pixels() -> None:
     """The adapter's training targets for pink scenes: mini's encoder maps pink to latents its decoder renders
     pale; latents refined against the frozen decoder keep it, the same way on every call (exact resume)."""
     from diffusers import AutoencoderKL
@@ -181,8 +181,15 @@ def test_latents_fitted_to_the_decoder_keep_the_pink_the_encoder_loses() -> None
             pixels = ((vae.decode(latents).sample.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1)
         return sum("pink" in [d.color for d in analyse(row.numpy()).shapes] for row in pixels)
 
+    def error(latents: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float((vae.decode(latents).sample - images).abs().mean())
+
+    # mini's VAE is trained on random colours, so its encoder keeps pink (its first VAE kept 14 of 32, and the
+    # LoRA recipe then had to fit latents to the decoder); the fit still moves latents towards the pixels
     kept_encoded, kept_fitted = pink_kept(encoded), pink_kept(fitted)
-    assert kept_fitted >= 10 and kept_fitted >= kept_encoded + 3, (kept_encoded, kept_fitted)
+    assert kept_encoded >= 11 and kept_fitted >= 11, (kept_encoded, kept_fitted)
+    assert error(fitted) < error(encoded)
 
 
 def test_paraphrase_set_is_held_out_but_its_words_are_trained() -> None:

@@ -223,7 +223,8 @@ def test_random_colours_leave_the_base_images_alone_and_anchor_only_ordinary_sce
     from sdmaker.training._data import VaeBatches, image_to_tensor
     from sdmaker.training._scenes import random_palette, render, sample_scene
 
-    base = load_config(VAE_CONFIG, quick=True)
+    base = load_config(VAE_CONFIG, quick=True)  # mini's recipe recolours half its scenes: take the key out
+    base = {**base, "data": {k: v for k, v in base["data"].items() if k != "random_color_prob"}}
     plain = VaeBatches(base)[3]
     same = VaeBatches({**base, "data": {**base["data"], "random_color_prob": 0.0}})[3]
     assert torch.equal(plain["images"], same["images"]) and bool(plain["anchored"].all())
