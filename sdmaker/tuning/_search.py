@@ -61,12 +61,13 @@ DEEP_CACHE_INTERVALS = (2, 3, 4)
 #: Samplers tried besides the model's own (fast multistep solvers, and DDIM).
 FAST_SCHEDULERS = ("dpmpp_2m", "unipc", "ddim", "euler")
 #: Largest mean ``1 - SSIM`` to the reference at which the ``sdmaker eval`` judge score of ``mini`` stayed
-#: within 1 point of the reference recipe's; measured by ``python -m bench --quick --only tune`` (rows
-#: "tune calibration: ..."; 2026-12-02, n=32 eval prompts): dpmpp_2m 10 steps + DeepCache 2 in bf16 at
-#: 0.00316 kept the score (100.0 = the reference's), dpmpp_2m 6 steps at 0.00728 lost one attribute of one
-#: image (-1.56 points), 3 steps at 0.068 lost 8.9 points. At n=32 one image is 1.6 points, so the bar
-#: sits on the conservative side of that gap.
-QUALITY_THRESHOLD = 0.00316
+#: within 1 point of the reference recipe's, on every set of mini's weights measured by
+#: ``python -m bench --quick --only tune`` (rows "tune calibration: ..."; n=32 eval prompts each):
+#: first weights (2026-12-02): 0.00316 kept the score, the next recipe (dpmpp_2m 6 steps, 0.00728) lost one
+#: attribute of one image (-1.56 points); fine-tuned weights (2026-12-02): everything up to 0.00571 kept it;
+#: retrained weights (2026-12-03): everything up to 0.0429 kept it. So 0.00571: the largest distance measured
+#: to keep the judge on one set of weights and below every distance measured to lose it on any.
+QUALITY_THRESHOLD = 0.00571
 #: Times within this fraction of the fastest count as a tie, broken by UNet work (:func:`unet_work`).
 TIE = 0.10
 #: Cost of a DeepCache shallow step relative to a full UNet call (bench: 1.55 / 5.36 s on SD 2.1).
