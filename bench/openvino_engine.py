@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from bench import CACHE_DIR, row
+from sdmaker.config import load_settings
 from sdmaker.engine._device import SPEED_FLAGS, cpu_flags
 
 __all__ = ["run", "served_rows"]
@@ -67,7 +68,8 @@ def served_rows(model: Any, recipe: dict[str, Any], *, size: int, rounds: int, c
     from sdmaker.engine import StepBatcher, StepCompiler
 
     requests = _requests(size, recipe)
-    compiler = StepCompiler(model, cache, max_sizes=1, backend="openvino")
+    compiler = StepCompiler(model, cache, max_sizes=1, backend="openvino",
+                            static_batches=load_settings().openvino_static)
     flags = ", ".join(cpu_flags()) or "none of " + "/".join(SPEED_FLAGS)
     walls: dict[str, list[float]] = {"torch": [], "openvino": []}
     images: dict[str, list[Any]] = {}
@@ -85,6 +87,10 @@ def served_rows(model: Any, recipe: dict[str, Any], *, size: int, rounds: int, c
         # OpenVINO may prepare each new input shape on its first inference (the batch dimension is free): the
         # first round at these batch sizes is timed apart
         first_use, _, _ = clients_run(batcher.submit, requests, len(requests))
+        # ... and the batch sizes it recurs at get their static-shape copies (OpenVinoRunner) in the background
+        for runner in compiler.runners.values():
+            runner.wait_static(timeout=600)
+        static = sorted({b for r in compiler.runners.values() for b in r.static})
         for _ in range(rounds):
             for engine in ("torch", "openvino"):
                 model.step_compiler = compiler if engine == "openvino" else None
@@ -107,6 +113,7 @@ def served_rows(model: Any, recipe: dict[str, Any], *, size: int, rounds: int, c
                 f"{statistics.median(walls['openvino']):.1f} s vs torch {statistics.median(walls['torch']):.1f} s "
                 f"per {count} images (first OpenVINO round at these batch sizes, not counted: {first_use:.1f} s); "
                 f"torch runs DeepCache's passes eager (its AOTInductor package is the plain step only); OpenVINO "
-                f"IR {build_text}, {build:.0f} s from the first request to both passes ready; mean "
+                f"IR {build_text}, {build:.0f} s from the first request to both passes ready; static copies for "
+                f"batch {', '.join(map(str, static)) or 'none'}; mean "
                 f"|OpenVINO - torch| {diff:.1f}/255 per pixel ({model.placement.dtype_name} "
                 f"rounding through the steps); CPU flags: {flags}")]

@@ -13,8 +13,9 @@ measured bf16 matmul peak; 1.0 would be a step that is nothing but peak-rate GEM
 * The export is ``torch.onnx.export`` of the fp32 UNet (external weights file), cached in ``bench/cache``.
 
 * sdmaker's own OpenVINO engine (:mod:`sdmaker.engine._openvino`; ``SDMAKER_ENGINE``, which ``auto`` sets to
-  OpenVINO on AVX512-BF16 CPUs without AMX): the full pass a serving worker converts (batch dimension free), from
-  the same cache as ``bench/openvino_engine.py``. Where ``auto`` picks it, it is "ours"; a further row then
+  OpenVINO on AVX512-BF16 CPUs, AMX or not): the full pass a serving worker converts (batch dimension free), from
+  the same cache as ``bench/openvino_engine.py``, timed after the calls that give a recurring batch size its
+  static-shape copy (what a worker under a steady load runs). Where ``auto`` picks it, it is "ours"; a further row then
   gives the AOTInductor step (``SDMAKER_ENGINE=torch``) against eager with its payback.
 
 ``bench/openvino_engine.py`` holds the end-to-end comparison (step batching and DeepCache on) that the issue
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import CACHE_DIR, row
+from sdmaker.config import load_settings
 from sdmaker.engine._device import SPEED_FLAGS, cpu_flags
 
 __all__ = ["cpu_flags", "export_onnx", "run"]
@@ -137,10 +139,24 @@ def _add_openvino_engine_step(model: Any, sample: Any, t: Any, emb: Any, steps: 
     if not openvino_available():
         notes["engine"] = "openvino not installed"
         return
-    compiler = StepCompiler(model, CACHE_DIR / "engine-compiled", max_sizes=1, backend="openvino")
+    compiler = StepCompiler(model, CACHE_DIR / "engine-compiled", max_sizes=1, backend="openvino",
+                            static_batches=load_settings().openvino_static)
     _add_built_step(compiler, sample, t, emb, steps, notes, name, note="engine",
                     built_as="sdmaker's OpenVINO engine: the full pass converted from torch in a child process",
                     cached_as="sdmaker's OpenVINO engine: IR from bench/cache")
+    if name not in steps:
+        return
+    # a worker serving a steady load: after STATIC_AFTER calls at one batch size, that size runs a static copy
+    from sdmaker.engine._openvino import STATIC_AFTER
+
+    for _ in range(STATIC_AFTER):
+        steps[name]()
+    static = []
+    for runner in compiler.runners.values():
+        runner.wait_static(timeout=600)
+        static += [f"static copy for batch {b} compiled in {sec:.1f}s" for b, sec in runner.static_seconds.items()]
+        static += [f"no static copy for batch {b}: {why}" for b, why in runner.static_skipped.items()]
+    notes["engine"] += "; " + ("; ".join(static) or "no static copy (SDMAKER_OPENVINO_STATIC=0)")
 
 
 def _payback(notes: dict[str, str], is_eager: bool, saved_s: float) -> str:

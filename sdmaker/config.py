@@ -84,6 +84,9 @@ class Settings:
             OpenVINO on AVX512-BF16 CPUs (AMX or not), where it was measured to win end to end and covers
             DeepCache's passes too, and torch's AOTInductor elsewhere; ``torch``; ``openvino``, which also
             builds for models ``auto`` would leave eager). See :func:`sdmaker.engine.engine_decision`.
+        openvino_static: how many batch sizes per pass the OpenVINO engine gives a static-shape copy once they
+            recur (``SDMAKER_OPENVINO_STATIC``, default 1; 0 = none): faster per step than the shared
+            dynamic compile, at one more copy of the weights each (:class:`sdmaker.engine._openvino.OpenVinoRunner`).
         compile_cache_bytes: the bound on ``$SDMAKER_HOME/cache/compiled`` (``SDMAKER_COMPILE_CACHE_GB``,
             default 10; 0 = unbounded): least recently used packages are removed after each build.
         log_max_bytes: size at which an endpoint log is rotated to ``.1`` (two copies kept;
@@ -166,6 +169,7 @@ class Settings:
     standby_workers: int = 1
     compile: str = "auto"
     engine: str = "auto"
+    openvino_static: int = 1
     compile_cache_bytes: int = 10 * 1000**3
     log_max_bytes: int = 32 * 1024 * 1024
     allowed_hosts: tuple[str, ...] = ()
@@ -356,6 +360,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         standby_workers=int(_number(env, "SDMAKER_STANDBY_WORKERS", 1, minimum=0)),
         compile=_choice(env, "SDMAKER_COMPILE", ("auto", "on", "off"), "auto"),
         engine=_choice(env, "SDMAKER_ENGINE", ENGINES, "auto"),
+        openvino_static=int(_number(env, "SDMAKER_OPENVINO_STATIC", 1, minimum=0)),
         compile_cache_bytes=int(_number(env, "SDMAKER_COMPILE_CACHE_GB", 10, minimum=0) * 1000**3),
         log_max_bytes=int(_number(env, "SDMAKER_LOG_MAX_BYTES", 32 * 1024 * 1024, minimum=0)),
         allowed_hosts=tuple(h.strip() for h in env.get("SDMAKER_ALLOWED_HOSTS", "").split(",") if h.strip()),

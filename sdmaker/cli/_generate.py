@@ -82,7 +82,8 @@ def _use_built_passes(loaded: Any, settings: Any) -> None:
     from sdmaker.engine import enable_compiled_steps
 
     enable_compiled_steps(loaded, settings.compile, settings.home / "cache" / "compiled", max_sizes=1,
-                          cache_bytes=settings.compile_cache_bytes, engine=settings.engine, build=False)
+                          cache_bytes=settings.compile_cache_bytes, engine=settings.engine, build=False,
+                          static_batches=settings.openvino_static)
 
 
 def _check_inputs(digests: dict[str, Any], options: dict[str, Any]) -> None:

@@ -113,7 +113,8 @@ def eval_cmd(
     guidance_scale: Annotated[float | None, typer.Option("--guidance-scale", "-g")] = None,
     deep_cache: Annotated[int | None, typer.Option("--deep-cache", help="DeepCache interval (0 = off; default: "
                                                                          "the model's).")] = None,
-    n: Annotated[int, typer.Option("--n", help="Number of held-out prompts.")] = 128,
+    n: Annotated[int | None, typer.Option("--n", help="Number of held-out prompts or cases (default: 128 for "
+                                                      "txt2img, 32 for the edit tasks).")] = None,
     seed: Annotated[int, typer.Option(help="Base seed of the generations.")] = 0,
     prompt_seed: Annotated[int | None, typer.Option(help="Draw another prompt set (for tuning settings).")] = None,
     prompt_set: Annotated[str, typer.Option("--set", help="Prompt set: base (held-out templates), paraphrase "
@@ -125,7 +126,7 @@ def eval_cmd(
     sheet: Annotated[Path | None, typer.Option(help="Also write a contact sheet PNG of the generations.")] = None,
     kind: Annotated[str, typer.Option("--task", help="txt2img (the prompt set), or the edit evals: img2img (red circle "
                                            "recoloured blue at strength 0.7), inpaint (a yellow star into a "
-                                           "masked right half); --n 32 by default for those.")] = "txt2img",
+                                           "masked right half).")] = "txt2img",
     no_track: _NoTrack = False,
     verbose: _Verbose = False,
 ) -> None:
@@ -150,9 +151,10 @@ def eval_cmd(
         adapter = fuse_lora(loaded, lora, scale=lora_scale)
         name = f"{name}+lora:{Path(adapter['path']).parent.name}@{lora_scale:g}"
     if kind != "txt2img":
-        _edit_eval(loaded, kind, n=n if n != 128 else 32, steps=steps, guidance_scale=guidance_scale, seed=seed,
-                   as_json=as_json, sheet=sheet)
+        _edit_eval(loaded, kind, n=32 if n is None else n, steps=steps, scheduler=scheduler, deep_cache=deep_cache,
+                   guidance_scale=guidance_scale, seed=seed, as_json=as_json, sheet=sheet)
         return
+    n = 128 if n is None else n
     with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True) as progress:
         task = progress.add_task("eval", total=n)
@@ -197,16 +199,16 @@ def eval_cmd(
     console.print(f"{report.seconds:.0f}s", highlight=False)
 
 
-def _edit_eval(loaded: Any, task: str, *, n: int, steps: int | None, guidance_scale: float | None, seed: int,
-               as_json: bool, sheet: Path | None) -> None:
+def _edit_eval(loaded: Any, task: str, *, n: int, steps: int | None, scheduler: str | None, deep_cache: int | None,
+               guidance_scale: float | None, seed: int, as_json: bool, sheet: Path | None) -> None:
     """``sdmaker eval --task img2img|inpaint``: the edit evals (:mod:`sdmaker.training._edit_eval`)."""
     from sdmaker.training._edit_eval import evaluate_edits
 
     with Progress(TextColumn(f"[bold]eval {task}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True) as progress:
         bar = progress.add_task("eval", total=n)
-        report = evaluate_edits(loaded, task, n=n, steps=steps, guidance_scale=guidance_scale, seed=seed,
-                                on_batch=lambda done, total: progress.update(bar, completed=done),
+        report = evaluate_edits(loaded, task, n=n, steps=steps, scheduler=scheduler, deep_cache_interval=deep_cache,
+                                guidance_scale=guidance_scale, seed=seed, on_batch=lambda done, total: progress.update(bar, completed=done),
                                 keep_images=sheet is not None)
     if sheet is not None:
         from sdmaker.training._sampling import contact_sheet

@@ -171,6 +171,7 @@ class StepCompiler:
     cache_bytes: int = DEFAULT_CACHE_BYTES
     backend: str = "aoti"  # or "openvino" (see engine_decision)
     build: bool = True  # False: only load packages already in the cache (one-shot runs never build)
+    static_batches: int = 1  # OpenVINO: batch sizes that get a static-shape copy of a pass (OpenVinoRunner)
     runners: dict[StepKey, Any] = field(default_factory=dict)
     failed: dict[StepKey, str] = field(default_factory=dict)
     pending: set[StepKey] = field(default_factory=set)
@@ -293,7 +294,8 @@ class StepCompiler:
             return torch._inductor.aoti_load_package(str(path))
         from sdmaker.engine._openvino import OpenVinoRunner
 
-        return OpenVinoRunner(path, precision="bf16" if key.dtype == "bfloat16" else "f32")
+        return OpenVinoRunner(path, precision="bf16" if key.dtype == "bfloat16" else "f32",
+                              static_batches=self.static_batches)
 
     def _build(self, key: StepKey, path: Path) -> None:
         # AOTInductor wants the .pt2 suffix; the OpenVINO child writes its own temp folder and renames it to ``out``
@@ -443,13 +445,14 @@ def prune_compiled_cache(cache_dir: Path, max_bytes: int, *, keep: Path | None =
 
 def enable_compiled_steps(model: LoadedModel, mode: str, cache_dir: Path, *, max_sizes: int = 2,
                           cache_bytes: int = DEFAULT_CACHE_BYTES, engine: str = "torch",
-                          build: bool = True) -> StepCompiler | None:
+                          build: bool = True, static_batches: int = 1) -> StepCompiler | None:
     """Attach a :class:`StepCompiler` to ``model`` when :func:`compile_decision` says so; returns it.
 
     ``engine`` (``SDMAKER_ENGINE``) picks the backend (:func:`engine_decision`). ``openvino`` named explicitly
     builds for any model on the CPU unless ``mode`` is ``off``: whoever names an engine wants it used.
     ``build=False`` (``sdmaker generate``): use the passes a serving worker already built for this model, size
-    and machine, never build (a one-shot run would not earn the minutes back).
+    and machine, never build (a one-shot run would not earn the minutes back). ``static_batches``
+    (``SDMAKER_OPENVINO_STATIC``): how many batch sizes the OpenVINO engine gives a static-shape copy of a pass.
     """
     backend, engine_why = engine_decision(engine)
     on, why = compile_decision(model, mode)
@@ -462,6 +465,6 @@ def enable_compiled_steps(model: LoadedModel, mode: str, cache_dir: Path, *, max
         model.step_compiler = None
         return None
     compiler = StepCompiler(model, Path(cache_dir), max_sizes=max_sizes, cache_bytes=cache_bytes, backend=backend,
-                            build=build)
+                            build=build, static_batches=static_batches)
     model.step_compiler = compiler
     return compiler

@@ -127,7 +127,8 @@ class EditReport:
 
 
 def evaluate_edits(model: Any, task: str, *, n: int = 32, steps: int | None = None, seed: int = 0,
-                   guidance_scale: float | None = None, strength: float | None = None,
+                   guidance_scale: float | None = None, strength: float | None = None, scheduler: str | None = None,
+                   deep_cache_interval: int | None = None,
                    on_batch: Callable[[int, int], None] | None = None, keep_images: bool = False) -> EditReport:
     """Run ``task``'s held-out cases on ``model`` (a LoadedModel) and score them with the analyser.
 
@@ -148,7 +149,8 @@ def evaluate_edits(model: Any, task: str, *, n: int = 32, steps: int | None = No
             data["mask_image"] = mask
         if task == "img2img" or strength is not None:
             data["strength"] = strength if strength is not None else IMG2IMG_STRENGTH
-        for key, value in (("num_inference_steps", steps), ("guidance_scale", guidance_scale)):
+        for key, value in (("num_inference_steps", steps), ("guidance_scale", guidance_scale),
+                           ("scheduler", scheduler), ("deep_cache_interval", deep_cache_interval)):
             if value is not None:
                 data[key] = value
         requests.append(parse_request(data).resolve(model.defaults))

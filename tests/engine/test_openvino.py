@@ -87,6 +87,51 @@ def test_both_passes_equal_the_torch_units_in_fp32(sd2_dir: Path, tmp_path: Path
     assert out.dtype == torch.bfloat16 and (out.float() - want_shallow).abs().mean() < 0.05
 
 
+def test_a_recurring_batch_size_gets_a_static_copy_with_the_same_output(sd2_dir: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffusers import UNet2DConditionModel
+
+    import sdmaker.engine._openvino as ov_module
+    from sdmaker.engine._openvino import STATIC_AFTER, OpenVinoRunner, convert_unet_pass
+
+    unet = UNet2DConditionModel.from_pretrained(sd2_dir / "unet").eval().requires_grad_(False)
+    folder = convert_unet_pass(unet, kind="full", branch=1, height=8, width=8, seq=77, out=tmp_path / "f.ov",
+                               fp16_weights=False)
+    gen = torch.Generator().manual_seed(1)
+
+    def inputs(batch: int) -> tuple[torch.Tensor, ...]:
+        return (torch.randn(batch, 4, 8, 8, generator=gen), torch.full((batch,), 401.0),
+                torch.randn(batch, 77, unet.config.cross_attention_dim, generator=gen))
+
+    runner = OpenVinoRunner(folder, precision="f32")  # one static copy, the default
+    two, six = inputs(2), inputs(6)
+    dynamic_two = runner(*two)
+    for _ in range(STATIC_AFTER):  # a batch size that recurs...
+        runner(*two)
+    runner(*six)  # ... not a one-off one
+    runner.wait_static(timeout=120)
+    assert list(runner.static) == [2] and runner.static_seconds[2] > 0
+    static_two = runner(*two)  # now through the static compile: the same graph, the same numbers
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(static_two, dynamic_two, strict=True))
+    for _ in range(STATIC_AFTER):
+        runner(*six)
+    runner.wait_static(timeout=120)
+    assert list(runner.static) == [2]  # the one slot is taken: batch 6 keeps the dynamic compile
+    assert runner(*six)[0].shape[0] == 6
+
+    off = OpenVinoRunner(folder, precision="f32", static_batches=0)
+    for _ in range(STATIC_AFTER + 1):
+        off(*two)
+    assert off.static == {} and off._building == {}
+
+    monkeypatch.setattr(ov_module, "available_memory_bytes", lambda: 1000)  # a machine without room for a copy
+    tight = OpenVinoRunner(folder, precision="f32")
+    for _ in range(STATIC_AFTER):
+        tight(*two)
+    tight.wait_static(timeout=120)
+    assert tight.static == {} and "free" in tight.static_skipped[2]
+
+
 @pytest.mark.slow
 def test_the_openvino_engine_serves_deepcache_and_plain_steps(sd2_dir: Path, tmp_path: Path) -> None:
     model = load_model(sd2_dir, dtype="fp32", digest="-")

@@ -57,6 +57,18 @@ def test_eval_reports_json_metrics_and_logs_to_mlflow(quick_model: Path, sdmaker
     assert list((sdmaker_home / "mlruns").glob("*/*/metrics/overall"))
 
 
+def test_edit_eval_takes_n_scheduler_and_deep_cache(quick_model: Path, sdmaker_home: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    # an explicit --n 128 (the txt2img default) is honoured, and the sampler options reach the edit requests
+    for n, extra, want in ((128, ["--scheduler", "euler", "--deep-cache", "0"], ("euler", 0)), (None, [], None)):
+        capsys.readouterr()
+        args = ["eval", str(quick_model), "--task", "inpaint", "--steps", "2", "--json", "--no-track", *extra]
+        assert run_app(app, [*args, *(["--n", str(n)] if n else [])]) == 0
+        data = json.loads(capsys.readouterr().out)
+        assert data["n"] == (n or 32)
+        if want:
+            assert (data["settings"]["scheduler"], data["settings"]["deep_cache_interval"]) == want
+
 def test_exported_model_loads_with_engine_and_generates(quick_model: Path) -> None:
     from sdmaker.engine import generate, load_model
     from sdmaker.schema import parse_request

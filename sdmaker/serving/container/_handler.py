@@ -321,7 +321,8 @@ class HandlerService:
         settings = load_settings()
         # one size per worker: each compiled size keeps its own frozen copy of the UNet weights
         enable_compiled_steps(loaded, settings.compile, settings.home / "cache" / "compiled", max_sizes=1,
-                              cache_bytes=settings.compile_cache_bytes, engine=settings.engine)
+                              cache_bytes=settings.compile_cache_bytes, engine=settings.engine,
+                              static_batches=settings.openvino_static)
 
     def stop(self, reason: str = "the worker is stopping") -> None:
         """End every generation in progress at its next step boundary (SIGTERM: exit promptly, not after it).
