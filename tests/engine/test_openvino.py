@@ -124,6 +124,12 @@ def test_a_recurring_batch_size_gets_a_static_copy_with_the_same_output(sd2_dir:
         off(*two)
     assert off.static == {} and off._building == {}
 
+    from sdmaker.config import load_settings
+
+    assert load_settings({}).openvino_static == 1 and load_settings({"SDMAKER_OPENVINO_STATIC": "0"}).openvino_static == 0
+    with pytest.raises(ConfigError, match="SDMAKER_OPENVINO_STATIC"):
+        load_settings({"SDMAKER_OPENVINO_STATIC": "-1"})
+
     monkeypatch.setattr(ov_module, "available_memory_bytes", lambda: 1000)  # a machine without room for a copy
     tight = OpenVinoRunner(folder, precision="f32")
     for _ in range(STATIC_AFTER):
