@@ -23,7 +23,7 @@ from typing import Any
 
 from bench import BENCH_DIR, row
 
-MODULES = ("quality", "engine", "batching", "package", "deploy", "reliability", "transform", "openai_route", "progress", "scaleout", "tune", "peers", "attention", "openvino_engine", "async_jobs", "multi_model", "edit", "adapters", "lora_latents", "lora_eval", "openmp")  # quality first: it picks the recipe
+MODULES = ("quality", "engine", "batching", "package", "deploy", "reliability", "transform", "openai_route", "progress", "scaleout", "tune", "peers", "attention", "openvino_engine", "async_jobs", "multi_model", "edit", "adapters", "lora_latents", "lora_eval", "vae_roundtrip", "openmp")  # quality first: it picks the recipe
 
 
 def machine_metadata() -> dict[str, Any]:
