@@ -315,8 +315,49 @@ def _plan(per_job: Sequence[Sequence[tuple[LoadedAdapter, float]]], sizes: Seque
     return plan
 
 
-def _hook(entries: list[tuple[torch.Tensor, torch.Tensor, bool, slice | torch.Tensor, torch.Tensor | float]],
-          rows: int) -> Any:
+_Entry = tuple[torch.Tensor, torch.Tensor, bool, slice | torch.Tensor, torch.Tensor | float]
+
+
+@dataclass
+class _Stack:
+    """Every linear adapter of one layer in one call, stacked: ``out += ((x A^T) * M) B^T``.
+
+    ``down`` is the adapters' A matrices stacked by rank (R x in), ``up`` their B matrices side by side
+    (out x R) and ``mask`` (rows x R) holds, for each row, its scale in the columns of the adapters it uses
+    and 0 elsewhere. Two matmuls per layer however many adapters a call mixes, instead of a gather, two
+    matmuls and a scatter per adapter: a row's sum over its adapter's columns is exactly its own
+    ``scale * B(A(x))``, and the zeroed columns add nothing.
+    """
+
+    down: torch.Tensor
+    up: torch.Tensor
+    mask: torch.Tensor
+
+
+def _stack(entries: Sequence[_Entry], rows: int, masks: dict[tuple[Any, ...], torch.Tensor]) -> _Stack:
+    """The :class:`_Stack` of linear ``entries``; layers with the same adapters (by plan) share one mask."""
+    down = torch.cat([e[0] for e in entries])
+    up = torch.cat([e[1] for e in entries], dim=1)
+    key = tuple((id(e[3]), id(e[4]), e[0].shape[0]) for e in entries)
+    mask = masks.get(key)
+    if mask is None:
+        mask = torch.zeros(rows, down.shape[0], device=down.device, dtype=down.dtype)
+        col = 0
+        for adapter_down, _up, _conv, sel, scale in entries:
+            rank = adapter_down.shape[0]
+            per_row = torch.zeros(rows, device=down.device, dtype=down.dtype)
+            if isinstance(sel, slice):
+                per_row[sel] += scale
+            else:  # a request naming one adapter twice lists its rows twice: the scales add up
+                per_row.index_add_(0, sel, scale if isinstance(scale, torch.Tensor)
+                                   else torch.full((len(sel),), scale, device=down.device, dtype=down.dtype))
+            mask[:, col:col + rank] = per_row[:, None]
+            col += rank
+        masks[key] = mask
+    return _Stack(down, up, mask)
+
+
+def _hook(entries: list[_Entry], rows: int, stack: _Stack | None = None) -> Any:
     owner = threading.get_ident()  # the step batcher's heavy lane runs the same UNet on another thread meanwhile
 
     def hook(module: Any, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
@@ -325,6 +366,13 @@ def _hook(entries: list[tuple[torch.Tensor, torch.Tensor, bool, slice | torch.Te
         x = args[0]
         if x.shape[0] != rows or out.shape[0] != rows:
             raise RuntimeError(f"LoRA rows: a layer saw {x.shape[0]} rows, the call has {rows}")
+        if stack is not None:
+            h = F.linear(x, stack.down)
+            h.mul_(stack.mask.view(rows, *([1] * (h.dim() - 2)), -1))
+            if out.is_contiguous():
+                out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), stack.up.t())
+            else:
+                out.add_(F.linear(h, stack.up))
         for down, up, conv, sel, scale in entries:
             whole = isinstance(sel, slice) and sel.start == 0 and sel.stop == rows
             if not conv and whole and not isinstance(scale, torch.Tensor) and out.is_contiguous():
@@ -343,6 +391,11 @@ def _hook(entries: list[tuple[torch.Tensor, torch.Tensor, bool, slice | torch.Te
                 (out if whole else out[sel]).add_(delta, alpha=scale)
         return out
     return hook
+
+
+def _is_whole(entry: _Entry, rows: int) -> bool:
+    sel, scale = entry[3], entry[4]
+    return isinstance(sel, slice) and sel.start == 0 and sel.stop == rows and not isinstance(scale, torch.Tensor)
 
 
 class _WeightState:
@@ -394,7 +447,14 @@ def adapter_rows(unet: Any, per_job: Sequence[Sequence[tuple[LoadedAdapter, floa
                     by_module.setdefault(module, []).append((down, up, conv, sel, scale))
             modules = dict(unet.named_modules())
             rows = sum(sizes)
-            handles = [modules[name].register_forward_hook(_hook(entries, rows)) for name, entries in by_module.items()]
+            masks: dict[tuple[Any, ...], torch.Tensor] = {}
+            for name, entries in by_module.items():
+                linear = [e for e in entries if not e[2]]
+                stack = None
+                if len(linear) > 1 or (linear and not _is_whole(linear[0], rows)):  # rows differ: stack them
+                    stack = _stack(linear, rows, masks)
+                    entries = [e for e in entries if e[2]]
+                handles.append(modules[name].register_forward_hook(_hook(entries, rows, stack)))
         yield
     finally:
         for handle in handles:
