@@ -1,7 +1,8 @@
 """LoRA adapter benchmarks on ``mini``: mixed-adapter batching and the cost of an adapter per request.
 
 1. Mixed-adapter batching: 8 clients, 4 different adapters (requests cycle through them), through the
-   StepBatcher, in 3 interleaved rounds (the median round is reported, every round's ratio in the notes). Ours: requests with different adapters share every UNet call (per-row deltas). Baseline:
+   StepBatcher, in 3 interleaved rounds (the median round is reported, every round's ratio in the notes).
+   Ours: requests with different adapters share every UNet call (per-row deltas). Baseline:
    one-adapter-at-a-time serving, what a server built on a pipeline-wide ``set_adapters`` must do: only
    requests with the same adapter set run together; the next set starts when the current one drains
    (FIFO between sets, same StepBatcher underneath, and no charge for swapping weights, so the baseline

@@ -34,9 +34,10 @@ def ceilings(n: int) -> dict[str, float]:
     vae = AutoencoderKL.from_pretrained(builtin_dir("mini") / "vae").float().eval().requires_grad_(False)
 
     def round_trip(scene: Any) -> tuple[np.ndarray, np.ndarray]:
-        clean = np.asarray(render(scene).convert("RGB"))
+        image = render(scene).convert("RGB")
         with torch.no_grad():
-            out = vae.decode(vae.encode(image_to_tensor(render(scene))[None]).latent_dist.mean).sample
+            out = vae.decode(vae.encode(image_to_tensor(image)[None]).latent_dist.mean).sample
+        clean = np.asarray(image)
         pixels = ((out[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
         return pixels, clean
 

@@ -357,6 +357,12 @@ def _stack(entries: Sequence[_Entry], rows: int, masks: dict[tuple[Any, ...], to
     return _Stack(down, up, mask)
 
 
+def _is_whole(entry: _Entry, rows: int) -> bool:
+    """Whether ``entry`` covers every row of the call with one scale (its delta is one fused ``addmm_``)."""
+    sel, scale = entry[3], entry[4]
+    return isinstance(sel, slice) and sel.start == 0 and sel.stop == rows and not isinstance(scale, torch.Tensor)
+
+
 def _hook(entries: list[_Entry], rows: int, stack: _Stack | None = None) -> Any:
     owner = threading.get_ident()  # the step batcher's heavy lane runs the same UNet on another thread meanwhile
 
@@ -373,13 +379,14 @@ def _hook(entries: list[_Entry], rows: int, stack: _Stack | None = None) -> Any:
                 out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), stack.up.t())
             else:
                 out.add_(F.linear(h, stack.up))
-        for down, up, conv, sel, scale in entries:
-            whole = isinstance(sel, slice) and sel.start == 0 and sel.stop == rows
-            if not conv and whole and not isinstance(scale, torch.Tensor) and out.is_contiguous():
+        for entry in entries:
+            down, up, conv, sel, scale = entry
+            if not conv and _is_whole(entry, rows) and out.is_contiguous():
                 # the common case (every row, one scale): out += scale * (x A^T) B^T, the add fused into the matmul
                 flat = x.reshape(-1, x.shape[-1])
-                out.view(-1, out.shape[-1]).addmm_(flat @ down.t(), up.t(), alpha=scale)
+                out.view(-1, out.shape[-1]).addmm_(flat @ down.t(), up.t(), alpha=float(scale))
                 continue
+            whole = isinstance(sel, slice) and sel.start == 0 and sel.stop == rows
             xs = x if whole else x[sel] if isinstance(sel, slice) else x.index_select(0, sel)
             if conv:
                 delta = F.conv2d(F.conv2d(xs, down, None, module.stride, module.padding, module.dilation), up)
@@ -391,11 +398,6 @@ def _hook(entries: list[_Entry], rows: int, stack: _Stack | None = None) -> Any:
                 (out if whole else out[sel]).add_(delta, alpha=scale)
         return out
     return hook
-
-
-def _is_whole(entry: _Entry, rows: int) -> bool:
-    sel, scale = entry[3], entry[4]
-    return isinstance(sel, slice) and sel.start == 0 and sel.stop == rows and not isinstance(scale, torch.Tensor)
 
 
 class _WeightState:
