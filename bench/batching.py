@@ -109,6 +109,38 @@ def compare(model: Any, requests: list[Any], *, clients: int, max_batch: int, la
     ]
 
 
+def batch_shape_row(model: Any, size: int, label: str, widest: int = 16, draws: int = 8) -> dict[str, Any]:
+    """Which UNet call sizes give their rows other outputs than a ``widest``-row call (the same inputs).
+
+    Why batched images can differ from solo ones in bf16: a row's output is the same at every call size only
+    if every kernel splits its work the same way for every size. Whether a different split changes a rounding
+    depends on the values too, so ``draws`` sets of inputs (random latents and text, two timesteps) are tried:
+    for each, one call of ``widest`` rows is the reference and each smaller size runs on its first rows.
+    """
+    import torch
+
+    unet = model.pipeline.unet
+    param = next(unet.parameters())
+    latent = size // model.pipeline.vae_scale_factor
+    t = torch.tensor([999, 500] * (widest // 2))
+    differ: dict[int, float] = {}
+    for draw in range(draws):
+        gen = torch.Generator().manual_seed(draw)
+        x = torch.randn(widest, unet.config.in_channels, latent, latent, generator=gen).to(param.dtype)
+        text = torch.randn(widest, 32, unet.config.cross_attention_dim, generator=gen).to(param.dtype)
+        with torch.no_grad():
+            ref = unet(x, t, encoder_hidden_states=text).sample.float()
+            for n in range(1, widest):
+                out = unet(x[:n], t[:n], encoder_hidden_states=text[:n]).sample.float()
+                differ[n] = max(differ.get(n, 0.0), float((out - ref[:n]).abs().max()))
+    bad = [n for n, d in differ.items() if d > 0]
+    return row(f"batching {label}: UNet call sizes whose rows differ from a {widest}-row call",
+               float(len(bad)), 0.0, "count",
+               f"{model.placement.dtype_name}, {size}², {draws} random draws of inputs; sizes 1-{widest - 1}: "
+               f"differing {bad or 'none'} (largest |diff| {max(differ.values()):.3g}); 0 = batch-invariant on "
+               "these inputs", lower_is_better=True)
+
+
 def _requests(n: int, steps: int, size: int, model: Any) -> list[Any]:
     from sdmaker.schema import GenerateRequest
 
@@ -127,6 +159,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     steps = int(mini.defaults.get("num_inference_steps", 20))
     rows = compare(mini, _requests(16 if quick else 32, steps, size, mini), clients=8, max_batch=8,
                    label=label.split()[0], notes=f"{label}, {size}², {steps} steps, {mini.placement.dtype_name}")
+    rows.append(batch_shape_row(mini, size, label.split()[0]))
     del mini
     gc.collect()
 

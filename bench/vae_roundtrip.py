@@ -7,19 +7,24 @@ third of the inpaint targets, and the edit eval stuck at 87.5%. The analyser is 
 each row compares the round trip against that (baseline 1.0). Scenes are the evals' own: ``eval_prompts`` (base
 and concept sets) and the inpaint eval's target scenes (:func:`sdmaker.training._edit_eval.edit_cases`).
 
-``python -m bench --only vae_roundtrip`` (seconds; ``--quick`` uses 32 scenes a set instead of 128).
+``python -m bench --only vae_roundtrip`` (seconds; ``--quick`` uses 32 scenes a set instead of 128);
+``python -m bench.vae_roundtrip VAE_DIR`` prints the same figures for another VAE folder.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from bench import row
 
 
-def ceilings(n: int) -> dict[str, float]:
-    """Fractions judged right after a round trip, and the inpaint targets' mean abs pixel error (0-255)."""
+def ceilings(n: int, vae_dir: Path | None = None) -> dict[str, Any]:
+    """Fractions judged right after a round trip, and the inpaint targets' mean abs pixel error (0-255).
+
+    ``vae_dir``: another VAE folder to measure (default: the built-in ``mini``'s).
+    """
     import numpy as np
     import torch
     from diffusers import AutoencoderKL
@@ -31,7 +36,8 @@ def ceilings(n: int) -> dict[str, float]:
     from sdmaker.training._eval import eval_prompts, score_item
     from sdmaker.training._scenes import render
 
-    vae = AutoencoderKL.from_pretrained(builtin_dir("mini") / "vae").float().eval().requires_grad_(False)
+    folder = vae_dir or builtin_dir("mini") / "vae"
+    vae = AutoencoderKL.from_pretrained(folder).float().eval().requires_grad_(False)
 
     def round_trip(scene: Any) -> tuple[np.ndarray, np.ndarray]:
         image = render(scene).convert("RGB")
@@ -70,5 +76,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     ]
 
 
-if __name__ == "__main__":
-    print(json.dumps(ceilings(128)))
+if __name__ == "__main__":  # python -m bench.vae_roundtrip [VAE_DIR]: the same ceilings for any VAE folder
+    import sys
+
+    print(json.dumps(ceilings(128, Path(sys.argv[1]) if len(sys.argv) > 1 else None)))
